@@ -1,0 +1,174 @@
+"""The in-memory form of an adapter: per-module low-rank or Kronecker weight deltas.
+
+Every file format is read into this form and written from it, so composers, merges and the
+activation rig never see a format. Module paths use diffusers naming with the component as the
+first part: ``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``,
+``text_encoder.text_model.encoder.layers.0.self_attn.q_proj``, ``text_encoder_2.…``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+@dataclass
+class LoraDelta:
+    """ΔW = (alpha / r) · up @ down; conv layers keep their kernel on ``down``."""
+
+    down: torch.Tensor  # (r, in) or (r, in, kh, kw)
+    up: torch.Tensor  # (out, r) or (out, r, 1, 1)
+    alpha: float | None = None  # None means alpha = r (scale 1)
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.alpha is None else float(self.alpha) / self.rank
+
+    @property
+    def is_conv(self) -> bool:
+        return self.down.dim() == 4
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        if self.is_conv:
+            return (self.up.shape[0], self.down.shape[1], *self.down.shape[2:])
+        return (self.up.shape[0], self.down.shape[1])
+
+    def num_params(self) -> int:
+        return self.down.numel() + self.up.numel()
+
+    def delta(self) -> torch.Tensor:
+        """The full ΔW, shaped like the base module's weight."""
+        down = self.down.float().flatten(1)
+        up = self.up.float().flatten(1)
+        return (self.scale * (up @ down)).reshape(self.weight_shape)
+
+    def forward(self, x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+        """The adapter's contribution to ``module(x)``, without materialising ΔW."""
+        if self.is_conv:
+            h = F.conv2d(x, self.down, None, module.stride, module.padding, module.dilation, module.groups)
+            return F.conv2d(h, self.up.reshape(self.up.shape[0], -1, 1, 1)) * self.scale
+        return F.linear(F.linear(x, self.down), self.up) * self.scale
+
+    def to(self, device=None, dtype=None) -> "LoraDelta":
+        return LoraDelta(self.down.to(device=device, dtype=dtype), self.up.to(device=device, dtype=dtype), self.alpha)
+
+
+@dataclass
+class KronDelta:
+    """ΔW = scale · kron(w1, w2) in ``torch.kron`` layout (DiffuseKronA / LyCORIS LoKr).
+
+    ``w1`` is a1×a2 and ``w2`` is (out/a1)×(in/a2) (conv: ×kh×kw). Either factor may be given as a
+    low-rank product (LoKr's ``_a``/``_b`` pieces); ``factor`` materialises it.
+    """
+
+    w1: torch.Tensor | None = None
+    w2: torch.Tensor | None = None
+    w1_a: torch.Tensor | None = None
+    w1_b: torch.Tensor | None = None
+    w2_a: torch.Tensor | None = None
+    w2_b: torch.Tensor | None = None
+    scale: float = 1.0
+
+    def factor1(self) -> torch.Tensor:
+        return self.w1 if self.w1 is not None else self.w1_a @ self.w1_b
+
+    def factor2(self) -> torch.Tensor:
+        if self.w2 is not None:
+            return self.w2
+        if self.w2_b.dim() == 4:  # conv Tucker-free form: (r, in/a2, kh, kw)
+            return (self.w2_a @ self.w2_b.flatten(1)).reshape(self.w2_a.shape[0], *self.w2_b.shape[1:])
+        return self.w2_a @ self.w2_b
+
+    @property
+    def is_conv(self) -> bool:
+        return self.factor2().dim() == 4
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        a, b = self.factor1(), self.factor2()
+        return (a.shape[0] * b.shape[0], a.shape[1] * b.shape[1], *b.shape[2:])
+
+    def num_params(self) -> int:
+        return sum(t.numel() for t in (self.w1, self.w2, self.w1_a, self.w1_b, self.w2_a, self.w2_b) if t is not None)
+
+    def delta(self) -> torch.Tensor:
+        a, b = self.factor1().float(), self.factor2().float()
+        if b.dim() == 4:
+            a = a[:, :, None, None]
+        return self.scale * torch.kron(a, b)
+
+    def forward(self, x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+        """kron(A, B) x computed as B·X·Aᵀ on the reshaped input (never builds ΔW for linears)."""
+        a, b = self.factor1(), self.factor2()
+        if b.dim() == 4:
+            return F.conv2d(x, self.delta().to(x.dtype), None, module.stride, module.padding, module.dilation, module.groups)
+        a1, a2 = a.shape
+        b1, b2 = b.shape
+        lead = x.shape[:-1]
+        xr = x.reshape(-1, a2, b2)  # input index = i*b2 + j  (torch.kron layout)
+        y = torch.matmul(torch.matmul(xr, b.t()).transpose(1, 2), a.t())  # (N, b1, a1)
+        return (y.transpose(1, 2).reshape(*lead, a1 * b1)) * self.scale
+
+    def to(self, device=None, dtype=None) -> "KronDelta":
+        mv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+        return KronDelta(mv(self.w1), mv(self.w2), mv(self.w1_a), mv(self.w1_b), mv(self.w2_a), mv(self.w2_b), self.scale)
+
+
+LayerDelta = Union[LoraDelta, KronDelta]
+
+
+@dataclass
+class Adapter:
+    """A named set of layer deltas plus what an artist needs to use it."""
+
+    name: str
+    layers: dict[str, LayerDelta]
+    kind: str = "lora"  # "lora" or "kron" (what the layers are)
+    concept_kind: str | None = None  # object / style / background / character
+    trigger: str | None = None  # trigger word(s), e.g. "sks"
+    concept: str | None = None  # the class word the trigger binds to, e.g. "shape"
+    weight: float = 1.0  # preferred weight
+    arch: str | None = None  # base architecture the file was made for: sd1 / sd2 / sdxl / toy
+    format: str | None = None  # the file format it was read from
+    path: str | None = None
+    sha256: str | None = None  # A1111 "addnet" hash of the tensor bytes
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def shorthash(self) -> str | None:
+        return self.sha256[:12] if self.sha256 else None
+
+    def components(self) -> set[str]:
+        return {k.split(".", 1)[0] for k in self.layers}
+
+    def num_params(self) -> int:
+        return sum(d.num_params() for d in self.layers.values())
+
+    def ranks(self) -> list[int]:
+        return sorted({d.rank for d in self.layers.values() if isinstance(d, LoraDelta)})
+
+    def kron_factors(self) -> list[tuple[int, int]]:
+        return sorted({tuple(d.factor1().shape) for d in self.layers.values() if isinstance(d, KronDelta)})
+
+    def is_finite(self) -> bool:
+        for d in self.layers.values():
+            for t in vars(d).values():
+                if isinstance(t, torch.Tensor) and not torch.isfinite(t).all():
+                    return False
+        return True
+
+
+def divisors(n: int) -> list[int]:
+    """The valid Kronecker factor sizes along an axis of length n."""
+    return [d for d in range(1, n + 1) if n % d == 0]
