@@ -1,0 +1,19 @@
+"""Composition methods: the registry. A new method is one file here and one line below."""
+
+from __future__ import annotations
+
+from studio.errors import GenerationError
+
+from .base import Composer
+from .merge import MergeComposer
+
+COMPOSERS: dict[str, type[Composer]] = {
+    "merge": MergeComposer,
+}
+
+
+def make_composer(method: str, params: dict | None = None) -> Composer:
+    """A fresh composer of this method; unknown methods and parameters raise with the valid ones."""
+    if method not in COMPOSERS:
+        raise GenerationError(f"unknown method {method!r}; choose one of {', '.join(COMPOSERS)}")
+    return COMPOSERS[method](**(params or {}))

@@ -1,0 +1,161 @@
+"""PNG metadata: A1111's ``parameters`` infotext plus a JSON ``lora_studio`` recipe chunk."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+from .errors import StudioError
+
+SCHEMA = 1
+RECIPE_KEY = "lora_studio"
+
+
+@dataclass
+class AdapterUse:
+    name: str
+    weight: float
+    te_weight: float
+    sha256: str | None
+    path: str | None
+    type: str = "lora"
+
+
+@dataclass
+class Recipe:
+    """Everything needed to reproduce one image."""
+
+    prompt: str  # as typed, with <lora:…> tags
+    negative_prompt: str
+    steps: int
+    guidance: float
+    sampler: str
+    seed: int
+    width: int
+    height: int
+    model: str
+    arch: str
+    method: str
+    method_params: dict = field(default_factory=dict)
+    adapters: list[AdapterUse] = field(default_factory=list)
+    generator_device: str = "cpu"
+    version: str = ""
+    packages: dict = field(default_factory=dict)
+    schema: int = SCHEMA
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Recipe":
+        data = json.loads(text)
+        data["adapters"] = [AdapterUse(**a) for a in data.get("adapters", [])]
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def _quote(value) -> str:
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n\"") else text
+
+
+def infotext(recipe: Recipe, sampler_label: str) -> str:
+    """The A1111 ``parameters`` text: prompt, ``Negative prompt:`` line, a line of ``Key: value`` pairs."""
+    pairs = [
+        ("Steps", recipe.steps),
+        ("Sampler", sampler_label),
+        ("CFG scale", f"{recipe.guidance:g}"),
+        ("Seed", recipe.seed),
+        ("Size", f"{recipe.width}x{recipe.height}"),
+        ("Model", recipe.model),
+    ]
+    if recipe.adapters:
+        pairs.append(("Lora hashes", ", ".join(f"{a.name}: {(a.sha256 or '')[:12]}" for a in recipe.adapters)))
+    pairs.append(("Composition", recipe.method))
+    if recipe.method_params:
+        pairs.append(("Composition params", json.dumps(recipe.method_params, sort_keys=True)))
+    pairs.append(("Version", f"lora-studio {recipe.version}"))
+    lines = [recipe.prompt]
+    if recipe.negative_prompt:
+        lines.append(f"Negative prompt: {recipe.negative_prompt}")
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in pairs))
+    return "\n".join(lines)
+
+
+def parse_infotext(text: str) -> dict:
+    """Read an A1111 infotext back into {"Prompt", "Negative prompt", key: value…}."""
+    lines = text.strip().split("\n")
+    last = lines.pop()
+    result: dict = {}
+    pos, n = 0, len(last)
+    while pos < n:
+        colon = last.find(":", pos)
+        if colon < 0:
+            break
+        key = last[pos:colon].strip()
+        pos = colon + 1
+        while pos < n and last[pos] == " ":
+            pos += 1
+        if pos < n and last[pos] == '"':
+            value, end = json.JSONDecoder().raw_decode(last, pos)
+            pos = end
+        else:
+            end = last.find(",", pos)
+            end = n if end < 0 else end
+            value, pos = last[pos:end].strip(), end
+        result[key] = value
+        pos = last.find(",", pos)
+        pos = n if pos < 0 else pos + 1
+    negative = [l for l in lines if l.startswith("Negative prompt:")]
+    result["Prompt"] = "\n".join(l for l in lines if not l.startswith("Negative prompt:"))
+    result["Negative prompt"] = negative[0][len("Negative prompt:"):].strip() if negative else ""
+    return result
+
+
+def png_info(recipe: Recipe, sampler_label: str) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", infotext(recipe, sampler_label))
+    info.add_itxt(RECIPE_KEY, recipe.to_json(), zip=True)
+    return info
+
+
+def attach(image: Image.Image, recipe: Recipe, sampler_label: str) -> Image.Image:
+    """Keep the recipe on a PIL image so ``save_png`` (and Gradio paths) carry it."""
+    image.info["parameters"] = infotext(recipe, sampler_label)
+    image.info[RECIPE_KEY] = recipe.to_json()
+    image.info["_sampler_label"] = sampler_label
+    return image
+
+
+def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Write the PNG with its metadata atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    if "parameters" in image.info:
+        info.add_text("parameters", image.info["parameters"])
+    if RECIPE_KEY in image.info:
+        info.add_itxt(RECIPE_KEY, image.info[RECIPE_KEY], zip=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_recipe(path_or_image) -> Recipe:
+    """The recipe stored in a PNG written by the studio."""
+    image = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
+    text = image.info.get(RECIPE_KEY) or getattr(image, "text", {}).get(RECIPE_KEY)
+    if not text:
+        raise StudioError(f"{getattr(image, 'filename', 'image')} has no lora_studio recipe; only PNGs saved by the studio can be reproduced")
+    return Recipe.from_json(text)

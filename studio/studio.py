@@ -1,0 +1,226 @@
+"""``Studio``: the one API behind the app, the CLI and scripts.
+
+Load a base (the bundled toy model, a folder or hub id, or an existing pipeline), keep an
+adapter library for it, and generate with any composition method. Every image carries the full
+recipe in its PNG metadata and can be reproduced from it.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence, Union
+
+import torch
+from PIL import Image
+
+from . import __version__
+from .adapters.activation import AdapterRig
+from .adapters.adapter import Adapter
+from .adapters.library import AdapterLibrary
+from .base import (
+    SCHEDULERS, TOY_MODEL_DIR, build_tiny_pipeline, detect_arch, load_pipeline, make_scheduler,
+    module_shapes, pick_device, sampler_label,
+)
+from .errors import GenerationError, ModelLoadError
+from .metadata import AdapterUse, Recipe, attach, read_recipe
+from .prompts import format_tag, parse_prompt
+from .sampling import AdapterWeight, ComposeContext, StepCallback, decode, denoise, initial_latents
+
+AdapterSpec = Union[str, tuple, Adapter, AdapterWeight]
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    recipes: list[Recipe]
+    report: dict = field(default_factory=dict)
+
+
+class Studio:
+    """A base pipeline, its adapter library, and generation with composition methods."""
+
+    def __init__(self, pipe, model_id: str, arch: str | None = None, note: str | None = None):
+        self.pipe = pipe
+        self.model_id = model_id
+        self.arch = arch or detect_arch(pipe)
+        self.note = note  # shown by the app, e.g. "placeholder model"
+        self.device = pipe.unet.device
+        self.dtype = pipe.unet.dtype
+        for comp in ("unet", "text_encoder", "text_encoder_2", "vae"):
+            model = getattr(pipe, comp, None)
+            if model is not None:
+                model.requires_grad_(False).eval()
+        self.adapters = AdapterLibrary(module_shapes(pipe), self.arch)
+        self._lock = threading.RLock()  # one generation owns the UNet's adapter hooks at a time
+
+    # ---- loading -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, source: str | None = None, device=None, dtype=None) -> "Studio":
+        """The bundled toy model (no argument), or an SD1.x/2.x/SDXL folder, file or hub id."""
+        if source is None:
+            return cls._load_toy(device, dtype)
+        pipe = load_pipeline(source, device, dtype)
+        return cls(pipe, str(source))
+
+    @classmethod
+    def _load_toy(cls, device=None, dtype=None) -> "Studio":
+        default_device, _ = pick_device()
+        device = device or default_device
+        if TOY_MODEL_DIR.is_dir():
+            try:
+                pipe = load_pipeline(TOY_MODEL_DIR, device, dtype or torch.float32)
+            except Exception as e:  # corrupt or partial folder
+                raise ModelLoadError(
+                    f"the bundled toy model in {TOY_MODEL_DIR} is missing or corrupt ({e}); "
+                    "rebuild it with: python -m training.toyworld --out assets/models"
+                ) from e
+            return cls(pipe, "toy-sd", arch="toy")
+        pipe = build_tiny_pipeline("sd1").to(device)
+        return cls(pipe, "tiny-random-sd1", arch="sd1",
+                   note="placeholder: random weights (the toy model is not built; run python -m training.toyworld)")
+
+    @classmethod
+    def from_pipeline(cls, pipe, model_id: str | None = None) -> "Studio":
+        """Wrap an existing StableDiffusionPipeline / StableDiffusionXLPipeline (no weight copy)."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+            raise ModelLoadError(f"{type(pipe).__name__} is not supported; pass a StableDiffusionPipeline or StableDiffusionXLPipeline")
+        name = model_id or getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path") or type(pipe).__name__
+        return cls(pipe, str(name))
+
+    @property
+    def default_size(self) -> int:
+        return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    # ---- generation ----------------------------------------------------------------------
+    def generate(self, prompt: str, adapters: Sequence[AdapterSpec] = (), **kwargs) -> list[Image.Image]:
+        """Images for a prompt; ``<lora:name:weight>`` tags in it select library adapters."""
+        return self.run(prompt, adapters, **kwargs).images
+
+    def run(
+        self,
+        prompt: str,
+        adapters: Sequence[AdapterSpec] = (),
+        method: str = "merge",
+        method_params: dict | None = None,
+        steps: int = 25,
+        guidance: float = 7.5,
+        width: int | None = None,
+        height: int | None = None,
+        seed: int = -1,
+        negative_prompt: str = "",
+        num_images: int = 1,
+        sampler: str = "ddim",
+        on_step: StepCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        progress: bool = True,
+    ) -> GenerationResult:
+        """Like ``generate``, also returning each image's recipe and the composer's report."""
+        from composers import make_composer
+
+        width, height = width or self.default_size, height or self.default_size
+        _check_params(steps, guidance, width, height, num_images, sampler)
+        text, tags = parse_prompt(prompt)
+        if tags and adapters:
+            raise GenerationError("adapters given both as <lora:…> tags and as a list; use one or the other")
+        chosen = [AdapterWeight(self.adapters.get(t.name), t.unet, t.te) for t in tags] or \
+            [self._resolve(a) for a in adapters]
+        names = [a.name for a in chosen]
+        if len(set(names)) != len(names):
+            raise GenerationError(f"adapter listed twice in {names}; give each adapter once")
+        seed = secrets.randbelow(2**32) if seed is None or seed < 0 else int(seed)
+        composer = make_composer(method, method_params)
+        display_prompt = prompt if tags else " ".join(
+            [text] + [format_tag(a.name, a.unet) if a.te == a.unet else f"<lora:{a.name}:{a.te:g}:{a.unet:g}>" for a in chosen]
+        )
+
+        images, recipes = [], []
+        with self._lock, AdapterRig(self.pipe, [a.adapter for a in chosen]) as rig, torch.no_grad():
+            ctx = ComposeContext(
+                pipe=self.pipe, rig=rig, adapters=chosen, prompt=text, negative_prompt=negative_prompt,
+                guidance=float(guidance), steps=int(steps), width=int(width), height=int(height),
+                arch=self.arch, device=self.device, dtype=self.dtype,
+            )
+            with torch.enable_grad():  # composers that guide latents (CLoRA) need autograd in prepare
+                composer.prepare(ctx)
+            for i in range(num_images):
+                scheduler = make_scheduler(self.pipe, sampler)
+                scheduler.set_timesteps(steps, device=self.device)
+                ctx.timesteps = scheduler.timesteps
+                composer.reset()
+                image_seed = (seed + i) % 2**32
+                latents = initial_latents(ctx, image_seed, scheduler)
+                with torch.enable_grad():
+                    latents = denoise(ctx, composer, latents, scheduler, on_step, should_stop, progress)
+                image = decode(self.pipe, latents)
+                recipe = Recipe(
+                    prompt=display_prompt, negative_prompt=negative_prompt, steps=int(steps),
+                    guidance=float(guidance), sampler=sampler, seed=image_seed, width=int(width),
+                    height=int(height), model=self.model_id, arch=self.arch, method=method,
+                    method_params=dict(method_params or {}),
+                    adapters=[AdapterUse(a.name, a.unet, a.te, a.adapter.sha256, a.adapter.path, a.adapter.kind) for a in chosen],
+                    version=__version__, packages=_versions(),
+                )
+                images.append(attach(image, recipe, sampler_label(sampler)))
+                recipes.append(recipe)
+            report = composer.report()
+        return GenerationResult(images, recipes, report)
+
+    def reproduce(self, source: str | Path | Image.Image | Recipe, **overrides) -> GenerationResult:
+        """Generate again from a studio PNG (or its recipe), loading its adapters when needed."""
+        recipe = source if isinstance(source, Recipe) else read_recipe(source)
+        for use in recipe.adapters:
+            if use.name not in self.adapters:
+                if not use.path or not Path(use.path).is_file():
+                    raise GenerationError(
+                        f"adapter {use.name!r} of the recipe is not loaded and its file {use.path!r} is missing; load it first"
+                    )
+                self.adapters.load(use.path, name=use.name)
+            loaded = self.adapters.get(use.name)
+            if use.sha256 and loaded.sha256 and use.sha256 != loaded.sha256:
+                raise GenerationError(f"adapter {use.name!r} differs from the one in the recipe (hash mismatch); load the original file")
+        params = dict(
+            prompt=recipe.prompt, method=recipe.method, method_params=recipe.method_params, steps=recipe.steps,
+            guidance=recipe.guidance, width=recipe.width, height=recipe.height, seed=recipe.seed,
+            negative_prompt=recipe.negative_prompt, sampler=recipe.sampler, num_images=1,
+        )
+        params.update(overrides)
+        return self.run(**params)
+
+    def _resolve(self, spec: AdapterSpec) -> AdapterWeight:
+        if isinstance(spec, AdapterWeight):
+            return spec
+        if isinstance(spec, Adapter):
+            return AdapterWeight(spec, spec.weight, spec.weight)
+        if isinstance(spec, str):
+            adapter = self.adapters.get(spec)
+            return AdapterWeight(adapter, adapter.weight, adapter.weight)
+        if isinstance(spec, tuple) and len(spec) in (2, 3):
+            adapter = spec[0] if isinstance(spec[0], Adapter) else self.adapters.get(spec[0])
+            unet = float(spec[1])
+            return AdapterWeight(adapter, unet, float(spec[2]) if len(spec) == 3 else unet)
+        raise GenerationError(f"cannot use {spec!r} as an adapter; pass a library name, (name, weight) or an Adapter")
+
+
+def _check_params(steps, guidance, width, height, num_images, sampler) -> None:
+    if not isinstance(steps, int) or steps <= 0:
+        raise GenerationError(f"steps must be a positive whole number, got {steps!r}; try 25")
+    if guidance < 0:
+        raise GenerationError(f"guidance must be ≥ 0, got {guidance}; 7.5 is typical (1 disables the negative prompt)")
+    for label, v in (("width", width), ("height", height)):
+        if v <= 0 or v % 8:
+            raise GenerationError(f"{label} {v} is not a positive multiple of 8; try {max(8, round(v / 8) * 8)}")
+    if num_images < 1:
+        raise GenerationError(f"num_images must be ≥ 1, got {num_images}")
+    if sampler not in SCHEDULERS:
+        raise GenerationError(f"unknown sampler {sampler!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+def _versions() -> dict:
+    import diffusers, transformers  # noqa: E401
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}

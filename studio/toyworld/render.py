@@ -1,0 +1,389 @@
+"""Procedural 64x64 renderer of toy-world scenes, their captions, and scene samplers.
+
+Images are drawn with PIL at 2x supersampling and box-downsampled. Everything random is drawn
+from the ``numpy.random.Generator`` passed in, so a seed gives the same image on any machine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, asdict
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .concepts import (
+    ALL_BACKGROUNDS, ALL_PATTERNS, ALL_SHAPES, BACKGROUND_PHRASE, BACKGROUNDS, COLOR_JITTER,
+    COLOR_RGB, COLORS, NOVEL_BACKGROUNDS, NOVEL_PATTERNS, NOVEL_SHAPES, PATTERN_PHRASE,
+    PATTERNS, POSITION_PHRASE, POSITIONS, SHAPES, SIZES,
+)
+
+SIZE = 64
+SS = 2  # supersampling factor
+_X_RANGE = {"left": (12.0, 20.0), "centre": (29.0, 35.0), "right": (44.0, 52.0)}
+_R_RANGE = {"small": (7.0, 9.5), "medium": (10.5, 13.5), "large": (16.0, 20.0)}
+
+
+@dataclass
+class Obj:
+    shape: str
+    color: str
+    pattern: str = "solid"
+    position: str = "centre"
+    size: str = "medium"
+
+    def __post_init__(self):
+        if self.shape not in ALL_SHAPES:
+            raise ValueError(f"unknown shape {self.shape!r}; known: {', '.join(ALL_SHAPES)}")
+        if self.color not in COLOR_RGB:
+            raise ValueError(f"unknown colour {self.color!r}; known: {', '.join(COLORS)}")
+        if self.pattern not in ALL_PATTERNS:
+            raise ValueError(f"unknown pattern {self.pattern!r}; known: {', '.join(ALL_PATTERNS)}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"unknown position {self.position!r}; known: {', '.join(POSITIONS)}")
+        if self.size not in SIZES:
+            raise ValueError(f"unknown size {self.size!r}; known: {', '.join(SIZES)}")
+
+
+@dataclass
+class Scene:
+    objects: list = field(default_factory=list)
+    background: str = "plain"
+
+    def __post_init__(self):
+        if self.background not in ALL_BACKGROUNDS:
+            raise ValueError(f"unknown background {self.background!r}")
+        if len({o.position for o in self.objects}) != len(self.objects):
+            raise ValueError("two objects cannot share a position")
+        self.objects = sorted(self.objects, key=lambda o: POSITIONS.index(o.position))
+
+    def concepts(self) -> set:
+        """Every concept word the scene shows (shapes, colours, patterns, background)."""
+        out = {self.background}
+        for o in self.objects:
+            out |= {o.shape, o.color, o.pattern}
+        return out
+
+    def to_dict(self) -> dict:
+        return {"objects": [asdict(o) for o in self.objects], "background": self.background}
+
+
+# --------------------------------------------------------------------------- drawing
+def _shape_mask(shape: str, cx: float, cy: float, r: float, rot: float) -> Image.Image:
+    """An 'L' mask at supersampled resolution; cx, cy, r already scaled."""
+    n = SIZE * SS
+    m = Image.new("L", (n, n), 0)
+    d = ImageDraw.Draw(m)
+
+    def poly(points):
+        c, s = math.cos(rot), math.sin(rot)
+        d.polygon([(cx + x * c - y * s, cy + x * s + y * c) for x, y in points], fill=255)
+
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    elif shape == "square":
+        h = 0.82 * r
+        poly([(-h, -h), (h, -h), (h, h), (-h, h)])
+    elif shape == "triangle":
+        poly([(r * math.cos(a), r * math.sin(a) + 0.12 * r)
+              for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)])
+    elif shape == "star":
+        pts = []
+        for i in range(10):
+            a = -math.pi / 2 + i * math.pi / 5
+            rr = r if i % 2 == 0 else 0.42 * r
+            pts.append((rr * math.cos(a), rr * math.sin(a) + 0.08 * r))
+        poly(pts)
+    elif shape == "diamond":
+        poly([(0, -r), (0.68 * r, 0), (0, r), (-0.68 * r, 0)])
+    elif shape == "heart":
+        pts = []
+        for i in range(48):
+            t = 2 * math.pi * i / 48
+            x = 16 * math.sin(t) ** 3
+            y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+            pts.append((x * r / 16.5, -y * r / 16.5 + 0.1 * r))
+        poly(pts)
+    elif shape == "crescent":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        ox, rr = 0.5 * r, 0.86 * r
+        c, s = math.cos(rot), math.sin(rot)
+        ex, ey = cx + ox * c, cy + ox * s
+        d.ellipse([ex - rr, ey - rr, ex + rr, ey + rr], fill=0)
+    elif shape == "plus":
+        w = 0.3 * r
+        poly([(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r),
+              (-w, w), (-r, w), (-r, -w), (-w, -w)])
+    elif shape == "arrow":
+        sh, hh, hx = 0.24 * r, 0.68 * r, 0.05 * r
+        poly([(-r, -sh), (hx, -sh), (hx, -hh), (r, 0), (hx, hh), (hx, sh), (-r, sh)])
+    else:  # pragma: no cover - validated in Obj
+        raise ValueError(shape)
+    return m
+
+
+def _pattern_mask(pattern: str, rng: np.random.Generator) -> Image.Image | None:
+    """Where the light overlay of a fill pattern goes (supersampled 'L' mask), or None."""
+    if pattern == "solid":
+        return None
+    n = SIZE * SS
+    m = Image.new("L", (n, n), 0)
+    d = ImageDraw.Draw(m)
+    ph = float(rng.uniform(0, 1))
+    if pattern == "stripes":  # diagonal stripes, period 7 px, 3 px wide
+        p, w = 7 * SS, 3 * SS
+        off = ph * p
+        for k in range(-2 * n // p - 2, 2 * n // p + 2):
+            x0 = k * p + off
+            d.polygon([(x0, 0), (x0 + w, 0), (x0 + w - n, n), (x0 - n, n)], fill=255)
+    elif pattern == "dots":  # dot grid, period 6 px, radius 1.5 px
+        p, rr = 6 * SS, 1.5 * SS
+        off = ph * p
+        for i in range(-1, n // p + 2):
+            for j in range(-1, n // p + 2):
+                x, y = i * p + off + (p / 2 if j % 2 else 0), j * p + off
+                d.ellipse([x - rr, y - rr, x + rr, y + rr], fill=255)
+    elif pattern == "zigzag":  # horizontal zigzag lines, period 7 px
+        p, amp, wl = 7 * SS, 2.0 * SS, 6 * SS
+        off = ph * p
+        for j in range(-1, n // p + 2):
+            y0 = j * p + off
+            pts = [(x, y0 + (amp if (x // (wl / 2)) % 2 else -amp)) for x in np.arange(-wl, n + wl, wl / 2)]
+            d.line(pts, fill=255, width=int(1.6 * SS) + 1)
+    elif pattern == "checker":  # 4 px checkerboard
+        p = 4 * SS
+        ox, oy = int(ph * 2 * p), int(float(rng.uniform(0, 1)) * 2 * p)
+        for i in range(-2, n // p + 2):
+            for j in range(-2, n // p + 2):
+                if (i + j) % 2 == 0:
+                    x, y = i * p + ox, j * p + oy
+                    d.rectangle([x, y, x + p - 1, y + p - 1], fill=255)
+    else:  # pragma: no cover
+        raise ValueError(pattern)
+    return m
+
+
+def _background(bg: str, rng: np.random.Generator) -> Image.Image:
+    n = SIZE * SS
+    if bg == "sky":
+        top = np.array([70, 130, 220]) + rng.integers(-12, 13, 3)
+        bot = np.array([200, 225, 250]) + rng.integers(-8, 6, 3)
+        t = np.linspace(0, 1, n)[:, None, None]
+        arr = top[None, None, :] * (1 - t) + bot[None, None, :] * t
+        arr = np.broadcast_to(arr, (n, n, 3))
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    g = int(rng.integers(222, 251))
+    tint = rng.integers(-8, 9, 3)
+    col = tuple(int(v) for v in np.clip(g + tint, 0, 255))
+    img = Image.new("RGB", (n, n), col)
+    if bg == "grid":
+        d = ImageDraw.Draw(img)
+        p = 8 * SS
+        off = int(rng.integers(0, p))
+        line = tuple(int(v) for v in np.clip(np.array(col) - 70, 0, 255))
+        for k in range(-1, n // p + 1):
+            d.rectangle([k * p + off, 0, k * p + off + SS - 1, n], fill=line)
+            d.rectangle([0, k * p + off, n, k * p + off + SS - 1], fill=line)
+    return img
+
+
+def object_geometry(o: Obj, rng: np.random.Generator) -> tuple[float, float, float]:
+    """(cx, cy, r) in 64-px units for an object, drawn from rng."""
+    r = float(rng.uniform(*_R_RANGE[o.size]))
+    if o.position != "centre":
+        r = min(r, 13.5)
+    lo, hi = _X_RANGE[o.position]
+    cx = float(rng.uniform(lo, hi))
+    cx = min(max(cx, r + 1.0), SIZE - 1.0 - r)
+    cy = float(rng.uniform(max(24.0, r + 1.0), min(40.0, SIZE - 1.0 - r)))
+    return cx, cy, r
+
+
+def render(scene: Scene, rng: np.random.Generator | int | None = None) -> Image.Image:
+    """Draw ``scene`` as a 64x64 RGB image. ``rng`` (Generator or seed) fixes every jitter."""
+    if not isinstance(rng, np.random.Generator):
+        rng = np.random.default_rng(rng)
+    img = _background(scene.background, rng)
+    for o in scene.objects:
+        cx, cy, r = object_geometry(o, rng)
+        rot = 0.0
+        if o.shape in ("crescent", "arrow"):
+            rot = float(rng.uniform(-0.35, 0.35))
+        elif o.shape not in ("circle",):
+            rot = float(rng.uniform(-0.12, 0.12))
+        mask = _shape_mask(o.shape, cx * SS, cy * SS, r * SS, rot)
+        base = np.array(COLOR_RGB[o.color]) + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, 3)
+        col = tuple(int(v) for v in np.clip(base, 0, 255))
+        img.paste(col, (0, 0), mask)
+        pm = _pattern_mask(o.pattern, rng)
+        if pm is not None:
+            light = tuple(int(v) for v in np.clip(np.array(col) * 0.15 + 245 * 0.85, 0, 255))
+            both = Image.fromarray((np.asarray(pm, np.uint16) * np.asarray(mask, np.uint16) // 255).astype(np.uint8))
+            img.paste(light, (0, 0), both)
+    return img.resize((SIZE, SIZE), Image.BOX)
+
+
+# --------------------------------------------------------------------------- captions
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def object_phrase(o: Obj, *, color=True, shape=True, size=None, pattern=True, position=None) -> str:
+    """'a small red circle with stripes on the left' with parts switched off on demand."""
+    words = []
+    if size is None:
+        size = o.size != "medium"
+    if size and o.size != "medium":
+        words.append(o.size)
+    if color:
+        words.append(o.color)
+    words.append(o.shape if shape else ("shape" if words else "shape"))
+    if pattern and o.pattern != "solid":
+        words.append(PATTERN_PHRASE[o.pattern])
+    if position:
+        words.append(POSITION_PHRASE[o.position])
+    return _article(words[0]) + " " + " ".join(words)
+
+
+def caption(scene: Scene) -> str:
+    """The canonical, complete caption of a scene."""
+    if not scene.objects:
+        text = "an empty picture"
+    elif len(scene.objects) == 1:
+        o = scene.objects[0]
+        text = object_phrase(o, position=o.position != "centre")
+    else:
+        text = " and ".join(object_phrase(o, position=True) for o in scene.objects)
+    if scene.background != "plain":
+        text += " " + BACKGROUND_PHRASE[scene.background]
+    return text
+
+
+def training_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A randomly abbreviated caption (what base-model training sees); never wrong, maybe partial."""
+    u = rng.random()
+    if len(scene.objects) == 1:
+        o = scene.objects[0]
+        if u < 0.06:
+            text = object_phrase(o, color=False, pattern=False, size=False)
+        elif u < 0.12:
+            text = object_phrase(o, shape=False, pattern=False, size=False)
+        else:
+            text = object_phrase(o, size=rng.random() < 0.6, pattern=rng.random() < 0.8,
+                                 position=rng.random() < (0.4 if o.position == "centre" else 0.8))
+    elif len(scene.objects) == 2:
+        objs = list(scene.objects)
+        if rng.random() < 0.25:
+            objs = objs[::-1]
+        text = " and ".join(object_phrase(o, size=rng.random() < 0.4, pattern=rng.random() < 0.8,
+                                          position=True) for o in objs)
+    else:
+        text = "an empty picture"
+    if scene.background != "plain":
+        text += " " + BACKGROUND_PHRASE[scene.background]
+    return text
+
+
+# --------------------------------------------------------------------------- samplers
+def _pick(rng, seq, p=None):
+    return seq[int(rng.choice(len(seq), p=p))]
+
+
+def _sample_obj(rng, position, shapes, colors, patterns, two: bool, p_pattern=0.3) -> Obj:
+    pat = "solid" if rng.random() > p_pattern else _pick(rng, patterns[1:] if patterns[0] == "solid" else patterns)
+    if two or position != "centre":
+        size = _pick(rng, ("small", "medium"), [0.3, 0.7])
+    else:
+        size = _pick(rng, SIZES, [0.2, 0.55, 0.25])
+    if pat != "solid" and size == "small":  # a fill pattern needs room to be seen
+        size = "medium"
+    return Obj(_pick(rng, shapes), _pick(rng, colors), pat, position, size)
+
+
+def sample_scene(rng: np.random.Generator, *, p_two=0.4, shapes=SHAPES, colors=COLORS,
+                 patterns=PATTERNS, backgrounds=BACKGROUNDS, p_pattern=0.3,
+                 p_background=0.0, p_empty=0.0) -> Scene:
+    """A random scene over the given vocabulary (default: the base world)."""
+    bg = "plain"
+    if p_background and rng.random() < p_background:
+        bg = _pick(rng, [b for b in backgrounds if b != "plain"] or list(backgrounds))
+    elif "plain" not in backgrounds:
+        bg = _pick(rng, backgrounds)
+    if p_empty and rng.random() < p_empty:
+        return Scene([], bg)
+    if rng.random() < p_two:
+        objs = [_sample_obj(rng, pos, shapes, colors, patterns, True, p_pattern) for pos in ("left", "right")]
+    else:
+        pos = _pick(rng, POSITIONS, [0.25, 0.5, 0.25])
+        objs = [_sample_obj(rng, pos, shapes, colors, patterns, False, p_pattern)]
+    return Scene(objs, bg)
+
+
+def sample_base_scene(rng: np.random.Generator, p_two=0.4) -> Scene:
+    """A scene from the base world only (what the base model is trained on)."""
+    return sample_scene(rng, p_two=p_two)
+
+
+def sample_any_scene(rng: np.random.Generator, p_two=0.4) -> Scene:
+    """A scene over the whole vocabulary, reserved concepts included (oracle / CLIP training)."""
+    return sample_scene(rng, p_two=p_two, shapes=ALL_SHAPES, patterns=ALL_PATTERNS,
+                        backgrounds=ALL_BACKGROUNDS, p_pattern=0.45, p_background=0.3,
+                        p_empty=0.03)
+
+
+def sample_concept_scene(concept: str, rng: np.random.Generator, *, color: str | None = None,
+                         p_two=0.0) -> Scene:
+    """A scene that shows the concept ``concept`` (a reserved or base shape/pattern/background);
+    all other attributes come from the base world."""
+    if concept in ALL_BACKGROUNDS:
+        sc = sample_scene(rng, p_two=p_two, backgrounds=(concept,))
+        return sc
+    sc = sample_scene(rng, p_two=p_two, p_pattern=0.0 if concept in ALL_SHAPES else 1.0)
+    o = sc.objects[int(rng.integers(len(sc.objects)))]
+    if concept in ALL_SHAPES:
+        o.shape = concept
+    elif concept in ALL_PATTERNS:
+        o.pattern = concept
+    elif concept in COLOR_RGB:
+        o.color = concept
+    else:
+        raise ValueError(f"unknown concept {concept!r}")
+    if color is not None:
+        o.color = color
+    return sc
+
+
+__all__ = [
+    "Obj", "Scene", "render", "caption", "training_caption", "object_phrase", "sample_scene",
+    "sample_base_scene", "sample_any_scene", "sample_concept_scene", "object_geometry",
+    "NOVEL_SHAPES", "NOVEL_PATTERNS", "NOVEL_BACKGROUNDS",
+]
+
+
+# --------------------------------------------------------------------------- held-out prompts
+def _heldout_pairs(n: int = 24) -> tuple:
+    """Two-object combinations ((shape, colour) left, (shape, colour) right) that the base model
+    never sees in training, so the check's two-object prompts are truly held out."""
+    rng = np.random.default_rng(20240603)
+    out = []
+    while len(out) < n:
+        s1, s2 = (SHAPES[int(i)] for i in rng.choice(len(SHAPES), 2, replace=False))
+        c1, c2 = (COLORS[int(i)] for i in rng.choice(len(COLORS), 2, replace=False))
+        pair = ((s1, c1), (s2, c2))
+        if pair not in out:
+            out.append(pair)
+    return tuple(out)
+
+
+HELDOUT_PAIRS = _heldout_pairs()
+
+
+def is_heldout(scene: Scene) -> bool:
+    """True for two-object scenes whose shape/colour combination is held out of training."""
+    if len(scene.objects) != 2:
+        return False
+    a, b = scene.objects
+    return ((a.shape, a.color), (b.shape, b.color)) in HELDOUT_PAIRS
+
+
+__all__ += ["HELDOUT_PAIRS", "is_heldout"]
