@@ -28,6 +28,11 @@ class AdapterLibrary:
         self._items: dict[str, Adapter] = {}
         self._lock = threading.Lock()
 
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Weight shapes of the base model's adaptable modules (what adapters are checked against)."""
+        return self._shapes
+
     def load(
         self,
         path: str | os.PathLike,
