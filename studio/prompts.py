@@ -49,3 +49,122 @@ def parse_prompt(prompt: str) -> tuple[str, list[LoraTag]]:
 
 def format_tag(name: str, weight: float) -> str:
     return f"<lora:{name}:{weight:g}>"
+
+
+# ---- token positions of concepts and triggers (CLoRA) -------------------------------------
+
+_PUNCT = ",.;:!?\"'()[]{}"
+
+
+def _norm(word: str) -> str:
+    return word.lower().strip(_PUNCT)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, truncation=False).input_ids)
+
+
+def word_token_positions(tokenizer, words: list[str], start: int, stop: int) -> list[int]:
+    """Positions in ``tokenizer(" ".join(words)).input_ids`` (BOS included, so the first word
+    starts at 1) of the tokens of ``words[start:stop]``; a word split into pieces gives them all.
+
+    CLIP's BPE works within whitespace-separated words, so the tokens of a prefix are a prefix
+    of the tokens; this is checked against the full tokenization.
+    """
+    specials = len(_ids(tokenizer, ""))  # BOS + EOS
+    lead = 1 if specials and _ids(tokenizer, "")[0] == getattr(tokenizer, "bos_token_id", None) else 0
+    first = lead + len(_ids(tokenizer, " ".join(words[:start]))) - specials
+    last = lead + len(_ids(tokenizer, " ".join(words[:stop]))) - specials
+    full = _ids(tokenizer, " ".join(words))
+    piece = _ids(tokenizer, " ".join(words[start:stop]))[lead:lead + last - first]
+    if full[first:last] != piece:
+        raise GenerationError(f"cannot locate {' '.join(words[start:stop])!r} in the tokenized prompt; "
+                              "pass explicit token_indices")
+    return list(range(first, last))
+
+
+@dataclass
+class BranchPrompts:
+    """CLoRA's prompts and token positions: branch 0 is the base, branch k+1 adapter k's.
+
+    ``tokens[b][g]``: positions of concept g (plus its trigger in its own branch) in prompt b,
+    BOS at 0. ``mask_tokens[b]``: the positions whose maps define branch b's mask (none for the base).
+    """
+
+    prompts: list[str]
+    tokens: list[list[list[int]]]
+    mask_tokens: list[list[int]]
+
+
+def _find(norms: list[str], pattern: list[str], taken: set[int], start: int = 0) -> int:
+    for i in range(start, len(norms) - len(pattern) + 1):
+        if norms[i:i + len(pattern)] == pattern and not taken & set(range(i, i + len(pattern))):
+            return i
+    return -1
+
+
+def branch_prompts(prompt: str, concepts: list[tuple[str, str, str]], tokenizer) -> BranchPrompts:
+    """Base and per-adapter prompts from a user prompt and (name, trigger, concept) per adapter.
+
+    Each adapter claims one occurrence of its concept word(s): the one right after its trigger if
+    the prompt has "trigger concept", else the first unclaimed one. The base prompt drops every
+    trigger; adapter k's prompt inserts its trigger before its own concept only. E.g. "a sks shape
+    on the left and a zwx shape on the right" -> base "a shape on the left and a shape on the
+    right", sks branch "a sks shape on the left and a shape on the right", and so on.
+    """
+    words = prompt.split()
+    norms = [_norm(w) for w in words]
+    taken: set[int] = set()
+    claims: list[tuple[int, int, int] | None] = [None] * len(concepts)  # (trigger start, concept start, concept len)
+    for k, (name, trigger, concept) in enumerate(concepts):  # pass 1: "trigger concept" in the prompt
+        tw, cw = trigger.lower().split(), concept.lower().split()
+        i = _find(norms, tw + cw, taken)
+        if i >= 0:
+            claims[k] = (i, i + len(tw), len(cw))
+            taken |= set(range(i, i + len(tw) + len(cw)))
+    for k, (name, trigger, concept) in enumerate(concepts):  # pass 2: the concept word alone
+        if claims[k] is not None:
+            continue
+        tw, cw = trigger.lower().split(), concept.lower().split()
+        if _find(norms, tw, taken) >= 0:
+            raise GenerationError(f"trigger {trigger!r} of adapter {name!r} must stand right before its concept "
+                                  f"{concept!r}; write '{trigger} {concept}' in the prompt")
+        i = _find(norms, cw, taken)
+        if i < 0:
+            raise GenerationError(f"the prompt does not mention {concept!r}, the concept of adapter {name!r}; "
+                                  f"add it, e.g. 'a {trigger} {concept}'")
+        claims[k] = (i, i, len(cw))
+        taken |= set(range(i, i + len(cw)))
+    drop = {j for c in claims for j in range(c[0], c[1])}
+    base: list[str] = []
+    spans: list[list[int]] = [[0, 0] for _ in concepts]  # concept span in base words
+    for j, w in enumerate(words):
+        for k, c in enumerate(claims):
+            if j == c[1]:
+                spans[k][0] = len(base)
+                spans[k][1] = len(base) + c[2]
+        if j not in drop:
+            base.append(w)
+    limit = getattr(tokenizer, "model_max_length", 77)
+    prompts, tokens, masks = [], [], []
+    for b in range(len(concepts) + 1):
+        if b == 0:
+            bw, sp = base, [tuple(s) for s in spans]
+            own = None
+        else:
+            trig = concepts[b - 1][1].split()
+            at = spans[b - 1][0]
+            bw = base[:at] + trig + base[at:]
+            shift = lambda i: i + len(trig) if i >= at else i  # noqa: E731  (words after the insertion move)
+            sp = [(shift(s0), shift(s1)) for s0, s1 in spans]
+            sp[b - 1] = (at, sp[b - 1][1])  # the trigger belongs to its own concept's tokens
+            own = b - 1
+        groups = [word_token_positions(tokenizer, bw, s0, s1) for s0, s1 in sp]
+        for (name, _, concept), g in zip(concepts, groups):
+            if g and g[-1] >= limit - 1:
+                raise GenerationError(f"concept {concept!r} of adapter {name!r} falls beyond the {limit}-token "
+                                      "limit; shorten the prompt")
+        prompts.append(" ".join(bw))
+        tokens.append(groups)
+        masks.append([] if own is None else list(groups[own]))
+    return BranchPrompts(prompts, tokens, masks)

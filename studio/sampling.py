@@ -70,6 +70,7 @@ class ComposeContext:
     device: torch.device
     dtype: torch.dtype
     timesteps: torch.Tensor | None = None
+    scheduler: object | None = None  # set by ``denoise``; composers that guide latents scale inputs with it
     counters: Counters = field(default_factory=Counters)
     _cond_cache: dict = field(default_factory=dict)
 
@@ -147,6 +148,7 @@ def denoise(
     """The loop: guide, predict, step. Latents are kept in fp32 between steps."""
     start = time.perf_counter()
     timesteps = scheduler.timesteps
+    ctx.scheduler = scheduler
     for i, t in enumerate(tqdm(timesteps, desc=composer.name, disable=not progress, leave=False)):
         if should_stop is not None and should_stop():
             raise GenerationCancelled("generation stopped by the user")

@@ -46,7 +46,7 @@ class AdapterLibrary:
         """Read an adapter file in any supported format, check it against the base, and add it."""
         from .formats import read_adapter
 
-        adapter = read_adapter(path, name=name, allow_pickle=allow_pickle, module_names=self._shapes.keys())
+        adapter = read_adapter(path, name=name, allow_pickle=allow_pickle, module_names=self._shapes)
         adapter.name = safe_name(name or adapter.name or Path(path).stem)
         if weight is not None:
             adapter.weight = float(weight)

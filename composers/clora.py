@@ -1,0 +1,394 @@
+"""CLoRA: contrastive test-time composition of LoRAs (Meral et al., ICCV 2025; spec: shared/specs/clora.md).
+
+Branches share one latent: branch 0 is the base model with the plain prompt, branch k+1 has
+adapter k active and its trigger inserted before its own concept word. Each step:
+
+1. ``guide`` (updating steps only): NT-Xent (tau 0.5) over min-max-normalised cross-attention maps
+   of the concept tokens in every branch pulls each concept's maps together across branches and
+   pushes different concepts apart; z <- z - step_size · dL/dz, repeated ``inner_iterations`` times
+   at the iterative steps.
+2. ``predict``: masks from the maps (token > alpha · max), uncovered pixels to the base branch,
+   uncond and cond noise fused by the masks separately, CFG once.
+
+Memory: the loss couples all branches, but no two branch graphs are alive together. The maps are
+computed without a graph, dL/dmaps is taken on them, then each branch is re-run with a graph and
+back-propagated alone (a vector-Jacobian product); the sum of the per-branch VJPs is dL/dz exactly.
+Graph passes stop right after the last captured layer (nothing later feeds the loss), which also
+cuts their cost. ``backprop="joint"`` keeps all graphs at once (fewer forwards, N× the memory).
+The latent and the loss are fp32; the UNet runs in its own dtype.
+
+The schedule follows the spec's default preset scaled to the step count T: updates on the first
+T/2 steps, 20·T/50 inner iterations at the steps matching {0, 10, 20} of 50, step size 20.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from studio.attention import AttentionCapture, assign_background, capture_spec, morphology, threshold_masks
+from studio.errors import GenerationError
+from studio.prompts import BranchPrompts, branch_prompts
+from studio.sampling import ComposeContext, Conditioning
+
+from .base import Composer
+
+# The spec's presets (§1.4). A preset's schedule is given for its own step count and scaled to T.
+PRESETS: dict[str, dict] = {
+    "default": dict(steps=50, guidance=7.5, latent_update=True, step_size=20.0, max_iter_to_alter=25,
+                    iterative_steps=(0, 10, 20), inner_iterations=20, tau=0.5, mask_threshold=0.4,
+                    apply_mask_after=0, negative_prompt="nsfw"),
+    "notebook": dict(steps=100, guidance=10.0, latent_update=True, step_size=20.0, max_iter_to_alter=50,
+                     iterative_steps=(0, 10, 20), inner_iterations=20, tau=0.5, mask_threshold=0.4,
+                     apply_mask_after=0, negative_prompt="nsfw", seed=53),
+}
+
+
+def nt_xent(emb: torch.Tensor, labels: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
+    """NT-Xent / InfoNCE over cosine similarities (pytorch-metric-learning's semantics).
+
+    Positives: all ordered pairs (a, p), a != p, with the same label; the negatives of anchor a are
+    all embeddings with another label. Mean over positive pairs; 0 (no gradient) if there are none.
+    """
+    e = F.normalize(emb, dim=1)
+    s = e @ e.t() / tau
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=emb.device)
+    pos = same & ~eye
+    if not pos.any():
+        return emb.sum() * 0.0
+    a, p = pos.nonzero(as_tuple=True)
+    negs = s[a].masked_fill(same[a], float("-inf"))  # (P, M): each pair's anchor row, negatives only
+    logits = torch.cat([s[a, p][:, None], negs], dim=1)
+    return (torch.logsumexp(logits, dim=1) - s[a, p]).mean()
+
+
+def master(x: torch.Tensor) -> torch.Tensor:
+    """The latent / loss precision: fp32, or fp64 when the input already is (gradient checks)."""
+    return x.detach().to(torch.promote_types(x.dtype, torch.float32))
+
+
+def minmax(v: torch.Tensor) -> torch.Tensor:
+    return (v - v.min()) / (v.max() - v.min() + 1e-8)
+
+
+@dataclass
+class _Branch:
+    label: str
+    unet: dict[str, float]
+    cond: Conditioning
+
+
+@dataclass
+class _Pass:
+    eps: tuple[torch.Tensor, torch.Tensor] | None  # (uncond, cond), detached; None for a truncated pass
+    maps: torch.Tensor  # (h, w, tokens) fp32
+
+
+class CLoRAComposer(Composer):
+    name = "clora"
+    min_adapters = 1
+    defaults = {
+        "preset": "default",  # "default" or "notebook": the schedule below, scaled to the step count
+        "latent_update": True,
+        "step_size": 20.0,  # eta in z <- z - eta * dL/dz
+        "max_iter_to_alter": -1,  # update on steps < this; -1: the preset's, scaled to T (T/2)
+        "iterative_steps": "auto",  # steps with inner iterations: "auto" (preset's, scaled), "0,10,20", "none"
+        "inner_iterations": -1,  # K extra updates at each iterative step; -1: the preset's 20, scaled to T
+        "tau": 0.5,
+        "mask_threshold": 0.4,  # mask = map > alpha * max(map)
+        "apply_mask_after": 0,  # before this step every mask is all ones (plain average)
+        "mask_morphology": "none",  # none / erode / dilate / open / close (3x3), on LoRA masks
+        "attention_source": "both",  # "both" CFG halves (CLoRA code) or "cond" only
+        "attention_factor": 0,  # image pixels per map cell; 0 = auto (32, or 16 for tiny latents)
+        "refresh_after_update": False,  # re-run the branches on the updated latent for fusion
+        "backprop": "branchwise",  # "branchwise" (one graph alive) or "joint" (all N graphs)
+        "grad_clip": 0.0,  # > 0: cap the norm of dL/dz
+        "use_text_encoder_lora": True,  # encode each branch with its adapter's text-encoder weights
+        "prompts": None,  # expert override: [base prompt, one per adapter]
+        "token_indices": None,  # expert override: [branch][concept] -> token positions (BOS = 0)
+        "mask_indices": None,  # expert override: [branch] -> token positions for its mask
+    }
+
+    # ---- setup ---------------------------------------------------------------------------
+    def prepare(self, ctx: ComposeContext) -> None:
+        super().prepare(ctx)
+        p = self.params
+        for key, allowed in (("backprop", ("branchwise", "joint")), ("preset", tuple(PRESETS))):
+            if p[key] not in allowed:
+                raise GenerationError(f"clora {key} must be one of {', '.join(allowed)}; got {p[key]!r}")
+        morphology(torch.zeros(1, 3, 3, dtype=torch.bool), p["mask_morphology"])  # rejects unknown ops now
+        self.plan = self._plan(ctx)
+        n = len(ctx.adapters) + 1
+        groups = [sum(len(self.plan.tokens[b][g]) for b in range(n)) for g in range(n - 1)]
+        for a, count in zip(ctx.adapters, groups):
+            if count < 2:
+                raise GenerationError(
+                    f"concept of adapter {a.name!r} has {count} attention map(s) across branches; CLoRA needs at "
+                    "least 2 (list its tokens in two or more branch prompts)"
+                )
+        self.branches = [_Branch("base", {}, ctx.encode(self.plan.prompts[0], {}))]
+        for a, prompt in zip(ctx.adapters, self.plan.prompts[1:]):
+            has_te = any(c.startswith("text_encoder") for c in a.adapter.components())
+            te = {a.name: a.te} if (p["use_text_encoder_lora"] and has_te) else {}
+            self.branches.append(_Branch(a.name, {a.name: a.unet}, ctx.encode(prompt, te)))
+        keys = self.branches[0].cond.embeds.shape[1]
+        for b, groups_b in enumerate(self.plan.tokens):
+            for toks in groups_b + [self.plan.mask_tokens[b]]:
+                if any(t < 0 or t >= keys for t in toks):
+                    raise GenerationError(f"token index out of range 0..{keys - 1} in branch {b}; check token_indices")
+        unet = ctx.pipe.unet
+        self.spec = capture_spec(unet, ctx.pipe.vae_scale_factor, ctx.height, ctx.width, p["attention_factor"])
+        self.capture = AttentionCapture(unet, self.spec, p["attention_source"])
+        self.max_iter, self.iterative, self.inner = self._schedule(ctx.steps)
+        self.stats = dict(latent_updates=0, grad_forwards=0, backward_passes=0, skipped_updates=0)
+        self.reset()
+
+    def _plan(self, ctx: ComposeContext) -> BranchPrompts:
+        p = self.params
+        prompts, indices = _json(p["prompts"]), _json(p["token_indices"])
+        n = len(ctx.adapters) + 1
+        if indices is not None:
+            if prompts is None:
+                prompts = self._auto_plan(ctx).prompts
+            if len(prompts) != n or len(indices) != n or any(len(g) != n - 1 for g in indices):
+                raise GenerationError(
+                    f"prompts and token_indices need {n} entries (base + one per adapter), each with {n - 1} concept lists"
+                )
+            masks = _json(p["mask_indices"]) or [[]] + [list(indices[b][b - 1]) for b in range(1, n)]
+            if len(masks) != n:
+                raise GenerationError(f"mask_indices needs {n} entries (base first); got {len(masks)}")
+            return BranchPrompts([str(s) for s in prompts], [[[int(t) for t in g] for g in b] for b in indices],
+                                 [[int(t) for t in m] for m in masks])
+        if prompts is not None:
+            raise GenerationError("explicit clora prompts need explicit token_indices too; pass both or neither")
+        return self._auto_plan(ctx)
+
+    def _auto_plan(self, ctx: ComposeContext) -> BranchPrompts:
+        for a in ctx.adapters:
+            for field in ("trigger", "concept"):
+                if not (getattr(a.adapter, field) or "").strip():
+                    raise GenerationError(
+                        f"adapter {a.name!r} has no {field} word, which CLoRA needs; set it in the library "
+                        f"(adapters.load(path, trigger='sks', concept='dog') or adapter.{field} = ...)"
+                    )
+        concepts = [(a.name, a.adapter.trigger.strip(), a.adapter.concept.strip()) for a in ctx.adapters]
+        return branch_prompts(ctx.prompt, concepts, ctx.pipe.tokenizer)
+
+    def _schedule(self, steps: int) -> tuple[int, set[int], int]:
+        """(max_iter_to_alter, iterative steps, inner iterations K) for this step count.
+
+        Auto values are the preset's scaled by T / preset steps, K included (at least 1), so the
+        optimisation effort per trajectory stays in proportion: T = 50 gives the spec's 25,
+        {0, 10, 20} and 20; T = 4 gives 2, {0, 1} and 2.
+        """
+        p, preset = self.params, PRESETS[self.params["preset"]]
+        scale = steps / preset["steps"]
+        max_iter = int(p["max_iter_to_alter"])
+        if max_iter < 0:
+            max_iter = round(preset["max_iter_to_alter"] * scale)
+        it = p["iterative_steps"]
+        if isinstance(it, str):
+            if it.strip().lower() == "auto":
+                it = [round(s * scale) for s in preset["iterative_steps"]]
+            elif it.strip().lower() in ("", "none"):
+                it = []
+            else:
+                try:
+                    it = [int(s) for s in it.replace(" ", "").split(",") if s]
+                except ValueError:
+                    raise GenerationError(f"iterative_steps {it!r} is not a list of steps; write e.g. '0,10,20'") from None
+        k = int(p["inner_iterations"])
+        if k < 0:
+            k = max(1, round(preset["inner_iterations"] * scale))
+        return max_iter, {int(s) for s in it if int(s) < max_iter}, k
+
+    def reset(self) -> None:
+        self._cache: tuple[int, list[_Pass]] | None = None
+        self.history = {"losses": [], "heatmaps": [], "masks": []}
+        self.final_masks: torch.Tensor | None = None
+        self.last_maps: list[torch.Tensor] | None = None
+
+    # ---- UNet passes ---------------------------------------------------------------------
+    def _scale(self, z: torch.Tensor, t) -> torch.Tensor:
+        sched = self.ctx.scheduler
+        return z if sched is None else sched.scale_model_input(z, t)
+
+    def _pass(self, x_in: torch.Tensor, t, b: int, truncate: bool) -> _Pass:
+        """One batch-2 CFG forward of branch b with capture; ``truncate`` stops after the maps."""
+        ctx, br = self.ctx, self.branches[b]
+        out = None
+        ctx.rig.set(unet=br.unet)
+        try:
+            with self.capture.record(truncate) as rec:
+                out = ctx.pipe.unet(
+                    torch.cat([x_in, x_in]).to(ctx.dtype), t, encoder_hidden_states=br.cond.embeds,
+                    added_cond_kwargs=br.cond.added, return_dict=False,
+                )[0]
+        finally:
+            ctx.rig.set(unet={})
+        if truncate:
+            ctx.counters.shallow_calls += 1
+            eps = None
+        else:
+            ctx.counters.unet_calls += 1
+            eu, ec = out.detach().chunk(2)
+            eps = (eu, ec)
+        return _Pass(eps, rec.maps())
+
+    def _all(self, x_in: torch.Tensor, t, truncate: bool) -> list[_Pass]:
+        return [self._pass(x_in, t, b, truncate) for b in range(len(self.branches))]
+
+    # ---- loss ----------------------------------------------------------------------------
+    def loss(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """NT-Xent over min-max-normalised concept-token maps of every branch (fp32)."""
+        emb, labels = [], []
+        for b, groups in enumerate(self.plan.tokens):
+            for g, toks in enumerate(groups):
+                for tok in toks:
+                    emb.append(minmax(maps[b][:, :, tok].flatten()))
+                    labels.append(g)
+        if not emb:
+            return torch.zeros((), device=maps[0].device)
+        return nt_xent(torch.stack(emb), torch.tensor(labels, device=maps[0].device), self.params["tau"])
+
+    def latent_grad(self, z: torch.Tensor, t, full: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[_Pass]]:
+        """(loss, dL/dz, the passes at z) for the fp32 latent z at timestep t.
+
+        Branchwise: maps without a graph, dL/dmaps, then one VJP per branch (one graph alive).
+        ``full`` makes the graph-free passes complete UNet calls (their eps are then reused).
+        """
+        z = master(z)
+        n = len(self.branches)
+        if self.params["backprop"] == "joint":
+            zz = z.clone().requires_grad_(True)
+            with torch.enable_grad():
+                passes = self._all(self._scale(zz, t), t, truncate=not full)
+                loss = self.loss([ps.maps for ps in passes])
+                grad = torch.autograd.grad(loss, zz)[0] if loss.requires_grad else torch.zeros_like(z)
+            self.stats["grad_forwards"] += n
+            self.stats["backward_passes"] += 1
+            return loss.detach(), grad, [_Pass(ps.eps, ps.maps.detach()) for ps in passes]
+        with torch.no_grad():
+            passes = self._all(self._scale(z, t), t, truncate=not full)
+        leaves = [master(ps.maps).requires_grad_(True) for ps in passes]
+        with torch.enable_grad():
+            loss = self.loss(leaves)
+            gmaps = torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else [None] * n
+        grad = torch.zeros_like(z)
+        for b, g in enumerate(gmaps):
+            if g is None or not torch.any(g):
+                continue
+            zz = z.clone().requires_grad_(True)
+            with torch.enable_grad():
+                maps_b = self._pass(self._scale(zz, t), t, b, truncate=True).maps
+                grad += torch.autograd.grad(maps_b, zz, grad_outputs=g)[0]
+            self.stats["grad_forwards"] += 1
+            self.stats["backward_passes"] += 1
+        return loss.detach(), grad, passes
+
+    # ---- protocol ------------------------------------------------------------------------
+    def updates_at(self, step: int) -> bool:
+        p = self.params
+        return bool(p["latent_update"]) and step < self.max_iter
+
+    def guide(self, x: torch.Tensor, t, step: int) -> torch.Tensor:
+        """Contrastive latent update(s) at this step; the last pass's eps and maps feed ``predict``."""
+        if not self.updates_at(step):
+            return x
+        p = self.params
+        z = master(x)
+        rounds = 1 + (self.inner if step in self.iterative else 0)
+        for r in range(rounds):
+            loss, grad, passes = self.latent_grad(z, t, full=(r == rounds - 1))
+            if p["grad_clip"] > 0:
+                norm = grad.norm()
+                if norm > p["grad_clip"]:
+                    grad = grad * (p["grad_clip"] / norm)
+            if torch.isfinite(grad).all():
+                z = z - float(p["step_size"]) * grad
+                self.stats["latent_updates"] += 1
+            else:
+                self.stats["skipped_updates"] += 1
+            self.history["losses"].append((step, float(loss)))
+        self._cache = (step, passes)
+        return z.to(x.dtype)
+
+    def predict(self, x: torch.Tensor, t, step: int) -> torch.Tensor:
+        if self._cache is not None and self._cache[0] == step and not self.params["refresh_after_update"]:
+            passes = self._cache[1]
+        else:
+            passes = self._all(x, t, truncate=False)
+        self._cache = None
+        maps = [ps.maps for ps in passes]
+        masks = self.masks(maps, step)
+        self._record(maps, masks)
+        lat = F.interpolate(masks.float()[:, None], size=x.shape[-2:], mode="nearest")  # (N, 1, h, w)
+        self.final_masks = lat
+        den = lat.sum(0)
+        eu = sum(m * ps.eps[0].float() for m, ps in zip(lat, passes)) / den
+        ec = sum(m * ps.eps[1].float() for m, ps in zip(lat, passes)) / den
+        return self.ctx.cfg(eu, ec)
+
+    def masks(self, maps: list[torch.Tensor], step: int) -> torch.Tensor:
+        """Binary (N, h, w) masks at map resolution; branch 0 (base) takes the uncovered pixels."""
+        n, (h, w) = len(maps), maps[0].shape[:2]
+        if step < int(self.params["apply_mask_after"]):
+            return torch.ones(n, h, w, dtype=torch.bool, device=maps[0].device)
+        lora = threshold_masks(torch.stack(maps[1:]), self.plan.mask_tokens[1:], float(self.params["mask_threshold"]))
+        return assign_background(morphology(lora, self.params["mask_morphology"]))
+
+    def _record(self, maps: list[torch.Tensor], masks: torch.Tensor) -> None:
+        heat = np.stack([
+            np.stack([m[:, :, toks].mean(-1).float().cpu().numpy() for toks in groups])
+            for m, groups in zip(maps, self.plan.tokens)
+        ]).astype(np.float16)  # (N, G, h, w)
+        self.history["heatmaps"].append(heat)
+        self.history["masks"].append(masks.cpu().numpy())
+        self.last_maps = maps
+
+    def report(self) -> dict:
+        rep = super().report()
+        labels = [br.label for br in self.branches]
+        concepts = labels[1:]
+        rep.update(self.stats)
+        rep["full_forwards"] = rep["unet_calls"]
+        rep["truncated_forwards"] = rep["shallow_calls"]
+        last_heat = self.history["heatmaps"][-1] if self.history["heatmaps"] else None
+        last_mask = self.history["masks"][-1] if self.history["masks"] else None
+        rep["masks"] = {} if last_mask is None else {lab: last_mask[b] for b, lab in enumerate(labels)}
+        rep["heatmaps"] = {} if last_heat is None else {
+            f"{lab}: {c}": last_heat[b, g] for b, lab in enumerate(labels) for g, c in enumerate(concepts)
+        }
+        rep["clora"] = {
+            "prompts": self.plan.prompts,
+            "token_indices": self.plan.tokens,
+            "mask_indices": self.plan.mask_tokens,
+            "capture_layers": list(self.spec.layers),
+            "attention_size": list(self.spec.size),
+            "attention_factor": self.spec.factor,
+            "max_iter_to_alter": self.max_iter,
+            "iterative_steps": sorted(self.iterative),
+            "inner_iterations": self.inner,
+            "final_latent_masks": self.final_masks,
+        }
+        rep["history"] = {  # per step, last image: (N, G, h, w) heatmaps, (N, h, w) masks, losses per update
+            "heatmaps": self.history["heatmaps"],
+            "masks": self.history["masks"],
+            "losses": self.history["losses"],
+        }
+        return rep
+
+
+def _json(value):
+    """Expert overrides arrive from the CLI as JSON text."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise GenerationError(f"cannot read {value[:40]!r} as JSON; write e.g. [[[2], [5]], [[2, 3], [6]]]") from None
+    return value

@@ -1,0 +1,1055 @@
+"""Adapter files: read, detect, validate, write and describe.
+
+Formats (detected from the tensor names, never from the file name):
+
+* ``diffusers``: what ``save_lora_weights`` writes: ``unet.<module>.lora_A.weight`` /
+  ``lora_B.weight`` (alphas in the ``lora_adapter_metadata`` header entry, a LoraConfig dict per
+  component), and the older ``<module>.lora.down/up.weight``, ``lora_linear_layer.down/up`` and
+  attention-processor ``to_q_lora.down`` spellings.
+* ``peft``: ``get_peft_model_state_dict`` output, ``[base_model.model.]<module>.lora_A.weight``,
+  one model per file (UNet unless the names are a text encoder's), alphas from a sibling
+  ``adapter_config.json``.
+* ``kohya``: A1111 / sd-scripts, ``lora_unet_<module_with_underscores>.lora_down.weight`` /
+  ``lora_up.weight`` / ``.alpha``, ``lora_te_`` / ``lora_te1_`` / ``lora_te2_``, SDXL's SGM block
+  names (``input_blocks_4_1_…``), conv LoRA with 4-D weights.
+* ``lokr``: LyCORIS LoKr, ``<kohya name>.lokr_w1`` / ``lokr_w2`` or the ``_a``/``_b`` low-rank
+  pieces, and ``.alpha``.
+
+Scales: ΔW = alpha / rank · up @ down for LoRA (alpha missing means alpha = rank). LoKr follows
+LyCORIS: ΔW = kron(w1, w2) · alpha / rank when a factor is low-rank (rank = the ``_b`` piece's
+first dim), and exactly kron(w1, w2) when both factors are full (alpha then ignored).
+
+Safety: ``.safetensors`` only through safetensors; pickle files (``.ckpt .pt .bin .pth``) only
+with ``allow_pickle=True`` and then through ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import struct
+import tempfile
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterable, Mapping
+
+import torch
+
+from ..errors import AdapterFileError, AdapterMismatchError
+from .adapter import COMPONENTS, Adapter, KronDelta, LoraDelta
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("diffusers", "peft", "kohya", "lokr")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".bin", ".pth")
+ARCHS = ("sd1", "sd2", "sdxl", "toy")
+KOHYA_PREFIXES = (
+    ("lora_unet_", "unet"),
+    ("lora_te1_", "text_encoder"),
+    ("lora_te2_", "text_encoder_2"),
+    ("lora_te_", "text_encoder"),
+    ("lycoris_", "unet"),
+)
+_TE_TOP = ("embeddings", "encoder", "final_layer_norm")  # children of CLIP's text_model
+_SGM = ("input_blocks", "middle_block", "output_blocks")
+_LOKR_PIECES = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")
+_DIR_CANDIDATES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
+_OLD_PROJ = {  # attention-processor era names -> module names, per component family
+    "unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
+    "te": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"},
+}
+_STALE_KEYS = ("format", "lora_adapter_metadata", "sshs_model_hash", "sshs_legacy_hash",
+               "modelspec.hash_sha256", "studio_lokr_kernels", "studio_component")
+
+# tensor-name tails -> (role, piece); the module part is the regex group "m"
+_KEY_RULES = [
+    (re.compile(r"^(?P<m>.+)\.lora_down\.weight$"), "down"),
+    (re.compile(r"^(?P<m>.+)\.lora_up\.weight$"), "up"),
+    (re.compile(r"^(?P<m>.+)\.lora_A(?:\.[\w-]+)?\.weight$"), "down"),
+    (re.compile(r"^(?P<m>.+)\.lora_B(?:\.[\w-]+)?\.weight$"), "up"),
+    (re.compile(r"^(?P<m>.+)\.lora(?:_linear_layer)?\.down\.weight$"), "down"),
+    (re.compile(r"^(?P<m>.+)\.lora(?:_linear_layer)?\.up\.weight$"), "up"),
+    (re.compile(r"^(?P<m>.+?)(?:\.processor)?\.(?P<p>to_q|to_k|to_v|to_out)_lora\.down\.weight$"), "down"),
+    (re.compile(r"^(?P<m>.+?)(?:\.processor)?\.(?P<p>to_q|to_k|to_v|to_out)_lora\.up\.weight$"), "up"),
+    (re.compile(r"^(?P<m>.+)\.lokr_(?P<k>w1|w1_a|w1_b|w2|w2_a|w2_b)$"), "lokr"),
+    (re.compile(r"^(?P<m>.+)\.alpha$"), "alpha"),
+]
+_UNSUPPORTED = [
+    (re.compile(r"\.hada_(w1|w2|t1|t2)"), "is a LyCORIS LoHa adapter (hada_* tensors), which is not supported yet; "
+     "use a LoRA or LoKr version of it, or re-extract it as LoRA"),
+    (re.compile(r"\.lokr_t[12]$"), "is a LoKr with Tucker factors (lokr_t2), which is not supported yet; "
+     "retrain without use_tucker or use a LoRA version"),
+    (re.compile(r"(dora_scale|lora_magnitude_vector)"), "is a DoRA adapter (dora_scale / lora_magnitude_vector), "
+     "which is not supported yet; use a plain LoRA version of it"),
+    (re.compile(r"\.lora_mid\.weight$"), "is a LoCon with Tucker factors (lora_mid), which is not supported yet; "
+     "retrain without use_tucker or use a plain LoRA"),
+    (re.compile(r"\.(lora_B(\.[\w-]+)?|lora_up)\.bias$"), "has LoRA bias tensors, which are not supported; "
+     "retrain with lora_bias=False"),
+    (re.compile(r"\.(oft_blocks|oft_diag|oft_R|oft_r)(\.weight)?$"), "is an OFT/BOFT adapter, which is not supported; "
+     "use a LoRA or LoKr adapter"),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+
+
+def read_adapter(
+    path: str | os.PathLike,
+    *,
+    name: str | None = None,
+    allow_pickle: bool = False,
+    module_names: Iterable[str] | Mapping[str, tuple[int, ...]] | None = None,
+) -> Adapter:
+    """Read an adapter file (or a PEFT/diffusers folder) of any supported format.
+
+    ``module_names``: the base model's canonical module paths (``unet.…``, ``text_encoder.…``);
+    kohya/LyCORIS underscore names are then mapped exactly and text-encoder paths follow the
+    model's own layout. Passing the ``{path: weight shape}`` dict of ``base.module_shapes`` also
+    lets LyCORIS conv factors and linear-vs-1×1-conv LoRA layouts take the base module's shape.
+    """
+    file = _resolve_path(Path(path))
+    tensors, header, sha = _load_tensors(file, allow_pickle)
+    if not tensors:
+        raise AdapterFileError(f"{file.name} contains no tensors; re-export the adapter")
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise AdapterFileError(
+                f"{file.name}: tensor {key} contains NaN or infinite values; the adapter is broken "
+                "(diverged training or a corrupt file): use an earlier checkpoint or retrain"
+            )
+    names = _Names(module_names)
+    fmt, layers = _parse(file, tensors, header, names)
+    if not layers:
+        raise AdapterFileError(f"{file.name} has no adapter layers; re-export the adapter")
+
+    card = _read_card(file)
+    metadata = dict(header)
+    metadata.update({f"card.{k}": str(v) for k, v in card.items() if v not in (None, "")})
+    adapter = Adapter(
+        name=name or header.get("ss_output_name") or _default_name(file),
+        layers=layers,
+        kind="kron" if any(isinstance(d, KronDelta) for d in layers.values()) else "lora",
+        format=fmt,
+        path=str(file),
+        sha256=(header.get("sshs_model_hash") or sha).lower(),
+        metadata=metadata,
+    )
+    _fill_from_metadata(adapter)
+    adapter.arch = guess_arch(adapter)
+    return adapter
+
+
+def guess_arch(adapter: Adapter) -> str | None:
+    """``sd1`` / ``sd2`` / ``sdxl`` (or the ``toy`` model) from metadata, else from names and shapes."""
+    declared = _arch_from_metadata(adapter.metadata)
+    if declared:
+        return declared
+    comps = adapter.components()
+    if "text_encoder_2" in comps:
+        return "sdxl"
+    cross = {d.weight_shape[1] for p, d in adapter.layers.items()
+             if p.startswith("unet.") and p.endswith(("attn2.to_k", "attn2.to_v"))}
+    by_dim = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+    for dim, arch in ((2048, "sdxl"), (1024, "sd2"), (768, "sd1")):
+        if dim in cross:
+            return by_dim[dim]
+    unet = [p for p in adapter.layers if p.startswith("unet.")]
+    if any(re.search(r"\.transformer_blocks\.[1-9]", p) or ".add_embedding." in p for p in unet):
+        return "sdxl"  # SD1/SD2 have a single transformer block per attention; SDXL has 2 or 10
+    te = {d.weight_shape[1] for p, d in adapter.layers.items()
+          if p.startswith("text_encoder.") and p.endswith("self_attn.q_proj")}
+    if 1024 in te:
+        return "sd2"
+    if 768 in te and not unet:
+        return "sd1"
+    return None
+
+
+def validate_adapter(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]], arch: str) -> None:
+    """Check every layer against the base's module shapes; raise AdapterMismatchError on the first misfit."""
+    bad = []
+    for module, delta in adapter.layers.items():
+        got = tuple(delta.weight_shape)
+        want = shapes.get(module)
+        if want is None or tuple(want) != got:
+            bad.append((module, None if want is None else tuple(want), got))
+    if not bad:
+        return
+    module, want, got = bad[0]
+    if want is None:
+        problem = f"adapter {adapter.name!r} targets {module}, which the {arch} base model does not have"
+    else:
+        problem = (f"adapter {adapter.name!r} does not fit the {arch} base model: {module} has weight shape "
+                   f"{_fmt_shape(want)} but the adapter's delta is {_fmt_shape(got)}")
+    count = f"{len(bad)} of {len(adapter.layers)} modules do not fit"
+    if adapter.arch and arch and adapter.arch != arch:
+        fix = (f"the adapter was made for {adapter.arch} but the base model is {arch}: load {_an(adapter.arch)} "
+               f"base model or use an adapter made for {arch}")
+    else:
+        fix = f"use an adapter trained for this base model ({arch})"
+    raise AdapterMismatchError(f"{problem} ({count}); {fix}")
+
+
+def write_adapter(
+    adapter: Adapter,
+    path: str | os.PathLike,
+    format: str = "diffusers",
+    metadata: Mapping[str, object] | None = None,
+) -> Path:
+    """Write ``adapter`` atomically as ``format`` (diffusers, kohya, peft or lokr); returns the file."""
+    if format not in FORMATS:
+        raise AdapterFileError(f"unknown adapter format {format!r}; choose one of {', '.join(FORMATS)}")
+    path = Path(path)
+    config_path = None
+    if format == "peft" and (path.is_dir() or path.suffix == ""):
+        path, config_path = path / "adapter_model.safetensors", path / "adapter_config.json"
+    elif format == "peft":
+        config_path = path.parent / "adapter_config.json"
+    if path.suffix.lower() != ".safetensors":
+        raise AdapterFileError(f"adapters are written as .safetensors; give a path ending in .safetensors, not {path.name}")
+    if not adapter.layers:
+        raise AdapterFileError(f"adapter {adapter.name!r} has no layers; nothing to write")
+    if not adapter.is_finite():
+        raise AdapterFileError(f"adapter {adapter.name!r} contains NaN or inf values; retrain or fix it before saving")
+    kron = [m for m, d in adapter.layers.items() if isinstance(d, KronDelta)]
+    if kron and format != "lokr":
+        raise AdapterFileError(
+            f"adapter {adapter.name!r} has Kronecker layers (e.g. {kron[0]}), which {format} files cannot hold; "
+            "write it with format='lokr'"
+        )
+    extra: dict[str, str] = {}
+    peft_config = None
+    if format == "diffusers":
+        tensors, configs = _build_diffusers(adapter)
+        extra["lora_adapter_metadata"] = _pack_configs(configs)
+    elif format == "peft":
+        tensors, peft_config, comp = _build_peft(adapter)
+        extra["lora_adapter_metadata"] = _pack_configs({comp: peft_config})
+        extra["studio_component"] = comp
+    else:
+        tensors, kernels = _build_kohya(adapter)
+        if kernels:
+            extra["studio_lokr_kernels"] = json.dumps(kernels, sort_keys=True)
+    header = _header_for(adapter, format, extra, metadata)
+    _atomic_save(tensors, header, path)
+    if config_path is not None:
+        _atomic_write_text(config_path, json.dumps(peft_config, indent=2, sort_keys=True))
+    return path
+
+
+def describe(adapter: Adapter) -> dict:
+    """What ``studio info FILE`` prints: format, type, ranks/factors, targets, arch, triggers, hash, metadata."""
+    loras = [d for d in adapter.layers.values() if isinstance(d, LoraDelta)]
+    krons = [d for d in adapter.layers.values() if isinstance(d, KronDelta)]
+    kind = "LoRA" if not krons else "LoKr (Kronecker)" if not loras else "LoRA + LoKr"
+    per_comp = Counter(m.split(".", 1)[0] for m in adapter.layers)
+    info: dict = {
+        "name": adapter.name,
+        "file": adapter.path,
+        "format": adapter.format,
+        "type": kind,
+    }
+    if loras:
+        info["ranks"] = sorted({d.rank for d in loras})
+        info["alphas"] = sorted({float(d.alpha) if d.alpha is not None else float(d.rank) for d in loras})
+    if krons:
+        info["kron_factors"] = [list(f) for f in adapter.kron_factors()]
+        low = sorted({t.shape[0] for d in krons for t in (d.w1_b, d.w2_b) if t is not None})
+        if low:
+            info["kron_low_rank"] = low
+    info["modules"] = sum(per_comp.values())
+    info["modules_per_component"] = {c: per_comp[c] for c in COMPONENTS if per_comp[c]}
+    info["conv_modules"] = sum(1 for d in adapter.layers.values() if d.is_conv)
+    info["params"] = adapter.num_params()
+    info["arch"] = adapter.arch
+    info["arch_guess"] = guess_arch(adapter)
+    info["trigger"] = adapter.trigger
+    if adapter.concept or adapter.concept_kind:
+        info["concept"] = adapter.concept
+        info["concept_kind"] = adapter.concept_kind
+    info["preferred_weight"] = adapter.weight
+    tags = _tag_counts(adapter.metadata)
+    if tags:
+        info["top_tags"] = [t for t, _ in tags.most_common(10)]
+    info["sha256"] = adapter.sha256
+    info["shorthash"] = adapter.shorthash
+    info["metadata"] = {k: v for k, v in sorted(adapter.metadata.items())
+                        if not k.startswith("studio_") and k not in ("format", "ss_tag_frequency",
+                                                                     "lora_adapter_metadata")}
+    return info
+
+
+def addnet_hash(path: str | os.PathLike) -> str:
+    """A1111's "addnet" SHA-256: the bytes after the safetensors header (the whole file otherwise)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if path.suffix.lower() == ".safetensors":
+            n = struct.unpack("<Q", f.read(8))[0]
+            f.seek(8 + n)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def detect_format(keys: Iterable[str]) -> str | None:
+    """``diffusers`` / ``peft`` / ``kohya`` / ``lokr`` from tensor names, or None."""
+    keys = list(keys)
+    if any(".lokr_" in k for k in keys):
+        return "lokr"
+    parsed = [(k, _split_key(k)) for k in keys]
+    mods = [p[0] for k, p in parsed if p and p[1] != "alpha"]
+    if not mods:
+        return None
+    if all(_kohya_component(m) for m in mods):
+        return "kohya"
+    if any(m.startswith("base_model.model.") for m in mods):
+        return "peft"
+    if any(m.split(".", 1)[0] in COMPONENTS for m in mods):
+        return "diffusers"
+    if any(p[1] in ("down", "up") and (".lora_A" in k or ".lora_B" in k) for k, p in parsed if p):
+        return "peft"
+    return "diffusers"
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def _resolve_path(path: Path) -> Path:
+    if path.is_dir():
+        for cand in _DIR_CANDIDATES:
+            if (path / cand).is_file():
+                return path / cand
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        raise AdapterFileError(
+            f"folder {path} holds {len(found)} .safetensors files and no adapter_model.safetensors; "
+            "pass the adapter file itself"
+        )
+    if not path.is_file():
+        raise AdapterFileError(f"adapter file {path} not found; check the path (and that it is a file)")
+    return path
+
+
+def _load_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return _load_pickle(path, allow_pickle)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise AdapterFileError(f"{path.name} is truncated or not a safetensors file ({size} bytes); "
+                                   "re-download or re-export it")
+        n = struct.unpack("<Q", head)[0]
+        if n > size - 8 or n > 100_000_000:
+            raise AdapterFileError(f"{path.name} is truncated or not a safetensors file (header of {n} bytes in a "
+                                   f"{size}-byte file); re-download or re-export it as .safetensors")
+        try:
+            hdr = json.loads(f.read(n).decode("utf-8"))
+            if not isinstance(hdr, dict):
+                raise ValueError("header is not a JSON object")
+            end = max((int(v["data_offsets"][1]) for k, v in hdr.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+            raise AdapterFileError(f"{path.name} is corrupt: its safetensors header cannot be read ({_first_line(e)}); "
+                                   "re-download or re-export it") from None
+    if 8 + n + end > size:
+        raise AdapterFileError(f"{path.name} is truncated: the header promises {end} bytes of tensors but only "
+                               f"{size - 8 - n} are there; re-download or re-export it")
+    meta = hdr.get("__metadata__") or {}
+    meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    try:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path), device="cpu")
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise AdapterFileError(f"{path.name} is corrupt and safetensors cannot read it ({_first_line(e)}); "
+                               "re-download or re-export it") from None
+    return tensors, meta, addnet_hash(path)
+
+
+def _load_pickle(path: Path, allow_pickle: bool):
+    if not allow_pickle:
+        raise AdapterFileError(
+            f"{path.name} is a pickle file ({path.suffix}), which can run code when opened; convert it to "
+            ".safetensors, or if you trust it pass allow_pickle=True (CLI: --allow-pickle) to load its tensors "
+            "with weights_only=True"
+        )
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise AdapterFileError(
+            f"{path.name} cannot be loaded safely: weights_only=True refused it ({_first_line(e)}); "
+            "convert it to .safetensors with a tool you trust"
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise AdapterFileError(f"{path.name} holds a {type(obj).__name__}, not a dict of tensors; "
+                               "re-export the adapter as .safetensors")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return tensors, {}, addnet_hash(path)
+
+
+def _read_card(file: Path) -> dict:
+    """The A1111 card sidecar ``<stem>.json`` (description, sd version, activation text, preferred weight)."""
+    side = file.with_suffix(".json")
+    if not side.is_file() or side.name == "adapter_config.json":
+        return {}
+    try:
+        card = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        log.warning("ignoring unreadable LoRA card %s: %s", side, _first_line(e))
+        return {}
+    return card if isinstance(card, dict) else {}
+
+
+def _default_name(file: Path) -> str:
+    if file.name in _DIR_CANDIDATES:
+        return file.parent.name or file.stem
+    return file.stem
+
+
+# --------------------------------------------------------------------------------------------
+# key parsing and module names
+
+
+def _split_key(key: str) -> tuple[str, str, str | None] | None:
+    """``(module part, role, piece)``: role is down / up / alpha / lokr; piece a LoKr piece or old proj."""
+    for rx, role in _KEY_RULES:
+        m = rx.match(key)
+        if m:
+            g = m.groupdict()
+            return g["m"], role, g.get("k") or g.get("p")
+    return None
+
+
+def _kohya_component(module: str) -> str | None:
+    for prefix, comp in KOHYA_PREFIXES:
+        if module.startswith(prefix) and "." not in module:
+            return comp
+    return None
+
+
+def _te_variants(rel: str) -> list[str]:
+    """A text-encoder path with and without CLIP's ``text_model.`` level (transformers 5 flattens CLIPTextModel)."""
+    if rel.startswith("text_model."):
+        return [rel, rel[len("text_model."):]]
+    if rel.split(".", 1)[0] in _TE_TOP:
+        return [rel, "text_model." + rel]
+    return [rel]
+
+
+@functools.lru_cache(maxsize=None)
+def _te_has_text_model(component: str) -> bool:
+    """Whether this transformers' CLIP text model class nests its layers under ``text_model``."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                         vocab_size=8, max_position_embeddings=4, projection_dim=8)
+    cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
+    return hasattr(cls(cfg), "text_model")
+
+
+class _Names:
+    """Maps the names found in files to our canonical module paths."""
+
+    def __init__(self, module_names):
+        self.shapes: dict[str, tuple[int, ...]] | None = None
+        self.names: set[str] | None = None
+        self.kohya: dict[str, str] = {}
+        self.layers_per_block = 2  # SD1.x / SD2.x / SDXL
+        if module_names is None:
+            return
+        if isinstance(module_names, Mapping):
+            self.shapes = {k: tuple(v) for k, v in module_names.items()}
+        self.names = set(module_names)
+        prefixes = {"unet": ("lora_unet_", "lycoris_"), "text_encoder": ("lora_te_", "lora_te1_"),
+                    "text_encoder_2": ("lora_te2_",)}
+        resnets = set()
+        for path in self.names:
+            comp, _, rel = path.partition(".")
+            if comp not in prefixes:
+                continue
+            for variant in (_te_variants(rel) if comp != "unet" else [rel]):
+                for pre in prefixes[comp]:
+                    self.kohya.setdefault(pre + variant.replace(".", "_"), path)
+            m = re.match(r"down_blocks\.0\.resnets\.(\d+)\.", rel) if comp == "unet" else None
+            if m:
+                resnets.add(int(m.group(1)))
+        if resnets:
+            self.layers_per_block = max(resnets) + 1
+
+    def dotted(self, comp: str, rel: str) -> str:
+        if comp == "unet":
+            return f"unet.{rel}"
+        variants = _te_variants(rel)
+        if self.names is not None:
+            for v in variants:
+                if f"{comp}.{v}" in self.names:
+                    return f"{comp}.{v}"
+            return f"{comp}.{rel}"
+        want = _te_has_text_model(comp)
+        for v in variants:
+            if v.startswith("text_model.") == want or v.split(".", 1)[0] not in _TE_TOP + ("text_model",):
+                return f"{comp}.{v}"
+        return f"{comp}.{rel}"
+
+    def kohya_names(self, names: Iterable[str]) -> dict[str, str]:
+        """kohya / LyCORIS module names (``lora_unet_…``) -> canonical paths."""
+        names = list(names)
+        out: dict[str, str] = {}
+        renamed = {n: n for n in names}
+        sgm = [n for n in names if n.startswith("lora_unet_") and any(p in n for p in _SGM)]
+        if sgm:
+            from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
+
+            try:
+                mapped = _maybe_map_sgm_blocks_to_diffusers(
+                    {n: n for n in sgm}, SimpleNamespace(layers_per_block=self.layers_per_block))
+            except (ValueError, IndexError, KeyError) as e:
+                raise AdapterFileError(f"SDXL block names in this file cannot be mapped ({_first_line(e)}); "
+                                       "the file may be for another architecture") from None
+            for new, old in mapped.items():
+                renamed[old] = new
+        for name in names:
+            out[name] = self._kohya_one(name, renamed[name])
+        return out
+
+    def _kohya_one(self, original: str, name: str) -> str:
+        comp = _kohya_component(original)
+        if comp == "unet":
+            plain = (name.replace("input_blocks", "down_blocks").replace("middle_block", "mid_block")
+                     .replace("output_blocks", "up_blocks"))
+            if plain in self.kohya:
+                return self.kohya[plain]
+        elif name in self.kohya:
+            return self.kohya[name]
+        # diffusers' own kohya rules (the ones load_lora_weights uses)
+        from diffusers.loaders.lora_conversion_utils import _convert_text_encoder_lora_key, _convert_unet_lora_key
+
+        if comp == "unet":
+            body = name[len("lycoris_"):] if name.startswith("lycoris_") else name[len("lora_unet_"):]
+            m = re.fullmatch(r"add_embedding_linear_(\d)", body)  # not in diffusers' table
+            if m:
+                return self.dotted("unet", f"add_embedding.linear_{m.group(1)}")
+            converted = _convert_unet_lora_key("lora_unet_" + body + ".lora_down.weight")
+        else:
+            prefix = next(p for p, c in KOHYA_PREFIXES if original.startswith(p))
+            converted = _convert_text_encoder_lora_key(name + ".lora_down.weight", prefix)
+        split = _split_key(converted)
+        if split is None:
+            return self.dotted(comp, converted)
+        module, _, proj = split
+        module = module.replace(".processor", "")
+        if proj:
+            module = f"{module}.{_OLD_PROJ['unet' if comp == 'unet' else 'te'][proj]}"
+        return self.dotted(comp, module)
+
+
+def _dotted_component(module: str, default: str | None) -> tuple[str, str]:
+    module = module.removeprefix("base_model.model.")
+    first, _, rest = module.partition(".")
+    if first in COMPONENTS and rest:
+        return first, rest
+    if default in COMPONENTS:
+        return default, module
+    if module.startswith("text_model.") or module.split(".", 1)[0] in _TE_TOP:
+        return "text_encoder", module
+    return "unet", module
+
+
+# --------------------------------------------------------------------------------------------
+# parsing state dicts into layers
+
+
+def _parse(file: Path, tensors: dict, header: dict, names: _Names):
+    groups: dict[str, dict] = {}
+    unknown, ignored = [], []
+    for key in tensors:
+        for rx, why in _UNSUPPORTED:
+            if rx.search(key):
+                raise AdapterFileError(f"{file.name} {why}")
+        if key.startswith("bundle_emb."):
+            ignored.append(key)
+            continue
+        split = _split_key(key)
+        if split is None:
+            unknown.append(key)
+            continue
+        module, role, piece = split
+        if role in ("down", "up") and piece:  # attention-processor era name: fold the projection in
+            module = f"{module.replace('.processor', '')}.@{piece}"
+        g = groups.setdefault(module, {})
+        slot = f"lokr_{piece}" if role == "lokr" else role
+        g[slot] = key
+    if ignored:
+        log.warning("%s: ignoring %d bundled embedding tensors (bundle_emb.*)", file.name, len(ignored))
+    real = {m: g for m, g in groups.items() if set(g) != {"alpha"}}
+    if not real or unknown:
+        sample = ", ".join((unknown or list(tensors))[:5])
+        if not real:
+            raise AdapterFileError(
+                f"{file.name} is not an adapter of a known format (diffusers, PEFT, kohya/A1111, LyCORIS LoKr); "
+                f"its keys look like: {sample}; pass a LoRA/LoKr adapter file (a full model checkpoint is loaded "
+                "as the base model, not as an adapter)"
+            )
+        raise AdapterFileError(f"{file.name} has {len(unknown)} tensors of no known adapter format "
+                               f"(e.g. {sample}); re-export it as a plain LoRA/LoKr file")
+    orphan_alpha = [m for m, g in groups.items() if set(g) == {"alpha"}]
+    if orphan_alpha:
+        log.warning("%s: %d alpha values without weights ignored", file.name, len(orphan_alpha))
+
+    fmt = detect_format(k for g in real.values() for k in g.values())
+    default_comp = header.get("studio_component") or None
+    configs = _unpack_configs(header.get("lora_adapter_metadata"))
+    sibling = file.parent / "adapter_config.json"
+    kohya_mods = [m for m in real if _kohya_component(m)]
+    kohya_map = names.kohya_names(kohya_mods) if kohya_mods else {}
+    kernels = _json_or_empty(header.get("studio_lokr_kernels"))
+
+    layers = {}
+    for module, g in real.items():
+        proj = None
+        if "@" in module:
+            module, proj = module.split(".@")
+        if module in kohya_map:
+            path, rel_for_pattern = kohya_map[module], None
+        else:
+            comp, rel = _dotted_component(module, default_comp)
+            if proj:
+                rel = f"{rel}.{_OLD_PROJ['unet' if comp == 'unet' else 'te'][proj]}"
+            path, rel_for_pattern = names.dotted(comp, rel), rel
+        get = lambda slot: tensors[g[slot]] if slot in g else None  # noqa: E731
+        alpha_t = get("alpha")
+        alpha = float(alpha_t.float().item()) if alpha_t is not None else None
+        if any(s.startswith("lokr_") for s in g):
+            if "down" in g or "up" in g:
+                raise AdapterFileError(f"{file.name}: module {module} mixes LoRA and LoKr tensors; re-export the adapter")
+            layers[path] = _lokr_layer(file, module, path, {p: get(f"lokr_{p}") for p in _LOKR_PIECES},
+                                       alpha, names, kernels)
+            continue
+        down, up = get("down"), get("up")
+        if down is None or up is None:
+            have, miss = ("down", "up") if down is not None else ("up", "down")
+            raise AdapterFileError(f"{file.name}: module {module} has a lora_{have} tensor but no lora_{miss}; "
+                                   "the file is incomplete, re-export it")
+        if down.dim() not in (2, 4) or up.dim() not in (2, 4) or down.shape[0] != up.shape[1]:
+            raise AdapterFileError(
+                f"{file.name}: module {module} has inconsistent LoRA ranks (down {_fmt_shape(down.shape)}, "
+                f"up {_fmt_shape(up.shape)}); the file is corrupt, re-export it"
+            )
+        if alpha is None and rel_for_pattern is not None:
+            comp = path.split(".", 1)[0]
+            cfg = configs.get(comp)
+            if cfg is None and fmt == "peft" and sibling.is_file():
+                cfg = _read_peft_config(sibling)
+                configs[comp] = cfg
+            if cfg:
+                rels = _te_variants(rel_for_pattern) if comp != "unet" else [rel_for_pattern]
+                alpha = _peft_alpha(cfg, rels, down.shape[0])
+        down, up = _fit_lora_layout(down, up, names.shapes.get(path) if names.shapes else None)
+        layers[path] = LoraDelta(down=down, up=up, alpha=alpha)
+    return fmt, layers
+
+
+def _lokr_layer(file, module, path, p, alpha, names: _Names, kernels: dict) -> KronDelta:
+    def need(a, b, c, label):
+        if a is None and (b is None or c is None):
+            raise AdapterFileError(f"{file.name}: LoKr module {module} lacks {label} (neither lokr_{label} nor both "
+                                   f"lokr_{label}_a/_b); the file is incomplete, re-export it")
+    need(p["w1"], p["w1_a"], p["w1_b"], "w1")
+    need(p["w2"], p["w2_a"], p["w2_b"], "w2")
+    for f in ("w1", "w2"):
+        a, b = p[f"{f}_a"], p[f"{f}_b"]
+        if p[f] is None and (a.dim() != 2 or a.shape[1] != b.shape[0]):
+            raise AdapterFileError(f"{file.name}: LoKr module {module} has inconsistent lokr_{f}_a/_b ranks "
+                                   f"({_fmt_shape(a.shape)} @ {_fmt_shape(b.shape)}); the file is corrupt")
+    rank = p["w2_b"].shape[0] if p["w2_b"] is not None else p["w1_b"].shape[0] if p["w1_b"] is not None else None
+    scale = alpha / rank if (alpha is not None and rank) else 1.0
+    w2_b = p["w2_b"]
+    if w2_b is not None and w2_b.dim() == 2:  # LyCORIS stores a conv w2_b flattened: (r, in/a2 * kh * kw)
+        kernel = _conv_kernel(path, names, kernels)
+        if kernel and w2_b.shape[1] % (kernel[0] * kernel[1]) == 0:
+            w2_b = w2_b.reshape(w2_b.shape[0], -1, *kernel)
+    return KronDelta(w1=p["w1"], w2=p["w2"], w1_a=p["w1_a"], w1_b=p["w1_b"], w2_a=p["w2_a"], w2_b=w2_b, scale=scale)
+
+
+def _conv_kernel(path: str, names: _Names, kernels: dict) -> tuple[int, int] | None:
+    if names.shapes is not None and path in names.shapes:
+        shape = names.shapes[path]
+        return tuple(shape[2:]) if len(shape) == 4 else None
+    if path in kernels:
+        return tuple(int(k) for k in kernels[path])
+    if path.rsplit(".", 1)[-1] in ("conv1", "conv2", "conv", "conv_in", "conv_out"):
+        return (3, 3)  # SD/SDXL resnet, sampler and in/out convs
+    return None
+
+
+def _fit_lora_layout(down, up, shape):
+    """Linear-vs-1×1-conv layouts (as A1111 does): follow the base module's weight shape when known."""
+    if shape is None:
+        return down, up
+    if len(shape) == 4 and tuple(shape[2:]) == (1, 1) and down.dim() == 2:
+        return down.reshape(*down.shape, 1, 1), up.reshape(*up.shape[:2], 1, 1)
+    if len(shape) == 2 and down.dim() == 4 and tuple(down.shape[2:]) == (1, 1):
+        return down.flatten(1), up.flatten(1)
+    if len(shape) == 4 and down.dim() == 4 and up.dim() == 2:
+        return down, up.reshape(*up.shape, 1, 1)
+    return down, up
+
+
+# --------------------------------------------------------------------------------------------
+# PEFT configs (adapter_config.json, diffusers' lora_adapter_metadata)
+
+
+def _get_pattern_key(pattern_keys, key: str) -> str:
+    try:
+        from peft.utils.other import get_pattern_key
+
+        return get_pattern_key(list(pattern_keys), key)
+    except ImportError:  # same semantics as peft's
+        for pat in pattern_keys:
+            if re.match(rf"(.*\.)?({pat})$", key):
+                return pat
+        return key
+
+
+def _peft_alpha(cfg: dict, rels: list[str], rank: int) -> float:
+    """The alpha giving PEFT's scale for this module (lora_alpha / r, rank_pattern, alpha_pattern, rsLoRA).
+
+    ``rels``: the module's name as the config saw it, and its other text-encoder spelling.
+    """
+    def lookup(patterns: dict, default):
+        for rel in rels:
+            key = _get_pattern_key(patterns.keys(), rel)
+            if key in patterns:
+                return patterns[key]
+        return default
+
+    r = lookup(cfg.get("rank_pattern") or {}, cfg.get("r", 8))
+    alpha = lookup(cfg.get("alpha_pattern") or {}, cfg.get("lora_alpha", 8))
+    if cfg.get("use_rslora"):
+        return float(alpha) / math.sqrt(r) * rank
+    return float(alpha) if r == rank else float(alpha) / r * rank
+
+
+def _read_peft_config(path: Path) -> dict:
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise AdapterFileError(f"{path} cannot be read ({_first_line(e)}); fix or delete it") from None
+    if cfg.get("peft_type", "LORA") not in ("LORA", None):
+        raise AdapterFileError(f"{path} describes a {cfg.get('peft_type')} adapter; only LoRA PEFT adapters are supported")
+    return cfg
+
+
+def _unpack_configs(raw: str | None) -> dict[str, dict]:
+    data = _json_or_empty(raw)
+    out: dict[str, dict] = {}
+    for key, value in data.items():
+        comp, _, field = key.partition(".")
+        if comp in COMPONENTS and field:
+            out.setdefault(comp, {})[field] = value
+    return out
+
+
+def _pack_configs(configs: dict[str, dict]) -> str:
+    return json.dumps({f"{c}.{k}": v for c, cfg in configs.items() for k, v in cfg.items()}, indent=2, sort_keys=True)
+
+
+def _lora_config(entries: list[tuple[str, int, float]]) -> dict:
+    """A LoraConfig dict reproducing each module's rank and alpha: entries are (pattern, rank, alpha)."""
+    ranks = Counter(r for _, r, _ in entries)
+    alphas = Counter(a for _, _, a in entries)
+    r = ranks.most_common(1)[0][0]
+    a = alphas.most_common(1)[0][0]
+    return {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": _num(a),
+        "rank_pattern": {p: rk for p, rk, _ in entries if rk != r},
+        "alpha_pattern": {p: _num(al) for p, _, al in entries if al != a},
+        "target_modules": sorted(p for p, _, _ in entries),
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "lora_dropout": 0.0,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "task_type": None,
+        "base_model_name_or_path": None,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+def _split_path(path: str) -> tuple[str, str]:
+    comp, _, rel = path.partition(".")
+    if comp not in COMPONENTS or not rel:
+        raise AdapterFileError(f"module path {path!r} does not start with one of {', '.join(COMPONENTS)}; "
+                               "fix the adapter's layer names")
+    return comp, rel
+
+
+def _external_rel(comp: str, rel: str) -> str:
+    """Text-encoder paths as files spell them (with CLIP's ``text_model.`` level)."""
+    if comp != "unet" and rel.split(".", 1)[0] in _TE_TOP:
+        return "text_model." + rel
+    return rel
+
+
+def _pattern(comp: str, rel: str) -> str:
+    """A PEFT pattern matching the module with or without ``text_model.`` (suffix match)."""
+    return rel[len("text_model."):] if comp != "unet" and rel.startswith("text_model.") else rel
+
+
+def _conv_up(d: LoraDelta) -> torch.Tensor:
+    return d.up.reshape(*d.up.shape[:2], 1, 1) if d.is_conv and d.up.dim() == 2 else d.up
+
+
+def _alpha_of(d: LoraDelta) -> float:
+    return float(d.alpha) if d.alpha is not None else float(d.rank)
+
+
+def _build_diffusers(adapter: Adapter):
+    tensors, entries = {}, {}
+    for path, d in adapter.layers.items():
+        comp, rel = _split_path(path)
+        ext = _external_rel(comp, rel)
+        tensors[f"{comp}.{ext}.lora_A.weight"] = d.down
+        tensors[f"{comp}.{ext}.lora_B.weight"] = _conv_up(d)
+        entries.setdefault(comp, []).append((_pattern(comp, rel), d.rank, _alpha_of(d)))
+    return tensors, {c: _lora_config(e) for c, e in entries.items()}
+
+
+def _build_peft(adapter: Adapter):
+    comps = sorted(adapter.components())
+    if len(comps) != 1:
+        raise AdapterFileError(f"a PEFT file holds one model but adapter {adapter.name!r} touches {' and '.join(comps)}; "
+                               "write it with format='diffusers' or 'kohya'")
+    comp = comps[0]
+    tensors, entries = {}, []
+    for path, d in adapter.layers.items():
+        _, rel = _split_path(path)
+        tensors[f"base_model.model.{rel}.lora_A.weight"] = d.down
+        tensors[f"base_model.model.{rel}.lora_B.weight"] = _conv_up(d)
+        entries.append((_pattern(comp, rel), d.rank, _alpha_of(d)))
+    return tensors, _lora_config(entries), comp
+
+
+def _build_kohya(adapter: Adapter):
+    te1 = "lora_te1_" if "text_encoder_2" in adapter.components() else "lora_te_"
+    prefix = {"unet": "lora_unet_", "text_encoder": te1, "text_encoder_2": "lora_te2_"}
+    tensors, kernels = {}, {}
+    for path, d in adapter.layers.items():
+        comp, rel = _split_path(path)
+        name = prefix[comp] + _external_rel(comp, rel).replace(".", "_")
+        if isinstance(d, LoraDelta):
+            tensors[f"{name}.lora_down.weight"] = d.down
+            tensors[f"{name}.lora_up.weight"] = _conv_up(d)
+            tensors[f"{name}.alpha"] = torch.tensor(_alpha_of(d), dtype=torch.float32)
+            continue
+        pieces, alpha, kernel = _lokr_pieces(d)
+        tensors.update({f"{name}.lokr_{k}": v for k, v in pieces.items()})
+        if alpha is not None:
+            tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        if kernel:
+            kernels[path] = list(kernel)
+    return tensors, kernels
+
+
+def _lokr_pieces(d: KronDelta):
+    """LyCORIS tensors for a Kronecker layer, the alpha that carries its scale, and a flattened conv kernel."""
+    pieces = {k: getattr(d, k) for k in _LOKR_PIECES if getattr(d, k) is not None}
+    ranks = {t.shape[0] for t in (d.w1_b, d.w2_b) if t is not None}
+    alpha = None
+    if len(ranks) == 1:  # LyCORIS: scale = alpha / rank when a factor is low-rank
+        alpha = d.scale * next(iter(ranks))
+    elif d.scale != 1.0:  # both factors full (LyCORIS applies no alpha) or two ranks: fold the scale into w1
+        key = "w1" if d.w1 is not None else "w1_a"
+        pieces[key] = pieces[key] * d.scale
+    kernel = None
+    if d.w2_b is not None and d.w2_b.dim() == 4:
+        kernel = tuple(d.w2_b.shape[2:])
+        pieces["w2_b"] = d.w2_b.flatten(1)
+    return pieces, alpha, kernel
+
+
+def _header_for(adapter: Adapter, fmt: str, extra: dict, metadata) -> dict[str, str]:
+    header = {str(k): str(v) for k, v in adapter.metadata.items()
+              if k not in _STALE_KEYS and not str(k).startswith("card.")}
+    header.update({
+        "ss_output_name": adapter.name,
+        "studio_trigger": adapter.trigger or "",
+        "studio_concept": adapter.concept or "",
+        "studio_concept_kind": adapter.concept_kind or "",
+        "studio_weight": repr(float(adapter.weight)),
+        "studio_arch": adapter.arch or "",
+        "studio_kind": adapter.kind,
+        "studio_format": fmt,
+    })
+    base_version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(adapter.arch or "")
+    if base_version and "ss_base_model_version" not in header:
+        header["ss_base_model_version"] = base_version
+    if fmt == "lokr" and "ss_network_module" not in header:
+        header["ss_network_module"] = "lycoris.kohya"
+        header["ss_network_args"] = json.dumps({"algo": "lokr"})
+    header.update(extra)
+    for k, v in (metadata or {}).items():
+        header[str(k)] = v if isinstance(v, str) else json.dumps(v)
+    header["format"] = "pt"
+    return header
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], header: dict[str, str], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    seen, out = set(), {}
+    for k, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        if t.data_ptr() in seen and t.numel():
+            t = t.clone()
+        seen.add(t.data_ptr())
+        out[k] = t
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(out, tmp, metadata=header)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# metadata
+
+
+def _fill_from_metadata(adapter: Adapter) -> None:
+    meta = adapter.metadata
+    adapter.trigger = (meta.get("studio_trigger") or meta.get("card.activation text")
+                       or _top_tag(meta) or None)
+    adapter.concept = meta.get("studio_concept") or None
+    adapter.concept_kind = meta.get("studio_concept_kind") or None
+    weight = _float(meta.get("studio_weight"))
+    if weight is None:
+        weight = _float(meta.get("card.preferred weight"))
+        weight = weight if weight and weight > 0 else None  # A1111 writes 0 for "not set"
+    adapter.weight = 1.0 if weight is None else weight
+
+
+def _arch_from_metadata(meta: Mapping[str, str]) -> str | None:
+    for key in ("studio_arch", "card.sd version", "modelspec.architecture", "ss_base_model_version"):
+        arch = _arch_name(meta.get(key))
+        if arch:
+            return arch
+    v2 = str(meta.get("ss_v2", "")).lower()
+    if v2 == "true":
+        return "sd2"
+    if v2 == "false" and meta.get("ss_base_model_version") is None and meta.get("ss_network_module"):
+        return "sd1"  # older sd-scripts wrote only ss_v2
+    return None
+
+
+def _arch_name(value: str | None) -> str | None:
+    if not value:
+        return None
+    v = value.strip().lower()
+    if v in ARCHS:
+        return v
+    if v in ("unknown", ""):
+        return None
+    if "xl" in v:
+        return "sdxl"
+    if re.search(r"sd_?v?3|stable-diffusion-v?3", v):
+        return "sd3"
+    if "flux" in v:
+        return "flux"
+    if re.search(r"(^|[^0-9])(v2|2\.|sd2|sd_v2)", v) or v.startswith("stable-diffusion-v2"):
+        return "sd2"
+    if re.search(r"(^|[^0-9])(v1|1\.|sd1|sd_v1)", v) or v.startswith("stable-diffusion-v1"):
+        return "sd1"
+    return None
+
+
+def _tag_counts(meta: Mapping[str, str]) -> Counter:
+    data = _json_or_empty(meta.get("ss_tag_frequency"))
+    counts: Counter = Counter()
+    for tags in data.values():
+        if isinstance(tags, dict):
+            for tag, n in tags.items():
+                if isinstance(n, (int, float)):
+                    counts[str(tag).strip()] += n
+    return counts
+
+
+def _top_tag(meta) -> str | None:
+    counts = _tag_counts(meta)
+    return counts.most_common(1)[0][0] if counts else None
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _json_or_empty(raw) -> dict:
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except (TypeError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _float(value) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _num(x: float):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _an(word: str) -> str:
+    return f"an {word}" if word[:1].lower() in "aefhilmnorsx" else f"a {word}"
+
+
+def _fmt_shape(shape) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]

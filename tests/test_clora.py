@@ -1,0 +1,399 @@
+"""CLoRA: token positions, attention capture, NT-Xent, gradients (finite differences, branchwise
+== joint), Composite equivalence, masks, schedule and call counts, bad input."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from composers.base import Composer
+from composers.clora import PRESETS, CLoRAComposer, nt_xent
+from conftest import random_lora
+from studio import Studio
+from studio.adapters.activation import AdapterRig
+from studio.attention import AttentionCapture, assign_background, capture_spec, morphology, threshold_masks
+from studio.base import TOY_MODEL_DIR, build_tiny_pipeline, make_scheduler
+from studio.clip_tokenizer import build_clip_tokenizer
+from studio.errors import GenerationError
+from studio.prompts import branch_prompts, word_token_positions
+from studio.sampling import AdapterWeight, ComposeContext, denoise, initial_latents
+
+FAST = dict(steps=4, seed=3, progress=False)
+PROMPT = "a cat and a dog"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_clip_tokenizer()
+
+
+def two_adapters(studio: Studio):
+    a = studio.adapters.add(random_lora(studio, "a", seed=1))
+    b = studio.adapters.add(random_lora(studio, "b", seed=2))
+    a.trigger, a.concept = "sks", "cat"
+    b.trigger, b.concept = "zwx", "dog"
+    return a, b
+
+
+@contextmanager
+def prepared(studio: Studio, composer: Composer, prompt: str = PROMPT, steps: int = 4, size=(64, 64)):
+    """A composer prepared on a context like ``Studio.run`` builds, with a DDIM scheduler set."""
+    adapters = studio.adapters.list()
+    with AdapterRig(studio.pipe, adapters) as rig:
+        ctx = ComposeContext(
+            pipe=studio.pipe, rig=rig, adapters=[AdapterWeight(a, 1.0, 1.0) for a in adapters], prompt=prompt,
+            negative_prompt="", guidance=7.5, steps=steps, width=size[0], height=size[1], arch=studio.arch,
+            device=studio.device, dtype=studio.dtype,
+        )
+        sched = make_scheduler(studio.pipe, "ddim")
+        sched.set_timesteps(steps)
+        ctx.timesteps, ctx.scheduler = sched.timesteps, sched
+        composer.prepare(ctx)
+        composer.reset()
+        yield composer, ctx, sched
+
+
+# ---- prompts and token positions ---------------------------------------------------------
+def test_token_positions_on_real_tokenizer(tok):
+    plan = branch_prompts("A cat and a dog", [("c", "sks", "cat"), ("d", "zwx", "dog")], tok)
+    assert plan.prompts == ["A cat and a dog", "A sks cat and a dog", "A cat and a zwx dog"]
+    assert plan.tokens[0] == [[2], [5]]
+    assert plan.tokens[1] == [[2, 3], [6]]  # the spec's example: sks, cat | dog
+    assert plan.tokens[2] == [[2], [5, 6, 7]]  # "zwx" is two BPE pieces: z, wx
+    assert plan.mask_tokens == [[], [2, 3], [5, 6, 7]]
+    pieces = tok.convert_ids_to_tokens(tok(plan.prompts[2]).input_ids)
+    assert [pieces[i] for i in plan.tokens[2][1]] == ["z", "wx</w>", "dog</w>"]
+    pieces = tok.convert_ids_to_tokens(tok(plan.prompts[1]).input_ids)
+    assert [pieces[i] for i in plan.tokens[1][0]] == ["sks</w>", "cat</w>"]
+
+
+def test_multi_piece_concept_and_repeated_concept_word(tok):
+    words = "a red hexagon , sks".split()
+    pos = word_token_positions(tok, words, 2, 3)
+    assert tok.convert_ids_to_tokens(tok(" ".join(words)).input_ids)[pos[0]:pos[-1] + 1] == ["hex", "agon</w>"]
+    # two adapters on the same concept word: each claims the occurrence after its trigger
+    plan = branch_prompts("a sks shape on the left and a zwx shape on the right",
+                          [("z", "zwx", "shape"), ("s", "sks", "shape")], tok)
+    assert plan.prompts[0] == "a shape on the left and a shape on the right"
+    assert plan.prompts[1] == "a shape on the left and a zwx shape on the right"
+    assert plan.prompts[2] == "a sks shape on the left and a shape on the right"
+    assert plan.tokens[0] == [[8], [2]]
+    assert plan.tokens[1] == [[8, 9, 10], [2]]
+    assert plan.tokens[2] == [[9], [2, 3]]
+
+
+def test_prompt_errors(tok):
+    with pytest.raises(GenerationError, match="does not mention 'dog'"):
+        branch_prompts("a cat on a sofa", [("c", "sks", "cat"), ("d", "zwx", "dog")], tok)
+    with pytest.raises(GenerationError, match="right before its concept"):
+        branch_prompts("a sks photo of a cat", [("c", "sks", "cat")], tok)
+
+
+# ---- attention capture -------------------------------------------------------------------
+def sd15_structure_unet() -> UNet2DConditionModel:
+    """SD1.5's block structure (2 layers per block, 3 cross-attention levels) at tiny widths."""
+    return UNet2DConditionModel(block_out_channels=(8, 8, 8, 8), layers_per_block=2, norm_num_groups=4,
+                                cross_attention_dim=8, attention_head_dim=2)
+
+
+def test_capture_layers_at_sd15_resolution_and_non_square():
+    unet = sd15_structure_unet()
+    spec = capture_spec(unet, 8, 512, 512)
+    assert spec.factor == 32 and spec.size == (16, 16)
+    assert spec.layers == (
+        "down_blocks.2.attentions.0.transformer_blocks.0.attn2", "down_blocks.2.attentions.1.transformer_blocks.0.attn2",
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn2", "up_blocks.1.attentions.1.transformer_blocks.0.attn2",
+        "up_blocks.1.attentions.2.transformer_blocks.0.attn2",
+    )
+    assert capture_spec(unet, 8, 768, 512).size == (24, 16)  # (h, w): height 768, width 512
+    assert capture_spec(unet, 8, 64, 64).factor == 16  # tiny latents: 1/32 would be 2x2
+
+
+def test_capture_maps_sum_to_one_and_leave_other_layers_alone(sd1_pipe):
+    unet = sd1_pipe.unet
+    spec = capture_spec(unet, 8, 64, 128)  # height 64, width 128
+    assert spec.size == (4, 8)
+    cap = AttentionCapture(unet, spec)
+    before = dict(unet.attn_processors)
+    x = torch.randn(2, 4, 8, 16, generator=torch.Generator().manual_seed(0))
+    enc = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = unet(x, 10, encoder_hidden_states=enc).sample
+        with cap.record() as rec:
+            captured = unet(x, 10, encoder_hidden_states=enc).sample
+            during = dict(unet.attn_processors)
+        with cap.record(truncate=True) as rec_t:
+            unet(x, 10, encoder_hidden_states=enc)
+    torch.testing.assert_close(captured, plain, rtol=1e-5, atol=1e-5)
+    maps = rec.maps()
+    assert maps.shape == (4, 8, 77)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(4, 8))
+    torch.testing.assert_close(rec_t.maps(), maps)  # the truncated forward sees the same maps
+    swapped = {k for k in during if during[k] is not before[k]}
+    assert swapped == {f"{n}.processor" for n in spec.layers}
+    assert all(isinstance(p, AttnProcessor2_0) for k, p in during.items() if k not in swapped)
+    assert all(unet.attn_processors[k] is before[k] for k in before)  # restored after the call
+
+
+def test_no_layer_at_requested_resolution(sd1):
+    two_adapters(sd1)
+    with pytest.raises(GenerationError, match="no cross-attention layer at attention_factor=128"):
+        sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"attention_factor": 128}, **FAST)
+    with pytest.raises(GenerationError, match="not a multiple of attention_factor=16"):
+        sd1.run(PROMPT, ["a", "b"], method="clora", width=72, method_params={"attention_factor": 16}, **FAST)
+
+
+# ---- loss --------------------------------------------------------------------------------
+def brute_nt_xent(emb, labels, tau):
+    e = torch.nn.functional.normalize(emb, dim=1)
+    s = (e @ e.t() / tau).tolist()
+    losses = []
+    for a in range(len(labels)):
+        for p in range(len(labels)):
+            if a == p or labels[a] != labels[p]:
+                continue
+            den = np.exp(s[a][p]) + sum(np.exp(s[a][n]) for n in range(len(labels)) if labels[n] != labels[a])
+            losses.append(-np.log(np.exp(s[a][p]) / den))
+    return float(np.mean(losses)) if losses else 0.0
+
+
+def test_nt_xent_matches_brute_force_and_is_permutation_invariant():
+    g = torch.Generator().manual_seed(0)
+    emb = torch.rand(7, 16, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    assert float(nt_xent(emb, labels, 0.5)) == pytest.approx(brute_nt_xent(emb, labels.tolist(), 0.5), rel=1e-10)
+    perm = torch.randperm(7, generator=g)
+    assert float(nt_xent(emb[perm], labels[perm], 0.5)) == pytest.approx(float(nt_xent(emb, labels, 0.5)), rel=1e-12)
+    # singleton groups have no positive pair: all-singleton labels give zero loss and gradient
+    leaf = emb.clone().requires_grad_(True)
+    loss = nt_xent(leaf, torch.arange(7), 0.5)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and not leaf.grad.any()
+    leaf.grad = None
+    nt_xent(leaf, labels, 0.5).backward()
+    assert leaf.grad.abs().max() > 1e-3
+
+
+def test_singleton_concept_is_refused(sd1):
+    two_adapters(sd1)
+    indices = [[[], [5]], [[3], [6]], [[], [5, 6, 7]]]  # "cat" listed once: one map, no positive pair
+    with pytest.raises(GenerationError, match="at least 2"):
+        sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"token_indices": indices}, **FAST)
+
+
+def test_loss_gradient_matches_finite_differences():
+    studio = Studio.from_pipeline(build_tiny_pipeline("sd1").to(torch.float64), "tiny-sd1-fp64")
+    two_adapters(studio)
+    with prepared(studio, CLoRAComposer()) as (comp, ctx, sched):
+        t = sched.timesteps[1]
+        z = initial_latents(ctx, 5, sched).double()
+        loss, grad, _ = comp.latent_grad(z, t)
+        assert grad.dtype == torch.float64 and grad.norm() > 0
+
+        def loss_at(zz):
+            with torch.no_grad():
+                return float(comp.loss([p.maps for p in comp._all(comp._scale(zz, t), t, truncate=True)]))
+
+        assert loss_at(z) == pytest.approx(float(loss), rel=1e-12)
+        for seed in (0, 1):
+            d = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            d /= d.norm()
+            h = 1e-4
+            fd = (loss_at(z + h * d) - loss_at(z - h * d)) / (2 * h)
+            assert fd == pytest.approx(float((grad * d).sum()), rel=1e-4, abs=1e-9)
+
+
+def test_branchwise_backprop_equals_full_graph_gradient(sd1):
+    two_adapters(sd1)
+    with prepared(sd1, CLoRAComposer()) as (comp, ctx, sched):
+        t = sched.timesteps[0]
+        z = initial_latents(ctx, 5, sched)
+        loss_b, grad_b, _ = comp.latent_grad(z, t)
+        assert comp.stats["backward_passes"] == 3 and comp.stats["grad_forwards"] == 3
+        comp.params["backprop"] = "joint"
+        loss_j, grad_j, _ = comp.latent_grad(z, t)
+        assert comp.stats["backward_passes"] == 4  # one backward through all three graphs
+    assert float(loss_b) == pytest.approx(float(loss_j), rel=1e-5)
+    assert grad_b.abs().max() > 0
+    torch.testing.assert_close(grad_b, grad_j, rtol=1e-4, atol=1e-6 * float(grad_j.abs().max()))
+
+
+# ---- fusion and masks --------------------------------------------------------------------
+class HandComposite(Composer):
+    """Composite over CLoRA's branches (base + one per adapter, CLoRA's prompts): plain average."""
+
+    name = "hand-composite"
+
+    def __init__(self, clora: CLoRAComposer):
+        super().__init__()
+        self.clora = clora
+
+    def predict(self, x, t, step):
+        outs = [self.ctx.eps(x, t, br.cond, br.unet) for br in self.clora.branches]
+        eu = sum(u.float() for u, _ in outs) / len(outs)
+        ec = sum(c.float() for _, c in outs) / len(outs)
+        return self.ctx.cfg(eu, ec)
+
+
+def test_no_update_all_ones_masks_equals_composite(sd1):
+    two_adapters(sd1)
+    params = dict(latent_update=False, apply_mask_after=99)
+    with prepared(sd1, CLoRAComposer(**params)) as (comp, ctx, sched):
+        z0 = initial_latents(ctx, 11, sched)
+        out = denoise(ctx, comp, z0.clone(), sched, progress=False)
+        assert all(m.all() for m in comp.history["masks"])
+        hand = HandComposite(comp)
+        hand.prepare(ctx)
+        sched2 = make_scheduler(sd1.pipe, "ddim")
+        sched2.set_timesteps(4)
+        ref = denoise(ctx, hand, z0.clone(), sched2, progress=False)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_masks_cover_every_pixel():
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(3, 6, 5, 10, generator=g).softmax(-1)
+    for alpha in (0.3, 0.8, 0.99):
+        lora = threshold_masks(maps, [[1, 2], [4], [7]], alpha)
+        for op in ("none", "erode", "dilate", "open", "close"):
+            masks = assign_background(morphology(lora, op))
+            assert masks.dtype == torch.bool and masks.shape == (4, 6, 5)
+            assert (masks.sum(0) >= 1).all()
+            assert torch.equal(masks[0], ~masks[1:].any(0))
+    lora = threshold_masks(maps, [[1, 2], [4], [7]], 0.8)
+    assert lora.any() and not lora.all()  # the threshold really selects
+
+
+def test_run_masks_heatmaps_and_latent_blocks(sd1):
+    two_adapters(sd1)
+    result = sd1.run(PROMPT, ["a", "b"], method="clora", width=128, height=64,
+                     method_params={"mask_threshold": 0.97, "inner_iterations": 1}, **FAST)
+    rep = result.report
+    assert result.images[0].size == (128, 64)
+    assert rep["clora"]["attention_size"] == [4, 8]
+    hist = rep["history"]
+    assert len(hist["masks"]) == len(hist["heatmaps"]) == 4 and hist["heatmaps"][0].shape == (3, 2, 4, 8)
+    for m in hist["masks"]:
+        assert m.shape == (3, 4, 8) and (m.sum(0) >= 1).all() and np.array_equal(m[0], ~m[1:].any(0))
+    assert any(not m[0].all() and m[0].any() for m in hist["masks"]), "masks should be partial at alpha 0.97"
+    lat = rep["clora"]["final_latent_masks"]
+    assert lat.shape == (3, 1, 8, 16)
+    blocks = lat.reshape(3, 1, 4, 2, 8, 2)  # nearest upsampling: constant 2x2 blocks
+    assert torch.equal(blocks, blocks[:, :, :, :1, :, :1].expand_as(blocks))
+    assert set(rep["masks"]) == {"base", "a", "b"} and len(rep["heatmaps"]) == 6
+
+
+# ---- schedule, counts, semantics ---------------------------------------------------------
+def test_presets_and_scaled_schedule():
+    assert PRESETS["notebook"] == dict(steps=100, guidance=10.0, latent_update=True, step_size=20.0,
+                                       max_iter_to_alter=50, iterative_steps=(0, 10, 20), inner_iterations=20,
+                                       tau=0.5, mask_threshold=0.4, apply_mask_after=0, negative_prompt="nsfw",
+                                       seed=53)
+    c = CLoRAComposer()
+    assert c._schedule(50) == (25, {0, 10, 20}, 20)  # the spec's default preset at T = 50
+    assert c._schedule(4) == (2, {0, 1}, 2)
+    assert c._schedule(20) == (10, {0, 4, 8}, 8)
+    assert CLoRAComposer(preset="notebook")._schedule(100) == (50, {0, 10, 20}, 20)
+    assert CLoRAComposer(iterative_steps="none")._schedule(50) == (25, set(), 20)
+    assert CLoRAComposer(max_iter_to_alter=5, iterative_steps="0,10", inner_iterations=3)._schedule(50) == (5, {0}, 3)
+
+
+def test_call_counts_updates_and_determinism(sd1):
+    a, b = two_adapters(sd1)
+    params = {"inner_iterations": 2}
+    r1 = sd1.run(PROMPT, ["a", "b"], method="clora", method_params=params, **FAST)
+    rep = r1.report
+    n, steps, a_steps, k = 3, 4, 2, 2  # T=4: updates on steps 0, 1; both are iterative steps
+    updates = a_steps + 2 * k
+    assert rep["latent_updates"] == updates == len(rep["history"]["losses"])
+    assert rep["full_forwards"] == n * steps
+    assert rep["grad_forwards"] == rep["backward_passes"] == n * updates
+    assert rep["truncated_forwards"] == n * (updates - a_steps) + n * updates
+    r2 = sd1.run(PROMPT, ["a", "b"], method="clora", method_params=params, **FAST)
+    assert np.array_equal(np.asarray(r1.images[0]), np.asarray(r2.images[0]))
+    off = sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"latent_update": False}, **FAST)
+    zero = sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"step_size": 0.0, "inner_iterations": 1}, **FAST)
+    assert off.report["latent_updates"] == 0 and off.report["backward_passes"] == 0
+    assert np.array_equal(np.asarray(off.images[0]), np.asarray(zero.images[0]))
+    assert np.abs(np.asarray(off.images[0], float) - np.asarray(r1.images[0], float)).mean() > 0.1
+    none = sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"max_iter_to_alter": 0}, **FAST)
+    assert none.report["latent_updates"] == 0
+
+
+def test_refresh_after_update_and_cond_only_maps(sd1):
+    two_adapters(sd1)
+    params = {"inner_iterations": 0, "refresh_after_update": True, "attention_source": "cond"}
+    rep = sd1.run(PROMPT, ["a", "b"], method="clora", method_params=params, **FAST).report
+    assert rep["latent_updates"] == 2
+    assert rep["full_forwards"] == 3 * 4 + 3 * 2  # one more forward of every branch per updating step
+
+
+def test_guide_leaves_no_graph(sd1):
+    two_adapters(sd1)
+    with prepared(sd1, CLoRAComposer(inner_iterations=0)) as (comp, ctx, sched):
+        z = initial_latents(ctx, 1, sched)
+        with torch.enable_grad():
+            out = comp.guide(z, sched.timesteps[0], 0)
+            same = comp.guide(z, sched.timesteps[3], 3)  # step 3 >= T/2: no update
+        assert out.grad_fn is None and not out.requires_grad and not torch.equal(out, z)
+        assert same is z
+
+
+# ---- bad input ---------------------------------------------------------------------------
+def test_bad_input(sd1):
+    a, b = two_adapters(sd1)
+    b.concept = None
+    with pytest.raises(GenerationError, match="'b' has no concept word.*set it in the library"):
+        sd1.run(PROMPT, ["a", "b"], method="clora", **FAST)
+    b.concept, a.trigger = "dog", ""
+    with pytest.raises(GenerationError, match="'a' has no trigger word"):
+        sd1.run(PROMPT, ["a", "b"], method="clora", **FAST)
+    a.trigger = "sks"
+    with pytest.raises(GenerationError, match="does not mention 'dog'"):
+        sd1.run("a cat in the snow", ["a", "b"], method="clora", **FAST)
+    with pytest.raises(GenerationError, match="backprop"):
+        sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"backprop": "magic"}, **FAST)
+    with pytest.raises(GenerationError, match="mask_morphology"):
+        sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"mask_morphology": "blur"}, **FAST)
+    with pytest.raises(GenerationError, match="need 3 entries"):
+        sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"token_indices": "[[[2],[5]]]"}, **FAST)
+
+
+def test_explicit_override_equals_auto(sd1):
+    two_adapters(sd1)
+    auto = sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"inner_iterations": 1}, **FAST)
+    c = auto.report["clora"]
+    manual = sd1.run(PROMPT, ["a", "b"], method="clora", method_params={
+        "inner_iterations": 1, "prompts": c["prompts"], "token_indices": c["token_indices"]}, **FAST)
+    assert np.array_equal(np.asarray(auto.images[0]), np.asarray(manual.images[0]))
+
+
+# ---- other architectures -----------------------------------------------------------------
+def test_sdxl_tiny(sdxl):
+    two_adapters(sdxl)
+    result = sdxl.run(PROMPT, ["a", "b"], method="clora", method_params={"inner_iterations": 1}, sampler="euler", **FAST)
+    rep = result.report
+    assert result.images[0].size == (64, 64)
+    assert rep["clora"]["capture_layers"] == [
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn2",
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn2", "up_blocks.1.attentions.1.transformer_blocks.0.attn2",
+    ]
+    assert rep["latent_updates"] == 4 and all(np.isfinite(l) for _, l in rep["history"]["losses"])
+
+
+@pytest.mark.skipif(not TOY_MODEL_DIR.is_dir(), reason="the toy model is not built (python -m training.toyworld)")
+def test_toy_model():
+    studio = Studio.load(device="cpu")
+    for name, trig in (("s", "sks"), ("z", "zwx")):
+        ad = studio.adapters.add(random_lora(studio, name, seed=len(name)))
+        ad.trigger, ad.concept = trig, "shape"
+    result = studio.run("a sks shape on the left and a zwx shape on the right", ["s", "z"], method="clora",
+                        method_params={"inner_iterations": 1}, **FAST)
+    rep = result.report
+    assert rep["clora"]["attention_size"] == [4, 4] and rep["latent_updates"] == 4
+    assert rep["clora"]["prompts"][0] == "a shape on the left and a shape on the right"
