@@ -1,0 +1,333 @@
+"""Batch evaluation: job expansion and seeds, bad input, a full run with metrics, resume after a
+crash, disk full, and the 2-process accelerate run equal to the 1-process run."""
+
+from __future__ import annotations
+
+import copy
+import errno
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from studio import Studio
+from studio.adapters.formats import write_adapter
+from studio.base import build_tiny_pipeline
+from studio.errors import StudioError
+from studio.evaluation import (
+    DiskFullError, SuiteError, derive_seed, expand_jobs, load_suite, oracle_presence, read_rows, run_suite, summarize,
+)
+from studio.metadata import read_recipe
+
+from conftest import random_lora
+from test_metrics import write_tiny_clip
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "workflows" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    """Two random LoRA files for the tiny SD1 pipeline, a reference image and a tiny open_clip model."""
+    root = tmp_path_factory.mktemp("eval-assets")
+    studio = Studio(build_tiny_pipeline("sd1"), "tiny-sd1")
+    for i, name in enumerate(("obj", "sty")):
+        write_adapter(random_lora(studio, name, seed=i + 1), root / f"{name}.safetensors")
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(root / "ref.png")
+    write_tiny_clip(root / "clip")
+    return root
+
+
+def make_suite(folder: Path, assets: Path, name: str = "suite.yaml", **overrides) -> Path:
+    """The smoke suite plus two adapters and the tiny scorer, with overrides."""
+    data = yaml.safe_load(SMOKE.read_text())
+    data.update(
+        scorer=str(assets / "clip"),
+        adapters=[
+            {"name": "obj", "path": str(assets / "obj.safetensors"), "kind": "object", "trigger": "red sks",
+             "concept": "crescent", "concept_prompt": "a crescent", "references": [str(assets / "ref.png")]},
+            {"name": "sty", "path": str(assets / "sty.safetensors"), "kind": "style", "trigger": "zkq style",
+             "concept": "zigzag"},
+        ],
+        adapter_sets=[["obj", "sty"]],
+        methods=["merge", "composite"],
+    )
+    data.update(overrides)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def strip_timing(rows: list[dict]) -> list[dict]:
+    rows = copy.deepcopy(rows)
+    for r in rows:
+        r["timing"].pop("seconds")
+    return rows
+
+
+# ---- expansion and seeds ----------------------------------------------------------------------
+def test_seed_rule_is_the_specified_hash():
+    digest = hashlib.sha256(b"7|obj+sty|p0|3").digest()
+    assert derive_seed(7, "obj+sty", "p0", 3) == int.from_bytes(digest[:4], "big")
+    assert 0 <= derive_seed(0, "a", "b", 0) < 2**32
+
+
+def test_seeds_identical_across_methods_and_order(tmp_path, assets):
+    suite = load_suite(make_suite(tmp_path, assets, methods=["merge", "composite", {"name": "switch", "params": {"tau": 1}}],
+                                  adapter_sets=[["obj"], ["obj", "sty"]], samples=2))
+    jobs = expand_jobs(suite)
+    by_key: dict[tuple, set] = {}
+    for j in jobs:
+        by_key.setdefault((j.loraset_id, j.prompt_id, j.sample_idx), set()).add(j.seed)
+    assert len(by_key) == 4 and all(len(s) == 1 for s in by_key.values())
+    assert len({j.seed for j in jobs}) == 4
+    assert len({j.job_id for j in jobs}) == len(jobs) == 12
+    # reordering the methods changes neither seeds nor ids
+    reordered = load_suite(make_suite(tmp_path, assets, name="b.yaml", adapter_sets=[["obj"], ["obj", "sty"]], samples=2,
+                                      methods=[{"name": "switch", "params": {"tau": 1}}, "composite", "merge"]))
+    assert {(j.job_id, j.seed) for j in expand_jobs(reordered)} == {(j.job_id, j.seed) for j in jobs}
+
+
+def test_dry_run_counts_and_limit(tmp_path, assets):
+    path = make_suite(tmp_path, assets, weights=[0.5, 1.0], samples=3,
+                      prompts=["a {triggers}", {"id": "q", "text": "two shapes, {triggers}"}])
+    lines = []
+    summary = run_suite(path, tmp_path / "run", dry_run=True, log=lines.append)
+    assert summary.total == 1 * 2 * 2 * 3 * 2  # sets × weights × prompts × samples × methods
+    assert lines[0].startswith("24 jobs: merge 12, composite 12")
+    assert run_suite(path, tmp_path / "run", dry_run=True, limit=5, log=lines.append).total == 5
+    assert not (tmp_path / "run").exists()
+
+
+def test_combinations_follow_composlora(tmp_path, assets):
+    path = make_suite(tmp_path, assets, adapter_sets=[], combinations={
+        "categories": {"object": ["obj"], "style": ["sty"]}, "n": [1, 2], "require": ["object"]})
+    assert [names for _, names in load_suite(path).sets] == [["obj"], ["obj", "sty"]]
+    # the toy benchmark: one adapter per category, N = 2..4, each set with the object
+    toy = load_suite(REPO / "workflows" / "toy-composlora.yaml")
+    sizes = [len(names) for _, names in toy.sets]
+    assert len(toy.sets) == 17 and {sizes.count(n) for n in (2, 3, 4)} == {5, 8, 4}
+    assert all("crescent" in names for _, names in toy.sets)
+    assert [m.name for m in toy.methods][:4] == ["merge", "switch", "composite", "cmlora"] and toy.samples >= 3
+
+
+def test_combination_duplicate_set_ids_are_rejected(tmp_path, assets):
+    path = make_suite(tmp_path, assets, adapter_sets=[], combinations={
+        "categories": {"object": ["obj"], "style": ["sty"], "other": ["sty"]}, "n": [2], "require": ["object"]})
+    with pytest.raises(SuiteError, match="used twice"):
+        load_suite(path)
+
+
+def test_summary_aggregates_each_convention_from_raw_cosines():
+    def row(method, cos, present, seconds):
+        return {"job_id": f"{method}{cos}", "method": method, "method_label": method, "n_adapters": 2,
+                "timing": {"seconds": seconds, "unet_calls": 4},
+                "metrics": {"clipscore": {"raw_cos": cos, "convention": "compat"},
+                            "clipscore_hessel": {"raw_cos": cos, "convention": "hessel"},
+                            "oracle": {"concept_rate": sum(present) / 2, "all_present": all(present)}}}
+
+    rows = [row("merge", 0.3, [True, True], 1.0), row("merge", 0.2, [True, False], 2.0), row("merge", -0.4, [False, False], 3.0)]
+    got = {r["metric"]: r for r in summarize(rows)}
+    assert got["clipscore"]["mean"] == pytest.approx(100 * 0.1 / 3)  # clamp on the mean
+    assert got["clipscore"]["min"] == 0.0 and got["clipscore"]["n"] == 3  # per-image 100*max(c, 0)
+    assert got["clipscore_hessel"]["mean"] == pytest.approx(2.5 * 0.5 / 3)
+    assert got["concept_rate"]["mean"] == pytest.approx(0.5) and got["all_present"]["mean"] == pytest.approx(1 / 3)
+    assert got["seconds"]["std"] == pytest.approx(statistics.pstdev([1.0, 2.0, 3.0]))
+
+
+def test_oracle_presence_per_adapter():
+    class FakeOracle:
+        def predict(self, images):
+            return [{"objects": [{"position": "left", "shape": "crescent", "color": "red", "pattern": "solid"}],
+                     "background": "plain"}]
+
+        @staticmethod
+        def has_concept(pred, word):
+            from studio.toyworld.oracle import Oracle
+
+            return Oracle.has_concept(pred, word)
+
+    got = oracle_presence(FakeOracle(), None, {"obj": "crescent", "sty": "zigzag", "bg": "sky", "other": "sks", "none": None})
+    assert got["present"] == {"obj": True, "sty": False, "bg": False, "other": None, "none": None}
+    assert got["concept_rate"] == pytest.approx(1 / 3) and got["all_present"] is False
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+def test_unknown_method_lists_valid_names(tmp_path, assets):
+    path = make_suite(tmp_path, assets, methods=["merge", "mergee"])
+    with pytest.raises(SuiteError, match=r"unknown method 'mergee'; valid methods: merge, .*composite"):
+        run_suite(path, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_adapter_and_missing_file(tmp_path, assets):
+    with pytest.raises(SuiteError, match=r"unknown adapter 'nope'; valid: obj, sty"):
+        load_suite(make_suite(tmp_path, assets, adapter_sets=[["obj", "nope"]]))
+    bad = make_suite(tmp_path, assets, name="m.yaml")
+    data = yaml.safe_load(bad.read_text())
+    data["adapters"][1]["path"] = str(tmp_path / "missing.safetensors")
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(SuiteError, match="missing.safetensors not found"):
+        run_suite(bad, tmp_path / "run", dry_run=True)
+
+
+def test_malformed_yaml_names_line_and_column(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nmethods: [merge\nprompts: [a]\n")
+    with pytest.raises(SuiteError, match=r"malformed YAML at line \d+, column \d+"):
+        load_suite(path)
+    path.write_text("name: x\nmethod: [merge]\nprompts: [a]\n")
+    with pytest.raises(SuiteError, match="unknown key.*method.*valid keys"):
+        load_suite(path)
+
+
+def test_duplicate_jobs_are_rejected(tmp_path, assets):
+    with pytest.raises(SuiteError, match="duplicate job"):
+        expand_jobs(load_suite(make_suite(tmp_path, assets, methods=["merge", "merge"])))
+    with pytest.raises(SuiteError, match="duplicate job"):
+        expand_jobs(load_suite(make_suite(tmp_path, assets, name="w.yaml", weights=[1.0, 1])))
+
+
+def test_cli_eval(tmp_path, assets, capsys):
+    from studio.cli import main
+
+    path = make_suite(tmp_path, assets)
+    assert main(["eval", str(path), "--out", str(tmp_path / "r"), "--dry-run"]) == 0
+    assert "4 jobs" in capsys.readouterr().out
+    bad = make_suite(tmp_path, assets, name="bad.yaml", methods=["nope"])
+    assert main(["eval", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert "valid methods: merge" in capsys.readouterr().err
+
+
+# ---- running ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, assets):
+    """An uninterrupted run of 4 jobs (2 methods × 2 samples, 2 steps)."""
+    root = tmp_path_factory.mktemp("full")
+    path = make_suite(root, assets)
+    run_suite(path, root / "run", log=lambda s: None)
+    return path, root / "run"
+
+
+def test_full_run_writes_everything(full_run):
+    _, out = full_run
+    rows = read_rows(out / "results.jsonl")
+    assert len(rows) == 4 and [r["method"] for r in rows] == ["merge", "composite", "merge", "composite"]
+    assert rows[0]["seed"] == rows[1]["seed"] != rows[2]["seed"]
+    r = rows[1]
+    assert r["loras"][0]["sha256"] and len(r["loras"][0]["shorthash"]) == 12 and r["loras"][0]["weight"] == 1.0
+    assert r["timing"]["unet_calls"] == 2 * 2  # composite: one call per adapter per step
+    m = r["metrics"]
+    assert m["clipscore"]["text"] == "red sks, zkq style" and m["clipscore"]["convention"] == "compat"
+    assert m["clipscore"]["value"] == pytest.approx(100 * max(m["clipscore"]["raw_cos"], 0), abs=1e-9)
+    assert m["clipscore_hessel"]["text"] == "A photo depicts a red circle, red sks, zkq style"
+    assert set(m["clip_t"]["per_concept"]) == {"obj", "sty"} and m["clip_t"]["min"] <= m["clip_t"]["value"]
+    assert m["clip_t"]["per_concept"]["obj"]["text"] == "a crescent"
+    assert set(m["clip_i"]["per_concept"]) == {"obj"}
+    assert "oracle" not in m  # oracle: off in the smoke suite
+    recipe = read_recipe(out / r["image"])  # the PNG keeps the studio metadata
+    assert recipe.seed == r["seed"] and recipe.method == "composite"
+    env = json.loads((out / "env.json").read_text())
+    assert env["packages"]["torch"] and "sha" in env["git"] and env["device"] == "cpu"
+    cfg = yaml.safe_load((out / "config.resolved.yaml").read_text())
+    assert cfg["jobs"] == 4 and cfg["adapters"]["obj"]["sha256"] == r["loras"][0]["sha256"]
+    summary = (out / "summary.csv").read_text().splitlines()
+    assert summary[0] == "method,n_adapters,metric,mean,min,std,n"
+    line = next(l for l in summary if l.startswith("merge,2,clipscore,"))
+    cos = [x["metrics"]["clipscore"]["raw_cos"] for x in rows if x["method"] == "merge"]
+    assert float(line.split(",")[3]) == pytest.approx(max(100 * sum(cos) / 2, 0), rel=1e-4)
+    assert len(list((out / "grids").glob("*.png"))) == 1
+    html = (out / "report.html").read_text()
+    assert "grids/" in html and "composite" in html
+    assert not list(out.glob("results.rank*.jsonl"))
+
+
+def test_rerun_without_resume_refuses(full_run):
+    path, out = full_run
+    with pytest.raises(StudioError, match="--resume"):
+        run_suite(path, out, log=lambda s: None)
+    before = (out / "results.jsonl").read_bytes()
+    s = run_suite(path, out, resume=True, log=lambda s: None)
+    assert s.generated == 0 and (out / "results.jsonl").read_bytes() == before  # finished rows byte-identical
+
+
+def test_resume_after_crash_equals_uninterrupted(tmp_path, full_run):
+    path, ref_out = full_run
+    out = tmp_path / "run"
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_two(job, row):
+        if crash_after_two.n == 1:
+            raise Crash
+        crash_after_two.n += 1
+
+    crash_after_two.n = 0
+    with pytest.raises(Crash):
+        run_suite(path, out, on_job=crash_after_two, log=lambda s: None)
+    rank_file = out / "results.rank0.jsonl"
+    assert len(read_rows(rank_file)) == 2
+    with open(rank_file, "a") as f:  # a half-written row, as a kill mid-write leaves it
+        f.write('{"job_id": "deadbeef0000", "method": "mer')
+    s = run_suite(path, out, resume=True, log=lambda s: None)
+    assert (s.done_before, s.generated) == (2, 2)
+    got, want = read_rows(out / "results.jsonl"), read_rows(ref_out / "results.jsonl")
+    assert strip_timing(got) == strip_timing(want)
+    for r in got:
+        assert (out / r["image"]).read_bytes() == (ref_out / r["image"]).read_bytes()
+
+
+def test_disk_full_stops_cleanly_and_resumes(tmp_path, full_run, monkeypatch):
+    import studio.metadata as metadata
+
+    path, ref_out = full_run
+    out = tmp_path / "run"
+    real_save, calls = metadata.save_png, []
+
+    def filling_disk(image, p):
+        calls.append(p)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(image, p)
+
+    monkeypatch.setattr(metadata, "save_png", filling_disk)
+    with pytest.raises(DiskFullError, match="rerun with --resume"):
+        run_suite(path, out, log=lambda s: None)
+    monkeypatch.setattr(metadata, "save_png", real_save)
+    s = run_suite(path, out, resume=True, log=lambda s: None)
+    assert s.done_before == 2 and s.generated == 2
+    assert strip_timing(read_rows(out / "results.jsonl")) == strip_timing(read_rows(ref_out / "results.jsonl"))
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_run_equals_one_process(tmp_path, full_run):
+    path, ref_out = full_run
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+    if accelerate is None:
+        pytest.fail("the accelerate launcher is not installed; pip install accelerate")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    start = time.time()
+    proc = subprocess.run(
+        # accelerate 1.15's --cpu launcher starts ONE process unless given an MPI hostfile; --multi_gpu
+        # starts torchrun, and on a machine without CUDA the ranks form a gloo CPU group
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "--main_process_port", "0", "-m", "studio.cli", "eval", str(path), "--out", str(tmp_path / "run")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = read_rows(tmp_path / "run" / "results.jsonl")
+    assert strip_timing(got) == strip_timing(read_rows(ref_out / "results.jsonl"))
+    env_json = json.loads((tmp_path / "run" / "env.json").read_text())
+    assert env_json["num_processes"] == 2
+    print(f"2-process run: {time.time() - start:.1f}s")
