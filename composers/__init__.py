@@ -6,9 +6,17 @@ from studio.errors import GenerationError
 
 from .base import Composer
 from .merge import MergeComposer
+from .switch import SwitchComposer
+from .composite import CompositeComposer
+from .cmlora import CMLoRAComposer
+from .clora import CLoRAComposer
 
 COMPOSERS: dict[str, type[Composer]] = {
     "merge": MergeComposer,
+    "switch": SwitchComposer,
+    "composite": CompositeComposer,
+    "cmlora": CMLoRAComposer,
+    "clora": CLoRAComposer,
 }
 
 

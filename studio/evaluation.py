@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .adapters.formats import addnet_hash
 from .errors import StudioError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -146,22 +147,6 @@ def job_id(resolved: dict) -> str:
     """First 12 hex digits of SHA-1 of the canonical JSON of a resolved job."""
     canon = json.dumps(resolved, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha1(canon.encode()).hexdigest()[:12]
-
-
-def adapter_file_hash(path: str | os.PathLike) -> str:
-    """A1111 "addnet" SHA-256: safetensors tensor bytes after the header (``sshs_model_hash`` wins)."""
-    path = Path(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if path.suffix == ".safetensors":
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n) or b"{}")
-            override = (header.get("__metadata__") or {}).get("sshs_model_hash")
-            if override:
-                return str(override).lower()
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fail(path: str, msg: str) -> None:
@@ -415,7 +400,7 @@ def hash_adapters(suite: Suite) -> dict[str, str]:
         for ref in entry.references:
             if not Path(ref).is_file():
                 raise SuiteError(f"{suite.path}: reference image {ref} of adapter {name!r} not found; fix references:")
-        out[name] = entry.sha256 = adapter_file_hash(entry.path)
+        out[name] = entry.sha256 = addnet_hash(entry.path)
     return out
 
 

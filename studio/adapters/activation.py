@@ -16,6 +16,7 @@ from collections import defaultdict
 
 import torch
 
+from ..errors import AdapterMismatchError
 from .adapter import Adapter, LayerDelta
 
 
@@ -34,14 +35,33 @@ class AdapterRig:
                 self._plan[path].append((adapter.name, delta))
 
     def __enter__(self) -> "AdapterRig":
+        modules = {path: self._module(path, entries) for path, entries in self._plan.items()}  # all checked first
         for path, entries in self._plan.items():
-            comp, name = path.split(".", 1)
-            module = getattr(self.pipe, comp).get_submodule(name)
+            comp = path.split(".", 1)[0]
+            module = modules[path]
             ref = module.weight
             moved = [(n, d.to(device=ref.device, dtype=ref.dtype)) for n, d in entries]
             weights = self._unet_w if comp == "unet" else self._te_w
             self._handles.append(module.register_forward_hook(_make_hook(moved, weights)))
         return self
+
+    def _module(self, path: str, entries: list[tuple[str, LayerDelta]]) -> torch.nn.Module:
+        """The module an adapter targets; a clear error (before any hook exists) if the base lacks it."""
+        comp, name = path.split(".", 1)
+        owner = entries[0][0]
+        try:
+            module = getattr(self.pipe, comp).get_submodule(name)
+        except AttributeError:
+            raise AdapterMismatchError(
+                f"adapter {owner!r} targets {path}, which this base model does not have; use an adapter made for this architecture"
+            ) from None
+        for adapter_name, delta in entries:
+            if tuple(delta.weight_shape) != tuple(module.weight.shape):
+                raise AdapterMismatchError(
+                    f"adapter {adapter_name!r} has shape {tuple(delta.weight_shape)} at {path} but the base has "
+                    f"{tuple(module.weight.shape)}; use an adapter made for this base model"
+                )
+        return module
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:

@@ -287,13 +287,18 @@ def describe(adapter: Adapter) -> dict:
 
 
 def addnet_hash(path: str | os.PathLike) -> str:
-    """A1111's "addnet" SHA-256: the bytes after the safetensors header (the whole file otherwise)."""
+    """A1111's "addnet" SHA-256: the bytes after the safetensors header (the whole file otherwise).
+
+    A ``sshs_model_hash`` entry in the header wins, as in A1111.
+    """
     path = Path(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         if path.suffix.lower() == ".safetensors":
             n = struct.unpack("<Q", f.read(8))[0]
-            f.seek(8 + n)
+            override = (json.loads(f.read(n) or b"{}").get("__metadata__") or {}).get("sshs_model_hash")
+            if override:
+                return str(override).lower()
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()

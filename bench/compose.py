@@ -1,0 +1,227 @@
+"""Benchmark the composition methods: wall time as a ratio to single-adapter generation.
+
+For each model and N adapters (random rank-8 LoRAs on every attention projection), times one
+generation per method (best of ``--repeats``) and divides by the time of plain generation with one
+adapter measured in the same run. Also reports the shallow/full UNet cost ratio ρ of CMLoRA's
+feature cache and the adapter-switching overhead (one ``rig.set`` on and off per branch, as
+Composite and CMLoRA do) as a % of a Composite step.
+
+Models: ``tiny`` (tiny random SD1 at 64×64), ``toy`` (the bundled toy model, skipped when not
+built), ``sd15`` (SD1.5's real UNet config with random weights at 256×256; a 1-layer 768-wide
+text encoder and the tiny VAE, which barely matter for the timing).
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/compose.py --models tiny,sd15 --n 2,3,4 --steps 10
+    .venv/bin/python bench/compose.py --models tiny --n 2 --steps 4 --repeats 1   # smoke run
+
+``--markdown PATH`` writes the table (atomically) for docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from studio.adapters.activation import AdapterRig  # noqa: E402
+from studio.adapters.adapter import Adapter, LoraDelta  # noqa: E402
+from studio.base import TOY_MODEL_DIR, build_tiny_pipeline, pick_device  # noqa: E402
+from studio.studio import Studio  # noqa: E402
+from studio.unet_cache import full_pass, shallow_pass  # noqa: E402
+
+# SD1.5's UNet config (runwayml/stable-diffusion-v1-5 unet/config.json), sample size for 256 px.
+SD15_UNET = dict(
+    act_fn="silu", attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280), center_input_sample=False,
+    cross_attention_dim=768, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
+    mid_block_scale_factor=1, norm_eps=1e-5, norm_num_groups=32, out_channels=4, sample_size=32,
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
+KINDS = ("character", "style", "object", "background")
+METHODS = (("merge", {}), ("composite", {}), ("cmlora", {}), ("cmlora", {"cache": "off"}))
+
+
+def build_sd15_random(seed: int = 0):
+    """A StableDiffusionPipeline with SD1.5's UNet architecture and random weights (no download)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from studio.base import _tiny_vae  # the 8× tiny VAE: decode cost is not what we measure
+    from studio.clip_tokenizer import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    te = CLIPTextModel(CLIPTextConfig(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=1, num_attention_heads=12,
+        max_position_embeddings=77, vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(
+        vae=_tiny_vae(), text_encoder=te, tokenizer=build_clip_tokenizer(), unet=UNet2DConditionModel(**SD15_UNET),
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def random_adapters(pipe, n: int, rank: int = 8) -> list[Adapter]:
+    """n random LoRAs on every UNet attention projection, with kinds cycling character/style/object/background."""
+    out = []
+    for k in range(n):
+        g = torch.Generator().manual_seed(100 + k)
+        layers = {}
+        for name, m in pipe.unet.named_modules():
+            if name.endswith(("to_q", "to_k", "to_v", "to_out.0")):
+                o, i = m.weight.shape
+                layers[f"unet.{name}"] = LoraDelta(torch.randn(rank, i, generator=g) / math.sqrt(i),
+                                                   torch.randn(o, rank, generator=g) * 0.05)
+        out.append(Adapter(f"lora{k}", layers, concept_kind=KINDS[k % len(KINDS)]))
+    return out
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_run(studio, adapters, method, params, size, steps, repeats) -> tuple[float, dict]:
+    best, report = float("inf"), {}
+    for _ in range(repeats):
+        sync(studio.device)
+        t0 = time.perf_counter()
+        res = studio.run("a photo", adapters, method=method, method_params=params, steps=steps,
+                         width=size, height=size, seed=0, progress=False)
+        sync(studio.device)
+        best = min(best, time.perf_counter() - t0)
+        report = res.report
+    return best, report
+
+
+def unet_costs(studio, adapters, size, repeats: int = 3) -> dict:
+    """Seconds of one full and one shallow pass, and of a rig.set on/off pair (switching)."""
+    pipe, unet = studio.pipe, studio.pipe.unet
+    lat = size // pipe.vae_scale_factor
+    x = torch.randn(2, unet.config.in_channels, lat, lat, device=studio.device, dtype=studio.dtype)
+    ehs = torch.randn(2, 77, unet.config.cross_attention_dim, device=studio.device, dtype=studio.dtype)
+    t = torch.tensor(500, device=studio.device)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            sync(studio.device)
+            t0 = time.perf_counter()
+            fn()
+            sync(studio.device)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with AdapterRig(pipe, adapters[:1]) as rig, torch.no_grad():
+        rig.set(unet={adapters[0].name: 1.0})
+        _, feat = full_pass(unet, x, t, ehs)
+        full = best(lambda: full_pass(unet, x, t, ehs))
+        shallow = best(lambda: shallow_pass(unet, x, t, ehs, feat))
+        k = 2000
+        t0 = time.perf_counter()
+        for _ in range(k):
+            rig.set(unet={adapters[0].name: 1.0})
+            rig.set(unet={})
+        switch = (time.perf_counter() - t0) / k
+    with torch.no_grad():
+        bare = best(lambda: unet(x, t, encoder_hidden_states=ehs, return_dict=False))
+    return {"full_s": full, "shallow_s": shallow, "rho": shallow / full, "switch_s": switch, "bare_unet_s": bare}
+
+
+def bench_model(name: str, ns: list[int], steps: int, repeats: int, device) -> dict | None:
+    if name == "tiny":
+        studio, size = Studio.from_pipeline(build_tiny_pipeline("sd1").to(device), "tiny-sd1"), 64
+    elif name == "toy":
+        if not TOY_MODEL_DIR.is_dir():
+            print(f"[toy] skipped: {TOY_MODEL_DIR} is not built (python -m training.toyworld)", file=sys.stderr)
+            return None
+        studio = Studio.load(device=device)
+        size = studio.default_size
+    elif name == "sd15":
+        studio, size = Studio.from_pipeline(build_sd15_random().to(device), "sd15-random"), 256
+    else:
+        raise SystemExit(f"unknown model {name!r}; choose tiny, toy or sd15")
+    adapters = random_adapters(studio.pipe, max(ns))
+    base_t, _ = timed_run(studio, adapters[:1], "merge", {}, size, steps, repeats + 1)  # +1: warm-up
+    costs = unet_costs(studio, adapters, size)
+    rows = []
+    for n in ns:
+        for method, params in METHODS:
+            secs, rep = timed_run(studio, adapters[:n], method, params, size, steps, repeats)
+            label = method + ("(cache=off)" if params.get("cache") == "off" else "")
+            rows.append({"n": n, "method": label, "seconds": secs, "ratio": secs / base_t,
+                         "unet_calls": rep["unet_calls"], "shallow_calls": rep["shallow_calls"]})
+            print(f"[{name}] N={n} {label:18s} {secs:8.3f}s  ×{secs / base_t:5.2f}  "
+                  f"full={rep['unet_calls']} shallow={rep['shallow_calls']}", file=sys.stderr)
+    # switching overhead relative to one Composite step with the largest N: N on/off pairs per step
+    n_max = max(ns)
+    comp_step = next(r["seconds"] for r in rows if r["n"] == n_max and r["method"] == "composite") / steps
+    return {
+        "model": name, "size": size, "steps": steps, "device": str(device), "threads": torch.get_num_threads(),
+        "single_adapter_seconds": base_t, "rows": rows, **costs,
+        "switch_overhead_pct": 100 * n_max * costs["switch_s"] / comp_step,
+        "hook_overhead_pct": 100 * (costs["full_s"] / costs["bare_unet_s"] - 1),
+    }
+
+
+def markdown(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        lines += [
+            f"### {r['model']} ({r['size']}×{r['size']}, {r['steps']} DDIM steps, {r['device']}, {r['threads']} threads)",
+            "",
+            f"Single-adapter generation: {r['single_adapter_seconds']:.3f} s. Shallow/full UNet cost ρ = {r['rho']:.2f}; "
+            f"adapter switching = {r['switch_overhead_pct']:.2f}% of a Composite step (N = {max(x['n'] for x in r['rows'])}); "
+            f"idle-hook + one active LoRA cost on a UNet call = {r['hook_overhead_pct']:+.1f}%.",
+            "",
+            "| N | method | seconds | × single | full UNet calls | shallow calls |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [f"| {x['n']} | {x['method']} | {x['seconds']:.3f} | {x['ratio']:.2f} | {x['unet_calls']} | {x['shallow_calls']} |"
+                  for x in r["rows"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="tiny,toy,sd15", help="comma list of tiny, toy, sd15")
+    ap.add_argument("--n", default="2,3,4", help="numbers of adapters")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    ap.add_argument("--markdown", type=Path, default=None, help="write the tables to this file")
+    ap.add_argument("--json", type=Path, default=None, help="write the raw results to this file")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device) if args.device else pick_device()[0]
+    ns = [int(v) for v in args.n.split(",")]
+    results = [r for m in args.models.split(",") if (r := bench_model(m.strip(), ns, args.steps, args.repeats, device))]
+    text = markdown(results)
+    print(text)
+    if args.markdown:
+        write_atomic(args.markdown, text)
+    if args.json:
+        write_atomic(args.json, json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

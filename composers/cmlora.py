@@ -1,0 +1,238 @@
+"""CMLoRA: Composite with dominant weighting, frequency-ordered rotation and a feature cache.
+
+Zou et al., "Cached Multi-LoRA Composition", ICLR 2025; decisions in shared/specs/cmlora.md §1.5, §2.
+
+- **Order** (``order``): ``"kind"`` (default) puts high-frequency kinds first in combination
+  order (character, clothing, style, object, others) and background (low frequency) last;
+  ``"freq"`` (experimental) generates a short image with each adapter alone, scores its FFT
+  high-frequency content (``frequency_score``) and puts the lowest-scoring adapter last as the
+  low-frequency set; ``"given"`` keeps the caller's order, all high-frequency.
+- **Dominant weighting**: one adapter per step gets share ``coeff/(coeff+N−1)``, the others
+  ``1/(coeff+N−1)`` each (``dominant_coeff``, default N − 0.5); halves mixed, CFG once.
+- **Rotation**: at each refresh event after step 0 the dominant advances through the candidates:
+  the high-frequency set before ``late_start`` (a fraction of T), the full order minus its first
+  adapter from then on; everything when there is no low-frequency adapter.
+- **Cache** (``cache="on"``, default): one deep-feature slot per adapter (the input of the last
+  up block, ``studio.unet_cache``). Step 0 fills every slot with full passes; at each later event
+  the newly dominant adapter refreshes its slot with a full pass; every other call is a shallow
+  pass on its slot. ``cache="off"`` (or ``interval=1``) runs N full passes per step: the released
+  code's behaviour. Events: ``interval=0`` the non-uniform schedule, ``c ≥ 1`` every c steps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from studio.errors import GenerationError
+from studio.sampling import ComposeContext, Counters, decode, initial_latents
+from studio.unet_cache import full_pass, shallow_pass
+
+from .base import Composer
+from .composite import branch_conditioning, mix
+
+HIGH_KINDS = ("character", "clothing", "style", "object")  # combination order; background is low
+LOW_KINDS = ("background",)
+
+
+# ---- pure schedules (unit-tested) --------------------------------------------------------------
+def refresh_events(T: int, interval: int = 0) -> list[int]:
+    """Refresh steps: non-uniform (interval 0: every 2 steps, then 3 from ⌊.375T⌋, 2 from ⌊.875T⌋) or every c."""
+    if T < 1:
+        raise GenerationError(f"steps must be ≥ 1, got {T}")
+    if interval < 0:
+        raise GenerationError(f"interval must be 0 (non-uniform) or a positive step count, got {interval}")
+    if interval >= 1:
+        return list(range(0, T, interval))
+    b1, b2 = math.floor(0.375 * T), math.floor(0.875 * T)
+    return sorted(set(range(0, b1, 2)) | set(range(b1, b2, 3)) | set(range(b2, T, 2)))
+
+
+def shares(n: int, coeff: float | None = None) -> tuple[float, float]:
+    """(dominant share, each other share); convex, default coeff N − 0.5 (0.6/0.4 at N = 2)."""
+    coeff = n - 0.5 if coeff is None else float(coeff)
+    if coeff <= 0:
+        raise GenerationError(f"dominant_coeff must be > 0, got {coeff}; 1 gives equal weights")
+    total = coeff + n - 1
+    return coeff / total, 1.0 / total
+
+
+def dominant_schedule(T: int, n: int, n_high: int, late_start: int, events: list[int]) -> list[int]:
+    """Dominant position (in execution order: high-frequency first) for every step 0..T−1.
+
+    Starts at position 0 of the active candidate list and advances at each event after step 0.
+    """
+    if n_high <= 0 or n_high >= n:
+        early = late = list(range(n))
+    else:
+        early, late = list(range(n_high)), list(range(1, n))
+    event_set, advanced, out = set(events), 0, []
+    for k in range(T):
+        if k > 0 and k in event_set:
+            advanced += 1
+        cands = early if k < late_start else late
+        out.append(cands[advanced % len(cands)])
+    return out
+
+
+def frequency_score(image, cutoff: float | None = None) -> float:
+    """High-frequency content of an image (spec §1.5a): mean normalised log-spectrum ring ≥ cutoff.
+
+    Cutoff defaults to 72·min(H, W)/512 (72 px at 512). Raises if no ring lies beyond it.
+    """
+    arr = np.asarray(image, dtype=np.float64)
+    gray = arr.mean(axis=2) if arr.ndim == 3 else arr
+    h, w = gray.shape
+    cutoff = 72.0 * min(h, w) / 512 if cutoff is None else float(cutoff)
+    spec = np.log(np.abs(np.fft.fftshift(np.fft.fft2(gray))) + 1e-8)
+    yy, xx = np.indices(gray.shape)
+    r = np.rint(np.hypot(yy - h // 2, xx - w // 2)).astype(int)
+    profile = np.bincount(r.ravel(), spec.ravel()) / np.maximum(np.bincount(r.ravel()), 1)
+    peak = profile.max()
+    profile = profile / (peak if peak > 0 else np.abs(profile).max())
+    tail = profile[int(math.ceil(cutoff)):]
+    if tail.size == 0:
+        raise GenerationError(f"frequency cutoff {cutoff:g} is beyond the image's maximum radius {len(profile) - 1}")
+    return float(tail.mean())
+
+
+def kind_partition(kinds: list[str | None]) -> tuple[list[int], list[int]]:
+    """(high, low) index lists: high in combination order (unknown kinds last), background low."""
+    rank = {k: i for i, k in enumerate(HIGH_KINDS)}
+    high = sorted((i for i, k in enumerate(kinds) if k not in LOW_KINDS), key=lambda i: rank.get(kinds[i], len(rank)))
+    low = [i for i, k in enumerate(kinds) if k in LOW_KINDS]
+    return high, low
+
+
+# ---- the composer ------------------------------------------------------------------------------
+class CMLoRAComposer(Composer):
+    name = "cmlora"
+    defaults = {
+        "cache": "on",  # on | off
+        "interval": 0,  # 0: non-uniform events; c ≥ 1: every c steps (c = 1 never reuses)
+        "dominant_coeff": None,  # None: N − 0.5; 1: equal weights
+        "order": "kind",  # kind | freq | given
+        "late_start": 0.6,  # fraction of T where the late rotation phase starts
+        "reference_compat": False,  # late phase at absolute step 120, as in the released code
+        "te_mode": "per_lora",  # per_lora | reference
+        "profile_steps": 10,  # order=freq: steps of each single-adapter profiling image
+        "profile_seed": 0,
+    }
+    min_adapters = 1  # one adapter: plain generation with it (with cache off)
+
+    def prepare(self, ctx: ComposeContext) -> None:
+        super().prepare(ctx)
+        p = self.params
+        if p["cache"] not in ("on", "off"):
+            raise GenerationError(f"cache {p['cache']!r} is not valid; choose on or off")
+        if p["order"] not in ("kind", "freq", "given"):
+            raise GenerationError(f"order {p['order']!r} is not valid; choose kind, freq or given")
+        if not 0.0 <= float(p["late_start"]) <= 1.0:
+            raise GenerationError(f"late_start {p['late_start']} is a fraction of the steps; give a value in [0, 1]")
+        coeff = p["dominant_coeff"]
+        try:
+            coeff = None if coeff in (None, "", "none", "None") else float(coeff)
+        except ValueError:
+            raise GenerationError(f"dominant_coeff {coeff!r} is not a number; 1 gives equal weights") from None
+        p["dominant_coeff"] = coeff
+        n = len(ctx.adapters)
+        self.pi_dom, self.pi_other = shares(n, coeff)
+        refresh_events(1, int(p["interval"]))  # validates interval
+
+        conds = branch_conditioning(ctx, p["te_mode"])
+        self.scores: dict[str, float] | None = None
+        if p["order"] == "kind":
+            high, low = kind_partition([a.adapter.concept_kind for a in ctx.adapters])
+        elif p["order"] == "given" or n == 1:
+            high, low = list(range(n)), []
+        else:
+            self.scores, self.profile_counters = self._profile(ctx, conds)
+            ranked = sorted(range(n), key=lambda i: -self.scores[ctx.adapters[i].name])
+            high, low = ranked[:-1], ranked[-1:]
+        self.exec = high + low
+        self.n_high = len(high)
+        self.adapters = [ctx.adapters[i] for i in self.exec]
+        self.conds = [conds[i] for i in self.exec]
+        self.caching = p["cache"] == "on" and int(p["interval"]) != 1
+        self.reset()
+
+    def reset(self) -> None:
+        ctx, p = self.ctx, self.params
+        T = len(ctx.timesteps) if ctx.timesteps is not None else ctx.steps
+        self.events = refresh_events(T, int(p["interval"]))
+        self.event_set = set(self.events)
+        self.late_start = 120 if p["reference_compat"] else round(float(p["late_start"]) * T)
+        self.dominant = dominant_schedule(T, len(self.adapters), self.n_high, self.late_start, self.events)
+        self.slots: list[torch.Tensor | None] = [None] * len(self.adapters)
+        self.log: list[tuple[int, str, str | None, int, int]] = []  # step, dominant, refreshed, full, shallow
+
+    def predict(self, x: torch.Tensor, t, step: int) -> torch.Tensor:
+        ctx = self.ctx
+        dom = self.dominant[step]
+        outs, full, shallow, refreshed = [], 0, 0, None
+        for i, (a, cond) in enumerate(zip(self.adapters, self.conds)):
+            weights = {a.name: a.unet}
+            if not self.caching:
+                outs.append(ctx.eps(x, t, cond, weights))
+                full += 1
+                continue
+            need_full = self.slots[i] is None or step == 0 or (step in self.event_set and i == dom)
+            ctx.rig.set(unet=weights)
+            try:
+                xx = torch.cat([x, x]).to(ctx.dtype)
+                if need_full:
+                    out, self.slots[i] = full_pass(ctx.pipe.unet, xx, t, cond.embeds, cond.added)
+                else:
+                    out = shallow_pass(ctx.pipe.unet, xx, t, cond.embeds, self.slots[i], cond.added)
+            finally:
+                ctx.rig.set(unet={})
+            if need_full:
+                ctx.counters.unet_calls += 1
+                full += 1
+                refreshed = a.name if step > 0 else refreshed
+            else:
+                ctx.counters.shallow_calls += 1
+                ctx.counters.cache_hits += 1
+                shallow += 1
+            outs.append(out.chunk(2))
+        self.log.append((step, self.adapters[dom].name, refreshed, full, shallow))
+        sh = [self.pi_dom if i == dom else self.pi_other for i in range(len(outs))]
+        return mix(ctx, outs, sh)
+
+    @torch.no_grad()
+    def _profile(self, ctx: ComposeContext, conds) -> tuple[dict[str, float], Counters]:
+        """Frequency score of a short single-adapter image per adapter (own counters, not the run's)."""
+        from studio.base import make_scheduler
+
+        saved, ctx.counters = ctx.counters, Counters()
+        try:
+            scores = {}
+            for a, cond in zip(ctx.adapters, conds):
+                sched = make_scheduler(ctx.pipe, "ddim")
+                sched.set_timesteps(int(self.params["profile_steps"]), device=ctx.device)
+                z = initial_latents(ctx, int(self.params["profile_seed"]), sched)
+                for t in sched.timesteps:
+                    eps = ctx.cfg(*ctx.eps(sched.scale_model_input(z, t), t, cond, {a.name: a.unet}))
+                    z = sched.step(eps.float(), t, z, return_dict=False)[0]
+                scores[a.name] = frequency_score(decode(ctx.pipe, z))
+            return scores, ctx.counters
+        finally:
+            ctx.counters = saved
+
+    def report(self) -> dict:
+        rep = {
+            **super().report(),
+            "order": [a.name for a in self.adapters],
+            "low_frequency": [a.name for a in self.adapters[self.n_high:]] if self.n_high < len(self.adapters) else [],
+            "shares": {"dominant": round(self.pi_dom, 4), "other": round(self.pi_other, 4)},
+            "caching": self.caching,
+            "refresh_events": len(self.events),
+            "late_start": self.late_start,
+            "events": [[s, d, r] for s, d, r, _, _ in self.log if s in self.event_set],
+        }
+        if self.scores is not None:
+            rep["frequency_scores"] = {k: round(v, 4) for k, v in self.scores.items()}
+            rep["profile_unet_calls"] = self.profile_counters.unet_calls
+        return rep
