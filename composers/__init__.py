@@ -10,6 +10,7 @@ from .switch import SwitchComposer
 from .composite import CompositeComposer
 from .cmlora import CMLoRAComposer
 from .clora import CLoRAComposer
+from .lego import LegoComposer
 
 COMPOSERS: dict[str, type[Composer]] = {
     "merge": MergeComposer,
@@ -17,6 +18,7 @@ COMPOSERS: dict[str, type[Composer]] = {
     "composite": CompositeComposer,
     "cmlora": CMLoRAComposer,
     "clora": CLoRAComposer,
+    "lego": LegoComposer,
 }
 
 

@@ -39,7 +39,7 @@ def _method_params(items: list[str]) -> dict:
     params = {}
     for item in items or []:
         if "=" not in item:
-            raise StudioError(f"--method-param {item!r} is not key=value")
+            raise StudioError(f"{item!r} is not KEY=VALUE; write e.g. tau=3")
         k, v = item.split("=", 1)
         params[k] = v
     return params
@@ -96,6 +96,30 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from .adapters.formats import read_adapter, write_adapter
+    from .adapters.merge import merge_adapters
+
+    sources = [read_adapter(p, allow_pickle=args.allow_pickle) for p in args.adapters]
+    weights = None
+    if args.weights:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise StudioError(f"--weights {args.weights!r} is not a comma-separated list of numbers, e.g. 1,0.8") from None
+    options = _method_params(args.option)
+    for key, value in options.items():
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    merged = merge_adapters(sources, weights, args.method, args.rank, seed=args.seed,
+                            name=Path(args.out).stem, **options)
+    path = write_adapter(merged, args.out, format=args.format)
+    print(f"{path}  ({args.method}, {len(merged.layers)} modules, ranks {merged.ranks()})")
+    return 0
+
+
 def cmd_serve(args) -> int:
     import runpy
 
@@ -133,6 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--allow-pickle", action="store_true")
     i.set_defaults(func=cmd_info)
 
+    m = sub.add_parser("merge", help="merge adapters in weight space into one LoRA file")
+    m.add_argument("adapters", nargs="+", metavar="ADAPTER")
+    m.add_argument("--method", default="lego", help="lego | cat | linear | svd | ties_svd | dare_ties_svd")
+    m.add_argument("--rank", type=int, default=None, help="output rank k (default: largest source rank)")
+    m.add_argument("--weights", default=None, metavar="W1,W2,…")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, e.g. quotas=\"equal\"")
+    m.add_argument("--format", default="diffusers", choices=["diffusers", "kohya"])
+    m.add_argument("--allow-pickle", action="store_true")
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=cmd_merge)
+
     s = sub.add_parser("serve", help="start the Gradio studio")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=7860)
@@ -148,7 +184,7 @@ def _extra_commands():
     """Subcommands that live beside their feature (merge, train, eval), added when present."""
     import importlib
 
-    for module, attr in (("studio.adapters.merge", "add_cli"), ("training.dreambooth", "add_cli"), ("studio.evaluation", "add_cli")):
+    for module, attr in (("training.dreambooth", "add_cli"), ("studio.evaluation", "add_cli")):
         try:
             yield getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError):

@@ -72,6 +72,7 @@ class ComposeContext:
     timesteps: torch.Tensor | None = None
     scheduler: object | None = None  # set by ``denoise``; composers that guide latents scale inputs with it
     counters: Counters = field(default_factory=Counters)
+    shared_cache: dict = field(default_factory=dict)  # owned by the Studio: survives across calls
     _cond_cache: dict = field(default_factory=dict)
 
     def encode(self, prompt: str | None = None, te_weights: dict[str, float] | None = None) -> Conditioning:

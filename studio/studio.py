@@ -55,6 +55,7 @@ class Studio:
                 model.requires_grad_(False).eval()
         self.adapters = AdapterLibrary(module_shapes(pipe), self.arch)
         self._lock = threading.RLock()  # one generation owns the UNet's adapter hooks at a time
+        self._composer_cache: dict = {}  # e.g. LEGO merges, keyed by a hash of their inputs
 
     # ---- loading -------------------------------------------------------------------------
     @classmethod
@@ -143,7 +144,7 @@ class Studio:
             ctx = ComposeContext(
                 pipe=self.pipe, rig=rig, adapters=chosen, prompt=text, negative_prompt=negative_prompt,
                 guidance=float(guidance), steps=int(steps), width=int(width), height=int(height),
-                arch=self.arch, device=self.device, dtype=self.dtype,
+                arch=self.arch, device=self.device, dtype=self.dtype, shared_cache=self._composer_cache,
             )
             with torch.enable_grad():  # composers that guide latents (CLoRA) need autograd in prepare
                 composer.prepare(ctx)
@@ -169,6 +170,24 @@ class Studio:
                 recipes.append(recipe)
             report = composer.report()
         return GenerationResult(images, recipes, report)
+
+    def merge(
+        self,
+        adapters: Sequence[str | Adapter],
+        weights: Sequence[float] | None = None,
+        method: str = "lego",
+        rank: int | None = None,
+        name: str = "merged",
+        add: bool = True,
+        **options,
+    ) -> Adapter:
+        """Merge adapters in weight space into one LoRA (LEGO, cat, linear, svd, ties_svd, dare_ties_svd)."""
+        from .adapters.merge import merge_adapters
+
+        sources = [a if isinstance(a, Adapter) else self.adapters.get(a) for a in adapters]
+        merged = merge_adapters(sources, list(weights) if weights is not None else None, method, rank, name=name, **options)
+        merged.arch = merged.arch or self.arch
+        return self.adapters.add(merged) if add else merged
 
     def reproduce(self, source: str | Path | Image.Image | Recipe, **overrides) -> GenerationResult:
         """Generate again from a studio PNG (or its recipe), loading its adapters when needed."""

@@ -25,25 +25,30 @@ class AdapterRig:
 
     def __init__(self, pipe, adapters: list[Adapter]):
         self.pipe = pipe
-        self.adapters = {a.name: a for a in adapters}
+        self.adapters: dict[str, Adapter] = {}
+        self._initial = list(adapters)
         self._unet_w: dict[str, float] = {}
         self._te_w: dict[str, float] = {}
         self._handles: list = []
-        self._plan: dict[str, list[tuple[str, LayerDelta]]] = defaultdict(list)
-        for adapter in adapters:
-            for path, delta in adapter.layers.items():
-                self._plan[path].append((adapter.name, delta))
 
     def __enter__(self) -> "AdapterRig":
-        modules = {path: self._module(path, entries) for path, entries in self._plan.items()}  # all checked first
-        for path, entries in self._plan.items():
-            comp = path.split(".", 1)[0]
+        self.attach(self._initial)
+        return self
+
+    def attach(self, adapters: list[Adapter]) -> None:
+        """Hook adapters onto their modules (all checked before any hook exists); live until exit."""
+        plan: dict[str, list[tuple[str, LayerDelta]]] = defaultdict(list)
+        for adapter in adapters:
+            for path, delta in adapter.layers.items():
+                plan[path].append((adapter.name, delta))
+        modules = {path: self._module(path, entries) for path, entries in plan.items()}
+        for path, entries in plan.items():
             module = modules[path]
             ref = module.weight
             moved = [(n, d.to(device=ref.device, dtype=ref.dtype)) for n, d in entries]
-            weights = self._unet_w if comp == "unet" else self._te_w
+            weights = self._unet_w if path.startswith("unet.") else self._te_w
             self._handles.append(module.register_forward_hook(_make_hook(moved, weights)))
-        return self
+        self.adapters.update({a.name: a for a in adapters})
 
     def _module(self, path: str, entries: list[tuple[str, LayerDelta]]) -> torch.nn.Module:
         """The module an adapter targets; a clear error (before any hook exists) if the base lacks it."""

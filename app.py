@@ -1,0 +1,306 @@
+"""LoRA Composition Studio, the Gradio app: layout and event wiring only.
+
+Every action is an ``AppHandlers`` method over one shared ``Studio`` (studio/app_handlers.py).
+Run ``python app.py`` (or ``make run`` / ``studio serve``); it binds 127.0.0.1:7860 by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import gradio as gr  # noqa: E402
+
+from studio.app_handlers import (  # noqa: E402
+    CONCEPT_KINDS, LIBRARY_HEADERS, SAMPLERS, XY_AXES, AppHandlers, load_demo_adapters,
+)
+from studio.errors import StudioError  # noqa: E402
+from studio.studio import Studio  # noqa: E402
+
+REPO = Path(__file__).resolve().parent
+CSS = """
+.card {border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 6px;}
+.note {color: #b45309; font-weight: 600;}
+"""
+GPU = dict(concurrency_id="gpu", concurrency_limit=1)  # generate / merge share one GPU queue
+LIGHT = dict(concurrency_limit=None)
+
+
+def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list[str] | None = None) -> gr.Blocks:
+    """The Blocks app around this Studio (tests pass a tiny one)."""
+    h = handlers or AppHandlers(studio)
+    size = studio.default_size
+    with gr.Blocks(title="LoRA Composition Studio") as demo:
+        gr.Markdown(f"## LoRA Composition Studio\nModel **{studio.model_id}** ({studio.arch}) · "
+                    f"{len(studio.adapters)} adapter(s) in the library")
+        if studio.note:
+            gr.Markdown(f"⚠ {studio.note}", elem_classes=["note"])
+        if startup:
+            with gr.Accordion("Start-up log", open=False):
+                gr.Markdown("\n".join(f"- {m}" for m in startup))
+        lib_rev = gr.State(0)  # bumped when this user changes the library: cards and lists redraw
+        last_seed = gr.State(None)
+        png_fields = gr.State({})
+
+        with gr.Tabs() as tabs:
+            # ---- Compose ----------------------------------------------------------------
+            with gr.Tab("Compose", id="compose"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        prompt = gr.Textbox(label="Prompt", lines=3,
+                                            placeholder="a red circle <lora:name:0.8>  (click an adapter below to insert its tag)")
+                        negative = gr.Textbox(label="Negative prompt", lines=1)
+                        with gr.Row():
+                            generate_btn = gr.Button("Generate", variant="primary")
+                            stop_btn = gr.Button("Stop", variant="stop")
+                        with gr.Row():
+                            method = gr.Dropdown(h.methods(), value="merge", label="Composition method")
+                            sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler")
+                        with gr.Row():
+                            seed = gr.Number(-1, precision=0, label="Seed (−1 = random)", min_width=120)
+                            reuse = gr.Button("♻ last seed", size="sm", min_width=80)
+                            batch = gr.Slider(1, 16, value=1, step=1, label="Batch count")
+                        with gr.Row():
+                            steps = gr.Slider(1, 150, value=25, step=1, label="Steps")
+                            guidance = gr.Slider(0, 30, value=7.5, step=0.5, label="CFG scale")
+                        with gr.Row():
+                            width = gr.Slider(64, 2048, value=size, step=8, label="Width")
+                            height = gr.Slider(64, 2048, value=size, step=8, label="Height")
+                        with gr.Accordion("Advanced: method parameters (JSON)", open=False):
+                            params = gr.Code(h.method_params("merge"), language="json", label="Parameters")
+                        with gr.Accordion("Adapters: click to insert <lora:…>", open=True):
+                            refresh_cards = gr.Button("↻ refresh library", size="sm")
+
+                            @gr.render(triggers=[demo.load, lib_rev.change, refresh_cards.click])
+                            def _cards():
+                                cards = h.adapter_cards()
+                                if not cards:
+                                    gr.Markdown("No adapters yet: upload one in the Library tab.")
+                                with gr.Row():
+                                    for c in cards:
+                                        with gr.Column(min_width=150, elem_classes=["card"]):
+                                            if c["preview"]:
+                                                gr.Image(c["preview"], show_label=False, height=96, buttons=[],
+                                                         interactive=False)
+                                            gr.Markdown(f"**{c['name']}** · {c['kind']}  \ntrigger: `{c['trigger'] or '—'}` · "
+                                                        f"w {c['weight']:g}  \n{c['arch']} · {c['format']} · {c['shape']}")
+                                            btn = gr.Button(f"insert {c['tag']}", size="sm")
+                                            btn.click(lambda p, n=c["name"]: h.insert_tag(p, n), prompt, prompt,
+                                                      api_visibility="private", **LIGHT)
+                    with gr.Column(scale=4):
+                        gallery = gr.Gallery(label="Images (PNG with metadata)", format="png", type="filepath",
+                                             columns=2, buttons=["download", "fullscreen"], interactive=False)
+                        preview = gr.Image(label="Step preview", height=160, interactive=False, buttons=[])
+                        info = gr.Markdown()
+                        extras = gr.Gallery(label="Masks and attention maps (methods that report them)",
+                                            format="png", type="filepath", columns=4, interactive=False)
+                        with gr.Accordion("Composer report", open=False):
+                            report = gr.JSON(label="report")
+
+            # ---- Library ----------------------------------------------------------------
+            with gr.Tab("Library", id="library"):
+                table = gr.Dataframe(headers=LIBRARY_HEADERS, value=h.library_rows(), interactive=False,
+                                     label="Adapters", wrap=True)
+                lib_status = gr.Markdown()
+                with gr.Row():
+                    with gr.Column():
+                        gr.Markdown("### Upload")
+                        upload_file = gr.File(label=".safetensors adapter", file_types=[".safetensors"], type="filepath")
+                        upload_name = gr.Textbox(label="Name (optional; sanitised)")
+                        upload_btn = gr.Button("Add to library", variant="primary")
+                    with gr.Column():
+                        gr.Markdown("### Edit (in memory)")
+                        edit_name = gr.Dropdown(h.adapter_names(), label="Adapter", value=None)
+                        edit_trigger = gr.Textbox(label="Trigger words")
+                        edit_concept = gr.Textbox(label="Concept (class word)")
+                        edit_kind = gr.Dropdown(list(CONCEPT_KINDS), value="", label="Kind")
+                        edit_weight = gr.Number(1.0, label="Preferred weight")
+                        with gr.Row():
+                            save_btn = gr.Button("Save metadata")
+                            delete_btn = gr.Button("Delete", variant="stop")
+                    with gr.Column():
+                        gr.Markdown("### Merge")
+                        if h.merge_available():
+                            merge_names = gr.Dropdown(h.adapter_names(), multiselect=True, label="Adapters to merge")
+                            merge_method = gr.Dropdown(h.merge_methods(), value="lego", label="Merge method")
+                            gr.Markdown("`lego` (magnitude mean) *averages* its sources; `cat` and runtime "
+                                        "multi-adapter *sum* them. `cat` takes no rank.")
+                            merge_rank = gr.Number(None, precision=0, label="Rank (empty = method default)")
+                            merge_new = gr.Textbox(label="New adapter name")
+                            merge_btn = gr.Button("Merge into a new adapter")
+                        else:
+                            merge_names = None
+                            gr.Markdown(h.availability("studio.adapters.merge", "Merging"))
+
+            # ---- PNG info ---------------------------------------------------------------
+            with gr.Tab("PNG info", id="pnginfo"):
+                with gr.Row():
+                    with gr.Column():
+                        png_file = gr.File(label="Drop a PNG (kept byte for byte, so its metadata survives)",
+                                           file_types=[".png", ".jpg", ".jpeg", ".webp"], type="filepath")
+                        png_image = gr.Image(type="filepath", interactive=False, label="Image", buttons=[])
+                    with gr.Column():
+                        png_status = gr.Markdown()
+                        png_text = gr.Textbox(label="parameters (A1111 infotext)", lines=6, buttons=["copy"])
+                        png_recipe = gr.JSON(label="lora_studio recipe")
+                        send_btn = gr.Button("Send to Compose", variant="primary")
+
+            # ---- X/Y grid ---------------------------------------------------------------
+            with gr.Tab("X/Y grid", id="xy"):
+                gr.Markdown("Sweeps two axes over the prompt and settings of the **Compose** tab. "
+                            "`Prompt S/R`: the first value is found in the prompt and replaced by each value "
+                            "(e.g. `<lora:a:0.5>, <lora:a:1>` sweeps a weight).")
+                with gr.Row():
+                    x_type = gr.Dropdown(list(XY_AXES), value="Seed", label="X axis")
+                    x_values = gr.Textbox(label="X values (comma-separated)", placeholder="1, 2, 3")
+                    y_type = gr.Dropdown(list(XY_AXES), value="Nothing", label="Y axis")
+                    y_values = gr.Textbox(label="Y values (comma-separated)")
+                with gr.Row():
+                    xy_btn = gr.Button("Make grid", variant="primary")
+                    xy_stop = gr.Button("Stop", variant="stop")
+                xy_info = gr.Markdown()
+                xy_grid = gr.Image(label="Grid", type="filepath", format="png", interactive=False,
+                                   buttons=["download", "fullscreen"])
+                xy_cells = gr.Gallery(label="Cells (PNG with metadata)", format="png", type="filepath", columns=6,
+                                      interactive=False, buttons=["download"])
+
+            # ---- Train ------------------------------------------------------------------
+            with gr.Tab("Train", id="train"):
+                if h.available("training.dreambooth", "DreamBoothTrainer"):
+                    with gr.Row():
+                        with gr.Column():
+                            train_files = gr.File(label="Instance images (and optional .txt captions)",
+                                                  file_count="multiple", type="filepath",
+                                                  file_types=[".png", ".jpg", ".jpeg", ".webp", ".bmp", ".txt"])
+                            train_folder = gr.Textbox(label="…or a folder on the server")
+                            with gr.Row():
+                                train_trigger = gr.Textbox("sks", label="Trigger word")
+                                train_class = gr.Textbox(label="Class word", placeholder="dog")
+                                train_kind = gr.Dropdown(list(CONCEPT_KINDS[1:]), value="object", label="Kind")
+                            with gr.Row():
+                                train_type = gr.Radio(["lora", "kron"], value="lora", label="Adapter type")
+                                train_rank = gr.Number(4, precision=0, label="LoRA rank")
+                                train_factors = gr.Textbox("krona-paper", label="Kronecker factors (A1xA2 or preset)")
+                            with gr.Row():
+                                train_steps = gr.Slider(1, 5000, value=500, step=1, label="Steps")
+                                train_prior = gr.Checkbox(False, label="Prior preservation")
+                                train_name = gr.Textbox(label="Adapter name (default: trigger)")
+                            with gr.Row():
+                                train_btn = gr.Button("Train", variant="primary")
+                                train_stop = gr.Button("Stop", variant="stop")
+                        with gr.Column():
+                            train_status = gr.Markdown()
+                            train_loss = gr.LinePlot(x="step", y="loss", label="Loss")
+                            train_samples = gr.Gallery(label="Samples", format="png", type="filepath", interactive=False)
+                else:
+                    gr.Markdown(h.availability("training.dreambooth", "Training"))
+
+            # ---- Evaluate ---------------------------------------------------------------
+            with gr.Tab("Evaluate", id="evaluate"):
+                if h.available("studio.evaluation", "run_suite"):
+                    with gr.Row():
+                        eval_suite = gr.Dropdown(h.suites(), value=None, label="Suite (workflows/)")
+                        eval_file = gr.File(label="…or upload a suite", file_types=[".yaml", ".yml", ".toml"],
+                                            type="filepath")
+                        eval_limit = gr.Number(None, precision=0, label="Limit (jobs)")
+                        eval_dry = gr.Checkbox(False, label="Dry run (count jobs)")
+                    with gr.Row():
+                        eval_btn = gr.Button("Run", variant="primary")
+                        eval_stop = gr.Button("Stop", variant="stop")
+                    eval_log = gr.Textbox(label="Log", lines=8, max_lines=20)
+                    eval_table = gr.Dataframe(label="Summary (means)", interactive=False)
+                    eval_grids = gr.Gallery(label="Grids", format="png", type="filepath", interactive=False)
+                    eval_zip = gr.File(label="Run folder (zip)", interactive=False)
+                else:
+                    gr.Markdown(h.availability("studio.evaluation", "Evaluation"))
+
+        # ---- wiring -------------------------------------------------------------------------
+        compose_inputs = [prompt, negative, method, params, sampler, seed, steps, guidance, width, height, batch]
+        gen_event = generate_btn.click(
+            h.generate, compose_inputs, [gallery, preview, info, report, extras, last_seed],
+            api_name="generate", **GPU,
+        )
+        stop_btn.click(h.stop, None, info, cancels=[gen_event], api_name="stop", **LIGHT)
+        xy_event = xy_btn.click(h.xy_grid, compose_inputs[:-1] + [x_type, x_values, y_type, y_values],
+                                [xy_grid, xy_cells, xy_info], api_name="xy_grid", **GPU)
+        xy_stop.click(h.stop_xy, None, xy_info, cancels=[xy_event], api_visibility="private", **LIGHT)
+        reuse.click(h.reuse_seed, last_seed, seed, api_visibility="private", **LIGHT)
+        method.input(h.method_params, method, params, api_visibility="private", **LIGHT)
+
+        def refresh(rev):
+            names = h.adapter_names()
+            outs = [h.library_rows(), gr.Dropdown(choices=names, value=None), rev + 1]
+            return outs + ([gr.Dropdown(choices=names, value=[])] if merge_names is not None else [])
+
+        refresh_outputs = [table, edit_name, lib_rev] + ([merge_names] if merge_names is not None else [])
+        upload_btn.click(h.upload, [upload_file, upload_name], lib_status, api_name="upload_adapter", **LIGHT) \
+            .then(refresh, lib_rev, refresh_outputs, api_visibility="private", **LIGHT)
+        edit_name.change(h.adapter_fields, edit_name, [edit_trigger, edit_concept, edit_kind, edit_weight],
+                         api_visibility="private", **LIGHT)
+        save_btn.click(h.edit, [edit_name, edit_trigger, edit_concept, edit_kind, edit_weight], lib_status,
+                       api_name="edit_adapter", **LIGHT) \
+            .then(lambda: h.library_rows(), None, table, api_visibility="private", **LIGHT)
+        delete_btn.click(h.delete, edit_name, lib_status, api_name="delete_adapter", **LIGHT) \
+            .then(refresh, lib_rev, refresh_outputs, api_visibility="private", **LIGHT)
+        if merge_names is not None:
+            merge_btn.click(h.merge, [merge_names, merge_method, merge_rank, merge_new], lib_status,
+                            api_name="merge_adapters", **GPU) \
+                .then(refresh, lib_rev, refresh_outputs, api_visibility="private", **LIGHT)
+        if h.available("training.dreambooth", "DreamBoothTrainer"):
+            train_event = train_btn.click(
+                h.train, [train_files, train_folder, train_trigger, train_class, train_kind, train_type, train_rank,
+                          train_factors, train_steps, train_prior, train_name],
+                [train_loss, train_samples, train_status], api_name="train", **GPU)
+            train_event.then(refresh, lib_rev, refresh_outputs, api_visibility="private", **LIGHT)
+            train_stop.click(h.stop_train, None, train_status, api_visibility="private", **LIGHT)
+        if h.available("studio.evaluation", "run_suite"):
+            eval_event = eval_btn.click(h.evaluate, [eval_suite, eval_file, eval_limit, eval_dry],
+                                        [eval_log, eval_table, eval_grids, eval_zip], api_name="evaluate", **GPU)
+            eval_stop.click(h.stop_evaluate, None, None, api_visibility="private", **LIGHT)
+        demo.load(lambda: h.library_rows(), None, table, api_visibility="private", **LIGHT)
+
+        png_file.change(h.read_png, png_file, [png_image, png_text, png_recipe, png_status, png_fields],
+                        api_name="png_info", **LIGHT)
+        send_btn.click(h.send_to_compose, png_fields, compose_inputs[:-1], api_visibility="private", **LIGHT) \
+            .then(lambda: gr.Tabs(selected="compose"), None, tabs, api_visibility="private", **LIGHT)
+    return demo
+
+
+def launch_options(handlers: AppHandlers, max_file_size: str | int = "512mb") -> dict:
+    """Gradio 6 app-level options: theme and css go to launch(); outputs served; uploads capped."""
+    return dict(theme=gr.themes.Soft(), css=CSS, allowed_paths=[str(handlers.out_dir)], max_file_size=max_file_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="LoRA Composition Studio (Gradio app)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    p.add_argument("--model", default=None, help="diffusers folder or hub id (default: the bundled toy model)")
+    p.add_argument("--adapters", default=str(REPO / "assets" / "adapters"), help="folder of demo *.safetensors to load")
+    p.add_argument("--outputs", default=str(REPO / "outputs" / "app"), help="where generated PNGs are written")
+    p.add_argument("--max-file-size", default="512mb", help="upload size limit, e.g. 512mb")
+    p.add_argument("--queue-size", type=int, default=32, help="most jobs waiting in the queue")
+    args = p.parse_args(argv)
+    try:
+        studio = Studio.load(args.model)
+    except StudioError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    startup = load_demo_adapters(studio, args.adapters)
+    for line in startup:
+        print(line)
+    handlers = AppHandlers(studio, args.outputs)
+    demo = build_app(studio, handlers, startup)
+    demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share,
+                **launch_options(handlers, args.max_file_size))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,435 @@
+"""The Gradio app: handler functions on a tiny SD1 studio, then the app launched in-process and
+driven with gradio_client (metadata survives, parallel == serial, Stop/cancel interrupts, bad
+uploads give a message)."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import shutil
+import socket
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, PngImagePlugin
+
+gr = pytest.importorskip("gradio")
+gradio_client = pytest.importorskip("gradio_client")
+
+from composers import COMPOSERS  # noqa: E402
+from studio import Studio  # noqa: E402
+from studio.adapters.formats import write_adapter  # noqa: E402
+from studio.app_handlers import AppHandlers, load_demo_adapters  # noqa: E402
+from studio.metadata import read_recipe  # noqa: E402
+
+from conftest import random_lora  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+# Gradio and gradio_client leave event loops (and their self-pipe sockets) for the GC to close.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+def _load_app_module():
+    spec = importlib.util.spec_from_file_location("studio_app", REPO / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _studio(pipe) -> Studio:
+    studio = Studio.from_pipeline(pipe, "tiny-sd1")
+    for i, name in enumerate(("a", "b")):
+        adapter = random_lora(studio, name, seed=i + 1, scale=0.5)
+        adapter.trigger = f"sks{name}"
+        studio.adapters.add(adapter)
+    return studio
+
+
+class _UnetCalls:
+    """Counts UNet forwards (with times) through a forward hook, removed at the end."""
+
+    def __init__(self, pipe):
+        self.times: list[float] = []
+        self._handle = pipe.unet.register_forward_hook(lambda *a: self.times.append(time.perf_counter()))
+
+    def __len__(self):
+        return len(self.times)
+
+    def close(self):
+        self._handle.remove()
+
+
+def _pixels(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+@pytest.fixture
+def h(sd1_pipe, tmp_path) -> AppHandlers:
+    return AppHandlers(_studio(sd1_pipe), tmp_path / "out")
+
+
+GEN = dict(negative_prompt="", method="merge", params_json="{}", sampler="ddim", guidance=7.5, width=64, height=64)
+
+
+# ---- handlers ------------------------------------------------------------------------------
+def test_method_params_are_the_composer_defaults(h):
+    assert "merge" in h.methods()
+    for name, cls in COMPOSERS.items():
+        assert json.loads(h.method_params(name)) == dict(cls.defaults)
+
+
+def test_insert_tag_adds_tag_and_trigger_once(h):
+    out = h.insert_tag("a red circle", "a")
+    assert out == "a red circle, sksa <lora:a:1>"
+    assert h.insert_tag(out, "a") == out
+    h.studio.adapters.get("b").weight = 0.7
+    assert h.insert_tag("", "b") == "sksb <lora:b:0.7>"
+
+
+def test_generate_yields_previews_then_pngs_with_metadata(h):
+    outs = list(h.generate("a red circle <lora:a:0.8>", **GEN, seed=5, steps=4, batch_count=2))
+    previews = [o[1] for o in outs[:-1] if isinstance(o[1], Image.Image)]
+    assert previews and all(isinstance(p, Image.Image) for p in previews)
+    gallery, _, info, report, extras, last_seed = outs[-1]
+    assert [c for _, c in gallery] == ["seed 5", "seed 6"] and last_seed == 5
+    assert report["unet_calls"] == 8 and "8 UNet calls" in info and extras == []
+    expected = h.studio.run("a red circle <lora:a:0.8>", seed=5, steps=4, width=64, height=64, num_images=2,
+                            progress=False).images
+    for (path, _), image in zip(gallery, expected):
+        with Image.open(path) as im:
+            assert {"parameters", "lora_studio"} <= set(im.info)
+            assert "<lora:a:0.8>" in im.info["parameters"]
+        assert np.array_equal(_pixels(path), np.asarray(image.convert("RGB")))  # the handler is a Studio call
+    assert read_recipe(gallery[0][0]).adapters[0].name == "a"
+
+
+def test_generate_errors_are_one_line_messages(h):
+    with pytest.raises(gr.Error) as e:
+        list(h.generate("a circle <lora:nope:1>", **GEN, seed=1, steps=2))
+    assert "no adapter named 'nope'" in e.value.message and "\n" not in e.value.message
+    with pytest.raises(gr.Error, match="JSON"):
+        list(h.generate("a circle", **{**GEN, "params_json": "{bad"}, seed=1, steps=2))
+    with pytest.raises(gr.Error, match="empty"):
+        list(h.generate("  ", **GEN, seed=1, steps=2))
+
+
+def test_stop_interrupts_within_two_steps(h):
+    h.preview_every = 1
+    calls = _UnetCalls(h.studio.pipe)
+    try:
+        gen = h.generate("a red circle <lora:a:1>", **GEN, seed=1, steps=120, batch_count=1)
+        first = next(gen)
+        assert first[2].startswith("step ")
+        at_stop = len(calls)
+        assert h.stop(None) == "Stopping…"
+        rest = list(gen)
+        assert len(calls) - at_stop <= 2, (at_stop, len(calls))
+        assert len(calls) < 120
+    finally:
+        calls.close()
+    gallery, _, info, *_ = rest[-1]
+    assert gallery == [] and "Stopped" in info
+    assert h.stop(None) == "Nothing is running."
+    assert h.studio._lock.acquire(timeout=5)  # the worker let go of the UNet
+    h.studio._lock.release()
+
+
+def test_upload_validates_and_sanitises(h, tmp_path):
+    for bad, why in (("x.ckpt", "pickle"), ("x.txt", "not a .safetensors")):
+        (tmp_path / bad).write_bytes(b"\x80\x04junk")
+        msg = h.upload(str(tmp_path / bad))
+        assert msg.startswith("Error:") and why in msg
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    msg = h.upload(str(corrupt))
+    assert msg.startswith("Error:") and "Traceback" not in msg and "\n" not in msg
+    assert "corrupt" not in h.adapter_names()
+
+    good = tmp_path / "src.safetensors"
+    write_adapter(random_lora(h.studio, "c", seed=9), good)
+    msg = h.upload(str(good), name="../../evil name")
+    assert msg.startswith("Loaded") and "evil_name" in h.adapter_names()
+    assert (h.out_dir / "adapters" / "evil_name.safetensors").is_file()
+    assert not any(p.name.startswith(".") for p in (h.out_dir / "adapters").iterdir())  # no temp files left
+    assert h.upload(str(good), name="evil name").startswith("Error: an adapter named 'evil_name'")
+    assert h.upload(None).startswith("Error:")
+
+
+def test_edit_delete_and_rows(h):
+    assert h.edit("a", "sks shape", "shape", "object", "0.6").startswith("Saved")
+    assert h.adapter_fields("a") == ("sks shape", "shape", "object", 0.6)
+    row = next(r for r in h.library_rows() if r[0] == "a")
+    assert row[1:5] == ["sks shape", "shape", "object", 0.6] and row[8] == "r4"
+    assert h.edit("a", "", "", "weird", 1).startswith("Error:")
+    assert h.edit("a", "", "", "", "heavy").startswith("Error:")
+    assert h.delete("a").startswith("Deleted") and h.adapter_names() == ["b"]
+    assert h.delete("a").startswith("Error:")
+
+
+def test_merge_creates_a_library_adapter(h):
+    if not h.merge_available():
+        pytest.skip("studio.adapters.merge is not present in this build")
+    assert h.merge(["a"], "cat", None, "").startswith("Error: pick at least two")
+    msg = h.merge(["a", "b"], "cat", None, "ab cat")
+    assert msg.startswith("Merged"), msg
+    merged = h.studio.adapters.get("ab_cat")
+    assert merged.ranks() == [8]  # cat: ranks add up
+
+
+def test_png_info_reads_recipe_and_infotext(h, tmp_path):
+    gallery = list(h.generate("a circle <lora:b:0.5>", **{**GEN, "negative_prompt": "blur"}, seed=11, steps=3))[-1][0]
+    path = gallery[0][0]
+    shown, text, recipe, status, fields = h.read_png(path)
+    assert shown == path and "Seed: 11" in text and recipe["seed"] == 11 and "recipe" in status
+    compose = h.send_to_compose(fields)
+    assert compose[:3] == ("a circle <lora:b:0.5>", "blur", "merge")
+    assert compose[4:] == ("ddim", 11, 3, 7.5, 64, 64)
+
+    # an A1111-only PNG: parameters text, no studio chunk
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat <lora:zzz:1>\nNegative prompt: ugly\nSteps: 20, Sampler: Euler, CFG scale: 6, Seed: 42, Size: 64x128")
+    a1111 = tmp_path / "a1111.png"
+    Image.new("RGB", (8, 8)).save(a1111, pnginfo=info)
+    _, _, recipe, status, fields = h.read_png(str(a1111))
+    assert recipe == {} and "A1111" in status and "zzz" in status  # missing adapter is named
+    assert fields == dict(prompt="a cat <lora:zzz:1>", negative_prompt="ugly", sampler="euler", seed=42, steps=20,
+                          guidance=6.0, width=64, height=128)
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    assert "No generation parameters" in h.read_png(str(plain))[3]
+    (tmp_path / "x.png").write_bytes(b"not an image")
+    assert h.read_png(str(tmp_path / "x.png"))[3].startswith("Error:")
+
+
+def test_load_demo_adapters(sd1_pipe, tmp_path):
+    studio = Studio.from_pipeline(sd1_pipe, "tiny-sd1")
+    write_adapter(random_lora(studio, "demo", seed=3), tmp_path / "demo.safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"garbage")
+    messages = load_demo_adapters(studio, tmp_path)
+    assert any(m.startswith("skipped broken.safetensors:") for m in messages)
+    assert "demo" in studio.adapters and len(studio.adapters) == 1
+    assert load_demo_adapters(studio, tmp_path / "missing") == []
+
+
+def test_report_masks_and_heatmaps_become_pngs(h, tmp_path):
+    import torch
+
+    report = {"unet_calls": 3, "masks": {"base": torch.zeros(8, 8), "a": torch.eye(8)},
+              "heatmaps": {"a: a": torch.rand(8, 8)}, "history": {"masks": [torch.ones(8, 8)] * 5}}
+    extras = h._report_images(report, tmp_path, (64, 64))
+    assert [c for _, c in extras] == ["masks base", "masks a", "heatmaps a: a"]  # history is not shown
+    with Image.open(extras[1][0]) as im:
+        arr = np.asarray(im)
+    assert im.size == (64, 64) and arr[0, 0] == 255 and arr[0, 8] == 0  # nearest-upsampled identity
+
+
+def test_xy_grid_sweeps_axes_with_labelled_grid(h):
+    grid, cells, info = h.xy_grid("a red circle <lora:a:0.5>", **GEN, seed=4, steps=2,
+                                  x_type="Prompt S/R", x_values="<lora:a:0.5>, <lora:a:1>",
+                                  y_type="Seed", y_values="4, 9")
+    assert [c for _, c in cells] == ["<lora:a:0.5> · seed 4", "<lora:a:1> · seed 4",
+                                     "<lora:a:0.5> · seed 9", "<lora:a:1> · seed 9"]
+    assert "4 cells" in info
+    assert read_recipe(cells[1][0]).prompt == "a red circle <lora:a:1>" and read_recipe(cells[2][0]).seed == 9
+    with Image.open(grid) as im:
+        assert im.width > 2 * 64 and im.height > 2 * 64  # two columns, two rows, plus labels
+    direct = h.studio.run("a red circle <lora:a:1>", seed=9, steps=2, width=64, height=64, progress=False).images[0]
+    assert np.array_equal(_pixels(cells[3][0]), np.asarray(direct.convert("RGB")))
+    with pytest.raises(gr.Error, match="not in the prompt"):
+        h.xy_grid("a circle", **GEN, seed=1, steps=2, x_type="Prompt S/R", x_values="zzz, y")
+    with pytest.raises(gr.Error, match="unknown method"):
+        h.xy_grid("a circle", **GEN, seed=1, steps=2, x_type="Method", x_values="merge, nope")
+
+
+def _instance_images(folder: Path) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, colour in enumerate(((220, 30, 30), (30, 30, 220))):
+        Image.new("RGB", (64, 64), colour).save(folder / f"img{i}.png")
+        paths.append(str(folder / f"img{i}.png"))
+    return paths
+
+
+def test_train_adds_the_adapter_to_the_library(h, tmp_path):
+    if not h.available("training.dreambooth", "DreamBoothTrainer"):
+        pytest.skip("training.dreambooth is not present in this build")
+    files = _instance_images(tmp_path / "imgs")
+    with pytest.raises(gr.Error, match="upload instance images"):
+        list(h.train(None, "", "sks", "shape"))
+    outs = list(h.train(files, "", "sks", "shape", "object", "lora", 2, "", 2, False, "my dog"))
+    loss, samples, status = outs[-1]
+    assert list(loss["step"]) == [1, 2] and "my_dog" in status
+    trained = h.studio.adapters.get("my_dog")
+    assert trained.trigger == "sks" and trained.ranks() == [2] and Path(trained.path).is_file()
+    assert samples and Path(samples[0][0]).is_file()
+
+
+def test_train_stop_ends_the_run_and_adds_nothing(h, tmp_path):
+    if not h.available("training.dreambooth", "DreamBoothTrainer"):
+        pytest.skip("training.dreambooth is not present in this build")
+    gen = h.train(_instance_images(tmp_path / "imgs"), "", "sks", "shape", "object", "lora", 2, "", 500, False, "")
+    next(gen)
+    assert h.stop_train(None) == "Stopping…"
+    *_, (loss, samples, status) = gen
+    assert "Stopped" in status and len(loss) < 500 and "sks" not in h.studio.adapters
+    assert h.studio._lock.acquire(timeout=5)  # the trainer let go of the UNet (its layers are stripped)
+    h.studio._lock.release()
+
+
+def test_evaluate_runs_a_suite_into_a_run_folder(h):
+    if not h.available("studio.evaluation", "run_suite"):
+        pytest.skip("studio.evaluation is not present in this build")
+    smoke = REPO / "workflows" / "smoke.yaml"
+    if not smoke.is_file():
+        pytest.skip("workflows/smoke.yaml is not present")
+    assert str(smoke) in h.suites()
+    log, table, grids, archive = list(h.evaluate(str(smoke), None, 1, False))[-1]
+    assert "results.jsonl" in log and list(table["method"]) == ["merge"]
+    assert Path(archive).is_file() and archive.endswith(".zip")
+    with pytest.raises(gr.Error, match="not a suite"):
+        list(h.evaluate(None, str(smoke.with_suffix(".txt")), None, False))
+
+
+# ---- the app, launched in-process ----------------------------------------------------------
+class _TimedHandlers(AppHandlers):
+    """Records when each generate starts and ends, to check the shared GPU queue."""
+
+    intervals: list
+
+    @functools.wraps(AppHandlers.generate)  # same signature, so Gradio still passes gr.Request
+    def generate(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            yield from super().generate(*args, **kwargs)
+        finally:
+            self.intervals.append((start, time.perf_counter()))
+
+
+@pytest.fixture(scope="module")
+def served(sd1_pipe, tmp_path_factory):
+    app = _load_app_module()
+    studio = _studio(sd1_pipe)
+    handlers = _TimedHandlers(studio, tmp_path_factory.mktemp("app-out"))
+    handlers.intervals = []
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no Gradio 5 arguments left: every deprecation would raise here
+        demo = app.build_app(studio, handlers, ["loaded nothing (test)"])
+        demo.queue(max_size=16, default_concurrency_limit=1)
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                    **app.launch_options(handlers, "2mb"))
+    client = gradio_client.Client(demo.local_url, verbose=False)
+    yield demo, handlers, client
+    demo.close()
+
+
+def _gen_args(prompt, seed=3, steps=3):
+    return (prompt, "", "merge", "{}", "ddim", seed, steps, 7.5, 64, 64, 1)
+
+
+def test_app_serves_on_localhost_with_named_endpoints(served):
+    demo, _, client = served
+    assert demo.local_url.startswith("http://127.0.0.1:")
+    endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert {"/generate", "/stop", "/upload_adapter", "/png_info", "/xy_grid"} <= set(endpoints)
+
+
+def test_client_generate_returns_pngs_with_metadata(served):
+    _, _, client = served
+    gallery, _, info, report, _ = client.predict(*_gen_args("a red circle <lora:a:0.8>"), api_name="/generate")
+    path = gallery[0]["image"]
+    assert path.endswith(".png") and "3 UNet calls" in info and report["unet_calls"] == 3
+    with Image.open(path) as im:  # downloaded through the client, bytes intact
+        assert im.format == "PNG" and {"parameters", "lora_studio"} <= set(im.info)
+    assert read_recipe(path).adapters[0].name == "a"
+
+
+def test_parallel_requests_with_different_adapters_match_serial(served):
+    _, handlers, client = served
+    prompts = ["a red circle", "a red circle <lora:a:0.8>", "a red circle <lora:b:1>",
+               "a red circle <lora:a:0.5> <lora:b:0.7>"]
+    serial = [_pixels(client.predict(*_gen_args(p, seed=7), api_name="/generate")[0][0]["image"]) for p in prompts]
+    handlers.intervals.clear()
+    jobs = [client.submit(*_gen_args(p, seed=7), api_name="/generate") for p in prompts]
+    parallel = [_pixels(job.result(timeout=120)[0][0]["image"]) for job in jobs]
+    for s, p in zip(serial, parallel):
+        assert np.array_equal(s, p)
+    assert len({s.tobytes() for s in serial}) == 4  # the adapter sets really differ
+    spans = sorted(handlers.intervals)
+    assert len(spans) == 4
+    assert all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:]))  # concurrency_id="gpu": never overlapping
+
+
+def test_client_cancel_stops_the_run_within_two_steps(served):
+    _, handlers, client = served
+    calls = _UnetCalls(handlers.studio.pipe)
+    try:
+        job = client.submit(*_gen_args("a red circle <lora:a:1>", steps=150), api_name="/generate")
+        deadline = time.time() + 60
+        while len(calls) < 3 and time.time() < deadline:
+            time.sleep(0.005)
+        job.cancel()
+        at_cancel = len(calls)
+        time.sleep(1.0)
+        assert len(calls) - at_cancel <= 2, (at_cancel, len(calls))
+        assert len(calls) < 150
+    finally:
+        calls.close()
+    assert handlers.studio._lock.acquire(timeout=5)
+    handlers.studio._lock.release()
+
+
+def test_stop_endpoint_interrupts_this_sessions_run(served):
+    _, handlers, client = served
+    calls = _UnetCalls(handlers.studio.pipe)
+    try:
+        job = client.submit(*_gen_args("a red circle", steps=150), api_name="/generate")
+        deadline = time.time() + 60
+        while len(calls) < 3 and time.time() < deadline:
+            time.sleep(0.005)
+        assert client.predict(api_name="/stop") == "Stopping…"  # same client, same session
+        at_stop = len(calls)
+        gallery, _, info, *_ = job.result(timeout=60)
+        assert gallery == [] and "Stopped" in info
+        assert len(calls) - at_stop <= 2, (at_stop, len(calls))
+    finally:
+        calls.close()
+    other = gradio_client.Client(served[0].local_url, verbose=False)  # another session has nothing running
+    assert other.predict(api_name="/stop") == "Nothing is running."
+
+
+def test_bad_upload_through_client_is_a_message(served, tmp_path):
+    _, _, client = served
+    corrupt = tmp_path / "bad.safetensors"
+    corrupt.write_bytes(b"\xff" * 64)
+    msg = client.predict(gradio_client.handle_file(str(corrupt)), "", api_name="/upload_adapter")
+    assert msg.startswith("Error:") and "Traceback" not in msg
+    pickle = tmp_path / "bad.ckpt"
+    pickle.write_bytes(b"\x80\x04junk")
+    try:
+        msg = client.predict(gradio_client.handle_file(str(pickle)), "", api_name="/upload_adapter")
+    except Exception as e:  # Gradio's own file-type check may refuse it first
+        msg = str(e)
+    assert "Traceback" not in msg and ("pickle" in msg or "Invalid file type" in msg or "not allowed" in msg), msg
+
+
+def test_screenshots_of_every_tab(served, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (Debian package 'chromium'); no headless screenshots taken")
+    demo, _, _ = served
+    shot = tmp_path / "compose.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=1400,1800", "--virtual-time-budget=8000", demo.local_url],
+                   check=True, timeout=120, capture_output=True)
+    with Image.open(shot) as im:
+        assert im.size == (1400, 1800) and np.asarray(im.convert("L")).std() > 1  # not a blank page
