@@ -272,7 +272,20 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
 
 def launch_options(handlers: AppHandlers, max_file_size: str | int = "512mb") -> dict:
     """Gradio 6 app-level options: theme and css go to launch(); outputs served; uploads capped."""
-    return dict(theme=gr.themes.Soft(), css=CSS, allowed_paths=[str(handlers.out_dir)], max_file_size=max_file_size)
+    return dict(theme=gr.themes.Soft(), css=CSS, js=OPEN_TAB_JS, allowed_paths=[str(handlers.out_dir)],
+                max_file_size=max_file_size)
+
+
+# ``?tab=Library`` opens that tab: links to a tab, and headless screenshots of each one.
+OPEN_TAB_JS = """() => {
+  const want = new URLSearchParams(window.location.search).get("tab");
+  if (!want) return;
+  const click = () => {
+    const b = [...document.querySelectorAll('button[role="tab"]')].find(x => x.innerText.trim() === want);
+    if (b) b.click(); else setTimeout(click, 200);
+  };
+  click();
+}"""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ import functools
 import importlib.util
 import json
 import shutil
+from urllib.parse import quote
 import socket
 import subprocess
 import time
@@ -422,14 +423,23 @@ def test_bad_upload_through_client_is_a_message(served, tmp_path):
     assert "Traceback" not in msg and ("pickle" in msg or "Invalid file type" in msg or "not allowed" in msg), msg
 
 
-def test_screenshots_of_every_tab(served, tmp_path):
+def test_screenshots_of_every_tab(served):
+    """Headless Chromium screenshots of each tab, kept in test-output/screenshots/."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("chromium is not installed (Debian package 'chromium'); no headless screenshots taken")
     demo, _, _ = served
-    shot = tmp_path / "compose.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                    "--window-size=1400,1800", "--virtual-time-budget=8000", demo.local_url],
-                   check=True, timeout=120, capture_output=True)
-    with Image.open(shot) as im:
-        assert im.size == (1400, 1800) and np.asarray(im.convert("L")).std() > 1  # not a blank page
+    out = Path(__file__).resolve().parent.parent / "test-output" / "screenshots"
+    out.mkdir(parents=True, exist_ok=True)
+    shots = []
+    for tab in ("Compose", "Library", "PNG info", "X/Y grid", "Train", "Evaluate"):
+        shot = out / f"{tab.lower().replace(' ', '-').replace('/', '')}.png"
+        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                        "--disable-component-update", "--disable-sync", "--no-first-run", f"--screenshot={shot}",
+                        "--window-size=1400,1400", "--virtual-time-budget=10000",
+                        f"{demo.local_url}?tab={quote(tab)}"],
+                       check=True, timeout=120, capture_output=True)
+        with Image.open(shot) as im:
+            assert im.size == (1400, 1400) and np.asarray(im.convert("L")).std() > 1  # not a blank page
+            shots.append(np.asarray(im.convert("L"), dtype=np.int16))
+    assert all(np.abs(shots[0] - s).mean() > 0.5 for s in shots[1:]), "every tab should look different"
