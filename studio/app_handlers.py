@@ -32,6 +32,7 @@ from PIL import Image
 
 from composers import COMPOSERS
 from studio.adapters.library import safe_name
+from studio.atomic import atomic_path
 from studio.errors import StudioError
 from studio.metadata import RECIPE_KEY, parse_infotext, read_recipe, save_png
 from studio.prompts import format_tag, parse_prompt
@@ -537,11 +538,9 @@ class AppHandlers:
         if target in self.studio.adapters:
             return f"Error: an adapter named {target!r} is already in the library; delete it or give another name."
         dest = self.out_dir / "adapters" / f"{target}.safetensors"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:6]}.tmp")
         try:
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dest)
+            with atomic_path(dest) as tmp:
+                shutil.copyfile(src, tmp)
             adapter = self.studio.adapters.load(dest, name=target)
         except StudioError as e:
             dest.unlink(missing_ok=True)

@@ -26,13 +26,13 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 from .adapters.formats import addnet_hash
+from .atomic import write_atomic
 from .errors import StudioError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -422,19 +422,8 @@ def _disk_guard(what: str):
 
 def atomic_write(path: Path, data: str | bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     with _disk_guard(str(path)):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data.encode() if isinstance(data, str) else data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, data, fsync=True)
 
 
 def append_row(path: Path, row: dict) -> None:

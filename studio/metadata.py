@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from .atomic import atomic_path
 from .errors import StudioError
 
 SCHEMA = 1
@@ -134,21 +134,13 @@ def attach(image: Image.Image, recipe: Recipe, sampler_label: str) -> Image.Imag
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     """Write the PNG with its metadata atomically (temp file in the same folder, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     if "parameters" in image.info:
         info.add_text("parameters", image.info["parameters"])
     if RECIPE_KEY in image.info:
         info.add_itxt(RECIPE_KEY, image.info[RECIPE_KEY], zip=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
     return path
 
 

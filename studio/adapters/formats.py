@@ -33,7 +33,6 @@ import math
 import os
 import re
 import struct
-import tempfile
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,6 +40,7 @@ from typing import Iterable, Mapping
 
 import torch
 
+from ..atomic import atomic_path, write_atomic
 from ..errors import AdapterFileError, AdapterMismatchError
 from .adapter import COMPONENTS, Adapter, KronDelta, LoraDelta
 
@@ -240,7 +240,7 @@ def write_adapter(
     header = _header_for(adapter, format, extra, metadata)
     _atomic_save(tensors, header, path)
     if config_path is not None:
-        _atomic_write_text(config_path, json.dumps(peft_config, indent=2, sort_keys=True))
+        write_atomic(config_path, json.dumps(peft_config, indent=2, sort_keys=True))
     return path
 
 
@@ -928,31 +928,8 @@ def _atomic_save(tensors: dict[str, torch.Tensor], header: dict[str, str], path:
             t = t.clone()
         seen.add(t.data_ptr())
         out[k] = t
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(out, tmp, metadata=header)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(out, str(tmp), metadata=header)
 
 
 # --------------------------------------------------------------------------------------------
