@@ -32,3 +32,38 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_info_describes_an_adapter(tmp_path, capsys, sd1):
+    from conftest import random_lora
+    from studio.adapters.formats import write_adapter
+
+    path = write_adapter(random_lora(sd1, "ink", rank=2), tmp_path / "ink.safetensors", format="kohya")
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    for field in ("format", "kohya", "ranks", "[2]", "sd1", "ink"):
+        assert field in out
+
+
+def test_generate_with_a_model_folder_and_a_lora_file(tmp_path, capsys, sd1, sd1_pipe):
+    from conftest import random_lora
+    from studio.adapters.formats import write_adapter
+    from studio.metadata import read_recipe
+
+    sd1_pipe.save_pretrained(tmp_path / "model")
+    path = write_adapter(random_lora(sd1, "ink", rank=2), tmp_path / "ink.safetensors")
+    out = tmp_path / "o.png"
+    args = ["generate", "--model", str(tmp_path / "model"), "--prompt", "a red circle", "--steps", "2", "--seed", "1"]
+    assert main(args + ["--lora", f"{path}:0.5", "--out", str(out), "--report"]) == 0
+    recipe = read_recipe(out)
+    assert [(a.name, a.weight) for a in recipe.adapters] == [("ink", 0.5)] and recipe.adapters[0].sha256
+    assert '"unet_calls": 2' in capsys.readouterr().out
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-image", str(out), "--out", str(again)]) == 0
+    assert again.read_bytes() == out.read_bytes()
+
+    pickle = tmp_path / "ink.ckpt"
+    pickle.write_bytes(b"\x80\x04junk")
+    assert main(args + ["--lora", str(pickle), "--out", str(tmp_path / "p.png")]) == 2
+    assert "allow-pickle" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()
