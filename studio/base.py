@@ -84,14 +84,14 @@ def load_pipeline(source: str | os.PathLike, device=None, dtype=None) -> Diffusi
                 )
             cls_name = json.loads((path / "model_index.json").read_text())["_class_name"]
             cls = StableDiffusionXLPipeline if "XL" in cls_name else StableDiffusionPipeline
-            pipe = cls.from_pretrained(source, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False) \
-                if cls is StableDiffusionPipeline else cls.from_pretrained(source, torch_dtype=dtype)
+            pipe = cls.from_pretrained(source, dtype=dtype, safety_checker=None, requires_safety_checker=False) \
+                if cls is StableDiffusionPipeline else cls.from_pretrained(source, dtype=dtype)
         elif path.suffix == ".safetensors" and path.is_file():
-            pipe = StableDiffusionPipeline.from_single_file(source, torch_dtype=dtype)
+            pipe = StableDiffusionPipeline.from_single_file(source, dtype=dtype)
         elif path.exists() or source.startswith((".", "/")):
             raise ModelLoadError(f"model {source} not found or not a folder/.safetensors file; check the path")
         else:
-            pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+            pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype)
     except ModelLoadError:
         raise
     except OSError as e:
