@@ -22,26 +22,24 @@ SLOT_WIDTH = N_SHAPE + N_COLOR + N_PATTERN
 N_OUT = N_BG + len(POSITIONS) * SLOT_WIDTH
 
 
-def _block(cin, cout):
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-    )
+def _conv(cin, cout, stride=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
 
 
 class OracleNet(nn.Module):
-    """64x64 RGB in [0, 1] -> N_OUT logits."""
+    """64x64 RGB in [0, 1] -> N_OUT logits (about 28M multiply-adds per image)."""
 
-    def __init__(self, width: int = 32):
+    def __init__(self, width: int = 16):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            _block(3, w), nn.MaxPool2d(2),            # 32
-            _block(w, 2 * w), nn.MaxPool2d(2),        # 16
-            _block(2 * w, 4 * w), nn.MaxPool2d(2),    # 8
-            nn.Conv2d(4 * w, 4 * w, 3, stride=2, padding=1), nn.BatchNorm2d(4 * w), nn.ReLU(inplace=True),  # 4
+            _conv(3, w), nn.MaxPool2d(2),                           # 32
+            _conv(w, 2 * w), nn.MaxPool2d(2),                       # 16
+            _conv(2 * w, 4 * w), _conv(4 * w, 4 * w), nn.MaxPool2d(2),  # 8
+            _conv(4 * w, 8 * w), _conv(8 * w, 8 * w, stride=2),     # 4
         )
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(4 * w * 16, 256),
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(8 * w * 16, 256),
                                   nn.ReLU(inplace=True), nn.Linear(256, N_OUT))
 
     def forward(self, x):
@@ -174,7 +172,7 @@ def load_oracle(path: str | Path | None = None) -> Oracle:
     if cfg.get("slot_shapes") != list(SLOT_SHAPES) or cfg.get("colors") != list(COLORS):
         from .paths import _fail
         _fail("oracle (vocabulary differs from this code)", folder)
-    net = OracleNet(width=cfg.get("width", 32))
+    net = OracleNet(width=cfg.get("width", 16))
     sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / "oracle.safetensors")).items()}
     net.load_state_dict(sd)
     oracle = Oracle(net, cfg)

@@ -1,0 +1,151 @@
+"""Parse a toy-world prompt into what the image should show, or refuse it clearly."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .concepts import (
+    ALL_BACKGROUNDS, ALL_PATTERNS, ALL_SHAPES, BACKGROUND_PHRASE, COLORS, PATTERN_PHRASE,
+    POSITION_PHRASE, SIZES,
+)
+
+try:
+    from studio.errors import StudioError as _Base
+except Exception:  # pragma: no cover
+    _Base = ValueError
+
+
+class OutsideWorldError(_Base):
+    """A prompt uses words or a structure the toy world does not have."""
+
+
+@dataclass
+class Expect:
+    shape: str | None = None   # None: unspecified ("a red shape") or an adapter's trigger
+    color: str | None = None
+    pattern: str | None = None
+    position: str | None = None
+    size: str | None = None
+
+
+@dataclass
+class Expectation:
+    prompt: str
+    objects: list = field(default_factory=list)
+    background: str | None = None
+
+
+_PATTERN_WORDS = {v.removeprefix("with ").removeprefix("a "): k for k, v in PATTERN_PHRASE.items() if v}
+_PATTERN_WORDS.update({"striped": "stripes", "dotted": "dots", "zigzag": "zigzag", "checkered": "checker",
+                       "checker": "checker", "stripes": "stripes", "dots": "dots"})
+_BG_RE = re.compile(r"\s+on an? (\w+) background$")
+_POS_RE = re.compile(r"\s+(on the left|on the right|in the centre|in the center)$")
+_VOCAB_HINT = (f"shapes {', '.join(ALL_SHAPES)}; colours {', '.join(COLORS)}; patterns "
+               f"{', '.join(ALL_PATTERNS)}; backgrounds {', '.join(ALL_BACKGROUNDS)}; positions on the "
+               "left / in the centre / on the right; at most two objects, e.g. 'a red circle on the left "
+               "and a blue square on the right'")
+
+
+def _refuse(prompt: str, why: str):
+    raise OutsideWorldError(f"prompt {prompt!r} is outside the toy world: {why}. The world knows: {_VOCAB_HINT}")
+
+
+def parse_prompt(prompt: str, triggers: dict | None = None) -> Expectation:
+    """Parse a toy-world prompt. ``triggers`` maps an adapter trigger word to the concept it stands
+    for (e.g. {"sks": "crescent"}), so trigger prompts are understood too."""
+    triggers = triggers or {}
+    text = " ".join(prompt.lower().strip().rstrip(".").split())
+    if not text:
+        _refuse(prompt, "it is empty")
+    exp = Expectation(prompt)
+    m = _BG_RE.search(text)
+    if m:
+        word = triggers.get(m.group(1), m.group(1))
+        if word not in ALL_BACKGROUNDS:
+            _refuse(prompt, f"unknown background {m.group(1)!r}")
+        exp.background = word
+        text = text[: m.start()]
+    parts = text.split(" and ")
+    if len(parts) > 2:
+        _refuse(prompt, "it names more than two objects")
+    for part in parts:
+        o = Expect()
+        m = _POS_RE.search(part)
+        if m:
+            o.position = {"on the left": "left", "on the right": "right"}.get(m.group(1), "centre")
+            part = part[: m.start()]
+        m = re.search(r"\s+with (?:an? )?(\w+)(?: pattern)?$", part)
+        if m:
+            w = triggers.get(m.group(1), m.group(1))
+            if w not in _PATTERN_WORDS and w not in ALL_PATTERNS:
+                _refuse(prompt, f"unknown pattern {m.group(1)!r}")
+            o.pattern = _PATTERN_WORDS.get(w, w)
+            part = part[: m.start()]
+        words = part.split()
+        if words and words[0] in ("a", "an"):
+            words = words[1:]
+        if not words:
+            _refuse(prompt, "an object phrase has no shape")
+        for w in words[:-1]:
+            w2 = triggers.get(w, w)
+            if w2 in SIZES:
+                o.size = w2
+            elif w2 in COLORS:
+                o.color = w2
+            elif w2 in ("striped", "dotted", "checkered", "zigzag"):
+                o.pattern = _PATTERN_WORDS[w2]
+            elif w2 in ALL_SHAPES:  # "a sks shape" with sks -> crescent
+                o.shape = w2
+            elif w2 in ALL_PATTERNS:
+                o.pattern = w2
+            else:
+                _refuse(prompt, f"unknown word {w!r}")
+        last = triggers.get(words[-1], words[-1])
+        if last in ALL_SHAPES:
+            o.shape = last
+        elif last not in ("shape", "object"):
+            _refuse(prompt, f"{words[-1]!r} is not a shape")
+        exp.objects.append(o)
+    if len(exp.objects) == 2 and not all(o.position for o in exp.objects):
+        _refuse(prompt, "two-object prompts must name each object's side ('on the left' / 'on the right')")
+    if len(exp.objects) == 2 and exp.objects[0].position == exp.objects[1].position:
+        _refuse(prompt, "two objects cannot share a side")
+    return exp
+
+
+def score(pred: dict, exp: Expectation) -> dict:
+    """Per-attribute agreement of an oracle prediction with an expectation.
+
+    ``shape`` / ``color``: every expected object was found with that attribute and no other object
+    is present; ``all``: every specified attribute (shape, colour, pattern, position, background)
+    holds and the object count is right."""
+    objs = pred["objects"]
+    count_ok = len(objs) == len(exp.objects)
+    by_pos = {o["position"]: o for o in objs}
+    res = {"shape": count_ok, "color": count_ok, "pattern": count_ok, "position": count_ok}
+    for e in exp.objects:
+        if e.position is not None:
+            p = by_pos.get(e.position)
+        else:
+            p = objs[0] if len(objs) == 1 else None
+        if p is None:
+            res = {k: False for k in res}
+            break
+        res["shape"] &= e.shape is None or p["shape"] == e.shape
+        res["color"] &= e.color is None or p["color"] == e.color
+        res["pattern"] &= e.pattern is None or p["pattern"] == e.pattern
+    res["background"] = exp.background is None or pred["background"] == exp.background
+    res["both"] = res["shape"] and res["color"]
+    res["all"] = all(res[k] for k in ("shape", "color", "pattern", "position", "background"))
+    return res
+
+
+def phrase_of(exp_obj: Expect) -> str:  # pragma: no cover - convenience
+    words = [w for w in (exp_obj.size, exp_obj.color, exp_obj.shape or "shape") if w]
+    s = "a " + " ".join(words)
+    if exp_obj.pattern and exp_obj.pattern != "solid":
+        s += " " + PATTERN_PHRASE[exp_obj.pattern]
+    if exp_obj.position:
+        s += " " + POSITION_PHRASE[exp_obj.position]
+    return s

@@ -1,0 +1,671 @@
+"""Train the toy world from scratch: VAE, tokenizer + text encoder + UNet, oracle, toy CLIP.
+
+    python -m training.toyworld --out assets/models            # ~45 min wall on 2 shared CPU cores
+    python -m training.toyworld --out /tmp/tw --quick           # smoke run, ~1 min
+
+Writes ``<out>/toy-sd`` (a diffusers StableDiffusionPipeline folder, fp16 safetensors),
+``<out>/toy-clip`` (an open_clip model config + weights), ``<out>/oracle`` and
+``<out>/toyworld-train.json`` (configuration, timings and measured quality). Fixed seeds make a
+run reproducible on the same hardware and library versions. Use ``--stages`` to rerun parts
+(each stage reads what earlier ones wrote).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from studio.toyworld.concepts import (
+    ALL_PATTERNS, ALL_SHAPES, NOVEL_BACKGROUNDS, NOVEL_PATTERNS, NOVEL_SHAPES, RESERVED_WORDS,
+)
+from studio.toyworld.render import (
+    caption, is_heldout, render, sample_any_scene, sample_base_scene, sample_concept_scene,
+    training_caption,
+)
+
+STAGES = ("vae", "oracle", "unet", "clip")
+CLIP_MODEL_NAME = "ToyCLIP-ViT-8"
+WORK = ".toyworld-work"  # stage outputs not yet assembled into toy-sd
+TOKEN_LENGTH = 32
+
+# ----------------------------------------------------------------------------- configuration
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 16, 32, 64), layers_per_block=1, norm_num_groups=8,
+)
+TEXT_CONFIG = dict(
+    vocab_size=49408, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+    num_attention_heads=4, max_position_embeddings=TOKEN_LENGTH, hidden_act="quick_gelu",
+    bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, projection_dim=128,
+)
+UNET_CONFIG = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(64, 128),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32,
+)
+SCHED_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                    beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False)
+CLIP_CONFIG = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": TOKEN_LENGTH, "vocab_size": 49408, "width": 64, "heads": 4,
+                 "layers": 3},
+}
+FULL = dict(vae_steps=6000, vae_batch=16, vae_images=16000, oracle_steps=2500, oracle_batch=64,
+            oracle_images=12000, unet_steps=5000, unet_batch=32, unet_images=24000,
+            clip_steps=800, clip_batch=128, clip_images=12000, eval_images=600,
+            vae_minutes=10.5, oracle_minutes=3.5, unet_minutes=20, clip_minutes=6)
+QUICK = dict(vae_steps=20, vae_batch=16, vae_images=400, oracle_steps=20, oracle_batch=32,
+             oracle_images=400, unet_steps=20, unet_batch=16, unet_images=400, clip_steps=10,
+             clip_batch=32, clip_images=300, eval_images=60,
+             vae_minutes=0, oracle_minutes=0, unet_minutes=0, clip_minutes=0)
+
+
+def log(msg: str) -> None:
+    tqdm.write(f"[toyworld {time.strftime('%H:%M:%S')}] {msg}")
+    sys.stdout.flush()
+
+
+def seed_all(seed: int) -> np.random.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def to_tensor(images) -> torch.Tensor:
+    arr = np.stack([np.asarray(im, dtype=np.uint8) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()  # uint8 [B,3,64,64]
+
+
+def u8_to_unit(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 255.0
+
+
+def cosine_lr(step, total, warmup, floor=0.1) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+
+class Budget:
+    """Fix a stage's step count at the end of its LR warm-up from the measured step time, so a
+    stage fits ``minutes`` of wall clock on a slow or shared machine. The cosine schedule only
+    reads the total after warm-up, so the run equals a fixed-step run with the logged total
+    (reproduce it with ``--set <stage>_steps=N --no-budget``)."""
+
+    def __init__(self, name: str, steps: int, warmup: int, minutes: float):
+        self.name, self.total, self.warmup, self.minutes = name, steps, warmup, minutes
+        self.t0 = time.time()
+
+    def at(self, step: int) -> None:
+        if step == self.warmup and self.minutes > 0:
+            per = (time.time() - self.t0) / max(1, step)
+            fit = self.minutes * 60 / per
+            fit = int(fit)
+            if fit < self.total:
+                log(f"{self.name}: {per:.3f} s/step; budget {self.minutes:g} min -> {max(fit, self.warmup + 1)} steps instead of {self.total}")
+                self.total = max(fit, self.warmup + 1)
+
+    def lr(self, step: int, floor: float) -> float:
+        return cosine_lr(step, self.total, self.warmup, floor)
+
+
+# ----------------------------------------------------------------------------- generic images
+def _rand_color(rng):
+    return tuple(int(v) for v in rng.integers(0, 256, 3))
+
+
+def _texture(d: ImageDraw.ImageDraw, rng, n, color):
+    kind = int(rng.integers(4))
+    p = int(rng.integers(6, 20))
+    off = int(rng.integers(0, p))
+    w = int(rng.integers(2, max(3, p // 2 + 1)))
+    if kind == 0:  # stripes at a random angle
+        ang = rng.uniform(0, math.pi)
+        dx, dy = math.cos(ang), math.sin(ang)
+        for k in range(-2 * n // p, 2 * n // p):
+            cx, cy = n / 2 + (k * p + off) * -dy, n / 2 + (k * p + off) * dx
+            d.line([(cx - dx * 2 * n, cy - dy * 2 * n), (cx + dx * 2 * n, cy + dy * 2 * n)], fill=color, width=w)
+    elif kind == 1:  # dots
+        r = rng.uniform(1.5, p / 2.5)
+        for i in range(-1, n // p + 2):
+            for j in range(-1, n // p + 2):
+                x, y = i * p + off, j * p + off
+                d.ellipse([x - r, y - r, x + r, y + r], fill=color)
+    elif kind == 2:  # zig-zag / wave lines
+        a, wl = rng.uniform(2, p / 1.5), rng.uniform(6, 20)
+        for j in range(-1, n // p + 2):
+            y0 = j * p + off
+            pts = [(x, y0 + (a if (x // (wl / 2)) % 2 else -a)) for x in np.arange(-wl, n + wl, wl / 2)]
+            d.line(pts, fill=color, width=w)
+    else:  # checker / grid
+        if rng.random() < 0.5:
+            for i in range(-1, n // p + 2):
+                for j in range(-1, n // p + 2):
+                    if (i + j) % 2 == 0:
+                        d.rectangle([i * p + off, j * p + off, i * p + off + p - 1, j * p + off + p - 1], fill=color)
+        else:
+            for k in range(-1, n // p + 2):
+                d.rectangle([k * p + off, 0, k * p + off + w - 1, n], fill=color)
+                d.rectangle([0, k * p + off, n, k * p + off + w - 1], fill=color)
+
+
+def generic_image(rng: np.random.Generator) -> Image.Image:
+    """A broad generic image (polygons, ellipses, chords, strokes, textures, gradients, grids) so
+    the VAE learns to represent shapes and patterns it never sees in the toy world itself."""
+    n = 128
+    u = rng.random()
+    if u < 0.4:
+        g = int(rng.integers(200, 256))
+        bgc = tuple(int(v) for v in np.clip(g + rng.integers(-12, 13, 3), 0, 255))
+        img = Image.new("RGB", (n, n), bgc)
+    elif u < 0.6:
+        bgc = _rand_color(rng)
+        img = Image.new("RGB", (n, n), bgc)
+    elif u < 0.85:
+        a, b = np.array(_rand_color(rng)), np.array(_rand_color(rng))
+        t = np.linspace(0, 1, n)[:, None, None]
+        arr = np.broadcast_to(a * (1 - t) + b * t, (n, n, 3))
+        if rng.random() < 0.5:
+            arr = arr.transpose(1, 0, 2)
+        img = Image.fromarray(arr.astype(np.uint8).copy())
+        bgc = tuple(int(v) for v in arr[n // 2, n // 2])
+    else:
+        bgc = _rand_color(rng)
+        img = Image.new("RGB", (n, n), bgc)
+        _texture(ImageDraw.Draw(img), rng, n, _rand_color(rng))
+    d = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(0, 5))):
+        col = _rand_color(rng)
+        cx, cy = rng.uniform(0, n, 2)
+        r = rng.uniform(8, 50)
+        m = Image.new("L", (n, n), 0)
+        md = ImageDraw.Draw(m)
+        kind = int(rng.integers(6))
+        if kind == 0:  # random polygon
+            k = int(rng.integers(3, 10))
+            angs = np.sort(rng.uniform(0, 2 * math.pi, k))
+            rad = rng.uniform(0.3, 1.0, k) * r
+            md.polygon([(cx + rr * math.cos(a), cy + rr * math.sin(a)) for a, rr in zip(angs, rad)], fill=255)
+        elif kind == 1:  # ellipse, maybe with a bite taken out (crescents, rings)
+            rx, ry = r, r * rng.uniform(0.4, 1.0)
+            md.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=255)
+            if rng.random() < 0.5:
+                ox, oy = rng.uniform(-r, r, 2)
+                rr = r * rng.uniform(0.4, 1.0)
+                md.ellipse([cx + ox - rr, cy + oy - rr, cx + ox + rr, cy + oy + rr], fill=0)
+        elif kind == 2:  # thick strokes: crosses, bars, poly-lines
+            for _ in range(int(rng.integers(1, 4))):
+                a = rng.uniform(0, math.pi)
+                w = int(rng.integers(3, 18))
+                dx, dy = math.cos(a) * r, math.sin(a) * r
+                md.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=255, width=w)
+        elif kind == 3:  # star with random point count
+            k = int(rng.integers(3, 9))
+            inner = rng.uniform(0.3, 0.7)
+            rot = rng.uniform(0, math.pi)
+            pts = [(cx + (r if i % 2 == 0 else r * inner) * math.cos(rot + i * math.pi / k),
+                    cy + (r if i % 2 == 0 else r * inner) * math.sin(rot + i * math.pi / k)) for i in range(2 * k)]
+            md.polygon(pts, fill=255)
+        elif kind == 4:  # chord / pie slice
+            a0 = float(rng.uniform(0, 360))
+            a1 = a0 + float(rng.uniform(60, 300))
+            box = [cx - r, cy - r, cx + r, cy + r]
+            (md.chord if rng.random() < 0.5 else md.pieslice)(box, a0, a1, fill=255)
+        else:  # rectangle with a pointed end (arrows, signs)
+            w, h = r, r * rng.uniform(0.2, 0.6)
+            a = rng.uniform(0, 2 * math.pi)
+            pts = [(-w, -h), (0.2 * w, -h), (0.2 * w, -2 * h), (w, 0), (0.2 * w, 2 * h), (0.2 * w, h), (-w, h)]
+            c, s = math.cos(a), math.sin(a)
+            md.polygon([(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts], fill=255)
+        img.paste(col, (0, 0), m)
+        if rng.random() < 0.35:  # textured fill
+            t = Image.new("L", (n, n), 0)
+            _texture(ImageDraw.Draw(t), rng, n, 255)
+            tm = Image.fromarray((np.asarray(t, np.uint16) * np.asarray(m, np.uint16) // 255).astype(np.uint8))
+            img.paste(_rand_color(rng) if rng.random() < 0.5 else (245, 245, 245), (0, 0), tm)
+    return img.resize((64, 64), Image.BOX)
+
+
+# ----------------------------------------------------------------------------- VAE
+def train_vae(cfg, out: Path, rng, device, report):
+    from diffusers import AutoencoderKL
+
+    t0 = time.time()
+    n = cfg["vae_images"]
+    imgs = []
+    for i in tqdm(range(n), desc="vae data", mininterval=5):
+        imgs.append(generic_image(rng) if i % 3 == 0 else render(sample_base_scene(rng), rng))
+    data = to_tensor(imgs)
+    log(f"vae data: {n} images in {time.time() - t0:.1f}s")
+    vae = AutoencoderKL(**VAE_CONFIG).to(device)
+    nparams = sum(p.numel() for p in vae.parameters())
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=1e-4)
+    steps, bs = cfg["vae_steps"], cfg["vae_batch"]
+    bud = Budget("vae", steps, 60, cfg["vae_minutes"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: bud.lr(s, 0.05))
+    g = torch.Generator().manual_seed(1)
+    vae.train()
+    bar = tqdm(range(steps), desc="vae", mininterval=10)
+    for step in bar:
+        bud.at(step)
+        if step >= bud.total:
+            break
+        idx = torch.randint(0, n, (bs,), generator=g)
+        x = u8_to_unit(data[idx]).to(device) * 2 - 1
+        post = vae.encode(x).latent_dist
+        # posterior noise ramps in over the first half: decoding the mean first converges much
+        # faster, and by the end the decoder is trained on genuine posterior samples
+        ramp = 0.0 if step < bud.warmup else min(1.0, (step - bud.warmup) / max(1, 0.5 * bud.total))
+        z = post.mean + ramp * post.std * torch.randn(post.mean.shape, generator=g).to(device)
+        rec = vae.decode(z).sample
+        kl = post.kl().mean()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    # measured scaling factor and PSNR on fresh base-world images
+    with torch.no_grad():
+        ev = to_tensor([render(sample_base_scene(rng), rng) for _ in range(512)])
+        x = u8_to_unit(ev).to(device) * 2 - 1
+        post = vae.encode(x).latent_dist
+        z = post.sample()
+        scaling = float(1.0 / z.std())
+        rec = vae.decode(post.mean).sample.clamp(-1, 1)
+        mse = F.mse_loss((rec + 1) / 2, (x + 1) / 2).item()
+        psnr = 10 * math.log10(1.0 / mse)
+    vae.register_to_config(scaling_factor=scaling)
+    # kept in a work folder until the UNet stage assembles toy-sd atomically: a half-built
+    # toy-sd folder would break everyone who loads the bundled model meanwhile
+    vae.to(torch.float16).save_pretrained(out / WORK / "vae", safe_serialization=True)
+    dt = time.time() - t0
+    steps = bud.total
+    log(f"vae: {nparams / 1e6:.2f}M params, {steps} steps, PSNR {psnr:.1f} dB, scaling_factor {scaling:.4f}, {dt / 60:.1f} min")
+    report["vae"] = dict(params=nparams, steps=steps, batch=bs, psnr_db=round(psnr, 2),
+                         scaling_factor=round(scaling, 5), minutes=round(dt / 60, 2), config=VAE_CONFIG)
+
+
+def vae_dir(out: Path) -> Path | None:
+    for p in (out / WORK / "vae", out / "toy-sd" / "vae"):
+        if (p / "config.json").is_file():
+            return p
+    return None
+
+
+def load_vae(out: Path, device):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(vae_dir(out), torch_dtype=torch.float32).to(device).eval()
+
+
+@torch.no_grad()
+def vae_roundtrip(vae, data_u8: torch.Tensor, device, bs=256) -> torch.Tensor:
+    out = []
+    for i in range(0, len(data_u8), bs):
+        x = u8_to_unit(data_u8[i:i + bs]).to(device) * 2 - 1
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+        out.append(((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- oracle
+def train_oracle(cfg, out: Path, rng, device, report):
+    from studio.toyworld.oracle import Oracle, OracleNet, save_oracle, scene_targets, split_logits
+
+    t0 = time.time()
+    vae = load_vae(out, device)
+    n = cfg["oracle_images"]
+    scenes = [sample_any_scene(rng) for _ in range(n)]
+    data = to_tensor([render(s, rng) for s in tqdm(scenes, desc="oracle data", mininterval=5)])
+    half = n // 2  # the first half is also seen through the VAE
+    recon = vae_roundtrip(vae, data[:half], device)
+    data = torch.cat([data, recon])
+    tg = [scene_targets(s) for s in scenes]
+    tg = tg + tg[:half]
+    T = {k: torch.tensor([t[k] for t in tg]) for k in ("bg", "shape", "color", "pattern")}
+    log(f"oracle data: {len(data)} images in {time.time() - t0:.1f}s")
+    net = OracleNet(width=16).to(device)
+    steps, bs = cfg["oracle_steps"], cfg["oracle_batch"]
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    bud = Budget("oracle", steps, 100, cfg["oracle_minutes"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: bud.lr(s, 0.02))
+    g = torch.Generator().manual_seed(2)
+    net.train()
+    bar = tqdm(range(steps), desc="oracle", mininterval=10)
+    for step in bar:
+        bud.at(step)
+        if step >= bud.total:
+            break
+        idx = torch.randint(0, len(data), (bs,), generator=g)
+        x = u8_to_unit(data[idx]).to(device)
+        x = x + 0.02 * torch.randn(x.shape, generator=g).to(device)  # small robustness noise
+        bg, sh, co, pa = split_logits(net(x))
+        loss = (F.cross_entropy(bg, T["bg"][idx].to(device))
+                + F.cross_entropy(sh.reshape(-1, sh.shape[-1]), T["shape"][idx].reshape(-1).to(device))
+                + F.cross_entropy(co.reshape(-1, co.shape[-1]), T["color"][idx].reshape(-1).to(device), ignore_index=-1)
+                + F.cross_entropy(pa.reshape(-1, pa.shape[-1]), T["pattern"][idx].reshape(-1).to(device), ignore_index=-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    net.eval()
+    steps = bud.total
+    save_oracle(net.cpu(), out / "oracle", {"width": 16, "steps": steps, "images": len(data)})
+    from studio.toyworld.oracle import load_oracle, _CACHE
+    _CACHE.clear()
+    oracle = load_oracle(out / "oracle")  # evaluate exactly what was saved (fp16 weights)
+    ev_rng = np.random.default_rng(777)
+    acc = oracle_accuracy(oracle, ev_rng, cfg["eval_images"])
+    rec_acc = novel_reconstruction_rates(oracle, vae, ev_rng, max(40, cfg["eval_images"] // 5), device)
+    dt = time.time() - t0
+    log(f"oracle: rendered {acc}")
+    log(f"oracle: novel concepts on VAE reconstructions {rec_acc}")
+    report["oracle"] = dict(params=sum(p.numel() for p in net.parameters()), steps=steps,
+                            rendered_accuracy=acc, novel_reconstruction_rate=rec_acc,
+                            minutes=round(dt / 60, 2))
+
+
+def oracle_accuracy(oracle, rng, n) -> dict:
+    scenes = [sample_any_scene(rng) for _ in range(n)]
+    preds = oracle.predict([render(s, rng) for s in scenes])
+    keys = ("shape", "color", "pattern", "position", "background", "count")
+    tot = {k: 0 for k in keys}
+    for p, s in zip(preds, scenes):
+        m = oracle.matches(p, s)
+        for k in keys:
+            tot[k] += bool(m[k])
+    return {k: round(v / n, 4) for k, v in tot.items()}
+
+
+def novel_reconstruction_rates(oracle, vae, rng, n, device) -> dict:
+    out = {}
+    for concept in NOVEL_SHAPES + NOVEL_PATTERNS + NOVEL_BACKGROUNDS:
+        scenes = [sample_concept_scene(concept, rng) for _ in range(n)]
+        data = to_tensor([render(s, rng) for s in scenes])
+        rec = vae_roundtrip(vae, data, device)
+        preds = oracle.predict_tensor(u8_to_unit(rec))
+        out[concept] = round(sum(oracle.has_concept(p, concept) for p in preds) / n, 4)
+    return out
+
+
+# ----------------------------------------------------------------------------- UNet + text encoder
+def build_tokenizer():
+    from studio.clip_tokenizer import build_clip_tokenizer
+
+    return build_clip_tokenizer(model_max_length=TOKEN_LENGTH)
+
+
+def train_unet(cfg, out: Path, rng, device, report):
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    t0 = time.time()
+    vae = load_vae(out, device)
+    sf = vae.config.scaling_factor
+    tok = build_tokenizer()
+    n = cfg["unet_images"]
+    scenes = []
+    while len(scenes) < n:
+        s = sample_base_scene(rng)
+        if not is_heldout(s):
+            scenes.append(s)
+    data = to_tensor([render(s, rng) for s in tqdm(scenes, desc="unet data", mininterval=5)])
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, n, 256):
+            x = u8_to_unit(data[i:i + 256]).to(device) * 2 - 1
+            post = vae.encode(x).latent_dist
+            means.append(post.mean.cpu())
+            stds.append(post.std.cpu())
+    means, stds = torch.cat(means), torch.cat(stds)
+    del data
+    log(f"unet data: {n} scenes rendered and encoded in {time.time() - t0:.1f}s")
+
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)).to(device)
+    unet = UNet2DConditionModel(**UNET_CONFIG).to(device)
+    noise_sched = DDPMScheduler(**SCHED_CONFIG)
+    acp = noise_sched.alphas_cumprod.to(device)
+    snr = acp / (1 - acp)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = [p.detach().clone() for p in params]
+    steps, bs = cfg["unet_steps"], cfg["unet_batch"]
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    bud = Budget("unet", steps, 200, cfg["unet_minutes"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: bud.lr(s, 0.1))
+    g = torch.Generator().manual_seed(3)
+    cap_rng = np.random.default_rng(4)
+    unet.train()
+    text_encoder.train()
+    bar = tqdm(range(steps), desc="unet", mininterval=10)
+    for step in bar:
+        bud.at(step)
+        if step >= bud.total:
+            break
+        idx = torch.randint(0, n, (bs,), generator=g)
+        caps = [training_caption(scenes[i], cap_rng) if cap_rng.random() >= 0.1 else "" for i in idx.tolist()]
+        ids = tok(caps, padding="max_length", max_length=TOKEN_LENGTH, truncation=True,
+                  return_tensors="pt").input_ids.to(device)
+        z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)).to(device) * sf
+        noise = torch.randn(z.shape, generator=g).to(device)
+        t = torch.randint(0, 1000, (bs,), generator=g).to(device)
+        zt = noise_sched.add_noise(z, noise, t)
+        cond = text_encoder(ids)[0]
+        pred = unet(zt, t, encoder_hidden_states=cond).sample
+        w = torch.clamp(snr[t], max=5.0) / snr[t]
+        loss = (w * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    unet.eval()
+    text_encoder.eval()
+    steps = bud.total
+    train_min = (time.time() - t0) / 60
+    nparams_unet = sum(p.numel() for p in unet.parameters())
+    nparams_te = sum(p.numel() for p in text_encoder.parameters())
+
+    scheduler = DDIMScheduler(**SCHED_CONFIG, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.to("cpu").to(torch.float16)
+    target = out / "toy-sd"
+    tmp = Path(tempfile.mkdtemp(prefix=".toy-sd-", dir=out))
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    old = out / ".toy-sd-old"
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    dt = time.time() - t0
+    log(f"unet: {nparams_unet / 1e6:.2f}M params (+ text encoder {nparams_te / 1e6:.2f}M), {steps} steps, {dt / 60:.1f} min")
+    report["unet"] = dict(params=nparams_unet, text_encoder_params=nparams_te, steps=steps, batch=bs,
+                          train_minutes=round(train_min, 2), minutes=round(dt / 60, 2),
+                          final_loss=round(loss.item(), 4), config=UNET_CONFIG, text_config=TEXT_CONFIG,
+                          heldout_pairs=len(__import__("studio.toyworld.render", fromlist=["x"]).HELDOUT_PAIRS))
+
+
+# ----------------------------------------------------------------------------- toy CLIP
+def train_clip(cfg, out: Path, rng, device, report):
+    import open_clip
+    from safetensors.torch import save_file
+
+    t0 = time.time()
+    folder = out / "toy-clip"
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg_path = folder / f"{CLIP_MODEL_NAME}.json"
+    cfg_path.write_text(json.dumps(CLIP_CONFIG, indent=2))
+    open_clip.add_model_config(cfg_path)
+    model = open_clip.create_model(CLIP_MODEL_NAME, pretrained=None).to(device)
+    tokenizer = open_clip.get_tokenizer(CLIP_MODEL_NAME)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1).to(device)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1).to(device)
+    n = cfg["clip_images"]
+    # the whole world, reserved concepts included, so CLIPScore can judge novel concepts
+    scenes = [sample_any_scene(rng) for _ in range(n)]
+    data = to_tensor([render(s, rng) for s in tqdm(scenes, desc="clip data", mininterval=5)])
+    log(f"clip data: {n} images in {time.time() - t0:.1f}s")
+    steps, bs = cfg["clip_steps"], cfg["clip_batch"]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    bud = Budget("clip", steps, 50, cfg["clip_minutes"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: bud.lr(s, 0.02))
+    g = torch.Generator().manual_seed(5)
+    cap_rng = np.random.default_rng(6)
+    model.train()
+    bar = tqdm(range(steps), desc="clip", mininterval=10)
+    for step in bar:
+        bud.at(step)
+        if step >= bud.total:
+            break
+        idx = torch.randint(0, n, (bs,), generator=g)
+        caps = [caption(scenes[i]) if cap_rng.random() < 0.5 else training_caption(scenes[i], cap_rng)
+                for i in idx.tolist()]
+        x = (u8_to_unit(data[idx]).to(device) - mean) / std
+        text = tokenizer(caps).to(device)
+        img_f, txt_f, scale = model(x, text)[:3]
+        logits = scale * img_f @ txt_f.t()
+        # several images can share a caption: use soft targets over identical captions
+        same = torch.tensor([[a == b for b in caps] for a in caps], dtype=torch.float32, device=device)
+        tgt = same / same.sum(1, keepdim=True)
+        loss = 0.5 * (torch.sum(-tgt * logits.log_softmax(1), 1).mean()
+                      + torch.sum(-tgt * logits.t().log_softmax(1), 1).mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    model.eval()
+    steps = bud.total
+    sd = {k: v.detach().cpu().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    tmpw = folder / "open_clip_model.safetensors.tmp"
+    save_file(sd, str(tmpw))
+    tmpw.replace(folder / "open_clip_model.safetensors")
+    (folder / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": CLIP_CONFIG,
+        "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD),
+                           "interpolation": "bicubic", "resize_mode": "shortest"},
+        "model_name": CLIP_MODEL_NAME,
+    }, indent=2))
+    # zero-shot shape accuracy of the saved model, reserved shapes included
+    from studio.toyworld.clip import load_toy_clip
+
+    m2, pre, tk = load_toy_clip(folder)
+    ev_rng = np.random.default_rng(888)
+    ev = [sample_concept_scene(ALL_SHAPES[i % len(ALL_SHAPES)], ev_rng) for i in range(cfg["eval_images"] // 2)]
+    with torch.no_grad():
+        imf = m2.encode_image(torch.stack([pre(render(s, ev_rng)) for s in ev]), normalize=True)
+        tf = m2.encode_text(tk([f"a {o.color} {s}" for s in ALL_SHAPES for o in [ev[0].objects[0]]]), normalize=True)
+        # per image: prompt with its own colour
+        correct = 0
+        for i, s in enumerate(ev):
+            o = s.objects[0]
+            tf = m2.encode_text(tk([f"a {o.color} {sh}" for sh in ALL_SHAPES]), normalize=True)
+            correct += int(ALL_SHAPES[int((imf[i:i + 1] @ tf.t()).argmax())] == o.shape)
+    zs = correct / len(ev)
+    dt = time.time() - t0
+    log(f"clip: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, zero-shot shape acc {zs:.3f}, {dt / 60:.1f} min")
+    report["clip"] = dict(params=sum(p.numel() for p in model.parameters()), steps=steps, batch=bs,
+                          zero_shot_shape_acc=round(zs, 4), minutes=round(dt / 60, 2), config=CLIP_CONFIG)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="assets/models", help="output folder (default assets/models)")
+    ap.add_argument("--quick", action="store_true", help="tiny step counts: a smoke test, not a usable model")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {STAGES}")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-budget", action="store_true",
+                    help="ignore the per-stage wall-clock budgets (*_minutes): exact step counts")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: robust on a shared machine; 0: torch default)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=INT",
+                    help="override a step/batch/size setting, e.g. --set unet_steps=3000")
+    args = ap.parse_args(argv)
+    cfg = dict(QUICK if args.quick else FULL)
+    for kv in args.set:
+        k, v = kv.split("=", 1)
+        if k not in cfg:
+            ap.error(f"unknown setting {k}; known: {', '.join(cfg)}")
+        cfg[k] = float(v) if k.endswith("_minutes") else int(v)
+    if args.no_budget:
+        for k in cfg:
+            if k.endswith("_minutes"):
+                cfg[k] = 0
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        ap.error(f"unknown stage(s) {bad}; known: {STAGES}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rpath = out / "toyworld-train.json"
+    report = json.loads(rpath.read_text()) if rpath.exists() else {}
+    report.update(quick=args.quick, seed=args.seed, device=device, settings=cfg,
+                  torch=torch.__version__)
+    t0 = time.time()
+    fns = {"vae": train_vae, "oracle": train_oracle, "unet": train_unet, "clip": train_clip}
+    for i, stage in enumerate(STAGES):
+        if stage not in stages:
+            continue
+        if stage != "vae" and vae_dir(out) is None:
+            ap.error(f"stage {stage} needs the VAE: run with --stages vae first")
+        rng = seed_all(args.seed * 1000 + i)
+        log(f"stage {stage} ...")
+        fns[stage](cfg, out, rng, device, report)
+        tmp = rpath.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report, indent=2, default=str))
+        tmp.replace(rpath)
+    if "unet" in stages and (out / "toy-sd" / "model_index.json").is_file():
+        shutil.rmtree(out / WORK, ignore_errors=True)  # the VAE now lives in toy-sd
+    log(f"done in {(time.time() - t0) / 60:.1f} min -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
