@@ -66,7 +66,7 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                             batch = gr.Slider(1, 16, value=1, step=1, label="Batch count")
                         with gr.Row():
                             steps = gr.Slider(1, 150, value=25, step=1, label="Steps")
-                            guidance = gr.Slider(0, 30, value=7.5, step=0.5, label="CFG scale")
+                            guidance = gr.Slider(0, 30, value=studio.default_guidance, step=0.5, label="CFG scale")
                         with gr.Row():
                             width = gr.Slider(64, 2048, value=size, step=8, label="Width")
                             height = gr.Slider(64, 2048, value=size, step=8, label="Height")

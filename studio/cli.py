@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", default="merge")
     g.add_argument("--method-param", action="append", metavar="KEY=VALUE")
     g.add_argument("--steps", type=int, default=25)
-    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--guidance", type=float, default=None, help="CFG scale (default 7.5; 3 on the toy model)")
     g.add_argument("--seed", type=int, default=-1)
     g.add_argument("--size", type=_size_arg, default=None, metavar="WxH")
     g.add_argument("--num-images", type=int, default=1)

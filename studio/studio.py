@@ -94,6 +94,11 @@ class Studio:
         return cls(pipe, str(name))
 
     @property
+    def default_guidance(self) -> float:
+        """7.5 for real models; 3 for the toy model, whose colours drift at high guidance (README)."""
+        return 3.0 if self.arch == "toy" else 7.5
+
+    @property
     def default_size(self) -> int:
         return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
 
@@ -109,7 +114,7 @@ class Studio:
         method: str = "merge",
         method_params: dict | None = None,
         steps: int = 25,
-        guidance: float = 7.5,
+        guidance: float | None = None,
         width: int | None = None,
         height: int | None = None,
         seed: int = -1,
@@ -124,6 +129,7 @@ class Studio:
         from composers import make_composer
 
         width, height = width or self.default_size, height or self.default_size
+        guidance = self.default_guidance if guidance is None else guidance
         _check_params(steps, guidance, width, height, num_images, sampler)
         text, tags = parse_prompt(prompt)
         if tags and adapters:
