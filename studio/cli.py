@@ -191,8 +191,18 @@ def _extra_commands():
             continue
 
 
+def _quiet_loading() -> None:
+    """Model-loading progress bars from diffusers/transformers would bury our one-line errors."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_loading()
     try:
         return args.func(args)
     except StudioError as e:
