@@ -27,17 +27,11 @@ class LegoComposer(Composer):
         key = hashlib.sha256(json.dumps(
             [[a.name, a.adapter.sha256 or id(a.adapter), a.unet] for a in ctx.adapters] + [p], sort_keys=True, default=str,
         ).encode()).hexdigest()
-        merged = ctx.shared_cache.get(("lego", key))
-        if merged is None:
-            merged = merge_adapters(
-                [a.adapter for a in ctx.adapters], [a.unet for a in ctx.adapters], method=p["merge_method"],
-                rank=int(p["rank"]) or None, seed=int(p["seed"]), name=f"lego-{key[:8]}", **options,
-            )
-            ctx.shared_cache[("lego", key)] = merged
-            while len(ctx.shared_cache) > 8:  # keep the few most recent merges
-                ctx.shared_cache.pop(next(iter(ctx.shared_cache)))
-        else:
-            ctx.counters.cache_hits += 1
+        merged, hit = ctx.cached(("lego", key), lambda: merge_adapters(
+            [a.adapter for a in ctx.adapters], [a.unet for a in ctx.adapters], method=p["merge_method"],
+            rank=int(p["rank"]) or None, seed=int(p["seed"]), name=f"lego-{key[:8]}", **options,
+        ))
+        ctx.counters.cache_hits += hit
         self.merged = merged
         ctx.rig.attach([merged])
         self.cond = ctx.encode(te_weights=ctx.te_weights())  # text-encoder adapters stay runtime-weighted

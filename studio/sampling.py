@@ -118,6 +118,15 @@ class ComposeContext:
     def cfg(self, eps_uncond: torch.Tensor, eps_cond: torch.Tensor) -> torch.Tensor:
         return eps_uncond + self.guidance * (eps_cond - eps_uncond)
 
+    def cached(self, key, make: Callable[[], object], keep: int = 8) -> tuple[object, bool]:
+        """A value kept by the Studio across calls (e.g. a merged adapter): (value, was_cached)."""
+        if key in self.shared_cache:
+            return self.shared_cache[key], True
+        value = self.shared_cache[key] = make()
+        while len(self.shared_cache) > keep:
+            self.shared_cache.pop(next(iter(self.shared_cache)))
+        return value, False
+
     def unet_weights(self) -> dict[str, float]:
         return {a.name: a.unet for a in self.adapters}
 
