@@ -25,7 +25,7 @@ class LegoComposer(Composer):
         if p["quotas"] and p["merge_method"] == "lego":
             options["quotas"] = "equal" if p["quotas"] == "equal" else [int(q) for q in str(p["quotas"]).split(",")]
         key = hashlib.sha256(json.dumps(
-            [[a.name, a.adapter.sha256 or id(a.adapter), a.unet] for a in ctx.adapters] + [p], sort_keys=True, default=str,
+            [[a.name, a.adapter.fingerprint(), a.unet] for a in ctx.adapters] + [p], sort_keys=True, default=str,
         ).encode()).hexdigest()
         merged, hit = ctx.cached(("lego", key), lambda: merge_adapters(
             [a.adapter for a in ctx.adapters], [a.unet for a in ctx.adapters], method=p["merge_method"],

@@ -23,7 +23,7 @@ class MergeComposer(Composer):
         loras = [a for a in ctx.adapters
                  if a.unet and all(isinstance(d, LoraDelta) for p, d in a.adapter.layers.items() if p.startswith("unet."))]
         if len(loras) >= 2:
-            key = ("merge-cat", tuple((a.name, a.adapter.sha256 or id(a.adapter), a.unet) for a in loras))
+            key = ("merge-cat", tuple((a.name, a.adapter.fingerprint(), a.unet) for a in loras))
             unet_only = [Adapter(a.name, {p: d for p, d in a.adapter.layers.items() if p.startswith("unet.")},
                                  arch=a.adapter.arch) for a in loras]
             fused, _ = ctx.cached(key, lambda: merge_adapters(unet_only, [a.unet for a in loras], method="cat",

@@ -108,17 +108,19 @@ class KronDelta:
             a = a[:, :, None, None]
         return self.scale * torch.kron(a, b)
 
-    def forward(self, x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
-        """kron(A, B) x computed as B·X·Aᵀ on the reshaped input (never builds ΔW for linears)."""
+    def forward(self, x: torch.Tensor, module: torch.nn.Module, vec: bool | None = None) -> torch.Tensor:
+        """kron(A, B) x, as A·X·Bᵀ on the reshaped input (no ΔW) where that is cheaper (``vec=None``)."""
         a, b = self.factor1(), self.factor2()
         if b.dim() == 4:
             return F.conv2d(x, self.delta().to(x.dtype), None, module.stride, module.padding, module.dilation, module.groups)
         a1, a2 = a.shape
         b1, b2 = b.shape
+        if not (use_vec_trick(a1 * b1, a2 * b2, a1, a2) if vec is None else vec):
+            return F.linear(x, torch.kron(a, b).to(x.dtype)) * self.scale
         lead = x.shape[:-1]
         xr = x.reshape(-1, a2, b2)  # input index = i*b2 + j  (torch.kron layout)
-        y = torch.matmul(torch.matmul(xr, b.t()).transpose(1, 2), a.t())  # (N, b1, a1)
-        return (y.transpose(1, 2).reshape(*lead, a1 * b1)) * self.scale
+        y = torch.matmul(a, torch.matmul(xr, b.t()))  # (N, a1, b1): output index = s*b1 + r, no transposes
+        return y.reshape(*lead, a1 * b1) * self.scale
 
     def to(self, device=None, dtype=None) -> "KronDelta":
         mv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
@@ -126,6 +128,17 @@ class KronDelta:
 
 
 LayerDelta = Union[LoraDelta, KronDelta]
+
+# The reshaped matmul pays off when it saves at least this factor of multiply-adds over building
+# kron(A, B) and one F.linear (below it, its two small GEMMs and reshapes cost more; measured on CPU
+# for toy/SD1/SDXL attention shapes, see bench/train.py and docs/performance.md).
+VEC_MIN_SAVING = 5.0
+
+
+def use_vec_trick(d_out: int, d_in: int, a1: int, a2: int, min_saving: float = VEC_MIN_SAVING) -> bool:
+    """Whether kron(A, B)·x is cheaper as the reshaped matmul than with ΔW materialised."""
+    vec = d_in * (d_out // a1) + d_out * a2  # multiply-adds per input row
+    return d_out * d_in >= min_saving * vec
 
 
 @dataclass
@@ -148,6 +161,22 @@ class Adapter:
     @property
     def shorthash(self) -> str | None:
         return self.sha256[:12] if self.sha256 else None
+
+    def fingerprint(self) -> str:
+        """The file's hash, or for an in-memory adapter a SHA-256 of its tensors (then kept as ``sha256``)."""
+        if self.sha256 is None:
+            import hashlib
+
+            h = hashlib.sha256()
+            for path in sorted(self.layers):
+                h.update(path.encode())
+                for t in vars(self.layers[path]).values():
+                    if isinstance(t, torch.Tensor):
+                        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                    else:
+                        h.update(repr(t).encode())
+            self.sha256 = h.hexdigest()
+        return self.sha256
 
     def components(self) -> set[str]:
         return {k.split(".", 1)[0] for k in self.layers}
