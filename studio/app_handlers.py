@@ -104,6 +104,9 @@ class AppHandlers:
 
     def __init__(self, studio: Studio, out_dir: str | os.PathLike | None = None, preview_every: int | None = None):
         self.studio = studio
+        self._scorer = None  # the CLIP scorer, loaded on first use and reused
+        self._scorer_error: str | None = None
+        self._scorer_lock = threading.Lock()
         self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="lora-studio-app-"))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.preview_every = preview_every
@@ -251,9 +254,36 @@ class AppHandlers:
         info = (f"**{len(gallery)} image(s)** · seed {seeds} · {wall:.2f} s wall · "
                 f"{report.get('seconds', 0):.2f} s sampling · {report.get('unet_calls', '?')} UNet calls · "
                 f"method {report.get('method', '?')}")
-        if optional("studio.metrics") is None:
-            info += " · CLIPScore: not available yet (studio.metrics missing)"
+        info += self._scores(result)
         return gallery, None, info, _jsonable(report), extras, result.recipes[0].seed if result.recipes else None
+
+    def _scores(self, result) -> str:
+        """CLIPScore (compat: the adapters' trigger phrases, else the prompt) and per-concept CLIP-T per image."""
+        with self._scorer_lock:
+            if self._scorer is None and self._scorer_error is None:
+                try:
+                    from studio.metrics import Scorer
+
+                    self._scorer = Scorer.load("toy")
+                except Exception as e:  # no toy CLIP: say so once, keep generating
+                    self._scorer_error = f"CLIPScore unavailable ({str(e).splitlines()[0][:120]})"
+        if self._scorer is None:
+            return f" · {self._scorer_error}"
+        from studio.metrics import compat_text
+
+        lines = []
+        for image, recipe in zip(result.images, result.recipes):
+            used = [self.studio.adapters.get(a.name) for a in recipe.adapters if a.name in self.studio.adapters]
+            text = compat_text([a.trigger for a in used]) or parse_prompt(recipe.prompt)[0]
+            score = self._scorer.clipscore(image, text)
+            line = f"seed {recipe.seed}: CLIPScore {score.value:.1f} on “{text}”"
+            concepts = {a.name: a.concept or a.trigger for a in used if a.concept or a.trigger}
+            if concepts:
+                per = self._scorer.concept_scores(image, concepts)
+                line += " · CLIP-T " + ", ".join(f"{n} {v['raw_cos']:.3f}" for n, v in per["per_concept"].items())
+                line += f" (min {per['min']:.3f})"
+            lines.append(line)
+        return "\n\n" + "\n\n".join(lines) + "\n\n*(toy CLIP: a sanity number only)*"
 
     def _report_images(self, report: dict, folder: Path, size) -> list[tuple[str, str]]:
         """Masks and attention heatmaps a composer reports (CLoRA), saved as PNGs with captions."""

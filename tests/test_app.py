@@ -108,6 +108,15 @@ def test_generate_yields_previews_then_pngs_with_metadata(h):
             assert "<lora:a:0.8>" in im.info["parameters"]
         assert np.array_equal(_pixels(path), np.asarray(image.convert("RGB")))  # the handler is a Studio call
     assert read_recipe(gallery[0][0]).adapters[0].name == "a"
+    # CLIPScore on the adapters' trigger phrase and per-concept CLIP-T, under each image
+    from studio.metrics import Scorer
+
+    scorer = Scorer.load("toy")
+    for (path, _), seed in zip(gallery, (5, 6)):
+        with Image.open(path) as im:
+            value = scorer.clipscore(im.convert("RGB"), "sksa").value
+        assert f"seed {seed}: CLIPScore {value:.1f} on “sksa”" in info
+    assert "CLIP-T a " in info
 
 
 def test_generate_errors_are_one_line_messages(h):
