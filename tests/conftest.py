@@ -9,6 +9,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
+# Tiny models gain nothing from a second thread, and OpenMP threads that spin-wait make a suite
+# sharing 2 cores with anything else many times slower.
+torch.set_num_threads(1)
+
 from studio import Studio
 from studio.adapters.adapter import Adapter, LoraDelta
 from studio.base import build_tiny_pipeline
