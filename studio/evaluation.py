@@ -564,7 +564,7 @@ class Evaluator:
         used = {n for _, names in suite.sets for n in names}
         for name in sorted(used):
             e = suite.adapters[name]
-            self.studio.adapters.load(e.path, name=name, weight=e.weight, trigger=e.trigger, kind=e.kind, concept=e.concept)
+            self.studio.adapters.load(e.path, name=name, weight=e.weight, kind=e.kind)
         clip_metrics = {"clipscore", "clipscore_hessel", "clip_prompt", "clip_t", "clip_i"} & set(suite.metrics)
         self.scorer = Scorer.load(suite.scorer, device or "cpu") if clip_metrics and suite.scorer != "none" else None
         self.oracle = _load_oracle(suite.oracle) if "oracle" in suite.metrics else None

@@ -195,6 +195,13 @@ class Studio:
         merged.arch = merged.arch or self.arch
         return self.adapters.add(merged) if add else merged
 
+    def train(self, config=None, **kwargs) -> Adapter:
+        """DreamBooth-train a LoRA or Kronecker adapter on this base (``training.dreambooth.TrainConfig``)
+        and add it to the library."""
+        from training.dreambooth import train_adapter
+
+        return self.adapters.add(train_adapter(self, config, **kwargs))
+
     def reproduce(self, source: str | Path | Image.Image | Recipe, **overrides) -> GenerationResult:
         """Generate again from a studio PNG (or its recipe), loading its adapters when needed."""
         recipe = source if isinstance(source, Recipe) else read_recipe(source)

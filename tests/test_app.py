@@ -183,8 +183,7 @@ def test_edit_delete_and_rows(h):
 
 
 def test_merge_creates_a_library_adapter(h):
-    if not h.merge_available():
-        pytest.skip("studio.adapters.merge is not present in this build")
+    assert h.merge_available()
     assert h.merge(["a"], "cat", None, "").startswith("Error: pick at least two")
     msg = h.merge(["a", "b"], "cat", None, "ab cat")
     assert msg.startswith("Merged"), msg
@@ -267,8 +266,6 @@ def _instance_images(folder: Path) -> list[str]:
 
 
 def test_train_adds_the_adapter_to_the_library(h, tmp_path):
-    if not h.available("training.dreambooth", "DreamBoothTrainer"):
-        pytest.skip("training.dreambooth is not present in this build")
     files = _instance_images(tmp_path / "imgs")
     with pytest.raises(gr.Error, match="upload instance images"):
         list(h.train(None, "", "sks", "shape"))
@@ -281,8 +278,6 @@ def test_train_adds_the_adapter_to_the_library(h, tmp_path):
 
 
 def test_train_stop_ends_the_run_and_adds_nothing(h, tmp_path):
-    if not h.available("training.dreambooth", "DreamBoothTrainer"):
-        pytest.skip("training.dreambooth is not present in this build")
     gen = h.train(_instance_images(tmp_path / "imgs"), "", "sks", "shape", "object", "lora", 2, "", 500, False, "")
     next(gen)
     assert h.stop_train(None) == "Stopping…"
@@ -293,11 +288,7 @@ def test_train_stop_ends_the_run_and_adds_nothing(h, tmp_path):
 
 
 def test_evaluate_runs_a_suite_into_a_run_folder(h):
-    if not h.available("studio.evaluation", "run_suite"):
-        pytest.skip("studio.evaluation is not present in this build")
     smoke = REPO / "workflows" / "smoke.yaml"
-    if not smoke.is_file():
-        pytest.skip("workflows/smoke.yaml is not present")
     assert str(smoke) in h.suites()
     log, table, grids, archive = list(h.evaluate(str(smoke), None, 1, False))[-1]
     assert "results.jsonl" in log and list(table["method"]) == ["merge"]

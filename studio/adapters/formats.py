@@ -459,7 +459,8 @@ def _te_has_text_model(component: str) -> bool:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
-                         vocab_size=8, max_position_embeddings=4, projection_dim=8)
+                         vocab_size=8, max_position_embeddings=4, projection_dim=8,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1)
     cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
     return hasattr(cls(cfg), "text_model")
 

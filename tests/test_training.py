@@ -1,0 +1,267 @@
+"""DreamBooth training: loss maths, learning, exact resume, SDXL, outputs, bad input, CLI, accelerate."""
+
+from __future__ import annotations
+
+import json
+import math
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from studio.base import build_tiny_pipeline
+from studio.studio import Studio
+from studio.toyworld.render import Obj, Scene, render
+from training.dreambooth import (
+    DreamBoothTrainer, TrainConfig, TrainingError, dreambooth_loss, snr_weights, train_adapter,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = dict(steps=3, grad_accum=1, batch_size=2, lr=1e-3, sample_steps=2, num_validation_images=1,
+            final_grid=False, progress=False, factors="4x8")
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    """Three toy-world crescents in different colours, sizes and positions."""
+    folder = tmp_path / "inst"
+    folder.mkdir()
+    for i, (c, s, p) in enumerate([("red", "large", "centre"), ("blue", "medium", "left"), ("green", "small", "right")]):
+        render(Scene([Obj("crescent", c, size=s, position=p)]), i).save(folder / f"{i}.png")
+    return folder
+
+
+def _studio(arch="sd1") -> Studio:
+    return Studio.from_pipeline(build_tiny_pipeline(arch))
+
+
+def _unet_out(pipe):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ehs = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return pipe.unet(x, 10, encoder_hidden_states=ehs, return_dict=False)[0]
+
+
+# ---- loss maths ----------------------------------------------------------------------------------
+
+def test_loss_without_and_with_prior_preservation():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    loss, _ = dreambooth_loss(pred[:2], target[:2], n_instance=2)
+    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(pred[:2], target[:2]))
+    loss, parts = dreambooth_loss(pred, target, n_instance=2, prior_loss_weight=0.7)
+    inst = torch.nn.functional.mse_loss(pred[:2], target[:2])
+    cls = torch.nn.functional.mse_loss(pred[2:], target[2:])
+    torch.testing.assert_close(loss, inst + 0.7 * cls)
+    assert parts["prior"] == pytest.approx(cls.item(), rel=1e-6)
+
+
+def test_min_snr_weights_for_both_prediction_types():
+    ac = torch.linspace(0.999, 0.01, 1000)
+    t = torch.tensor([0, 500, 999])
+    snr = ac[t] / (1 - ac[t])
+    torch.testing.assert_close(snr_weights(t, ac, 5.0, "epsilon"), torch.clamp(snr, max=5) / snr)
+    torch.testing.assert_close(snr_weights(t, ac, 5.0, "v_prediction"), torch.clamp(snr, max=5) / (snr + 1))
+
+
+# ---- training runs -------------------------------------------------------------------------------
+
+def test_loss_falls_on_toy_data(images):
+    studio = _studio()
+    cfg = TrainConfig(images=str(images), **{**FAST, "steps": 40, "lr": 1e-2, "batch_size": 3})
+    trainer = DreamBoothTrainer(studio, cfg)
+    trainer.setup()
+    with torch.no_grad():  # a fixed set of noisy batches, before and after
+        before = sum(trainer.compute_loss(10_000 + i)[0].item() for i in range(4))
+    for _ in range(cfg.steps):
+        trainer.train_step()
+    with torch.no_grad():
+        after = sum(trainer.compute_loss(10_000 + i)[0].item() for i in range(4))
+    trainer._strip()
+    assert after < 0.8 * before, (before, after)
+
+
+@pytest.mark.parametrize("kind", ["lora", "kron"])
+def test_resume_equals_an_uninterrupted_run(images, tmp_path, kind):
+    common = dict(images=str(images), adapter=kind, checkpoint_every=2, **{**FAST, "grad_accum": 2})
+    full = DreamBoothTrainer(_studio(), TrainConfig(**{**common, "steps": 4}, output_dir=str(tmp_path / "a")))
+    a = full.run()
+    part_dir = str(tmp_path / "b")
+    DreamBoothTrainer(_studio(), TrainConfig(**{**common, "steps": 2}, output_dir=part_dir)).run()
+    resumed = DreamBoothTrainer(_studio(), TrainConfig(**{**common, "steps": 4}, output_dir=part_dir, resume=True))
+    b = resumed.run()
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    for key, d in a.layers.items():
+        assert torch.equal(d.delta(), b.layers[key].delta()), key
+
+
+@pytest.mark.parametrize("kind", ["lora", "kron"])
+def test_tiny_sdxl_trains_with_both_types_and_writes_clean_files(images, tmp_path, kind):
+    from safetensors import safe_open
+
+    studio = _studio("sdxl")
+    before = _unet_out_sdxl(studio.pipe)
+    out = tmp_path / f"sdxl-{kind}.safetensors"
+    adapter = train_adapter(studio, TrainConfig(images=str(images), adapter=kind, out=str(out), snr_gamma=5.0,
+                                                prior_preservation=True, num_class_images=2, class_steps=2,
+                                                **{**FAST, "final_grid": True}))
+    assert adapter.kind == kind and adapter.arch == "sdxl" and adapter.num_params() > 0
+    assert any(d.delta().abs().max() > 0 for d in adapter.layers.values())  # it learnt something
+    with safe_open(str(out), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert keys and not any(k.startswith(("module.", "base_model.model.")) for k in keys)
+    assert all(("lokr_w" in k) == (kind == "kron") for k in keys if not k.endswith(".alpha"))
+    assert meta["ss_output_name"] == "sdxl-" + kind and meta["trigger"] == "sks"
+    assert meta["modelspec.architecture"].startswith("stable-diffusion-xl-v1-base/")
+    assert meta["ss_num_reg_images"] == "2" and json.loads(meta["training_params"])["adapter"] == kind
+    assert (tmp_path / f"sdxl-{kind}-train" / "samples" / "final-grid.png").is_file()
+    # the shared UNet is back to exactly its old self, and the file loads into the library
+    assert torch.equal(_unet_out_sdxl(studio.pipe), before)
+    loaded = studio.adapters.load(out)
+    assert loaded.kind == kind and loaded.trigger == "sks"
+    assert studio.generate("a sks object", [(loaded.name, 1.0)], steps=2, seed=1)[0].size == (64, 64)
+
+
+def _unet_out_sdxl(pipe):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ehs = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    added = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.tensor([[64., 64, 0, 0, 64, 64]])}
+    with torch.no_grad():
+        return pipe.unet(x, 10, encoder_hidden_states=ehs, added_cond_kwargs=added, return_dict=False)[0]
+
+
+def test_text_encoder_lora_and_validation_images(images, tmp_path):
+    studio = _studio()
+    cfg = TrainConfig(images=str(images), train_text_encoder=True, validate_every=2, output_dir=str(tmp_path / "o"),
+                      **{**FAST, "steps": 2})
+    adapter = train_adapter(studio, cfg)
+    assert {"unet", "text_encoder"} <= adapter.components()
+    assert list((tmp_path / "o" / "samples").glob("step-000002-*.png")) == []  # not at the last step
+    cfg = TrainConfig(images=str(images), validate_every=1, output_dir=str(tmp_path / "v"), **{**FAST, "steps": 2})
+    train_adapter(studio, cfg)
+    assert len(list((tmp_path / "v" / "samples").glob("step-000001-*.png"))) == 1
+
+
+def test_ctrl_c_saves_a_checkpoint(images, tmp_path, monkeypatch):
+    trainer = DreamBoothTrainer(_studio(), TrainConfig(images=str(images), output_dir=str(tmp_path), **{**FAST, "steps": 5}))
+    real = DreamBoothTrainer.train_step
+
+    def step_then_interrupt(self):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(DreamBoothTrainer, "train_step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    state = json.loads((tmp_path / "checkpoints" / "step-000002" / "state.json").read_text())
+    assert state["step"] == 2 and len(state["history"]) == 2
+    assert not list(tmp_path.glob("**/*.tmp"))  # nothing half-written
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+def test_missing_and_empty_folders_are_clear_errors(tmp_path):
+    studio = _studio()
+    with pytest.raises(TrainingError, match="does not exist"):
+        train_adapter(studio, TrainConfig(images=str(tmp_path / "nope"), **FAST))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrainingError, match="has no images"):
+        train_adapter(studio, TrainConfig(images=str(tmp_path / "empty"), **FAST))
+
+
+def test_corrupt_images_skipped_or_fatal_and_mixed_sizes_resized(images, tmp_path, caplog):
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    Image.new("RGB", (100, 80), "red").save(images / "big.jpg")
+    (images / "big.txt").write_text("a sks object on red")
+    studio = _studio()
+    with caplog.at_level(logging.INFO, logger="studio.training"):
+        trainer = DreamBoothTrainer(studio, TrainConfig(images=str(images), output_dir=str(tmp_path / "o"), **FAST))
+        trainer.run()
+    assert "broken.png" in caplog.text and "100x80" in caplog.text
+    assert len(trainer.instance) == 4 and all(e.image.size == (64, 64) for e in trainer.instance)
+    assert "a sks object on red" in {e.caption for e in trainer.instance}
+    with pytest.raises(TrainingError, match="broken.png"):
+        train_adapter(studio, TrainConfig(images=str(images), skip_bad_images=False, **FAST))
+
+
+def test_split_trigger_warns_and_bad_factors_fail_before_training(images):
+    studio = _studio()
+    trainer = DreamBoothTrainer(studio, TrainConfig(images=str(images), trigger="qwxzvbn", **{**FAST, "steps": 1}))
+    trainer.run()
+    assert any("qwxzvbn" in w and "split" in w for w in trainer.warnings)
+    from studio.adapters.kron import KronFactorError
+
+    with pytest.raises(KronFactorError, match="valid|one of"):
+        train_adapter(studio, TrainConfig(images=str(images), adapter="kron", **{**FAST, "factors": "5x3"}))
+    assert not any("Kron" in type(m).__name__ for m in studio.pipe.unet.modules())
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_model_dir(tmp_path) -> Path:
+    path = tmp_path / "tiny-sd1"
+    build_tiny_pipeline("sd1").save_pretrained(path)
+    return path
+
+
+def test_cli_train(images, tmp_path, tiny_model_dir):
+    from studio.cli import main
+
+    out = tmp_path / "cli.safetensors"
+    rc = main(["train", "--images", str(images), "--trigger", "sks", "--class-word", "shape", "--adapter", "kron",
+               "--factors", "4x8", "--steps", "2", "--grad-accum", "1", "--model", str(tiny_model_dir),
+               "--num-validation-images", "1", "--sample-steps", "2", "--svd-lora-rank", "8", "--out", str(out)])
+    assert rc == 0 and out.is_file()
+    from studio.adapters.formats import read_adapter
+
+    kron, lora = read_adapter(out), read_adapter(tmp_path / "cli-lora8.safetensors")
+    assert kron.kind == "kron" and lora.kind == "lora" and lora.ranks() == [8] and set(lora.layers) == set(kron.layers)
+    assert main(["train", "--images", str(tmp_path / "missing"), "--model", str(tiny_model_dir), "--out", str(out)]) == 2
+
+
+@pytest.mark.slow
+def test_accelerate_two_cpu_processes(images, tmp_path, tiny_model_dir):
+    out = tmp_path / "ddp.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # accelerate 1.15 runs `launch --cpu --num_processes 2` as ONE process (its simple launcher); on a
+    # CPU-only host `--multi_gpu` starts torchrun workers that accelerate then runs as MULTI_CPU (gloo).
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "studio.cli", "train", "--images", str(images),
+           "--steps", "2", "--grad-accum", "2", "--model", str(tiny_model_dir), "--num-validation-images", "1",
+           "--sample-steps", "2", "--checkpoint-every", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from studio.adapters.formats import read_adapter
+    from safetensors.torch import load_file
+
+    adapter = read_adapter(out)
+    assert adapter.kind == "lora" and adapter.metadata["ss_steps"] == "2"
+    # rank 0 wrote the unwrapped model's tensors: the file equals the last checkpoint's parameters
+    ckpt = load_file(str(tmp_path / "ddp-train" / "checkpoints" / "step-000002" / "state.safetensors"))
+    params = {k: v for k, v in ckpt.items() if k.startswith("param.")}
+    assert params and not any(".module." in k for k in params)
+    for path, d in adapter.layers.items():
+        down = ckpt[f"param.{path}.lora_A.studio_train.weight"]
+        torch.testing.assert_close(d.down.float(), down.half().float())
+    assert proc.stdout.count("ddp.safetensors") == 1 and "(2 processes)" in proc.stdout  # only rank 0 prints
+
+
+def test_bf16_and_gradient_checkpointing(images):
+    studio = _studio()
+    trainer = DreamBoothTrainer(studio, TrainConfig(images=str(images), mixed_precision="bf16", gradient_checkpointing=True,
+                                                    adapter="kron", **{**FAST, "steps": 2}))
+    adapter = trainer.run()
+    assert all(p.dtype == torch.float32 for p in trainer.params)  # trainable weights stay fp32
+    assert len(trainer.history) == 2 and all(math.isfinite(h["loss"]) for h in trainer.history)
+    assert adapter.is_finite() and not studio.pipe.unet.is_gradient_checkpointing
+    assert next(studio.pipe.unet.parameters()).dtype == torch.float32  # the base model was not cast
