@@ -257,6 +257,25 @@ class AppHandlers:
         info += self._scores(result)
         return gallery, None, info, _jsonable(report), extras, result.recipes[0].seed if result.recipes else None
 
+    def _start_worker(self, key, stop: threading.Event, fn) -> tuple[threading.Thread, dict]:
+        """Run ``fn`` in a worker thread registered under this session's Stop; its result or error lands in the box.
+
+        The context is copied so ``gr.Progress(track_tqdm=True)`` follows tqdm bars in the worker.
+        """
+        box: dict = {}
+
+        def work() -> None:
+            try:
+                box["result"] = fn()
+            except BaseException as e:  # handed to the request thread, raised there
+                box["error"] = e
+
+        with self._stops_lock:
+            self._stops.setdefault(key, set()).add(stop)
+        worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), daemon=True)
+        worker.start()
+        return worker, box
+
     def _scores(self, result) -> str:
         """CLIPScore (compat: the adapters' trigger phrases, else the prompt) and per-concept CLIP-T per image."""
         with self._scorer_lock:
@@ -415,20 +434,9 @@ class AppHandlers:
             return step_fn()
 
         trainer.train_step = train_step
-        box: dict = {}
-
-        def work() -> None:
-            try:
-                box["adapter"] = trainer.run()
-            except BaseException as e:
-                box["error"] = e
-
         key = (_session(request), "train")
-        with self._stops_lock:
-            self._stops.setdefault(key, set()).add(stop)
-        worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), daemon=True)
+        worker, box = self._start_worker(key, stop, trainer.run)
         try:
-            worker.start()
             while worker.is_alive():
                 worker.join(0.5)
                 yield _loss_table(trainer.history), gr.skip(), f"training: step {trainer.step}/{cfg.steps}"
@@ -440,7 +448,7 @@ class AppHandlers:
                 if isinstance(e, StudioError):
                     raise gr.Error(str(e)) from None
                 raise e
-            adapter = box["adapter"]
+            adapter = box["result"]
             out = Path(cfg.out)
             try:
                 added = self.studio.adapters.load(out, name=name, trigger=trigger, kind=concept_kind or None,
@@ -485,22 +493,11 @@ class AppHandlers:
             if stop.is_set():
                 raise EvaluationCancelled("evaluation stopped by the user")
 
-        box: dict = {}
-
-        def work() -> None:
-            try:
-                box["summary"] = evaluation.run_suite(
-                    suite, out, limit=_as_int(limit, "limit") if limit not in (None, "", 0) else None,
-                    dry_run=bool(dry_run), on_job=on_job, log=lines.append)
-            except BaseException as e:
-                box["error"] = e
-
         key = (_session(request), "evaluate")
-        with self._stops_lock:
-            self._stops.setdefault(key, set()).add(stop)
-        worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), daemon=True)
+        worker, box = self._start_worker(key, stop, lambda: evaluation.run_suite(
+            suite, out, limit=_as_int(limit, "limit") if limit not in (None, "", 0) else None,
+            dry_run=bool(dry_run), on_job=on_job, log=lines.append))
         try:
-            worker.start()
             while worker.is_alive():
                 worker.join(0.5)
                 yield "\n".join(lines), gr.skip(), gr.skip(), gr.skip()
