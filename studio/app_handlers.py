@@ -254,6 +254,7 @@ class AppHandlers:
         info = (f"**{len(gallery)} image(s)** · seed {seeds} · {wall:.2f} s wall · "
                 f"{report.get('seconds', 0):.2f} s sampling · {report.get('unet_calls', '?')} UNet calls · "
                 f"method {report.get('method', '?')}")
+        info += _cmlora_timeline(report)
         info += self._scores(result)
         return gallery, None, info, _jsonable(report), extras, result.recipes[0].seed if result.recipes else None
 
@@ -791,6 +792,22 @@ def _map_image(value, size) -> Image.Image:
     arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
     image = Image.fromarray((arr * 255).astype("uint8"), mode="L")
     return image.resize(size, Image.NEAREST) if size else image
+
+
+def _cmlora_timeline(report: dict) -> str:
+    """CMLoRA's dominant adapter per step span and which cache slot each refresh event filled."""
+    events = report.get("events") if report.get("method") == "cmlora" else None
+    if not events:
+        return ""
+    parts = []
+    for step, dominant, refreshed in events:
+        what = "all caches filled" if step == 0 and report.get("caching") else (
+            f"refresh {refreshed}" if refreshed else "no refresh")
+        parts.append(f"step {step}: **{dominant}** dominant ({what})")
+    low = ", ".join(report.get("low_frequency") or []) or "none"
+    return (f"\n\n**CMLoRA timeline** (order {', '.join(report.get('order', []))}; low-frequency: {low}; "
+            f"late start at step {report.get('late_start')}; {report.get('cache_hits', 0)} cache hits): "
+            + " → ".join(parts))
 
 
 def _jsonable(value, depth: int = 0):

@@ -443,3 +443,12 @@ def test_screenshots_of_every_tab(served):
             assert im.size == (1400, 1400) and np.asarray(im.convert("L")).std() > 1  # not a blank page
             shots.append(np.asarray(im.convert("L"), dtype=np.int16))
     assert all(np.abs(shots[0] - s).mean() > 0.5 for s in shots[1:]), "every tab should look different"
+
+
+def test_cmlora_timeline_is_shown(h):
+    *_, last = h.generate("a red circle <lora:a:1> <lora:b:1>", **(GEN | {"method": "cmlora"}), seed=1, steps=10,
+                          batch_count=1)
+    info, report = last[2], last[3]
+    assert "**CMLoRA timeline**" in info
+    for step, dominant, _ in report["events"]:
+        assert f"step {step}: **{dominant}** dominant" in info
