@@ -258,8 +258,8 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
             train_event.then(refresh, lib_rev, refresh_outputs, api_visibility="private", **LIGHT)
             train_stop.click(h.stop_train, None, train_status, api_visibility="private", **LIGHT)
         if h.available("studio.evaluation", "run_suite"):
-            eval_event = eval_btn.click(h.evaluate, [eval_suite, eval_file, eval_limit, eval_dry],
-                                        [eval_log, eval_table, eval_grids, eval_zip], api_name="evaluate", **GPU)
+            eval_btn.click(h.evaluate, [eval_suite, eval_file, eval_limit, eval_dry],
+                           [eval_log, eval_table, eval_grids, eval_zip], api_name="evaluate", **GPU)
             eval_stop.click(h.stop_evaluate, None, None, api_visibility="private", **LIGHT)
         demo.load(lambda: h.library_rows(), None, table, api_visibility="private", **LIGHT)
 

@@ -145,7 +145,7 @@ class Studio:
             [text] + [format_tag(a.name, a.unet) if a.te == a.unet else f"<lora:{a.name}:{a.te:g}:{a.unet:g}>" for a in chosen]
         )
 
-        images, recipes = [], []
+        images, recipes, packages = [], [], _versions()
         with self._lock, AdapterRig(self.pipe, [a.adapter for a in chosen]) as rig, torch.no_grad():
             ctx = ComposeContext(
                 pipe=self.pipe, rig=rig, adapters=chosen, prompt=text, negative_prompt=negative_prompt,
@@ -170,7 +170,7 @@ class Studio:
                     height=int(height), model=self.model_id, arch=self.arch, method=method,
                     method_params=dict(method_params or {}),
                     adapters=[AdapterUse(a.name, a.unet, a.te, a.adapter.sha256, a.adapter.path, a.adapter.kind) for a in chosen],
-                    version=__version__, packages=_versions(),
+                    version=__version__, packages=packages,
                 )
                 images.append(attach(image, recipe, sampler_label(sampler)))
                 recipes.append(recipe)

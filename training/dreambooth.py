@@ -16,7 +16,6 @@ a resumed run sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib

@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from studio.toyworld.concepts import (
-    ALL_PATTERNS, ALL_SHAPES, NOVEL_BACKGROUNDS, NOVEL_PATTERNS, NOVEL_SHAPES, RESERVED_WORDS,
+    ALL_SHAPES, NOVEL_BACKGROUNDS, NOVEL_PATTERNS, NOVEL_SHAPES,
 )
 from studio.toyworld.render import (
     caption, is_heldout, render, sample_any_scene, sample_base_scene, sample_concept_scene,
@@ -196,7 +196,6 @@ def generic_image(rng: np.random.Generator) -> Image.Image:
         bgc = _rand_color(rng)
         img = Image.new("RGB", (n, n), bgc)
         _texture(ImageDraw.Draw(img), rng, n, _rand_color(rng))
-    d = ImageDraw.Draw(img)
     for _ in range(int(rng.integers(0, 5))):
         col = _rand_color(rng)
         cx, cy = rng.uniform(0, n, 2)
@@ -337,7 +336,7 @@ def vae_roundtrip(vae, data_u8: torch.Tensor, device, bs=256) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- oracle
 def train_oracle(cfg, out: Path, rng, device, report):
-    from studio.toyworld.oracle import Oracle, OracleNet, save_oracle, scene_targets, split_logits
+    from studio.toyworld.oracle import OracleNet, save_oracle, scene_targets, split_logits
 
     t0 = time.time()
     vae = load_vae(out, device)

@@ -8,7 +8,6 @@ first part: ``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``,
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Union
 

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from .concepts import (
-    ALL_BACKGROUNDS, ALL_PATTERNS, ALL_SHAPES, BACKGROUND_PHRASE, COLORS, PATTERN_PHRASE,
+    ALL_BACKGROUNDS, ALL_PATTERNS, ALL_SHAPES, COLORS, PATTERN_PHRASE,
     POSITION_PHRASE, SIZES,
 )
 
