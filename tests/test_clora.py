@@ -221,6 +221,55 @@ def test_branchwise_backprop_equals_full_graph_gradient(sd1):
     assert float(loss_b) == pytest.approx(float(loss_j), rel=1e-5)
     assert grad_b.abs().max() > 0
     torch.testing.assert_close(grad_b, grad_j, rtol=1e-4, atol=1e-6 * float(grad_j.abs().max()))
+    # activation checkpointing in the branch passes changes memory, not the gradient
+    with prepared(sd1, CLoRAComposer(grad_checkpoint="on")) as (comp, ctx, sched):
+        assert comp.ckpt_blocks
+        _, grad_ck, _ = comp.latent_grad(initial_latents(ctx, 5, sched), sched.timesteps[0])
+    torch.testing.assert_close(grad_ck, grad_b, rtol=1e-5, atol=1e-7 * float(grad_b.abs().max()))
+
+
+def test_checkpointed_blocks_hold_no_capture_layer(sd1):
+    two_adapters(sd1)
+    unet = sd1.pipe.unet
+    with prepared(sd1, CLoRAComposer()) as (comp, ctx, sched):
+        assert comp.ckpt_blocks == []  # auto: off for an 8x8 latent
+    with prepared(sd1, CLoRAComposer(grad_checkpoint="on")) as (comp, ctx, sched):
+        names = {n for n, m in unet.named_modules() if any(m is b for b in comp.ckpt_blocks)}
+        assert names and all(not layer.startswith(n + ".") for n in names for layer in comp.spec.layers)
+        comp.latent_grad(initial_latents(ctx, 5, sched), sched.timesteps[0])
+        assert all("forward" not in b.__dict__ for b in comp.ckpt_blocks)  # wrappers removed again
+
+
+def test_batched_branches_equal_sequential_calls(sd1):
+    """One batched call with per-row adapters gives each branch what its own rig call gives."""
+    two_adapters(sd1)
+    unet = sd1.pipe.unet
+    with prepared(sd1, CLoRAComposer()) as (comp, ctx, sched):
+        t = sched.timesteps[1]
+        z = initial_latents(ctx, 2, sched)
+        hooks = sum(len(m._forward_hooks) for m in unet.modules())
+        with torch.no_grad():
+            batched = comp._all(z, t, truncate=False)
+            seq = [comp._pass(z, t, b, truncate=False) for b in range(3)]
+            truncated = comp._all(z, t, truncate=True)
+        assert comp.stats["batched_calls"] == 2 and ctx.counters.unet_calls == 6 and ctx.counters.shallow_calls == 3
+        assert sum(len(m._forward_hooks) for m in unet.modules()) == hooks  # row hooks removed again
+        assert ctx.rig.active["unet"] == {}
+        for b, s in enumerate(seq):
+            for e_b, e_s in zip(batched[b].eps, s.eps):
+                torch.testing.assert_close(e_b, e_s, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(batched[b].maps, s.maps, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(truncated[b].maps, s.maps, rtol=1e-5, atol=1e-6)
+            assert truncated[b].eps is None
+        assert (batched[1].eps[1] - batched[0].eps[1]).abs().max() > 1e-3  # the adapters act per branch
+        assert (batched[2].eps[1] - batched[1].eps[1]).abs().max() > 1e-3
+    on = sd1.run(PROMPT, ["a", "b"], method="clora", **FAST)
+    off = sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"batch_branches": False}, **FAST)
+    assert off.report["batched_calls"] == 0 and on.report["batched_calls"] == 4
+    for key in ("full_forwards", "truncated_forwards", "latent_updates", "backward_passes"):
+        assert on.report[key] == off.report[key]
+    diff = np.abs(np.asarray(on.images[0], float) - np.asarray(off.images[0], float))
+    assert diff.max() <= 2
 
 
 # ---- fusion and masks --------------------------------------------------------------------
@@ -294,7 +343,10 @@ def test_presets_and_scaled_schedule():
                                        max_iter_to_alter=50, iterative_steps=(0, 10, 20), inner_iterations=20,
                                        tau=0.5, mask_threshold=0.4, apply_mask_after=0, negative_prompt="nsfw",
                                        seed=53)
-    c = CLoRAComposer()
+    assert PRESETS["fast"] == {**PRESETS["spec"], "iterative_steps": ()}  # the spec's preset minus inner iterations
+    assert CLoRAComposer()._schedule(50) == (25, set(), 20)  # default "fast": one update per step on the first half
+    assert CLoRAComposer()._schedule(25) == (12, set(), 10)
+    c = CLoRAComposer(preset="spec")
     assert c._schedule(50) == (25, {0, 10, 20}, 20)  # the spec's default preset at T = 50
     assert c._schedule(4) == (2, {0, 1}, 2)
     assert c._schedule(20) == (10, {0, 4, 8}, 8)
@@ -305,7 +357,7 @@ def test_presets_and_scaled_schedule():
 
 def test_call_counts_updates_and_determinism(sd1):
     a, b = two_adapters(sd1)
-    params = {"inner_iterations": 2}
+    params = {"preset": "spec", "inner_iterations": 2}
     r1 = sd1.run(PROMPT, ["a", "b"], method="clora", method_params=params, **FAST)
     rep = r1.report
     n, steps, a_steps, k = 3, 4, 2, 2  # T=4: updates on steps 0, 1; both are iterative steps
@@ -358,6 +410,8 @@ def test_bad_input(sd1):
         sd1.run("a cat in the snow", ["a", "b"], method="clora", **FAST)
     with pytest.raises(GenerationError, match="backprop"):
         sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"backprop": "magic"}, **FAST)
+    with pytest.raises(GenerationError, match="grad_checkpoint"):
+        sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"grad_checkpoint": "maybe"}, **FAST)
     with pytest.raises(GenerationError, match="mask_morphology"):
         sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"mask_morphology": "blur"}, **FAST)
     with pytest.raises(GenerationError, match="need 3 entries"):
@@ -376,7 +430,7 @@ def test_explicit_override_equals_auto(sd1):
 # ---- other architectures -----------------------------------------------------------------
 def test_sdxl_tiny(sdxl):
     two_adapters(sdxl)
-    result = sdxl.run(PROMPT, ["a", "b"], method="clora", method_params={"inner_iterations": 1}, sampler="euler", **FAST)
+    result = sdxl.run(PROMPT, ["a", "b"], method="clora", method_params={"preset": "spec", "inner_iterations": 1}, sampler="euler", **FAST)
     rep = result.report
     assert result.images[0].size == (64, 64)
     assert rep["clora"]["capture_layers"] == [
@@ -393,7 +447,7 @@ def test_toy_model():
         ad = studio.adapters.add(random_lora(studio, name, seed=len(name)))
         ad.trigger, ad.concept = trig, "shape"
     result = studio.run("a sks shape on the left and a zwx shape on the right", ["s", "z"], method="clora",
-                        method_params={"inner_iterations": 1}, **FAST)
+                        method_params={"preset": "spec", "inner_iterations": 1}, **FAST)
     rep = result.report
     assert rep["clora"]["attention_size"] == [4, 4] and rep["latent_updates"] == 4
     assert rep["clora"]["prompts"][0] == "a shape on the left and a shape on the right"

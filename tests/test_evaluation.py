@@ -109,6 +109,29 @@ def test_dry_run_counts_and_limit(tmp_path, assets):
     assert not (tmp_path / "run").exists()
 
 
+def test_prompts_restricted_to_adapter_sets(tmp_path, assets):
+    path = make_suite(tmp_path, assets, adapter_sets=[["obj"], ["obj", "sty"]], samples=2, prompts=[
+        {"id": "one", "text": "a red sks shape", "sets": ["obj"]},
+        {"id": "two", "text": "a red sks shape with zkq pattern", "sets": ["obj+sty"]},
+        {"id": "all", "text": "{triggers}"}])
+    jobs = expand_jobs(load_suite(path))
+    pairs = {(j.loraset_id, j.prompt_id) for j in jobs}
+    assert pairs == {("obj", "one"), ("obj+sty", "two"), ("obj", "all"), ("obj+sty", "all")}
+    assert len(jobs) == 4 * 2 * 2  # (set, prompt) pairs × samples × methods
+    with pytest.raises(SuiteError, match="unknown adapter set.*nope"):
+        load_suite(make_suite(tmp_path, assets, name="b.yaml", prompts=[{"text": "x", "sets": ["nope"]}]))
+    with pytest.raises(SuiteError, match="'obj' has no prompt"):
+        load_suite(make_suite(tmp_path, assets, name="c.yaml", adapter_sets=[["obj"], ["obj", "sty"]],
+                              prompts=[{"text": "x", "sets": ["obj+sty"]}]))
+    lego = load_suite(REPO / "workflows" / "toy-lego.yaml")
+    cells: dict[tuple, int] = {}
+    for j in expand_jobs(lego):
+        key = (j.method_label, len(j.adapters))
+        cells[key] = cells.get(key, 0) + 1
+    assert {n for _, n in cells} == {2, 3} and min(cells.values()) >= 24
+    assert {"merge", "lego", "lego(merge_method=svd)"} <= {m for m, _ in cells}
+
+
 def test_combinations_follow_composlora(tmp_path, assets):
     path = make_suite(tmp_path, assets, adapter_sets=[], combinations={
         "categories": {"object": ["obj"], "style": ["sty"]}, "n": [1, 2], "require": ["object"]})

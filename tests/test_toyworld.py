@@ -188,3 +188,21 @@ def test_quick_training_run_builds_a_loadable_world(tmp_path):
     require_toy_model(tmp_path / "toy-sd")
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "toy-sd"), torch_dtype=torch.float32)
     assert pipe("a red circle", num_inference_steps=2).images[0].size == (64, 64)
+
+    # the decoder refinement keeps toy-sd loadable and never touches the encoder
+    from safetensors.torch import load_file
+
+    def encoder_weights():
+        sd = load_file(str(tmp_path / "toy-sd" / "vae" / "diffusion_pytorch_model.safetensors"))
+        return {k: v for k, v in sd.items() if k.startswith(("encoder.", "quant_conv."))}
+
+    enc = encoder_weights()
+    dec = load_file(str(tmp_path / "toy-sd" / "vae" / "diffusion_pytorch_model.safetensors"))["decoder.conv_out.weight"]
+    assert main(["--out", str(tmp_path), "--quick", "--stages", "decoder"]) == 0
+    after = encoder_weights()
+    assert enc.keys() == after.keys() and all(torch.equal(enc[k], after[k]) for k in enc)
+    new_dec = load_file(str(tmp_path / "toy-sd" / "vae" / "diffusion_pytorch_model.safetensors"))["decoder.conv_out.weight"]
+    assert not torch.equal(dec, new_dec)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "toy-sd"), torch_dtype=torch.float32)
+    assert pipe("a red circle", num_inference_steps=2).images[0].size == (64, 64)
+    assert not list(tmp_path.glob(".toy-sd*")) and not list((tmp_path / "toy-sd").glob(".vae*"))
