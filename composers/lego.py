@@ -15,13 +15,17 @@ from .base import Composer
 
 class LegoComposer(Composer):
     name = "lego"
-    defaults = {"rank": 0, "seed": 0, "reweight": True, "quotas": "", "merge_method": "lego"}
+    # magnitude: "" = LEGO's own reweighting (members' mean norm); "sum" keeps each cluster at the
+    # sum of its members (closer to Merge's strength when sources share directions); "none"
+    defaults = {"rank": 0, "seed": 0, "reweight": True, "quotas": "", "magnitude": "", "merge_method": "lego"}
     min_adapters = 1
 
     def prepare(self, ctx) -> None:
         super().prepare(ctx)
         p = self.params
         options = {"reweight": bool(p["reweight"])} if p["merge_method"] == "lego" else {}
+        if p["magnitude"] and p["merge_method"] == "lego":
+            options["magnitude"] = str(p["magnitude"])
         if p["quotas"] and p["merge_method"] == "lego":
             options["quotas"] = "equal" if p["quotas"] == "equal" else [int(q) for q in str(p["quotas"]).split(",")]
         key = hashlib.sha256(json.dumps(

@@ -59,3 +59,20 @@ def test_cli_merge_bad_input_exits_2(sd1, tmp_path, capsys, args, message):
     assert main(["merge", *args, *map(str, paths), "--out", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_lego_composer_passes_magnitude_to_the_merge(sd1):
+    from studio.adapters.merge import merge_adapters
+
+    sd1.adapters.add(random_lora(sd1, "a", seed=1))
+    sd1.adapters.add(random_lora(sd1, "b", seed=2))
+    run = sd1.run("a red circle", ["a", "b"], method="lego", method_params={"magnitude": "sum"}, **FAST)
+    direct = merge_adapters([sd1.adapters.get("a"), sd1.adapters.get("b")], [1.0, 1.0], method="lego", magnitude="sum")
+    via = sd1.merge(["a", "b"], method="lego", name="ab-sum", magnitude="sum")
+    mean = merge_adapters([sd1.adapters.get("a"), sd1.adapters.get("b")], [1.0, 1.0], method="lego")
+    name = next(iter(direct.layers))
+    assert direct.layers[name].delta().norm() > mean.layers[name].delta().norm()
+    assert np.allclose(via.layers[name].delta().numpy(), direct.layers[name].delta().numpy())
+    assert run.report["merged_rank"] == max(d.rank for d in direct.layers.values())
+    with pytest.raises(Exception, match="magnitude"):
+        sd1.run("a red circle", ["a", "b"], method="lego", method_params={"magnitude": "loud"}, **FAST)
