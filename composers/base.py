@@ -25,7 +25,7 @@ class Composer:
         if unknown:
             valid = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items()) or "none"
             raise GenerationError(f"method {self.name!r} has no parameter {', '.join(unknown)}; valid: {valid}")
-        self.params = {**self.defaults, **{k: _coerce(self.defaults[k], v) for k, v in params.items()}}
+        self.params = {**self.defaults, **{k: _coerce(k, self.defaults[k], v) for k, v in params.items()}}
         self.ctx: ComposeContext | None = None
 
     def prepare(self, ctx: ComposeContext) -> None:
@@ -57,7 +57,7 @@ class Composer:
         }
 
 
-def _coerce(default: Any, value: Any) -> Any:
+def _coerce(key: str, default: Any, value: Any) -> Any:
     """Parameters from the CLI arrive as strings; give them the default's type."""
     if not isinstance(value, str) or isinstance(default, str) or default is None:
         return value
@@ -66,4 +66,4 @@ def _coerce(default: Any, value: Any) -> Any:
             return value.lower() in ("1", "true", "yes", "on")
         return type(default)(value)
     except ValueError:
-        raise GenerationError(f"parameter value {value!r} is not a {type(default).__name__}") from None
+        raise GenerationError(f"{key}={value!r} is not a {type(default).__name__} (default {default!r})") from None

@@ -59,6 +59,20 @@ def shares(n: int, coeff: float | None = None) -> tuple[float, float]:
     return coeff / total, 1.0 / total
 
 
+def decayed_shares(T: int, n: int, coeff: float | None, decay: float, events: list[int]) -> list[tuple[float, float]]:
+    """Per-step (dominant, other) shares when the coefficient drops by ``decay`` at every refresh
+    event after step 0, never below 1 (equal weights): the "decaying dominant weight" the released
+    code meant (spec C4: there it is computed once and has no effect). ``decay = 0``: constant."""
+    if decay < 0:
+        raise GenerationError(f"dominant_decay must be ≥ 0, got {decay}; 0 keeps the weights constant")
+    c0 = n - 0.5 if coeff is None else float(coeff)
+    event_set, k, out = set(events), -1, []
+    for step in range(T):
+        k += step in event_set
+        out.append(shares(n, max(min(1.0, c0), c0 - decay * max(k, 0))))
+    return out
+
+
 def dominant_schedule(T: int, n: int, n_high: int, late_start: int, events: list[int]) -> list[int]:
     """Dominant position (in execution order: high-frequency first) for every step 0..T−1.
 
@@ -113,6 +127,7 @@ class CMLoRAComposer(Composer):
         "cache": "on",  # on | off
         "interval": 0,  # 0: non-uniform events; c ≥ 1: every c steps (c = 1 never reuses)
         "dominant_coeff": None,  # None: N − 0.5; 1: equal weights
+        "dominant_decay": 0.0,  # experimental: coefficient − decay at each refresh event (floor 1)
         "order": "kind",  # kind | freq | given
         "late_start": 0.6,  # fraction of T where the late rotation phase starts
         "reference_compat": False,  # late phase at absolute step 120, as in the released code
@@ -139,6 +154,11 @@ class CMLoRAComposer(Composer):
         p["dominant_coeff"] = coeff
         n = len(ctx.adapters)
         self.pi_dom, self.pi_other = shares(n, coeff)
+        try:
+            p["dominant_decay"] = float(p["dominant_decay"])
+        except ValueError:
+            raise GenerationError(f"dominant_decay {p['dominant_decay']!r} is not a number; 0 keeps weights constant") from None
+        decayed_shares(1, n, coeff, p["dominant_decay"], [0])  # validates the decay
         refresh_events(1, int(p["interval"]))  # validates interval
 
         conds = branch_conditioning(ctx, p["te_mode"])
@@ -165,6 +185,7 @@ class CMLoRAComposer(Composer):
         self.event_set = set(self.events)
         self.late_start = 120 if p["reference_compat"] else round(float(p["late_start"]) * T)
         self.dominant = dominant_schedule(T, len(self.adapters), self.n_high, self.late_start, self.events)
+        self.step_shares = decayed_shares(T, len(self.adapters), p["dominant_coeff"], p["dominant_decay"], self.events)
         self.slots: list[torch.Tensor | None] = [None] * len(self.adapters)
         self.log: list[tuple[int, str, str | None, int, int]] = []  # step, dominant, refreshed, full, shallow
 
@@ -198,7 +219,8 @@ class CMLoRAComposer(Composer):
                 shallow += 1
             outs.append(out.chunk(2))
         self.log.append((step, self.adapters[dom].name, refreshed, full, shallow))
-        sh = [self.pi_dom if i == dom else self.pi_other for i in range(len(outs))]
+        pi_dom, pi_other = self.step_shares[step]
+        sh = [pi_dom if i == dom else pi_other for i in range(len(outs))]
         return mix(ctx, outs, sh)
 
     @torch.no_grad()
@@ -227,6 +249,7 @@ class CMLoRAComposer(Composer):
             "order": [a.name for a in self.adapters],
             "low_frequency": [a.name for a in self.adapters[self.n_high:]] if self.n_high < len(self.adapters) else [],
             "shares": {"dominant": round(self.pi_dom, 4), "other": round(self.pi_other, 4)},
+            "final_shares": {"dominant": round(self.step_shares[-1][0], 4), "other": round(self.step_shares[-1][1], 4)},
             "caching": self.caching,
             "refresh_events": len(self.events),
             "late_start": self.late_start,

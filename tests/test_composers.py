@@ -17,6 +17,7 @@ import torch
 
 from composers import COMPOSERS, make_composer
 from composers.cmlora import (
+    decayed_shares,
     dominant_schedule, frequency_score, kind_partition, refresh_events, shares,
 )
 from composers.switch import switch_index
@@ -107,6 +108,22 @@ def test_shares_match_spec_and_sum_to_one():
     assert shares(4, 1.0) == (0.25, 0.25)
     with pytest.raises(GenerationError):
         shares(3, 0)
+
+
+def test_dominant_decay_lowers_the_dominant_share_at_events_down_to_equal_weights():
+    ev = refresh_events(20)
+    const = decayed_shares(20, 3, None, 0.0, ev)
+    assert const == [shares(3)] * 20
+    dec = decayed_shares(20, 3, None, 0.5, ev)
+    dom = [d for d, _ in dec]
+    assert dom[0] == shares(3)[0] and all(a >= b for a, b in zip(dom, dom[1:]))
+    assert dom[-1] == pytest.approx(1 / 3)  # coefficient 2.5 hits the floor 1 after 3 events
+    for step in range(1, 20):  # it only changes at refresh events
+        if step not in ev:
+            assert dec[step] == dec[step - 1]
+    assert all(abs(d + 2 * o - 1) < 1e-12 for d, o in dec)
+    with pytest.raises(GenerationError, match="dominant_decay"):
+        decayed_shares(20, 3, None, -1.0, ev)
 
 
 def test_rotation_phases_and_late_refresh():
@@ -268,6 +285,17 @@ def test_cmlora_default_caches_on_nonuniform_schedule(sd1):
     assert refreshed_late == {"style", "forest"}  # the late candidates (order minus its first)
     assert all(d != "forest" for s, d, _ in rep["events"] if s < late)
     assert torch.isfinite(z).all() and img.std() > 0
+
+
+def test_cmlora_dominant_decay_changes_the_mix_not_the_calls(sd1):
+    studio, ads = sd1
+    z0, _, rep0 = gen(studio, ads, "cmlora", steps=10)
+    z1, _, rep1 = gen(studio, ads, "cmlora", {"dominant_decay": 1.0}, steps=10)
+    assert rep1["unet_calls"] == rep0["unet_calls"] and rep1["shallow_calls"] == rep0["shallow_calls"]
+    assert rep1["final_shares"]["dominant"] == pytest.approx(1 / 3, abs=1e-4) and rep0["final_shares"] == rep0["shares"]
+    assert not close(z0, z1)
+    with pytest.raises(GenerationError, match="dominant_decay"):
+        gen(studio, ads, "cmlora", {"dominant_decay": "fast"}, steps=2)
 
 
 def test_cmlora_frequency_order_profiles_each_adapter(sd1):
