@@ -51,7 +51,7 @@ SD15_UNET = dict(
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 KINDS = ("character", "style", "object", "background")
 METHODS = {"merge": ("merge", {}), "composite": ("composite", {}), "cmlora": ("cmlora", {}),
-           "cmlora-nocache": ("cmlora", {"cache": "off"})}
+           "cmlora-nocache": ("cmlora", {"cache": "off"}), "cmlora-seq": ("cmlora", {"batch": "off"})}
 
 
 def build_sd15_random(seed: int = 0):
@@ -169,7 +169,7 @@ def bench_model(name: str, ns: list[int], steps: int, repeats: int, device,
     for n in ns:
         for method, params in (METHODS[m] for m in methods):
             secs, rep = timed_run(studio, adapters[:n], method, params, size, steps, repeats, tick)
-            label = method + ("(cache=off)" if params.get("cache") == "off" else "")
+            label = method + "".join(f"({k}={v})" for k, v in params.items())
             rows.append({"n": n, "method": label, "seconds": secs, "ratio": secs / base_t,
                          "unet_calls": rep["unet_calls"], "shallow_calls": rep["shallow_calls"]})
             print(f"[{name}] N={n} {label:18s} {secs:8.3f}s  ×{secs / base_t:5.2f}  "

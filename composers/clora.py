@@ -26,7 +26,7 @@ Cost (deviations from the spec, for speed; issue 6 asks for ≤ 6× plain genera
   is the official demo.
 - ``batch_branches`` (default ``auto``: on below 32×32 latents): the graph-free passes (noise prediction + maps, the maps that
   feed the loss are the ones of the step's prediction pass) run all N branches as one UNet call
-  of 2N rows, each branch's adapters hooked onto its own rows (``_RowAdapters``). The spec's
+  of 2N rows, each branch's adapters hooked onto its own rows (``studio.adapters.rows``). The spec's
   pitfall 2 forbids this for diffusers/PEFT, which cannot switch adapters per row; our hooks can,
   and the result equals the sequential calls to float rounding. It saves per-call overhead on
   small models (toy, T = 25, N = 2: 4.4× plain instead of 5.3×); on large UNets it saves little and
@@ -41,7 +41,6 @@ Cost (deviations from the spec, for speed; issue 6 asks for ≤ 6× plain genera
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -51,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from studio.adapters.rows import RowAdapters
 from studio.attention import (
     AttentionCapture,
     assign_background,
@@ -60,7 +60,7 @@ from studio.attention import (
 )
 from studio.errors import GenerationError
 from studio.prompts import BranchPrompts, branch_prompts
-from studio.sampling import AdapterWeight, ComposeContext, Conditioning
+from studio.sampling import ComposeContext, Conditioning
 
 from .base import Composer
 
@@ -118,52 +118,6 @@ class _Branch:
 class _Pass:
     eps: tuple[torch.Tensor, torch.Tensor] | None  # (uncond, cond), detached; None for a truncated pass
     maps: torch.Tensor  # (h, w, tokens) fp32
-
-
-class _RowAdapters:
-    """Per-branch adapters inside one batched UNet call: branch k's rows get only its adapters.
-
-    The batch is branch-major, two rows ([uncond, cond]) per branch, branch 0 (base) first with no
-    adapter. Forward hooks add ``w · delta(x[rows])`` to those rows only, which is what the
-    sequential calls through ``AdapterRig`` compute row by row. Hooks live only inside ``active``.
-    """
-
-    def __init__(self, unet, adapters: list[AdapterWeight]):
-        self.rows = 2 * (len(adapters) + 1)
-        plan: dict[str, list] = defaultdict(list)
-        for k, a in enumerate(adapters):
-            if not a.unet:
-                continue
-            for path, delta in a.adapter.layers.items():
-                if path.startswith("unet."):
-                    plan[path[len("unet."):]].append((slice(2 * k + 2, 2 * k + 4), float(a.unet), delta))
-        self.plan = []
-        for name, entries in plan.items():
-            module = unet.get_submodule(name)
-            ref = module.weight
-            moved = [(rows, w, d.to(device=ref.device, dtype=ref.dtype)) for rows, w, d in entries]
-            index = [torch.arange(r.start, r.stop, device=ref.device) for r, _, _ in entries]
-            self.plan.append((module, [(r, w, d, i) for (r, w, d), i in zip(moved, index)]))
-
-    def _hook(self, entries):
-        def hook(module, args, output):
-            x = args[0]
-            if x.shape[0] != self.rows:
-                raise RuntimeError(f"batched branch call expected {self.rows} rows at an adapter layer, got {x.shape[0]}")
-            for rows, w, delta, index in entries:
-                output = output.index_add(0, index, w * delta.forward(x[rows], module))
-            return output
-
-        return hook
-
-    @contextmanager
-    def active(self):
-        handles = [m.register_forward_hook(self._hook(entries)) for m, entries in self.plan]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
 
 
 # From this many latent pixels (32×32, a 256² SD image) ``auto`` turns activation checkpointing on and
@@ -262,7 +216,7 @@ class CLoRAComposer(Composer):
         self.capture = AttentionCapture(unet, self.spec, p["attention_source"])
         scale = ctx.pipe.vae_scale_factor
         large = (ctx.height // scale) * (ctx.width // scale) >= CHECKPOINT_MIN_LATENT
-        self.rows = _RowAdapters(unet, ctx.adapters) if _switch(p, "batch_branches", not large) else None
+        self.rows = RowAdapters(unet, [[]] + [[(a.adapter, a.unet)] for a in ctx.adapters]) if _switch(p, "batch_branches", not large) else None
         self.ckpt_blocks = _blocks_without(unet, self.spec.layers) if _switch(p, "grad_checkpoint", large) else []
         self.max_iter, self.iterative, self.inner = self._schedule(ctx.steps)
         self.stats = dict(latent_updates=0, grad_forwards=0, backward_passes=0, skipped_updates=0, batched_calls=0)

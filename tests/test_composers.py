@@ -287,6 +287,19 @@ def test_cmlora_default_caches_on_nonuniform_schedule(sd1):
     assert torch.isfinite(z).all() and img.std() > 0
 
 
+def test_cmlora_batched_passes_equal_sequential_ones(sd1):
+    studio, ads = sd1
+    z_seq, img_seq, rep_seq = gen(studio, ads, "cmlora", {"batch": "off"}, steps=10)
+    z_bat, img_bat, rep_bat = gen(studio, ads, "cmlora", {"batch": "on"}, steps=10)
+    assert close(z_seq, z_bat, tol=1e-4)
+    assert np.abs(img_seq.astype(int) - img_bat.astype(int)).max() <= 1
+    for key in ("unet_calls", "shallow_calls", "cache_hits", "events"):
+        assert rep_seq[key] == rep_bat[key]
+    assert not any(m._forward_hooks for m in studio.pipe.unet.modules())
+    with pytest.raises(GenerationError, match="batch"):
+        gen(studio, ads, "cmlora", {"batch": "maybe"}, steps=2)
+
+
 def test_cmlora_dominant_decay_changes_the_mix_not_the_calls(sd1):
     studio, ads = sd1
     z0, _, rep0 = gen(studio, ads, "cmlora", steps=10)

@@ -628,3 +628,64 @@ def test_write_refuses_bad_targets(tmp_path, sd1_shapes):
     with pytest.raises(AdapterFileError, match="NaN"):
         write_adapter(a, tmp_path / "a.safetensors", format="kohya")
     assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------ bundled token embeddings (pivotal tuning)
+
+
+def test_bundle_emb_round_trips_in_kohya_and_lokr(tmp_path, sd1_shapes, sdxl_shapes):
+    a = _sample_lora_adapter(sd1_shapes)
+    plain_hash, plain_params = a.fingerprint(), a.num_params()
+    a.sha256 = None
+    a.embeddings = {"sks": {"text_encoder": _rand(1, 32)}}
+    assert a.num_params() == plain_params + 32 and a.fingerprint() != plain_hash
+    raw = load_file(write_adapter(a, tmp_path / "sd1.safetensors", format="kohya"))
+    assert [k for k in raw if k.startswith("bundle_emb.")] == ["bundle_emb.sks.string_to_param.*"]  # A1111 layout
+    b = read_adapter(tmp_path / "sd1.safetensors", module_names=sd1_shapes)
+    assert b.format == "kohya" and set(b.embeddings) == {"sks"} and set(b.embeddings["sks"]) == {"text_encoder"}
+    assert torch.equal(b.embeddings["sks"]["text_encoder"], a.embeddings["sks"]["text_encoder"])
+    _assert_same(a, b)
+    assert describe(b)["token_embeddings"] == {"sks": {"text_encoder": [1, 32]}}
+    validate_adapter(b, sd1_shapes, "sd1")
+
+    xl = Adapter(name="xl", layers={"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k":
+                                    LoraDelta(_rand(2, 64), _rand(64, 2), 4.0)}, arch="sdxl",
+                 embeddings={"ohwx": {"text_encoder": _rand(1, 32), "text_encoder_2": _rand(1, 32)}})
+    raw = load_file(write_adapter(xl, tmp_path / "xl.safetensors", format="kohya"))
+    assert {k for k in raw if k.startswith("bundle_emb.")} == {"bundle_emb.ohwx.clip_l", "bundle_emb.ohwx.clip_g"}
+    c = read_adapter(tmp_path / "xl.safetensors", module_names=sdxl_shapes)
+    for comp in ("text_encoder", "text_encoder_2"):
+        assert torch.equal(c.embeddings["ohwx"][comp], xl.embeddings["ohwx"][comp])
+
+    kr = Adapter(name="kr", layers={"unet." + Q: KronDelta(w1=_rand(4, 4), w2=_rand(8, 8), scale=1.0)}, kind="kron",
+                 arch="sd1", embeddings={"sks": {"text_encoder": _rand(1, 32)}})
+    d = read_adapter(write_adapter(kr, tmp_path / "kr.safetensors", format="lokr"))
+    assert d.format == "lokr" and torch.equal(d.embeddings["sks"]["text_encoder"], kr.embeddings["sks"]["text_encoder"])
+
+
+def test_embedding_only_file_reads_and_formats_without_room_refuse(tmp_path, sd1_shapes):
+    from studio.adapters.library import AdapterLibrary
+
+    vec = _rand(32)
+    save_file({"bundle_emb.sks.string_to_param.*": vec.clone()}, tmp_path / "emb.safetensors")
+    a = read_adapter(tmp_path / "emb.safetensors", module_names=sd1_shapes)
+    assert a.layers == {} and a.embeddings["sks"]["text_encoder"].shape == (1, 32)
+    assert torch.equal(a.embeddings["sks"]["text_encoder"][0], vec) and a.components() == {"text_encoder"}
+    lib = AdapterLibrary(sd1_shapes, "sd1")
+    assert lib.add(a) is a and "emb" in lib
+    again = read_adapter(write_adapter(a, tmp_path / "again.safetensors", format="kohya"))
+    assert again.layers == {} and torch.equal(again.embeddings["sks"]["text_encoder"], a.embeddings["sks"]["text_encoder"])
+
+    wide = Adapter(name="wide", layers={}, embeddings={"sks": {"text_encoder": _rand(1, 768)}})
+    with pytest.raises(AdapterMismatchError, match="768-wide token embedding for 'sks'"):
+        lib.add(wide)
+    xl_only = Adapter(name="xlonly", layers={}, embeddings={"sks": {"text_encoder_2": _rand(1, 32)}})
+    with pytest.raises(AdapterMismatchError, match="text_encoder_2"):
+        lib.add(xl_only)
+
+    b = _sample_lora_adapter(sd1_shapes, comps=("unet",))
+    b.embeddings = {"sks": {"text_encoder": _rand(1, 32)}}
+    for fmt in ("diffusers", "peft"):
+        with pytest.raises(AdapterFileError, match=r"token embedding for 'sks'.*format='kohya'"):
+            write_adapter(b, tmp_path / f"{fmt}.safetensors", format=fmt)
+        assert not (tmp_path / f"{fmt}.safetensors").exists()

@@ -87,9 +87,10 @@ def test_loss_falls_on_toy_data(images):
     assert after < 0.8 * before, (before, after)
 
 
-@pytest.mark.parametrize("kind", ["lora", "kron"])
-def test_resume_equals_an_uninterrupted_run(images, tmp_path, kind):
-    common = dict(images=str(images), adapter=kind, checkpoint_every=2, **{**FAST, "grad_accum": 2})
+@pytest.mark.parametrize("kind,emb", [("lora", False), ("kron", False), ("lora", True)])
+def test_resume_equals_an_uninterrupted_run(images, tmp_path, kind, emb):
+    common = dict(images=str(images), adapter=kind, checkpoint_every=2, train_token_embedding=emb,
+                  **{**FAST, "grad_accum": 2})
     full = DreamBoothTrainer(_studio(), TrainConfig(**{**common, "steps": 4}, output_dir=str(tmp_path / "a")))
     a = full.run()
     part_dir = str(tmp_path / "b")
@@ -99,6 +100,9 @@ def test_resume_equals_an_uninterrupted_run(images, tmp_path, kind):
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     for key, d in a.layers.items():
         assert torch.equal(d.delta(), b.layers[key].delta()), key
+    assert set(a.embeddings) == set(b.embeddings) == ({"sks"} if emb else set())
+    for token, per in a.embeddings.items():
+        assert torch.equal(per["text_encoder"], b.embeddings[token]["text_encoder"])
 
 
 @pytest.mark.parametrize("kind", ["lora", "kron"])
@@ -147,6 +151,40 @@ def test_text_encoder_lora_and_validation_images(images, tmp_path):
     cfg = TrainConfig(images=str(images), validate_every=1, output_dir=str(tmp_path / "v"), **{**FAST, "steps": 2})
     train_adapter(studio, cfg)
     assert len(list((tmp_path / "v" / "samples").glob("step-000001-*.png"))) == 1
+
+
+@pytest.mark.parametrize("kind,te", [("lora", False), ("kron", False), ("lora", True)])
+def test_token_embedding_learns_only_the_trigger_row(images, tmp_path, kind, te):
+    from safetensors.torch import load_file
+
+    studio = _studio()
+    table = studio.pipe.text_encoder.get_input_embeddings().weight
+    before = table.detach().clone()
+    sks = studio.pipe.tokenizer.convert_tokens_to_ids("sks</w>")
+    out = tmp_path / f"{kind}.safetensors"
+    trainer = DreamBoothTrainer(studio, TrainConfig(images=str(images), adapter=kind, train_text_encoder=te,
+                                                    train_token_embedding=True, out=str(out), **FAST))
+    adapter = trainer.run()
+    assert torch.equal(studio.pipe.text_encoder.get_input_embeddings().weight, before)  # the table is untouched
+    assert not studio.pipe.text_encoder.get_input_embeddings()._forward_hooks  # training hook removed
+    assert set(adapter.embeddings) == {"sks"} and set(adapter.embeddings["sks"]) == {"text_encoder"}
+    vec = adapter.embeddings["sks"]["text_encoder"]
+    assert vec.shape == (1, before.shape[1]) and not torch.equal(vec[0], before[sks])  # it learnt, from sks' row
+    assert (vec[0] - before[sks]).abs().max() < 0.1  # 3 Adam steps at 5e-3 move each entry ≤ 1.5e-2
+    assert ("text_encoder" in {p.split(".")[0] for p in adapter.layers}) == te
+    assert "unet" in adapter.components() and adapter.kind == kind
+    raw = load_file(str(out))
+    assert torch.equal(raw["bundle_emb.sks.string_to_param.*"], vec.half())
+    loaded = studio.adapters.load(out)
+    assert torch.equal(loaded.embeddings["sks"]["text_encoder"], vec.half().float())
+
+
+def test_token_embedding_needs_a_one_token_trigger(images):
+    studio = _studio()
+    with pytest.raises(TrainingError, match=r"'qwxzvbn' tokenizes into \d+ tokens.*--train-token-embedding"):
+        train_adapter(studio, TrainConfig(images=str(images), trigger="qwxzvbn", train_token_embedding=True,
+                                          **{**FAST, "steps": 1}))
+    assert not any("lora" in type(m).__name__.lower() for m in studio.pipe.unet.modules())  # nothing injected
 
 
 def test_ctrl_c_saves_a_checkpoint(images, tmp_path, monkeypatch):
@@ -219,12 +257,14 @@ def test_cli_train(images, tmp_path, tiny_model_dir):
     out = tmp_path / "cli.safetensors"
     rc = main(["train", "--images", str(images), "--trigger", "sks", "--class-word", "shape", "--adapter", "kron",
                "--factors", "4x8", "--steps", "2", "--grad-accum", "1", "--model", str(tiny_model_dir),
-               "--num-validation-images", "1", "--sample-steps", "2", "--svd-lora-rank", "8", "--out", str(out)])
+               "--num-validation-images", "1", "--sample-steps", "2", "--svd-lora-rank", "8", "--train-token-embedding",
+               "--out", str(out)])
     assert rc == 0 and out.is_file()
     from studio.adapters.formats import read_adapter
 
     kron, lora = read_adapter(out), read_adapter(tmp_path / "cli-lora8.safetensors")
     assert kron.kind == "kron" and lora.kind == "lora" and lora.ranks() == [8] and set(lora.layers) == set(kron.layers)
+    assert torch.equal(kron.embeddings["sks"]["text_encoder"], lora.embeddings["sks"]["text_encoder"])  # both carry it
     assert main(["train", "--images", str(tmp_path / "missing"), "--model", str(tiny_model_dir), "--out", str(out)]) == 2
 
 

@@ -4,6 +4,10 @@ One flow for SD1.x/2.x, SDXL and the toy model: instance images (+ optional kohy
 captions) with a trigger prompt, optional prior preservation with class images the base model
 draws itself (cached on disk), Min-SNR weighting, mixed precision, gradient accumulation and
 checkpointing, step-based checkpoints that resume exactly, validation images and a final grid.
+Optionally the trigger's input embedding is trained too (pivotal tuning, ``train_token_embedding``):
+one extra vector per text encoder, injected by a hook on the token-embedding table (the table itself
+never changes) and stored in the adapter, so the trigger binds without a text-encoder LoRA that
+would change how every prompt is encoded.
 The result is an ``Adapter`` (LoRA or Kronecker layers) written through ``studio.adapters.formats``
 with the trigger, concept and training parameters (including A1111's ``ss_*`` keys) in the header.
 
@@ -67,6 +71,8 @@ class TrainConfig:
     factors: str = "krona-paper"  # kron: A1xA2 or a preset
     kron_mode: str = "auto"  # auto | vec | dense (how the Kronecker forward is computed)
     train_text_encoder: bool = False  # lora only: LoRA on the text encoder(s) too
+    train_token_embedding: bool = False  # pivotal tuning: learn the trigger's input embedding (stored in the adapter)
+    token_embedding_lr: float = 5e-3
     steps: int = 500  # optimizer steps
     lr: float | None = None  # None: 1e-4 (lora) / 1e-3 (kron)
     text_encoder_lr: float = 5e-6
@@ -98,7 +104,7 @@ class TrainConfig:
     output_dir: str | None = None  # checkpoints/samples (default <out stem>-train/)
     format: str | None = None  # None: kohya (lora) / lokr (kron)
     save_dtype: str = "fp16"  # fp16 | fp32 | bf16 for the written adapter
-    svd_lora_rank: int = 0  # kron: also write <out>-lora<R>.safetensors (SVD, diffusers format)
+    svd_lora_rank: int = 0  # kron: also write <out>-lora<R>.safetensors (SVD; diffusers, or kohya with an embedding)
     seed: int = 0
     skip_bad_images: bool = True  # False: a corrupt image is fatal
     progress: bool = True
@@ -113,6 +119,8 @@ class TrainConfig:
                          ("rank", self.rank)):
             if int(v) < 1:
                 raise TrainingError(f"{label} must be ≥ 1, got {v}")
+        if self.train_token_embedding and not self.token_embedding_lr > 0:
+            raise TrainingError(f"token_embedding_lr must be > 0, got {self.token_embedding_lr}")
         if self.adapter == "kron":
             kronlib.parse_factors(self.factors)
             if self.train_text_encoder:
@@ -304,6 +312,9 @@ class DreamBoothTrainer:
         self.step = 0
         self.outputs: dict[str, str] = {}
         self._injected = False
+        self.token_params: dict[str, torch.nn.Parameter] = {}  # text-encoder component -> trigger vector (1, hidden)
+        self._token_ids: dict[str, int] = {}
+        self._token_enabled = True  # off while sampling: the studio's rig applies the adapter's embedding then
 
     # -- setup --------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -335,6 +346,9 @@ class DreamBoothTrainer:
             log.warning(msg)
             self.warnings.append(msg)
 
+        if cfg.train_token_embedding:
+            self._token_ids = self._trigger_token_ids()
+
         self.instance = load_examples(cfg.images, self.res, cfg.prompt, cfg.skip_bad_images, "instance")
         if not any(cfg.trigger in e.caption for e in self.instance):
             msg = f"no caption contains the trigger {cfg.trigger!r}; the adapter will not respond to it"
@@ -348,11 +362,15 @@ class DreamBoothTrainer:
         self.unet = pipe.unet
         self.params = [p for p in self._trainable_modules_params()]
         self.param_names = self._param_names()
-        groups = [{"params": [p for n, p in zip(self.param_names, self.params) if not n.startswith("text_encoder")],
+        named = list(zip(self.param_names, self.params))
+        groups = [{"params": [p for n, p in named if not n.startswith(("text_encoder", "token_embedding."))],
                    "lr": cfg.learning_rate}]
-        te = [p for n, p in zip(self.param_names, self.params) if n.startswith("text_encoder")]
+        te = [p for n, p in named if n.startswith("text_encoder")]
         if te:
             groups.append({"params": te, "lr": cfg.text_encoder_lr})
+        emb = [p for n, p in named if n.startswith("token_embedding.")]
+        if emb:  # no weight decay: shrinking an input embedding towards 0 has no meaning
+            groups.append({"params": emb, "lr": cfg.token_embedding_lr, "weight_decay": 0.0})
         self.base_lrs = [g["lr"] for g in groups]
         self.optimizer = acc.prepare_optimizer(torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay))
         self.model = acc.prepare_model(self.unet) if acc.num_processes > 1 else self.unet
@@ -370,6 +388,7 @@ class DreamBoothTrainer:
                 for p in model.parameters():
                     if p.requires_grad:
                         yield p
+        yield from self.token_params.values()
 
     def _param_names(self) -> list[str]:
         names = []
@@ -377,10 +396,43 @@ class DreamBoothTrainer:
             model = getattr(self.pipe, comp, None)
             if model is not None:
                 names += [f"{comp}.{n}" for n, p in model.named_parameters() if p.requires_grad]
-        return names
+        return names + [f"token_embedding.{comp}" for comp in self.token_params]
+
+    def _trigger_token_ids(self) -> dict[str, int]:
+        """The trigger's token id per text encoder; it must be one token for a trained embedding."""
+        from studio.adapters.activation import single_token_id
+        from studio.errors import AdapterMismatchError
+
+        ids = {}
+        for comp, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+            if getattr(self.pipe, comp, None) is None:
+                continue
+            try:
+                ids[comp] = single_token_id(getattr(self.pipe, tok), self.cfg.trigger, owner="--train-token-embedding")
+            except AdapterMismatchError as e:
+                raise TrainingError(f"{e}; pick a one-token trigger or drop --train-token-embedding") from None
+        return ids
+
+    def _inject_token_embeddings(self) -> None:
+        """One trainable vector per text encoder, started from the trigger's own row, put in by a hook."""
+        for comp, tid in self._token_ids.items():
+            table = getattr(self.pipe, comp).get_input_embeddings()
+            param = torch.nn.Parameter(table.weight.detach()[tid : tid + 1].float().clone())
+            self.token_params[comp] = param
+
+            def hook(module, args, output, tid=tid, param=param):
+                if not self._token_enabled:
+                    return output
+                return torch.where((args[0] == tid).unsqueeze(-1), param.to(output.dtype), output)
+
+            self._token_handles.append(table.register_forward_hook(hook))
 
     def _inject(self) -> None:
         cfg = self.cfg
+        self._token_handles: list = []
+        if cfg.train_token_embedding:
+            self._inject_token_embeddings()
+            self._injected = True
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             if cfg.adapter == "kron":
@@ -411,6 +463,9 @@ class DreamBoothTrainer:
         """Remove every injected layer so the shared pipeline is exactly as before."""
         if not self._injected:
             return
+        for handle in getattr(self, "_token_handles", []):
+            handle.remove()
+        self._token_handles = []
         unet = self.pipe.unet
         if self.cfg.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
@@ -437,6 +492,7 @@ class DreamBoothTrainer:
         self._injected = False
 
     def _set_training_adapter(self, enabled: bool) -> None:
+        self._token_enabled = enabled
         if self.cfg.adapter == "kron":
             kronlib.set_kron_enabled(self.pipe.unet, enabled)
             return
@@ -502,12 +558,21 @@ class DreamBoothTrainer:
                 vae.to(torch.float16)
 
     def _encode_captions(self) -> None:
+        """Encode the captions that training cannot change once (all of them unless the text side learns)."""
         self._emb_cache: dict[str, tuple] = {}
-        if not self.cfg.train_text_encoder:
-            with torch.no_grad():
-                for e in self.instance + self.classes:
-                    if e.caption not in self._emb_cache:
-                        self._emb_cache[e.caption] = self._encode(e.caption)
+        if self.cfg.train_text_encoder:
+            return
+        with torch.no_grad():
+            for e in self.instance + self.classes:
+                if e.caption not in self._emb_cache and not self._has_trigger_token(e.caption):
+                    self._emb_cache[e.caption] = self._encode(e.caption)
+
+    def _has_trigger_token(self, caption: str) -> bool:
+        """Whether a trained trigger embedding takes part in encoding this caption."""
+        if not self._token_ids:
+            return False
+        tok = self.pipe.tokenizer
+        return self._token_ids["text_encoder"] in tok(caption, truncation=True, max_length=tok.model_max_length).input_ids
 
     def _encode(self, caption: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         pipe = self.pipe
@@ -537,10 +602,7 @@ class DreamBoothTrainer:
         picks, x0, noise, t = self._micro_batch(micro)
         xt = self.noise_scheduler.add_noise(x0, noise, t)
         target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(x0, noise, t)
-        if cfg.train_text_encoder:
-            enc = [self._encode(e.caption) for e in picks]
-        else:
-            enc = [self._emb_cache[e.caption] for e in picks]
+        enc = [self._emb_cache[e.caption] if e.caption in self._emb_cache else self._encode(e.caption) for e in picks]
         embeds = torch.cat([pe for pe, _ in enc])
         added = None
         if self.arch == "sdxl":
@@ -573,6 +635,10 @@ class DreamBoothTrainer:
             parts["loss"] = float(loss.detach())
             for key, v in parts.items():
                 totals[key] = totals.get(key, 0.0) + v / cfg.grad_accum
+        if acc.num_processes > 1:  # outside the DDP-wrapped UNet: average the embedding's gradient by hand
+            for p in self.token_params.values():
+                if p.grad is not None:
+                    p.grad = acc.reduce(p.grad, reduction="mean")
         if cfg.max_grad_norm:
             acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()
@@ -630,7 +696,8 @@ class DreamBoothTrainer:
         state = json.loads((path / "state.json").read_text())
         tensors = load_file(str(path / "state.safetensors"))
         saved = state.get("config", {})
-        for key in ("adapter", "rank", "factors", "batch_size", "grad_accum", "seed", "prior_preservation"):
+        for key in ("adapter", "rank", "factors", "batch_size", "grad_accum", "seed", "prior_preservation",
+                    "train_token_embedding"):
             if key in saved and saved[key] != getattr(self.cfg, key):
                 raise TrainingError(f"checkpoint {path} was made with {key}={saved[key]!r}, not {getattr(self.cfg, key)!r}; "
                                     "use the same settings to resume")
@@ -662,7 +729,9 @@ class DreamBoothTrainer:
                       arch=self.arch)
         name = cfg.name or (Path(cfg.out).stem if cfg.out else cfg.trigger)
         if cfg.adapter == "kron":
-            return kronlib.to_adapter(self.pipe.unet, name, "unet", **fields)
+            adapter = kronlib.to_adapter(self.pipe.unet, name, "unet", **fields)
+            adapter.embeddings = self._trained_embeddings()
+            return adapter
         from peft.tuners.lora import LoraLayer
 
         layers = {}
@@ -677,7 +746,12 @@ class DreamBoothTrainer:
                         up=mod.lora_B[_PEFT_NAME].weight.detach().float().clone(),
                         alpha=float(mod.lora_alpha[_PEFT_NAME]),
                     )
-        return Adapter(name=name, layers=layers, **fields)
+        return Adapter(name=name, layers=layers, embeddings=self._trained_embeddings(), **fields)
+
+    def _trained_embeddings(self) -> dict[str, dict[str, torch.Tensor]]:
+        if not self.token_params:
+            return {}
+        return {self.cfg.trigger: {c: p.detach().float().clone() for c, p in self.token_params.items()}}
 
     def sample(self, prompts: list[str], n: int, tag: str) -> list[Image.Image]:
         """Images of the adapter as trained so far (through the studio's own sampling loop)."""
@@ -814,7 +888,7 @@ class DreamBoothTrainer:
 
             fmt = cfg.format or ("lokr" if cfg.adapter == "kron" else "kohya")
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_dtype]
-            saved = dataclasses.replace(adapter, layers={k: d.to(dtype=dtype) for k, d in adapter.layers.items()})
+            saved = _cast(adapter, dtype)
             Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
             write_adapter(saved, cfg.out, format=fmt)
             self.outputs["adapter"] = str(cfg.out)
@@ -822,9 +896,9 @@ class DreamBoothTrainer:
             log.info("adapter written: %s (%s)", cfg.out, fmt)
             if cfg.adapter == "kron" and cfg.svd_lora_rank:
                 lora = kronlib.kron_to_lora(adapter, cfg.svd_lora_rank, name=f"{adapter.name}-lora{cfg.svd_lora_rank}")
-                lora = dataclasses.replace(lora, layers={k: d.to(dtype=dtype) for k, d in lora.layers.items()})
+                lora = _cast(dataclasses.replace(lora, embeddings=adapter.embeddings), dtype)
                 path = Path(cfg.out).with_name(f"{Path(cfg.out).stem}-lora{cfg.svd_lora_rank}.safetensors")
-                write_adapter(lora, path, format="diffusers")
+                write_adapter(lora, path, format="kohya" if lora.embeddings else "diffusers")
                 self.outputs["svd_lora"] = str(path)
                 log.info("SVD LoRA (rank %d) written: %s", cfg.svd_lora_rank, path)
         if cfg.final_grid and cfg.num_validation_images > 0:
@@ -840,6 +914,14 @@ class DreamBoothTrainer:
 
 
 # ---- helpers ----------------------------------------------------------------------------------
+
+def _cast(adapter: Adapter, dtype: torch.dtype) -> Adapter:
+    """A copy of ``adapter`` with its layers and token embeddings in ``dtype`` (for writing)."""
+    return dataclasses.replace(
+        adapter, layers={k: d.to(dtype=dtype) for k, d in adapter.layers.items()},
+        embeddings={t: {c: v.to(dtype) for c, v in per.items()} for t, per in adapter.embeddings.items()},
+    )
+
 
 def image_grid(images: list[Image.Image], rows: int) -> Image.Image:
     cols = math.ceil(len(images) / rows)
@@ -899,6 +981,7 @@ def _cmd_train(args) -> int:
         images=args.images, out=args.out, trigger=args.trigger, class_word=args.class_word,
         instance_prompt=args.instance_prompt, concept_kind=args.kind, name=args.name, adapter=args.adapter,
         rank=args.rank, alpha=args.alpha, factors=args.factors or "krona-paper", train_text_encoder=args.train_text_encoder,
+        train_token_embedding=args.train_token_embedding, token_embedding_lr=args.token_embedding_lr,
         steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         resolution=args.resolution, prior_preservation=args.prior_preservation, class_prompts=args.class_prompt or [],
         class_dir=args.class_dir, num_class_images=args.num_class_images, prior_loss_weight=args.prior_loss_weight,
@@ -933,6 +1016,9 @@ def add_cli(subparsers) -> None:
     t.add_argument("--alpha", type=float, default=None)
     t.add_argument("--factors", default=None, help=f"kron: A1xA2 or {'/'.join(kronlib.PRESETS)} (default krona-paper)")
     t.add_argument("--train-text-encoder", action="store_true")
+    t.add_argument("--train-token-embedding", action="store_true",
+                   help="pivotal tuning: also learn the trigger's input embedding (stored in the adapter; trigger must be one token)")
+    t.add_argument("--token-embedding-lr", type=float, default=5e-3)
     t.add_argument("--steps", type=int, default=500)
     t.add_argument("--lr", type=float, default=None, help="default 1e-4 (lora) / 1e-3 (kron)")
     t.add_argument("--warmup-steps", type=int, default=0)

@@ -4,6 +4,10 @@ Every file format is read into this form and written from it, so composers, merg
 activation rig never see a format. Module paths use diffusers naming with the component as the
 first part: ``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``,
 ``text_encoder.text_model.encoder.layers.0.self_attn.q_proj``, ``text_encoder_2.…``.
+
+An adapter may also carry trained token embeddings (pivotal tuning): ``embeddings[token][component]``
+is the (n_vectors, hidden) input embedding that replaces ``token``'s row of that text encoder's
+token-embedding table while the adapter is active on the text encoder.
 """
 
 from __future__ import annotations
@@ -156,6 +160,8 @@ class Adapter:
     path: str | None = None
     sha256: str | None = None  # A1111 "addnet" hash of the tensor bytes
     metadata: dict[str, str] = field(default_factory=dict)
+    # pivotal tuning: token string -> {text-encoder component: (n_vectors, hidden) input embedding}
+    embeddings: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def shorthash(self) -> str | None:
@@ -174,14 +180,20 @@ class Adapter:
                         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
                     else:
                         h.update(repr(t).encode())
+            for token in sorted(self.embeddings):
+                for comp in sorted(self.embeddings[token]):
+                    h.update(f"emb:{token}:{comp}".encode())
+                    h.update(self.embeddings[token][comp].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
             self.sha256 = h.hexdigest()
         return self.sha256
 
     def components(self) -> set[str]:
-        return {k.split(".", 1)[0] for k in self.layers}
+        """The model components the adapter changes (a token embedding counts for its text encoder)."""
+        return {k.split(".", 1)[0] for k in self.layers} | {c for per in self.embeddings.values() for c in per}
 
     def num_params(self) -> int:
-        return sum(d.num_params() for d in self.layers.values())
+        return sum(d.num_params() for d in self.layers.values()) + sum(
+            t.numel() for per in self.embeddings.values() for t in per.values())
 
     def ranks(self) -> list[int]:
         return sorted({d.rank for d in self.layers.values() if isinstance(d, LoraDelta)})
@@ -194,7 +206,7 @@ class Adapter:
             for t in vars(d).values():
                 if isinstance(t, torch.Tensor) and not torch.isfinite(t).all():
                     return False
-        return True
+        return all(torch.isfinite(t).all() for per in self.embeddings.values() for t in per.values())
 
 
 def divisors(n: int) -> list[int]:

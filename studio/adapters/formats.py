@@ -15,6 +15,13 @@ Formats (detected from the tensor names, never from the file name):
 * ``lokr``: LyCORIS LoKr, ``<kohya name>.lokr_w1`` / ``lokr_w2`` or the ``_a``/``_b`` low-rank
   pieces, and ``.alpha``.
 
+Trained token embeddings (pivotal tuning) travel in kohya and LoKr files as A1111's bundled
+embeddings: ``bundle_emb.<token>.string_to_param.*`` (one text encoder: SD1/SD2) or
+``bundle_emb.<token>.clip_l`` / ``.clip_g`` (SDXL's two encoders), each (n_vectors, hidden).
+diffusers and PEFT files have no place for them, so writing an adapter with embeddings in those
+formats is refused with an error naming kohya/lokr. (diffusers' own ``load_lora_weights`` refuses
+kohya files that carry ``bundle_emb`` keys; A1111 reads them.)
+
 Scales: ΔW = alpha / rank · up @ down for LoRA (alpha missing means alpha = rank). LoKr follows
 LyCORIS: ΔW = kron(w1, w2) · alpha / rank when a factor is low-rank (rank = the ``_b`` piece's
 first dim), and exactly kron(w1, w2) when both factors are full (alpha then ignored).
@@ -59,6 +66,7 @@ KOHYA_PREFIXES = (
 _TE_TOP = ("embeddings", "encoder", "final_layer_norm")  # children of CLIP's text_model
 _SGM = ("input_blocks", "middle_block", "output_blocks")
 _LOKR_PIECES = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")
+_EMB_PARTS = {"string_to_param": "text_encoder", "clip_l": "text_encoder", "clip_g": "text_encoder_2"}
 _DIR_CANDIDATES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
 _OLD_PROJ = {  # attention-processor era names -> module names, per component family
     "unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
@@ -125,8 +133,13 @@ def read_adapter(
                 "(diverged training or a corrupt file): use an earlier checkpoint or retrain"
             )
     names = _Names(module_names)
-    fmt, layers = _parse(file, tensors, header, names)
-    if not layers:
+    embeddings = _read_bundle_embeddings(file, tensors)
+    rest = {k: v for k, v in tensors.items() if not k.startswith("bundle_emb.")}
+    if rest or not embeddings:
+        fmt, layers = _parse(file, rest or tensors, header, names)
+    else:  # only bundled embeddings: a pivotal-tuning file without weight deltas
+        fmt, layers = "kohya", {}
+    if not layers and not embeddings:
         raise AdapterFileError(f"{file.name} has no adapter layers; re-export the adapter")
 
     card = _read_card(file)
@@ -140,6 +153,7 @@ def read_adapter(
         path=str(file),
         sha256=(header.get("sshs_model_hash") or sha).lower(),
         metadata=metadata,
+        embeddings=embeddings,
     )
     _fill_from_metadata(adapter)
     adapter.arch = guess_arch(adapter)
@@ -180,6 +194,19 @@ def validate_adapter(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]], ar
         want = shapes.get(module)
         if want is None or tuple(want) != got:
             bad.append((module, None if want is None else tuple(want), got))
+    for token, per_comp in adapter.embeddings.items():
+        for comp, vec in per_comp.items():
+            hidden = {s[1] for m, s in shapes.items() if m.startswith(f"{comp}.") and m.endswith("self_attn.q_proj")}
+            if not hidden:
+                raise AdapterMismatchError(
+                    f"adapter {adapter.name!r} has a token embedding for {token!r} on {comp}, which the {arch} base "
+                    "model does not have; use an adapter made for this base model"
+                )
+            if vec.shape[-1] not in hidden:
+                raise AdapterMismatchError(
+                    f"adapter {adapter.name!r} has a {vec.shape[-1]}-wide token embedding for {token!r} but {comp} of "
+                    f"the {arch} base model is {min(hidden)} wide; use an adapter made for this base model"
+                )
     if not bad:
         return
     module, want, got = bad[0]
@@ -214,8 +241,13 @@ def write_adapter(
         config_path = path.parent / "adapter_config.json"
     if path.suffix.lower() != ".safetensors":
         raise AdapterFileError(f"adapters are written as .safetensors; give a path ending in .safetensors, not {path.name}")
-    if not adapter.layers:
+    if not adapter.layers and not adapter.embeddings:
         raise AdapterFileError(f"adapter {adapter.name!r} has no layers; nothing to write")
+    if adapter.embeddings and format not in ("kohya", "lokr"):
+        raise AdapterFileError(
+            f"adapter {adapter.name!r} carries a trained token embedding for {', '.join(map(repr, adapter.embeddings))}, "
+            f"which {format} files cannot hold; write it with format='kohya' (or 'lokr')"
+        )
     if not adapter.is_finite():
         raise AdapterFileError(f"adapter {adapter.name!r} contains NaN or inf values; retrain or fix it before saving")
     kron = [m for m, d in adapter.layers.items() if isinstance(d, KronDelta)]
@@ -235,6 +267,7 @@ def write_adapter(
         extra["studio_component"] = comp
     else:
         tensors, kernels = _build_kohya(adapter)
+        tensors.update(_bundle_embeddings(adapter))
         if kernels:
             extra["studio_lokr_kernels"] = json.dumps(kernels, sort_keys=True)
     header = _header_for(adapter, format, extra, metadata)
@@ -271,6 +304,8 @@ def describe(adapter: Adapter) -> dict:
     info["arch"] = adapter.arch
     info["arch_guess"] = guess_arch(adapter)
     info["trigger"] = adapter.trigger
+    if adapter.embeddings:
+        info["token_embeddings"] = {t: {c: list(v.shape) for c, v in per.items()} for t, per in adapter.embeddings.items()}
     if adapter.concept or adapter.concept_kind:
         info["concept"] = adapter.concept
         info["concept_kind"] = adapter.concept_kind
@@ -667,6 +702,25 @@ def _parse(file: Path, tensors: dict, header: dict, names: _Names):
     return fmt, layers
 
 
+def _read_bundle_embeddings(file: Path, tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """A1111 bundled embeddings (``bundle_emb.<token>.…``) as ``{token: {component: (n, hidden)}}``."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    skipped = []
+    for key, t in tensors.items():
+        if not key.startswith("bundle_emb."):
+            continue
+        token, _, part = key[len("bundle_emb."):].partition(".")
+        comp = _EMB_PARTS.get(part.split(".", 1)[0]) if token else None
+        if comp is None or not t.is_floating_point() or t.dim() not in (1, 2):
+            skipped.append(key)
+            continue
+        out.setdefault(token, {})[comp] = t.reshape(-1, t.shape[-1]).float()
+    if skipped:
+        log.warning("%s: ignoring %d bundled embedding tensors of an unknown layout (e.g. %s)",
+                    file.name, len(skipped), skipped[0])
+    return out
+
+
 def _lokr_layer(file, module, path, p, alpha, names: _Names, kernels: dict) -> KronDelta:
     def need(a, b, c, label):
         if a is None and (b is None or c is None):
@@ -874,6 +928,23 @@ def _build_kohya(adapter: Adapter):
         if kernel:
             kernels[path] = list(kernel)
     return tensors, kernels
+
+
+def _bundle_embeddings(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """A1111's ``bundle_emb`` tensors: ``string_to_param.*`` for one text encoder, ``clip_l``/``clip_g`` for SDXL."""
+    sdxl = adapter.arch == "sdxl" or any("text_encoder_2" in per for per in adapter.embeddings.values())
+    out = {}
+    for token, per in adapter.embeddings.items():
+        if not token or "." in token:
+            raise AdapterFileError(f"token embedding name {token!r} of adapter {adapter.name!r} cannot be written "
+                                   "(it must be non-empty without dots); rename the trigger")
+        for comp, vec in per.items():
+            if comp not in ("text_encoder", "text_encoder_2"):
+                raise AdapterFileError(f"token embedding {token!r} of adapter {adapter.name!r} is for {comp!r}; "
+                                       "use text_encoder or text_encoder_2")
+            part = ("clip_l" if comp == "text_encoder" else "clip_g") if sdxl else "string_to_param.*"
+            out[f"bundle_emb.{token}.{part}"] = vec.reshape(-1, vec.shape[-1])
+    return out
 
 
 def _lokr_pieces(d: KronDelta):

@@ -59,7 +59,7 @@ class AdapterLibrary:
         """Add an in-memory adapter (trained or merged) after validating it."""
         from .formats import validate_adapter
 
-        if not adapter.layers:
+        if not adapter.layers and not adapter.embeddings:
             raise AdapterFileError(f"adapter {adapter.name!r} has no layers; check the file was written completely")
         if not adapter.is_finite():
             raise AdapterFileError(f"adapter {adapter.name!r} contains NaN or inf values; retrain or re-export it")
