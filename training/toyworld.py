@@ -134,6 +134,15 @@ class Budget:
     def lr(self, step: int, floor: float) -> float:
         return cosine_lr(step, self.total, self.warmup, floor)
 
+    def loop(self):
+        """(step, progress bar) for each step of the stage, up to the total ``at`` settles on."""
+        bar = tqdm(range(self.total), desc=self.name, mininterval=10)
+        for step in bar:
+            self.at(step)
+            if step >= self.total:
+                break
+            yield step, bar
+
 
 # ----------------------------------------------------------------------------- generic images
 def _rand_color(rng):
@@ -270,11 +279,7 @@ def train_vae(cfg, out: Path, rng, device, report):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: bud.lr(s, 0.05))
     g = torch.Generator().manual_seed(1)
     vae.train()
-    bar = tqdm(range(steps), desc="vae", mininterval=10)
-    for step in bar:
-        bud.at(step)
-        if step >= bud.total:
-            break
+    for step, bar in bud.loop():
         idx = torch.randint(0, n, (bs,), generator=g)
         x = u8_to_unit(data[idx]).to(device) * 2 - 1
         post = vae.encode(x).latent_dist
@@ -360,11 +365,7 @@ def train_oracle(cfg, out: Path, rng, device, report):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: bud.lr(s, 0.02))
     g = torch.Generator().manual_seed(2)
     net.train()
-    bar = tqdm(range(steps), desc="oracle", mininterval=10)
-    for step in bar:
-        bud.at(step)
-        if step >= bud.total:
-            break
+    for step, bar in bud.loop():
         idx = torch.randint(0, len(data), (bs,), generator=g)
         x = u8_to_unit(data[idx]).to(device)
         x = x + 0.02 * torch.randn(x.shape, generator=g).to(device)  # small robustness noise
@@ -463,12 +464,8 @@ def _fit_unet(unet, text_encoder, scenes, means, stds, sf, bud: "Budget", bs: in
     n = len(scenes)
     unet.train()
     text_encoder.train()
-    bar = tqdm(range(bud.total), desc=bud.name, mininterval=10)
     loss = torch.zeros(())
-    for step in bar:
-        bud.at(step)
-        if step >= bud.total:
-            break
+    for step, bar in bud.loop():
         idx = torch.randint(0, n, (bs,), generator=g)
         caps = [training_caption(scenes[i], cap_rng) if cap_rng.random() >= 0.1 else "" for i in idx.tolist()]
         ids = tok(caps, padding="max_length", max_length=TOKEN_LENGTH, truncation=True,
@@ -590,11 +587,7 @@ def train_decoder(cfg, out: Path, rng, device, report):
     bud = Budget("decoder", steps, 50, cfg["decoder_minutes"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: bud.lr(s, 0.05))
     g = torch.Generator().manual_seed(5)
-    bar = tqdm(range(steps), desc="decoder", mininterval=10)
-    for step in bar:
-        bud.at(step)
-        if step >= bud.total:
-            break
+    for step, bar in bud.loop():
         idx = torch.randint(0, n, (bs,), generator=g)
         x = u8_to_unit(data[idx]).to(device) * 2 - 1
         z = mu[idx] + sd[idx] * torch.randn(mu[idx].shape, generator=g).to(device)
@@ -655,11 +648,7 @@ def train_clip(cfg, out: Path, rng, device, report):
     g = torch.Generator().manual_seed(5)
     cap_rng = np.random.default_rng(6)
     model.train()
-    bar = tqdm(range(steps), desc="clip", mininterval=10)
-    for step in bar:
-        bud.at(step)
-        if step >= bud.total:
-            break
+    for step, bar in bud.loop():
         idx = torch.randint(0, n, (bs,), generator=g)
         caps = [caption(scenes[i]) if cap_rng.random() < 0.5 else training_caption(scenes[i], cap_rng)
                 for i in idx.tolist()]
