@@ -214,7 +214,7 @@ def main(argv=None) -> int:
 
             def gen_with(ps, s, name=ad.name):
                 return [studio.generate(p, adapters=[name], steps=args.steps, guidance=args.guidance,
-                                        seed=s + i, num_images=1)[0] for i, p in enumerate(ps)]
+                                        seed=s + i, num_images=1, progress=False)[0] for i, p in enumerate(ps)]
 
             _, preds = run(prompts, args.seed, f"adapter-{ad.name}", trig, gen_with)
             rate = mean([oracle.has_concept(p, concept) for p in preds])
