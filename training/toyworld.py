@@ -1,5 +1,5 @@
-"""Train the toy world from scratch: VAE, oracle, tokenizer + text encoder + UNet, toy CLIP, then a
-refinement of the VAE decoder with its encoder frozen (the UNet's latents stay valid).
+"""Train the toy world from scratch: VAE, tokenizer + text encoder + UNet, toy CLIP, a refinement of
+the VAE decoder with its encoder frozen (the UNet's latents stay valid), then the oracle.
 
     python -m training.toyworld --out assets/models            # ~55 min wall on 2 shared CPU cores
     python -m training.toyworld --out /tmp/tw --quick           # smoke run, ~1 min
@@ -40,7 +40,11 @@ from studio.toyworld.render import (
     training_caption,
 )
 
-STAGES = ("vae", "oracle", "unet", "clip", "decoder")
+# Run order. The oracle comes last: half its training images are VAE round trips, so it must see
+# the decoder the model ships with (trained on the first decoder, it learnt that decoder's hue
+# shifts and called the refined decoder's oranges red). Seeds stay tied to the stage, not its place.
+STAGES = ("vae", "unet", "clip", "decoder", "oracle")
+STAGE_SEED = {"vae": 0, "oracle": 1, "unet": 2, "clip": 3, "decoder": 4}
 CLIP_MODEL_NAME = "ToyCLIP-ViT-8"
 WORK = ".toyworld-work"  # stage outputs not yet assembled into toy-sd
 TOKEN_LENGTH = 32
@@ -743,21 +747,21 @@ def main(argv=None) -> int:
     t0 = time.time()
     fns = {"vae": train_vae, "oracle": train_oracle, "unet": train_unet, "clip": train_clip,
            "decoder": train_decoder}
-    for i, stage in enumerate(STAGES):
+    for stage in STAGES:
         if stage not in stages:
             continue
         if stage != "vae" and vae_dir(out) is None:
             ap.error(f"stage {stage} needs the VAE: run with --stages vae first")
         if stage == "decoder" and not (out / "toy-sd" / "vae" / "config.json").is_file():
             ap.error(f"stage {stage} refines toy-sd: run the unet stage first")
-        rng = seed_all(args.seed * 1000 + i)
+        rng = seed_all(args.seed * 1000 + STAGE_SEED[stage])
         log(f"stage {stage} ...")
         fns[stage](cfg, out, rng, device, report)
+        if stage == "unet":
+            shutil.rmtree(out / WORK, ignore_errors=True)  # the VAE now lives in toy-sd
         tmp = rpath.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(report, indent=2, default=str))
         tmp.replace(rpath)
-    if "unet" in stages and (out / "toy-sd" / "model_index.json").is_file():
-        shutil.rmtree(out / WORK, ignore_errors=True)  # the VAE now lives in toy-sd
     log(f"done in {(time.time() - t0) / 60:.1f} min -> {out}")
     return 0
 
