@@ -206,3 +206,12 @@ def test_quick_training_run_builds_a_loadable_world(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "toy-sd"), torch_dtype=torch.float32)
     assert pipe("a red circle", num_inference_steps=2).images[0].size == (64, 64)
     assert not list(tmp_path.glob(".toy-sd*")) and not list((tmp_path / "toy-sd").glob(".vae*"))
+
+    # the oracle stage runs last, on the decoder the model ships with
+    from training.toyworld import STAGES
+
+    assert STAGES.index("oracle") > STAGES.index("decoder")
+    assert main(["--out", str(tmp_path), "--quick", "--stages", "oracle"]) == 0
+    from studio.toyworld.oracle import load_oracle
+
+    assert len(load_oracle(tmp_path / "oracle").predict(pipe("a red circle", num_inference_steps=2).images)) == 1
