@@ -54,6 +54,8 @@ METHODS = {
     "clora-spec": ("clora", {"preset": "spec"}),
     "clora-seq": ("clora", {"batch_branches": False}),
     "clora-nockpt": ("clora", {"grad_checkpoint": False}),
+    "clora-nosplit": ("clora", {"split_rows": False}),
+    "clora-cond": ("clora", {"attention_source": "cond"}),
     "clora-joint": ("clora", {"backprop": "joint"}),
     "clora-noupd": ("clora", {"latent_update": False}),
 }

@@ -226,6 +226,18 @@ def test_branchwise_backprop_equals_full_graph_gradient(sd1):
         assert comp.ckpt_blocks
         _, grad_ck, _ = comp.latent_grad(initial_latents(ctx, 5, sched), sched.timesteps[0])
     torch.testing.assert_close(grad_ck, grad_b, rtol=1e-5, atol=1e-7 * float(grad_b.abs().max()))
+    # graph passes one CFG row at a time: half the graph, the same gradient
+    with prepared(sd1, CLoRAComposer(split_rows="on")) as (comp, ctx, sched):
+        assert comp.split_rows
+        _, grad_rows, _ = comp.latent_grad(initial_latents(ctx, 5, sched), sched.timesteps[0])
+    torch.testing.assert_close(grad_rows, grad_b, rtol=1e-4, atol=1e-6 * float(grad_b.abs().max()))
+    # with maps from the cond half only, the graph pass runs the cond row alone
+    with prepared(sd1, CLoRAComposer(attention_source="cond")) as (comp, ctx, sched):
+        _, grad_c1, _ = comp.latent_grad(initial_latents(ctx, 5, sched), sched.timesteps[0])
+    with prepared(sd1, CLoRAComposer(attention_source="cond", split_rows="on")) as (comp, ctx, sched):
+        _, grad_c2, _ = comp.latent_grad(initial_latents(ctx, 5, sched), sched.timesteps[0])
+    assert grad_c1.abs().max() > 0
+    torch.testing.assert_close(grad_c2, grad_c1, rtol=1e-5, atol=1e-7 * float(grad_c1.abs().max()))
 
 
 def test_checkpointed_blocks_hold_no_capture_layer(sd1):
