@@ -57,6 +57,14 @@ class Composer:
         }
 
 
+def switch_param(method: str, params: dict, key: str, auto: bool) -> bool:
+    """An on/off/auto parameter; ``auto`` takes the caller's size-dependent default."""
+    v = str(params[key]).strip().lower()
+    if v not in ("auto", "true", "false", "on", "off", "1", "0"):
+        raise GenerationError(f"{method} {key} must be auto, on or off; got {params[key]!r}")
+    return auto if v == "auto" else v in ("true", "on", "1")
+
+
 def _coerce(key: str, default: Any, value: Any) -> Any:
     """Parameters from the CLI arrive as strings; give them the default's type."""
     if not isinstance(value, str) or isinstance(default, str) or default is None:

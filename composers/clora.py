@@ -66,7 +66,7 @@ from studio.errors import GenerationError
 from studio.prompts import BranchPrompts, branch_prompts
 from studio.sampling import ComposeContext, Conditioning
 
-from .base import Composer
+from .base import Composer, switch_param
 
 # The spec's presets (§1.4) plus ``fast``, our default. A preset's schedule is given for its own step
 # count and scaled to T. ``spec`` is the spec's "ours (default preset)" column, ``notebook`` the
@@ -153,14 +153,6 @@ def _checkpointed(blocks: list[torch.nn.Module]):
                 b.forward = f
 
 
-def _switch(params: dict, key: str, auto: bool) -> bool:
-    """An on/off/auto parameter: ``auto`` takes the size-dependent default."""
-    v = str(params[key]).strip().lower()
-    if v not in ("auto", "true", "false", "on", "off", "1", "0"):
-        raise GenerationError(f"clora {key} must be auto, on or off; got {params[key]!r}")
-    return auto if v == "auto" else v in ("true", "on", "1")
-
-
 class CLoRAComposer(Composer):
     name = "clora"
     min_adapters = 1
@@ -221,9 +213,9 @@ class CLoRAComposer(Composer):
         self.capture = AttentionCapture(unet, self.spec, p["attention_source"])
         scale = ctx.pipe.vae_scale_factor
         large = (ctx.height // scale) * (ctx.width // scale) >= CHECKPOINT_MIN_LATENT
-        self.rows = RowAdapters(unet, [[]] + [[(a.adapter, a.unet)] for a in ctx.adapters]) if _switch(p, "batch_branches", not large) else None
-        self.ckpt_blocks = _blocks_without(unet, self.spec.layers) if _switch(p, "grad_checkpoint", large) else []
-        self.split_rows = _switch(p, "split_rows", large)
+        self.rows = RowAdapters(unet, [[]] + [[(a.adapter, a.unet)] for a in ctx.adapters]) if switch_param(self.name, p, "batch_branches", not large) else None
+        self.ckpt_blocks = _blocks_without(unet, self.spec.layers) if switch_param(self.name, p, "grad_checkpoint", large) else []
+        self.split_rows = switch_param(self.name, p, "split_rows", large)
         self.max_iter, self.iterative, self.inner = self._schedule(ctx.steps)
         self.stats = dict(latent_updates=0, grad_forwards=0, backward_passes=0, skipped_updates=0, batched_calls=0)
         self.reset()

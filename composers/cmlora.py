@@ -35,7 +35,7 @@ from studio.errors import GenerationError
 from studio.sampling import ComposeContext, Counters, decode, initial_latents
 from studio.unet_cache import full_pass, shallow_pass
 
-from .base import Composer
+from .base import Composer, switch_param
 from .composite import branch_conditioning, mix
 
 HIGH_KINDS = ("character", "clothing", "style", "object")  # combination order; background is low
@@ -182,11 +182,7 @@ class CMLoRAComposer(Composer):
         self.adapters = [ctx.adapters[i] for i in self.exec]
         self.conds = [conds[i] for i in self.exec]
         self.caching = p["cache"] == "on" and int(p["interval"]) != 1
-        batch = str(p["batch"]).strip().lower()
-        if batch not in ("auto", "on", "off", "true", "false"):
-            raise GenerationError(f"batch {p['batch']!r} is not valid; choose auto, on or off")
-        self.batch = batch in ("on", "true") or (batch == "auto" and batching_pays(
-            ctx.height, ctx.width, ctx.pipe.vae_scale_factor))
+        self.batch = switch_param(self.name, p, "batch", batching_pays(ctx.height, ctx.width, ctx.pipe.vae_scale_factor))
         self._row_adapters: dict[tuple, RowAdapters] = {}
         self.reset()
 

@@ -370,14 +370,20 @@ def test_parallel_requests_with_different_adapters_match_serial(served):
     assert all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:]))  # concurrency_id="gpu": never overlapping
 
 
+def _submit_and_wait_for_steps(client, calls, prompt: str, steps: int = 3):
+    """Start a long generation and return its job once the UNet has run ``steps`` times."""
+    job = client.submit(*_gen_args(prompt, steps=150), api_name="/generate")
+    deadline = time.time() + 60
+    while len(calls) < steps and time.time() < deadline:
+        time.sleep(0.005)
+    return job
+
+
 def test_client_cancel_stops_the_run_within_two_steps(served):
     _, handlers, client = served
     calls = _UnetCalls(handlers.studio.pipe)
     try:
-        job = client.submit(*_gen_args("a red circle <lora:a:1>", steps=150), api_name="/generate")
-        deadline = time.time() + 60
-        while len(calls) < 3 and time.time() < deadline:
-            time.sleep(0.005)
+        job = _submit_and_wait_for_steps(client, calls, "a red circle <lora:a:1>")
         job.cancel()
         at_cancel = len(calls)
         time.sleep(1.0)
@@ -393,10 +399,7 @@ def test_stop_endpoint_interrupts_this_sessions_run(served):
     _, handlers, client = served
     calls = _UnetCalls(handlers.studio.pipe)
     try:
-        job = client.submit(*_gen_args("a red circle", steps=150), api_name="/generate")
-        deadline = time.time() + 60
-        while len(calls) < 3 and time.time() < deadline:
-            time.sleep(0.005)
+        job = _submit_and_wait_for_steps(client, calls, "a red circle")
         assert client.predict(api_name="/stop") == "Stopping…"  # same client, same session
         at_stop = len(calls)
         gallery, _, info, *_ = job.result(timeout=60)
