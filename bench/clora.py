@@ -3,17 +3,19 @@
 For each model and N adapters (random rank-8 LoRAs; N = number of adapters, so CLoRA runs N + 1
 branches), times one generation per method (best of ``--repeats``, after a warm-up) and measures
 peak memory above the idle baseline (the lowest over repeats: one-time allocations such as the
-autograd engine's first backward are not the method's): ``torch.cuda.max_memory_allocated`` on CUDA, sampled process
-RSS on CPU after ``malloc_trim`` (coarser: it includes allocator caching). Ratios are against plain generation (no
-adapter) and Composite with the same N, measured in the same run. Targets from issue 6: CLoRA
+autograd engine's first backward are not the method's): ``torch.cuda.max_memory_allocated`` on
+CUDA, the sampled in-use heap on CPU (glibc ``mallinfo2``; sampled RSS, which also counts the
+allocator's cache, is printed beside it). Ratios are against plain generation (no adapter) and
+Composite with the same N, measured in the same run. Targets from issue 6: CLoRA
 ≤ 6× plain time at N = 2 with the default schedule, peak memory ≤ 1.5× Composite.
 
 Methods: ``plain``, ``composite``, ``clora`` (default ``fast`` preset: one update per step on the
-first T/2 steps, branches' graph-free passes batched), ``clora-spec`` (the spec's preset: plus
-20·T/50 inner iterations at the steps matching {0, 10, 20} of 50), ``clora-seq`` (branches one
-call each: the low-memory setting),
-``clora-joint`` (all branch graphs kept at once: the memory the branchwise VJPs avoid) and
-``clora-noupd`` (latent update off: the masked-fusion cost alone).
+first T/2 steps; auto settings by latent size), ``clora-spec`` (the spec's preset: plus 20·T/50
+inner iterations at the steps matching {0, 10, 20} of 50), ``clora-seq`` (branches one call each),
+``clora-joint`` (all branch graphs kept at once: the memory the branchwise VJPs avoid),
+``clora-lowmem`` (the large-latent memory settings forced on: ``grad_checkpoint=fine``,
+``split_rows=on``), ``clora-nockpt`` / ``clora-ckptall`` / ``clora-nosplit`` / ``clora-cond`` (one
+setting changed) and ``clora-noupd`` (latent update off: the masked-fusion cost alone).
 
 Models: ``tiny`` (tiny random SD1, 64×64), ``toy`` (the bundled toy model; skipped when absent),
 ``sd15`` (SD1.5's UNet architecture with random weights; 512×512 on CUDA, 256×256 on CPU).
@@ -53,10 +55,12 @@ METHODS = {
     "clora": ("clora", {}),
     "clora-spec": ("clora", {"preset": "spec"}),
     "clora-seq": ("clora", {"batch_branches": False}),
-    "clora-nockpt": ("clora", {"grad_checkpoint": False}),
+    "clora-nockpt": ("clora", {"grad_checkpoint": "off"}),
+    "clora-ckptall": ("clora", {"grad_checkpoint": "all"}),
     "clora-nosplit": ("clora", {"split_rows": False}),
     "clora-cond": ("clora", {"attention_source": "cond"}),
     "clora-joint": ("clora", {"backprop": "joint"}),
+    "clora-lowmem": ("clora", {"grad_checkpoint": "fine", "split_rows": True}),  # the large-latent defaults, forced
     "clora-noupd": ("clora", {"latent_update": False}),
 }
 
@@ -66,21 +70,48 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def trim_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc), so the RSS baseline holds no cached free memory
-    from earlier runs; otherwise a run's peak hides inside what an earlier run left cached."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_size_t) for f in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+
+def _libc():
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        return libc
+    except (OSError, AttributeError):  # not glibc >= 2.33
+        return None
+
+
+LIBC = _libc()
+
+
+def heap_in_use() -> int | None:
+    """Bytes the process has malloc'ed and not freed (glibc ``mallinfo2``: arenas + mmapped chunks).
+
+    The CPU analogue of ``torch.cuda.memory_allocated``: unlike RSS it excludes memory the allocator
+    keeps cached after a free, which made RSS peaks of the same run differ by up to 25 %.
+    """
+    if LIBC is None:
+        return None
+    m = LIBC.mallinfo2()
+    return m.uordblks + m.hblkhd
+
+
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc), so the RSS baseline holds no cached free memory."""
+    if LIBC is not None:
+        LIBC.malloc_trim(0)
 
 
 class PeakMemory:
-    """Peak bytes above the level at entry: CUDA allocator stats, or sampled RSS on CPU."""
+    """Peak bytes above the level at entry: CUDA allocator stats, or on CPU the sampled (2 ms)
+    in-use heap (``heap_in_use``); ``rss_peak`` is the sampled RSS, kept for comparison."""
 
     def __init__(self, device):
         self.cuda = torch.device(device).type == "cuda"
-        self.peak = 0
+        self.peak = self.rss_peak = 0
 
     def __enter__(self):
         if self.cuda:
@@ -89,24 +120,32 @@ class PeakMemory:
             self.base = torch.cuda.memory_allocated()
         else:
             trim_heap()
-            self.base, self.top, self.stop = rss_bytes(), 0, False
+            self.heap = heap_in_use() is not None
+            self.base, self.rss_base = heap_in_use() or 0, rss_bytes()
+            self.top, self.rss_top, self.stop = self.base, self.rss_base, False
             self.thread = threading.Thread(target=self._sample, daemon=True)
             self.thread.start()
         return self
 
     def _sample(self):
         while not self.stop:
-            self.top = max(self.top, rss_bytes())
+            self._read()
             time.sleep(0.002)
+
+    def _read(self):
+        self.top = max(self.top, heap_in_use() or 0)
+        self.rss_top = max(self.rss_top, rss_bytes())
 
     def __exit__(self, *exc):
         if self.cuda:
             torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.base
+            self.peak = self.rss_peak = torch.cuda.max_memory_allocated() - self.base
         else:
             self.stop = True
             self.thread.join()
-            self.peak = max(0, max(self.top, rss_bytes()) - self.base)
+            self._read()
+            self.rss_peak = self.rss_top - self.rss_base
+            self.peak = self.top - self.base if self.heap else self.rss_peak
 
 
 def prompt_for(n: int) -> str:
@@ -115,7 +154,7 @@ def prompt_for(n: int) -> str:
 
 
 def measure(studio, adapters, method: str, params: dict, prompt: str, size: int, steps: int, repeats: int):
-    best, peak, report = float("inf"), float("inf"), {}
+    best, peak, rss, report = float("inf"), float("inf"), float("inf"), {}
     for _ in range(repeats):
         sync(studio.device)
         with PeakMemory(studio.device) as mem:
@@ -124,8 +163,9 @@ def measure(studio, adapters, method: str, params: dict, prompt: str, size: int,
                              width=size, height=size, seed=0, progress=False)
             sync(studio.device)
             secs = time.perf_counter() - t0
-        best, peak, report = min(best, secs), min(peak, mem.peak), res.report  # steady state: no first-use allocations
-    return best, peak, report
+        # steady state: no first-use allocations
+        best, peak, rss, report = min(best, secs), min(peak, mem.peak), min(rss, mem.rss_peak), res.report
+    return best, peak, rss, report
 
 
 def load_model(name: str, device, dtype):
@@ -152,7 +192,7 @@ def bench_model(name: str, ns: list[int], steps: int, repeats: int, methods: lis
         a.trigger, a.concept = TRIGGERS[k], CONCEPTS[k]
         studio.adapters.add(a)
     measure(studio, [], "merge", {}, prompt_for(1), size, steps, 1)  # warm-up
-    plain_s, plain_mem, _ = measure(studio, [], "merge", {}, prompt_for(max(ns)), size, steps, repeats)
+    plain_s, plain_mem, _, _ = measure(studio, [], "merge", {}, prompt_for(max(ns)), size, steps, repeats)
     print(f"[{name}] {size}px T={steps} plain {plain_s:.3f}s peak {plain_mem / 2**20:.1f} MiB", file=sys.stderr)
     rows = []
     for n in ns:
@@ -161,17 +201,18 @@ def bench_model(name: str, ns: list[int], steps: int, repeats: int, methods: lis
             if label == "plain":
                 continue
             method, params = METHODS[label]
-            secs, peak, rep = measure(studio, adapters[:n], method, params, prompt, size, steps, repeats)
+            secs, peak, rss, rep = measure(studio, adapters[:n], method, params, prompt, size, steps, repeats)
             if label == "composite":
                 comp = (secs, peak)
             row = {"n": n, "method": label, "seconds": secs, "x_plain": secs / plain_s, "peak_mib": peak / 2**20,
-                   "mem_x_composite": peak / comp[1] if comp and comp[1] > 2**20 else None,  # CPU RSS noise below 1 MiB
+                   "rss_peak_mib": rss / 2**20,
+                   "mem_x_composite": peak / comp[1] if comp and comp[1] > 0 else None,
                    "x_composite": secs / comp[0] if comp else None,
                    **{k: rep.get(k) for k in ("unet_calls", "shallow_calls", "latent_updates", "backward_passes")}}
             rows.append(row)
             mx = f"{row['mem_x_composite']:.2f}" if row["mem_x_composite"] is not None else "-"
             print(f"[{name}] N={n} {label:12s} {secs:8.3f}s ×plain {row['x_plain']:6.2f}  peak {row['peak_mib']:8.1f} MiB "
-                  f"×composite(mem) {mx}  full={rep.get('unet_calls')} trunc={rep.get('shallow_calls')} "
+                  f"×composite(mem) {mx} (rss {row['rss_peak_mib']:.0f} MiB)  full={rep.get('unet_calls')} trunc={rep.get('shallow_calls')} "
                   f"updates={rep.get('latent_updates', '-')} backward={rep.get('backward_passes', '-')}", file=sys.stderr)
     return {"model": name, "size": size, "steps": steps, "device": str(device), "dtype": str(dtype),
             "threads": torch.get_num_threads(), "plain_seconds": plain_s, "plain_peak_mib": plain_mem / 2**20, "rows": rows}

@@ -32,14 +32,19 @@ Cost (deviations from the spec, for speed; issue 6 asks for ≤ 6× plain genera
   small models (toy, T = 25, N = 2: 4.4× plain instead of 5.3×); on large UNets it saves little and
   holds N branches' activations at once, so ``auto`` turns it off there (the peak-memory target).
   Graph passes always stay one branch at a time.
-- ``grad_checkpoint`` (default ``auto``: on from 32×32 latents): graph passes checkpoint every
-  ResNet, transformer and resampling block that holds no captured layer, so one branch's graph
-  keeps only block inputs and the peak is one block's recompute (SD1.5 at 256²: 352 instead of
-  575 MiB for one VJP, for ≈ 25 % more time per VJP). The gradient is unchanged.
+- ``grad_checkpoint`` (default ``auto``: ``fine`` from 32×32 latents, else ``off``): graph passes
+  recompute blocks in backward instead of keeping their insides. ``fine`` picks the ResNet,
+  transformer and resampling blocks finer than the maps' level (SD1.5: the 32×32 and 16×16 blocks
+  at 256²), where activations are large for their compute; ``all`` adds the coarse ones (a few MiB
+  less for ≈ 10 % more time); a block holding a captured layer is never recomputed. The gradient
+  is unchanged (tested).
 - ``split_rows`` (default ``auto``: on from 32×32 latents): a graph pass runs the uncond and cond
   rows one at a time; the map is the mean of the two rows' maps, so the gradient is the mean of
-  two row VJPs (exact). With checkpointing it halves a branch's graph (sd15 256², N = 2: peak
-  1.27× Composite instead of 1.96×, for 6.4× instead of 5.4× plain generation on CPU).
+  two row VJPs (exact). It halves a branch's graph.
+
+On sd15 at 256², N = 2, T = 4 (CPU, in-use heap; docs/performance.md): 5.5–5.8× plain generation
+and 1.36× Composite's peak memory with these defaults; ``grad_checkpoint=all`` 6.1–6.2× / 1.28×,
+``off`` 5.0–5.4× / 2.08×.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from studio.adapters.rows import RowAdapters
 from studio.attention import (
     AttentionCapture,
     assign_background,
+    block_levels,
     capture_spec,
     morphology,
     threshold_masks,
@@ -130,11 +136,22 @@ CHECKPOINT_MIN_LATENT = 32 * 32
 CHECKPOINT_TYPES = ("ResnetBlock2D", "BasicTransformerBlock", "Downsample2D", "Upsample2D")
 
 
-def _blocks_without(unet, layers: tuple[str, ...]) -> list[torch.nn.Module]:
-    """The UNet's ResNet, transformer and resampling blocks that hold none of ``layers``: safe to
-    recompute in backward, and small enough that one block's recompute graph is the peak."""
+def checkpoint_blocks(unet, layers: tuple[str, ...], below_level: int | None = None) -> list[torch.nn.Module]:
+    """The UNet's ResNet, transformer and resampling blocks to recompute in backward.
+
+    Never a block holding one of ``layers`` (its capture must run once). With ``below_level``, only
+    blocks finer than that level: there activations are large for their compute, while at the maps'
+    level and coarser they are small and recomputing them costs time for little memory.
+    """
+    levels = block_levels(unet)
+
+    def level(name: str) -> int:  # "down_blocks.0.resnets.1" -> level of "down_blocks.0"
+        parts = name.split(".")
+        return levels.get(".".join(parts[:2]), levels.get(parts[0], 0))
+
     return [m for n, m in unet.named_modules()
-            if type(m).__name__ in CHECKPOINT_TYPES and not any(l.startswith(n + ".") for l in layers)]
+            if type(m).__name__ in CHECKPOINT_TYPES and not any(l.startswith(n + ".") for l in layers)
+            and (below_level is None or level(n) < below_level)]
 
 
 @contextmanager
@@ -172,8 +189,8 @@ class CLoRAComposer(Composer):
         "refresh_after_update": False,  # re-run the branches on the updated latent for fusion
         "backprop": "branchwise",  # "branchwise" (one graph alive) or "joint" (all N graphs)
         "batch_branches": "auto",  # graph-free passes of all branches as one batched UNet call: auto (latents < 32x32), on, off
-        "grad_checkpoint": "auto",
-        "split_rows": "auto",  # graph passes one CFG row at a time (half the graph memory): auto (latents >= 32x32), on, off  # graph passes recompute blocks in backward: auto (latents >= 32x32), on, off
+        "grad_checkpoint": "auto",  # graph passes recompute blocks in backward: auto (fine from 32x32 latents), fine, all, off
+        "split_rows": "auto",  # graph passes one CFG row at a time (half the graph memory): auto (latents >= 32x32), on, off
         "grad_clip": 0.0,  # > 0: cap the norm of dL/dz
         "use_text_encoder_lora": True,  # encode each branch with its adapter's text-encoder weights
         "prompts": None,  # expert override: [base prompt, one per adapter]
@@ -214,11 +231,24 @@ class CLoRAComposer(Composer):
         scale = ctx.pipe.vae_scale_factor
         large = (ctx.height // scale) * (ctx.width // scale) >= CHECKPOINT_MIN_LATENT
         self.rows = RowAdapters(unet, [[]] + [[(a.adapter, a.unet)] for a in ctx.adapters]) if switch_param(self.name, p, "batch_branches", not large) else None
-        self.ckpt_blocks = _blocks_without(unet, self.spec.layers) if switch_param(self.name, p, "grad_checkpoint", large) else []
+        self.ckpt_blocks = self._checkpoint_blocks(unet, large)
         self.split_rows = switch_param(self.name, p, "split_rows", large)
         self.max_iter, self.iterative, self.inner = self._schedule(ctx.steps)
         self.stats = dict(latent_updates=0, grad_forwards=0, backward_passes=0, skipped_updates=0, batched_calls=0)
         self.reset()
+
+    def _checkpoint_blocks(self, unet, large: bool) -> list[torch.nn.Module]:
+        """``grad_checkpoint``: fine / all, or on (= fine) / off / auto (fine on large latents)."""
+        mode = str(self.params["grad_checkpoint"]).strip().lower()
+        if mode not in ("fine", "all"):
+            try:
+                mode = "fine" if switch_param(self.name, self.params, "grad_checkpoint", large) else "off"
+            except GenerationError:
+                raise GenerationError(f"clora grad_checkpoint must be auto, fine, all or off; "
+                                      f"got {self.params['grad_checkpoint']!r}") from None
+        if mode == "off":
+            return []
+        return checkpoint_blocks(unet, self.spec.layers, self.spec.level if mode == "fine" else None)
 
     def _plan(self, ctx: ComposeContext) -> BranchPrompts:
         p = self.params

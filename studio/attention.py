@@ -39,33 +39,38 @@ class CaptureSpec:
     layers: tuple[str, ...]  # Attention module names, e.g. "down_blocks.2.attentions.0.transformer_blocks.0.attn2"
     size: tuple[int, int]  # (h, w) of the maps
     factor: int  # image pixels per map cell
+    level: int = 0  # the layers' downsampling level (0: latent resolution)
 
 
-def cross_attention_levels(unet) -> dict[str, int]:
-    """Every cross-attention module of a diffusers UNet2DConditionModel -> its downsampling level.
+def block_levels(unet) -> dict[str, int]:
+    """Each top-level block of a diffusers UNet2DConditionModel ("down_blocks.0", "mid_block",
+    "up_blocks.3") -> its downsampling level.
 
     Level 0 is the latent resolution; each down block with a downsampler adds one; the mid block
     sits at the deepest level; each up block with an upsampler removes one.
     """
-    from diffusers.models.attention_processor import Attention
-
-    def attn2(prefix: str, block) -> list[str]:
-        return [f"{prefix}.{n}" for n, m in block.named_modules()
-                if isinstance(m, Attention) and m.is_cross_attention and n.endswith("attn2")]
-
     levels: dict[str, int] = {}
     level = 0
     for i, block in enumerate(unet.down_blocks):
-        levels.update({n: level for n in attn2(f"down_blocks.{i}", block)})
+        levels[f"down_blocks.{i}"] = level
         if getattr(block, "downsamplers", None):
             level += 1
     if getattr(unet, "mid_block", None) is not None:
-        levels.update({n: level for n in attn2("mid_block", unet.mid_block)})
+        levels["mid_block"] = level
     for i, block in enumerate(unet.up_blocks):
-        levels.update({n: level for n in attn2(f"up_blocks.{i}", block)})
+        levels[f"up_blocks.{i}"] = level
         if getattr(block, "upsamplers", None):
             level -= 1
     return levels
+
+
+def cross_attention_levels(unet) -> dict[str, int]:
+    """Every cross-attention module of a diffusers UNet2DConditionModel -> its block's level."""
+    from diffusers.models.attention_processor import Attention
+
+    return {f"{prefix}.{n}": level for prefix, level in block_levels(unet).items()
+            for n, m in unet.get_submodule(prefix).named_modules()
+            if isinstance(m, Attention) and m.is_cross_attention and n.endswith("attn2")}
 
 
 def available_factors(unet, vae_scale: int) -> list[int]:
@@ -101,7 +106,7 @@ def capture_spec(unet, vae_scale: int, height: int, width: int, factor: int = 0)
         )
     level = int(math.log2(factor // vae_scale))
     layers = tuple(n for n, lv in cross_attention_levels(unet).items() if lv == level)
-    return CaptureSpec(layers, (height // factor, width // factor), factor)
+    return CaptureSpec(layers, (height // factor, width // factor), factor, level)
 
 
 class _Recorder:

@@ -16,7 +16,14 @@ from composers.clora import PRESETS, CLoRAComposer, nt_xent
 from conftest import random_lora
 from studio import Studio
 from studio.adapters.activation import AdapterRig
-from studio.attention import AttentionCapture, assign_background, capture_spec, morphology, threshold_masks
+from studio.attention import (
+    AttentionCapture,
+    assign_background,
+    block_levels,
+    capture_spec,
+    morphology,
+    threshold_masks,
+)
 from studio.base import TOY_MODEL_DIR, build_tiny_pipeline, make_scheduler
 from studio.clip_tokenizer import build_clip_tokenizer
 from studio.errors import GenerationError
@@ -222,10 +229,11 @@ def test_branchwise_backprop_equals_full_graph_gradient(sd1):
     assert grad_b.abs().max() > 0
     torch.testing.assert_close(grad_b, grad_j, rtol=1e-4, atol=1e-6 * float(grad_j.abs().max()))
     # activation checkpointing in the branch passes changes memory, not the gradient
-    with prepared(sd1, CLoRAComposer(grad_checkpoint="on")) as (comp, ctx, sched):
-        assert comp.ckpt_blocks
-        _, grad_ck, _ = comp.latent_grad(initial_latents(ctx, 5, sched), sched.timesteps[0])
-    torch.testing.assert_close(grad_ck, grad_b, rtol=1e-5, atol=1e-7 * float(grad_b.abs().max()))
+    for mode in ("fine", "all"):
+        with prepared(sd1, CLoRAComposer(grad_checkpoint=mode)) as (comp, ctx, sched):
+            assert comp.ckpt_blocks
+            _, grad_ck, _ = comp.latent_grad(initial_latents(ctx, 5, sched), sched.timesteps[0])
+        torch.testing.assert_close(grad_ck, grad_b, rtol=1e-5, atol=1e-7 * float(grad_b.abs().max()))
     # graph passes one CFG row at a time: half the graph, the same gradient
     with prepared(sd1, CLoRAComposer(split_rows="on")) as (comp, ctx, sched):
         assert comp.split_rows
@@ -245,11 +253,33 @@ def test_checkpointed_blocks_hold_no_capture_layer(sd1):
     unet = sd1.pipe.unet
     with prepared(sd1, CLoRAComposer()) as (comp, ctx, sched):
         assert comp.ckpt_blocks == []  # auto: off for an 8x8 latent
-    with prepared(sd1, CLoRAComposer(grad_checkpoint="on")) as (comp, ctx, sched):
-        names = {n for n, m in unet.named_modules() if any(m is b for b in comp.ckpt_blocks)}
-        assert names and all(not layer.startswith(n + ".") for n in names for layer in comp.spec.layers)
-        comp.latent_grad(initial_latents(ctx, 5, sched), sched.timesteps[0])
-        assert all("forward" not in b.__dict__ for b in comp.ckpt_blocks)  # wrappers removed again
+    chosen = {}
+    for mode in ("fine", "all"):
+        with prepared(sd1, CLoRAComposer(grad_checkpoint=mode)) as (comp, ctx, sched):
+            names = chosen[mode] = {n for n, m in unet.named_modules() if any(m is b for b in comp.ckpt_blocks)}
+            assert names and all(not layer.startswith(n + ".") for n in names for layer in comp.spec.layers)
+            comp.latent_grad(initial_latents(ctx, 5, sched), sched.timesteps[0])
+            assert all("forward" not in b.__dict__ for b in comp.ckpt_blocks)  # wrappers removed again
+            level = comp.spec.level
+    # "fine": only the blocks finer than the maps, where activations are large for their compute
+    levels = block_levels(unet)
+    top = lambda n: n.split(".")[0] if n.startswith("mid_block") else ".".join(n.split(".")[:2])  # noqa: E731
+    assert level > 0 and chosen["fine"] == {n for n in chosen["all"] if levels[top(n)] < level}
+    assert chosen["fine"] < chosen["all"]
+
+
+def test_block_levels_follow_the_sd15_layout():
+    unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+        cross_attention_dim=8, attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    assert block_levels(unet) == {"down_blocks.0": 0, "down_blocks.1": 1, "down_blocks.2": 2, "down_blocks.3": 3,
+                                  "mid_block": 3, "up_blocks.0": 3, "up_blocks.1": 2, "up_blocks.2": 1,
+                                  "up_blocks.3": 0}
+    spec = capture_spec(unet, 8, 256, 256, factor=32)  # SD1.5's H/32: down_blocks.2 and up_blocks.1
+    assert spec.level == 2 and {n.split(".attentions")[0] for n in spec.layers} == {"down_blocks.2", "up_blocks.1"}
 
 
 def test_batched_branches_equal_sequential_calls(sd1):
