@@ -105,6 +105,36 @@ def test_resume_equals_an_uninterrupted_run(images, tmp_path, kind, emb):
         assert torch.equal(per["text_encoder"], b.embeddings[token]["text_encoder"])
 
 
+@pytest.mark.parametrize("scope", ["all", "prior"])
+def test_caption_dropout_empties_captions_and_keeps_the_random_stream(images, tmp_path, scope):
+    common = dict(images=str(images), prior_preservation=True, num_class_images=2, class_steps=2,
+                  class_dir=str(tmp_path / "cls"), **{**FAST, "batch_size": 4})
+    plain = DreamBoothTrainer(_studio(), TrainConfig(**common))
+    plain.setup()
+    drop = DreamBoothTrainer(_studio(), TrainConfig(**common, caption_dropout=0.5, caption_dropout_scope=scope))
+    drop.setup()
+    emptied = {"inst": 0, "prior": 0}
+    for micro in range(20):
+        picks, caps, x0, noise, t = plain._micro_batch(micro)
+        _, dcaps, dx0, dnoise, dt = drop._micro_batch(micro)
+        # the same images, latents, noise and timesteps: only captions differ
+        assert torch.equal(x0, dx0) and torch.equal(noise, dnoise) and torch.equal(t, dt)
+        assert caps == [e.caption for e in picks]
+        for i, (c, d) in enumerate(zip(caps, dcaps)):
+            assert d in (c, "")
+            emptied["inst" if i < 4 else "prior"] += d == "" != c
+    assert 0.2 < emptied["prior"] / 80 < 0.8
+    assert (emptied["inst"] == 0) == (scope == "prior") and (scope == "prior" or 0.2 < emptied["inst"] / 80 < 0.8)
+    assert "" in drop._emb_cache  # the empty caption is encoded once, like the others
+    loss, _ = drop.compute_loss(0)
+    assert torch.isfinite(loss)
+    plain._strip(), drop._strip()
+    with pytest.raises(TrainingError, match="caption_dropout"):
+        TrainConfig(images=str(images), caption_dropout=1.0)
+    with pytest.raises(TrainingError, match="scope"):
+        TrainConfig(images=str(images), caption_dropout_scope="instance")
+
+
 @pytest.mark.parametrize("kind", ["lora", "kron"])
 def test_tiny_sdxl_trains_with_both_types_and_writes_clean_files(images, tmp_path, kind):
     from safetensors import safe_open
@@ -258,8 +288,13 @@ def test_cli_train(images, tmp_path, tiny_model_dir):
     rc = main(["train", "--images", str(images), "--trigger", "sks", "--class-word", "shape", "--adapter", "kron",
                "--factors", "4x8", "--steps", "2", "--grad-accum", "1", "--model", str(tiny_model_dir),
                "--num-validation-images", "1", "--sample-steps", "2", "--svd-lora-rank", "8", "--train-token-embedding",
-               "--out", str(out)])
+               "--caption-dropout", "0.2", "--out", str(out)])
     assert rc == 0 and out.is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        params = json.loads(f.metadata()["training_params"])
+    assert params["caption_dropout"] == 0.2 and params["caption_dropout_scope"] == "all"
     from studio.adapters.formats import read_adapter
 
     kron, lora = read_adapter(out), read_adapter(tmp_path / "cli-lora8.safetensors")

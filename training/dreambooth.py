@@ -90,6 +90,8 @@ class TrainConfig:
     class_guidance: float = 7.5
     prior_loss_weight: float = 1.0
     snr_gamma: float | None = None  # Min-SNR γ (5 recommended); None: off
+    caption_dropout: float = 0.0  # share of examples trained with the empty caption (keeps the CFG branch)
+    caption_dropout_scope: str = "all"  # all | prior: drop only class-image captions (base model's own samples)
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
     checkpoint_every: int = 0  # optimizer steps; 0: only on Ctrl-C
@@ -119,6 +121,10 @@ class TrainConfig:
                          ("rank", self.rank)):
             if int(v) < 1:
                 raise TrainingError(f"{label} must be ≥ 1, got {v}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise TrainingError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.caption_dropout_scope not in ("all", "prior"):
+            raise TrainingError(f"caption_dropout_scope {self.caption_dropout_scope!r} is unknown; use all or prior")
         if self.train_token_embedding and not self.token_embedding_lr > 0:
             raise TrainingError(f"token_embedding_lr must be > 0, got {self.token_embedding_lr}")
         if self.adapter == "kron":
@@ -563,9 +569,10 @@ class DreamBoothTrainer:
         if self.cfg.train_text_encoder:
             return
         with torch.no_grad():
-            for e in self.instance + self.classes:
-                if e.caption not in self._emb_cache and not self._has_trigger_token(e.caption):
-                    self._emb_cache[e.caption] = self._encode(e.caption)
+            captions = [e.caption for e in self.instance + self.classes] + ([""] if self.cfg.caption_dropout else [])
+            for c in captions:
+                if c not in self._emb_cache and not self._has_trigger_token(c):
+                    self._emb_cache[c] = self._encode(c)
 
     def _has_trigger_token(self, caption: str) -> bool:
         """Whether a trained trigger embedding takes part in encoding this caption."""
@@ -595,14 +602,20 @@ class DreamBoothTrainer:
         x0 = (means + stds * torch.randn(means.shape, generator=g)) * self.pipe.vae.config.scaling_factor
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(picks),), generator=g)
-        return picks, x0.to(self.device), noise.to(self.device), t.to(self.device)
+        captions = [e.caption for e in picks]
+        if cfg.caption_dropout > 0:  # drawn last, so runs without dropout keep their random stream
+            drop = (torch.rand(len(picks), generator=g) < cfg.caption_dropout).tolist()
+            if cfg.caption_dropout_scope == "prior":  # the first batch_size picks are instance images
+                drop = [False] * cfg.batch_size + drop[cfg.batch_size:]
+            captions = ["" if d else c for c, d in zip(captions, drop)]
+        return picks, captions, x0.to(self.device), noise.to(self.device), t.to(self.device)
 
     def compute_loss(self, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
-        picks, x0, noise, t = self._micro_batch(micro)
+        picks, captions, x0, noise, t = self._micro_batch(micro)
         xt = self.noise_scheduler.add_noise(x0, noise, t)
         target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(x0, noise, t)
-        enc = [self._emb_cache[e.caption] if e.caption in self._emb_cache else self._encode(e.caption) for e in picks]
+        enc = [self._emb_cache[c] if c in self._emb_cache else self._encode(c) for c in captions]
         embeds = torch.cat([pe for pe, _ in enc])
         added = None
         if self.arch == "sdxl":
@@ -985,7 +998,8 @@ def _cmd_train(args) -> int:
         steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         resolution=args.resolution, prior_preservation=args.prior_preservation, class_prompts=args.class_prompt or [],
         class_dir=args.class_dir, num_class_images=args.num_class_images, prior_loss_weight=args.prior_loss_weight,
-        snr_gamma=args.snr_gamma, mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+        snr_gamma=args.snr_gamma, caption_dropout=args.caption_dropout, caption_dropout_scope=args.caption_dropout_scope,
+        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_every=args.checkpoint_every, resume=args.resume, validate_every=args.validate_every,
         validation_prompts=args.validation_prompt or [], num_validation_images=args.num_validation_images,
         sample_steps=args.sample_steps, output_dir=args.output_dir, format=args.format, seed=args.seed,
@@ -1031,6 +1045,9 @@ def add_cli(subparsers) -> None:
     t.add_argument("--num-class-images", type=int, default=100)
     t.add_argument("--prior-loss-weight", type=float, default=1.0)
     t.add_argument("--snr-gamma", type=float, default=None)
+    t.add_argument("--caption-dropout", type=float, default=0.0, help="share of examples trained with the empty caption")
+    t.add_argument("--caption-dropout-scope", default="all", choices=["all", "prior"],
+                   help="prior: drop only the class images' captions (keeps the unconditional branch)")
     t.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     t.add_argument("--gradient-checkpointing", action="store_true")
     t.add_argument("--checkpoint-every", type=int, default=0)
