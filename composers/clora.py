@@ -35,15 +35,15 @@ Cost (deviations from the spec, for speed; issue 6 asks for ≤ 6× plain genera
 - ``grad_checkpoint`` (default ``auto``: ``fine`` from 32×32 latents, else ``off``): graph passes
   recompute blocks in backward instead of keeping their insides. ``fine`` picks the ResNet,
   transformer and resampling blocks finer than the maps' level (SD1.5: the 32×32 and 16×16 blocks
-  at 256²), where activations are large for their compute; ``all`` adds the coarse ones (a few MiB
-  less for ≈ 10 % more time); a block holding a captured layer is never recomputed. The gradient
+  at 256²), where activations are large for their compute; ``all`` adds the coarse ones (≈ 10 MiB
+  less for 3–11 % more time); a block holding a captured layer is never recomputed. The gradient
   is unchanged (tested).
 - ``split_rows`` (default ``auto``: on from 32×32 latents): a graph pass runs the uncond and cond
   rows one at a time; the map is the mean of the two rows' maps, so the gradient is the mean of
   two row VJPs (exact). It halves a branch's graph.
 
-On sd15 at 256², N = 2, T = 4 (CPU, in-use heap; docs/performance.md): 5.5–5.8× plain generation
-and 1.36× Composite's peak memory with these defaults; ``grad_checkpoint=all`` 6.1–6.2× / 1.28×,
+On sd15 at 256², N = 2, T = 4 (CPU, in-use heap; docs/performance.md): 5.5–5.85× plain generation
+and 1.36× Composite's peak memory with these defaults; ``grad_checkpoint=all`` 6.05–6.1× / 1.28×,
 ``off`` 5.0–5.4× / 2.08×.
 """
 
