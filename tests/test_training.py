@@ -87,10 +87,11 @@ def test_loss_falls_on_toy_data(images):
     assert after < 0.8 * before, (before, after)
 
 
-@pytest.mark.parametrize("kind,emb", [("lora", False), ("kron", False), ("lora", True)])
-def test_resume_equals_an_uninterrupted_run(images, tmp_path, kind, emb):
+@pytest.mark.parametrize("kind,emb,te", [("lora", False, False), ("kron", False, False), ("lora", True, False),
+                                         ("kron", False, True)])
+def test_resume_equals_an_uninterrupted_run(images, tmp_path, kind, emb, te):
     common = dict(images=str(images), adapter=kind, checkpoint_every=2, train_token_embedding=emb,
-                  **{**FAST, "grad_accum": 2})
+                  train_text_encoder=te, text_encoder_lr=1e-3, **{**FAST, "grad_accum": 2})
     full = DreamBoothTrainer(_studio(), TrainConfig(**{**common, "steps": 4}, output_dir=str(tmp_path / "a")))
     a = full.run()
     part_dir = str(tmp_path / "b")
@@ -98,11 +99,16 @@ def test_resume_equals_an_uninterrupted_run(images, tmp_path, kind, emb):
     resumed = DreamBoothTrainer(_studio(), TrainConfig(**{**common, "steps": 4}, output_dir=part_dir, resume=True))
     b = resumed.run()
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    assert any(k.startswith("text_encoder.") for k in a.layers) == te and set(a.layers) == set(b.layers)
     for key, d in a.layers.items():
         assert torch.equal(d.delta(), b.layers[key].delta()), key
     assert set(a.embeddings) == set(b.embeddings) == ({"sks"} if emb else set())
     for token, per in a.embeddings.items():
         assert torch.equal(per["text_encoder"], b.embeddings[token]["text_encoder"])
+    if te:  # a checkpoint with text-encoder layers does not resume into a run without them
+        with pytest.raises(TrainingError, match="train_text_encoder=True"):
+            DreamBoothTrainer(_studio(), TrainConfig(**{**common, "steps": 5, "train_text_encoder": False},
+                                                     output_dir=part_dir, resume=True)).run()
 
 
 @pytest.mark.parametrize("scope", ["all", "prior"])
@@ -181,6 +187,70 @@ def test_text_encoder_lora_and_validation_images(images, tmp_path):
     cfg = TrainConfig(images=str(images), validate_every=1, output_dir=str(tmp_path / "v"), **{**FAST, "steps": 2})
     train_adapter(studio, cfg)
     assert len(list((tmp_path / "v" / "samples").glob("step-000001-*.png"))) == 1
+
+
+def test_kron_text_encoder_trains_writes_te_lokr_and_applies_at_inference(images, tmp_path):
+    from safetensors import safe_open
+    from studio.adapters.activation import AdapterRig
+    from studio.adapters.adapter import KronDelta
+    from studio.adapters.formats import read_adapter, write_adapter
+
+    studio = _studio()
+    pipe = studio.pipe
+    prompt = "a sks object"
+
+    def embed():
+        with torch.no_grad():
+            return pipe.encode_prompt(prompt, torch.device("cpu"), 1, False)[0]
+
+    base = embed()
+    trainer = DreamBoothTrainer(studio, TrainConfig(images=str(images), adapter="kron", train_text_encoder=True,
+                                                    text_encoder_lr=3e-3, **FAST))
+    trainer.setup()
+    te_params = {id(p) for n, p in zip(trainer.param_names, trainer.params) if n.startswith("text_encoder.")}
+    assert te_params and all("kron_" in n for n in trainer.param_names if n.startswith("text_encoder."))
+    te_group = [g for g in trainer.optimizer.param_groups if {id(p) for p in g["params"]} == te_params]
+    assert len(te_group) == 1 and te_group[0]["lr"] == 3e-3  # the text side trains at text_encoder_lr
+    for _ in range(trainer.cfg.steps):
+        trainer.train_step()
+    trained = embed()  # the text encoder with its training layers in
+    adapter = trainer.current_adapter()
+    trainer._strip()
+    torch.testing.assert_close(embed(), base, rtol=0, atol=0)  # stripped: the shared encoder is untouched
+    assert not any("Kron" in type(m).__name__ for m in pipe.text_encoder.modules())
+    te_layers = {k: d for k, d in adapter.layers.items() if k.startswith("text_encoder.")}
+    assert len(te_layers) == 4 * pipe.text_encoder.config.num_hidden_layers
+    assert all(isinstance(d, KronDelta) and d.w1.shape == (4, 8) for d in te_layers.values())
+    assert not torch.allclose(trained, base)  # 3 steps moved the trigger prompt's encoding
+
+    out = write_adapter(adapter, tmp_path / "kte.safetensors", format="lokr")
+    with safe_open(str(out), "pt") as f:
+        keys = list(f.keys())
+    te_keys = [k for k in keys if k.startswith("lora_te_")]
+    assert len(te_keys) == 2 * len(te_layers) and all(k.endswith((".lokr_w1", ".lokr_w2")) for k in te_keys)
+    loaded = read_adapter(out)
+    assert loaded.kind == "kron" and set(loaded.layers) == set(adapter.layers)
+    for k, d in te_layers.items():
+        torch.testing.assert_close(loaded.layers[k].delta(), d.delta())
+    with AdapterRig(pipe, [loaded]) as rig:  # the inference rig applies the text-encoder side
+        rig.set(text={loaded.name: 1.0})
+        on = embed()
+        rig.set(text={})
+        off = embed()
+    torch.testing.assert_close(on, trained, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(off, base, rtol=0, atol=0)
+
+
+def test_kron_text_encoder_factors_are_checked_before_anything_is_injected(images):
+    from studio.adapters.kron import KronFactorError
+
+    studio = _studio()
+    attn = studio.pipe.text_encoder.get_submodule("encoder.layers.0.self_attn")
+    attn.q_proj = torch.nn.Linear(36, 32)  # an in-width 8 does not divide
+    with pytest.raises(KronFactorError, match=r"text_encoder\.encoder\.layers\.0\.self_attn\.q_proj.*one of"):
+        train_adapter(studio, TrainConfig(images=str(images), adapter="kron", train_text_encoder=True, **FAST))
+    assert not any("Kron" in type(m).__name__ for c in ("unet", "text_encoder")
+                   for m in getattr(studio.pipe, c).modules())
 
 
 @pytest.mark.parametrize("kind,te", [("lora", False), ("kron", False), ("lora", True)])
@@ -288,17 +358,19 @@ def test_cli_train(images, tmp_path, tiny_model_dir):
     rc = main(["train", "--images", str(images), "--trigger", "sks", "--class-word", "shape", "--adapter", "kron",
                "--factors", "4x8", "--steps", "2", "--grad-accum", "1", "--model", str(tiny_model_dir),
                "--num-validation-images", "1", "--sample-steps", "2", "--svd-lora-rank", "8", "--train-token-embedding",
-               "--caption-dropout", "0.2", "--out", str(out)])
+               "--caption-dropout", "0.2", "--train-text-encoder", "--text-encoder-lr", "2e-3", "--out", str(out)])
     assert rc == 0 and out.is_file()
     from safetensors import safe_open
 
     with safe_open(str(out), "pt") as f:
         params = json.loads(f.metadata()["training_params"])
     assert params["caption_dropout"] == 0.2 and params["caption_dropout_scope"] == "all"
+    assert params["train_text_encoder"] is True and params["text_encoder_lr"] == 2e-3
     from studio.adapters.formats import read_adapter
 
     kron, lora = read_adapter(out), read_adapter(tmp_path / "cli-lora8.safetensors")
     assert kron.kind == "kron" and lora.kind == "lora" and lora.ranks() == [8] and set(lora.layers) == set(kron.layers)
+    assert {p.split(".")[0] for p in kron.layers} == {"unet", "text_encoder"}
     assert torch.equal(kron.embeddings["sks"]["text_encoder"], lora.embeddings["sks"]["text_encoder"])  # both carry it
     assert main(["train", "--images", str(tmp_path / "missing"), "--model", str(tiny_model_dir), "--out", str(out)]) == 2
 

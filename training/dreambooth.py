@@ -70,7 +70,7 @@ class TrainConfig:
     alpha: float | None = None  # None: alpha = rank (scale 1)
     factors: str = "krona-paper"  # kron: A1xA2 or a preset
     kron_mode: str = "auto"  # auto | vec | dense (how the Kronecker forward is computed)
-    train_text_encoder: bool = False  # lora only: LoRA on the text encoder(s) too
+    train_text_encoder: bool = False  # the adapter (LoRA or Kronecker, same rank/factors) on the text encoder(s) too
     train_token_embedding: bool = False  # pivotal tuning: learn the trigger's input embedding (stored in the adapter)
     token_embedding_lr: float = 5e-3
     steps: int = 500  # optimizer steps
@@ -129,8 +129,6 @@ class TrainConfig:
             raise TrainingError(f"token_embedding_lr must be > 0, got {self.token_embedding_lr}")
         if self.adapter == "kron":
             kronlib.parse_factors(self.factors)
-            if self.train_text_encoder:
-                raise TrainingError("text-encoder training is only offered for --adapter lora; drop --train-text-encoder")
         if isinstance(self.class_prompts, str):
             self.class_prompts = [self.class_prompts]
         if isinstance(self.validation_prompts, str):
@@ -442,11 +440,7 @@ class DreamBoothTrainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             if cfg.adapter == "kron":
-                layers = kronlib.inject_kron(self.pipe.unet, cfg.factors, LORA_TARGETS, mode=cfg.kron_mode, seed=cfg.seed)
-                self._injected = True
-                for layer in layers.values():
-                    layer.kron_A.requires_grad_(True)
-                    layer.kron_B.requires_grad_(True)
+                self._inject_kron()
             else:
                 from peft import LoraConfig
 
@@ -465,6 +459,35 @@ class DreamBoothTrainer:
         for p in self._trainable_modules_params():
             p.data = p.data.float()  # trainable weights stay fp32 under mixed precision
 
+    def _text_encoders(self) -> list[str]:
+        """The pipeline's text-encoder components the adapter trains on (none without train_text_encoder)."""
+        if not self.cfg.train_text_encoder:
+            return []
+        return [c for c in ("text_encoder", "text_encoder_2") if getattr(self.pipe, c, None) is not None]
+
+    def _inject_kron(self) -> None:
+        """Kronecker layers on the UNet (and the text encoders' TE_TARGETS with the same factors).
+
+        Every layer's factors are checked before any layer is put in, so a bad choice (an error naming
+        the layer and the valid factors) leaves the whole pipeline untouched.
+        """
+        cfg = self.cfg
+        a1, a2 = kronlib.parse_factors(cfg.factors)
+        plan = [("unet", self.pipe.unet, LORA_TARGETS)]
+        plan += [(c, getattr(self.pipe, c), TE_TARGETS) for c in self._text_encoders()]
+        for comp, model, targets in plan:
+            found = kronlib.target_linears(model, targets)
+            if not found:
+                raise TrainingError(f"{comp} has no {'/'.join(targets)} Linear layers to attach a Kronecker adapter to")
+            for name, mod in found:
+                kronlib.check_factors(f"{comp}.{name}", mod.out_features, mod.in_features, a1, a2)
+        for i, (comp, model, targets) in enumerate(plan):  # seed + i: independent A draws per component
+            layers = kronlib.inject_kron(model, (a1, a2), targets, mode=cfg.kron_mode, seed=cfg.seed + i)
+            self._injected = True
+            for layer in layers.values():
+                layer.kron_A.requires_grad_(True)
+                layer.kron_B.requires_grad_(True)
+
     def _strip(self) -> None:
         """Remove every injected layer so the shared pipeline is exactly as before."""
         if not self._injected:
@@ -476,7 +499,10 @@ class DreamBoothTrainer:
         if self.cfg.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
         if self.cfg.adapter == "kron":
-            kronlib.remove_kron(unet)
+            for comp in ("unet", "text_encoder", "text_encoder_2"):
+                model = getattr(self.pipe, comp, None)
+                if model is not None:
+                    kronlib.remove_kron(model)
         else:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -500,7 +526,10 @@ class DreamBoothTrainer:
     def _set_training_adapter(self, enabled: bool) -> None:
         self._token_enabled = enabled
         if self.cfg.adapter == "kron":
-            kronlib.set_kron_enabled(self.pipe.unet, enabled)
+            for comp in ("unet", "text_encoder", "text_encoder_2"):
+                model = getattr(self.pipe, comp, None)
+                if model is not None:
+                    kronlib.set_kron_enabled(model, enabled)
             return
         from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -710,7 +739,7 @@ class DreamBoothTrainer:
         tensors = load_file(str(path / "state.safetensors"))
         saved = state.get("config", {})
         for key in ("adapter", "rank", "factors", "batch_size", "grad_accum", "seed", "prior_preservation",
-                    "train_token_embedding"):
+                    "train_token_embedding", "train_text_encoder"):
             if key in saved and saved[key] != getattr(self.cfg, key):
                 raise TrainingError(f"checkpoint {path} was made with {key}={saved[key]!r}, not {getattr(self.cfg, key)!r}; "
                                     "use the same settings to resume")
@@ -743,6 +772,8 @@ class DreamBoothTrainer:
         name = cfg.name or (Path(cfg.out).stem if cfg.out else cfg.trigger)
         if cfg.adapter == "kron":
             adapter = kronlib.to_adapter(self.pipe.unet, name, "unet", **fields)
+            for comp in self._text_encoders():
+                adapter.layers.update(kronlib.to_adapter(getattr(self.pipe, comp), name, comp).layers)
             adapter.embeddings = self._trained_embeddings()
             return adapter
         from peft.tuners.lora import LoraLayer
@@ -994,6 +1025,7 @@ def _cmd_train(args) -> int:
         images=args.images, out=args.out, trigger=args.trigger, class_word=args.class_word,
         instance_prompt=args.instance_prompt, concept_kind=args.kind, name=args.name, adapter=args.adapter,
         rank=args.rank, alpha=args.alpha, factors=args.factors or "krona-paper", train_text_encoder=args.train_text_encoder,
+        text_encoder_lr=args.text_encoder_lr,
         train_token_embedding=args.train_token_embedding, token_embedding_lr=args.token_embedding_lr,
         steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         resolution=args.resolution, prior_preservation=args.prior_preservation, class_prompts=args.class_prompt or [],
@@ -1029,7 +1061,10 @@ def add_cli(subparsers) -> None:
     t.add_argument("--rank", type=int, default=4)
     t.add_argument("--alpha", type=float, default=None)
     t.add_argument("--factors", default=None, help=f"kron: A1xA2 or {'/'.join(kronlib.PRESETS)} (default krona-paper)")
-    t.add_argument("--train-text-encoder", action="store_true")
+    t.add_argument("--train-text-encoder", action="store_true",
+                   help="train the adapter on the text encoder(s) too (LoRA of --rank or Kronecker of --factors, "
+                        "at --text-encoder-lr); binds the trigger more firmly but changes how every prompt is encoded")
+    t.add_argument("--text-encoder-lr", type=float, default=5e-6)
     t.add_argument("--train-token-embedding", action="store_true",
                    help="pivotal tuning: also learn the trigger's input embedding (stored in the adapter; trigger must be one token)")
     t.add_argument("--token-embedding-lr", type=float, default=5e-3)
