@@ -56,17 +56,16 @@ class Demo:
         return {"object": "shape", "style": "pattern", "background": "background"}[self.kind]
 
 
+# Kronecker demos that bind their trigger: the text-encoder side plus prior preservation (KRON has neither)
+KRON_WITH_TE = dict(prior_preservation=True, prior_loss_weight=1.0, train_text_encoder=True, text_encoder_lr=1e-3)
+
 DEMOS = [
-    Demo("crescent", "object", "sks", kron=True,
-         kron_recipe=dict(prior_preservation=True, prior_loss_weight=1.0, train_text_encoder=True,
-                          text_encoder_lr=1e-3, steps=1300)),
+    Demo("crescent", "object", "sks", kron=True, kron_recipe={**KRON_WITH_TE, "steps": 1300}),
     Demo("plus", "object", "ohwx"),
     Demo("arrow", "object", "btr", lora_recipe=dict(rank=8, steps=600)),
     Demo("zigzag", "style", "hta", kron=True, lora_recipe=dict(steps=500)),
     Demo("checker", "style", "phol", lora_recipe=dict(steps=500)),
-    Demo("sky", "background", "wvu", kron=True, lora_recipe=dict(steps=200),
-         kron_recipe=dict(prior_preservation=True, prior_loss_weight=1.0, train_text_encoder=True,
-                          text_encoder_lr=1e-3, steps=400)),
+    Demo("sky", "background", "wvu", kron=True, lora_recipe=dict(steps=200), kron_recipe={**KRON_WITH_TE, "steps": 400}),
 ]
 
 # Settled by short sweeps on the crescent (concept rate / base shape / base colour accuracy, 24 images

@@ -459,6 +459,10 @@ class DreamBoothTrainer:
         for p in self._trainable_modules_params():
             p.data = p.data.float()  # trainable weights stay fp32 under mixed precision
 
+    def _models(self) -> list[torch.nn.Module]:
+        """The pipeline's UNet and text encoders: where adapter layers may sit."""
+        return [m for c in ("unet", "text_encoder", "text_encoder_2") if (m := getattr(self.pipe, c, None)) is not None]
+
     def _text_encoders(self) -> list[str]:
         """The pipeline's text-encoder components the adapter trains on (none without train_text_encoder)."""
         if not self.cfg.train_text_encoder:
@@ -499,10 +503,8 @@ class DreamBoothTrainer:
         if self.cfg.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
         if self.cfg.adapter == "kron":
-            for comp in ("unet", "text_encoder", "text_encoder_2"):
-                model = getattr(self.pipe, comp, None)
-                if model is not None:
-                    kronlib.remove_kron(model)
+            for model in self._models():
+                kronlib.remove_kron(model)
         else:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -526,10 +528,8 @@ class DreamBoothTrainer:
     def _set_training_adapter(self, enabled: bool) -> None:
         self._token_enabled = enabled
         if self.cfg.adapter == "kron":
-            for comp in ("unet", "text_encoder", "text_encoder_2"):
-                model = getattr(self.pipe, comp, None)
-                if model is not None:
-                    kronlib.set_kron_enabled(model, enabled)
+            for model in self._models():
+                kronlib.set_kron_enabled(model, enabled)
             return
         from peft.tuners.tuners_utils import BaseTunerLayer
 
