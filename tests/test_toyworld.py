@@ -63,6 +63,36 @@ def test_every_concept_is_drawn_and_sampled():
         assert np.abs(img.astype(int) - solid).sum() > 20000, pat
 
 
+
+def test_gradient_and_glow_fills_follow_the_object():
+    """The smooth style fills (the ones this factor-8 VAE keeps): a gradient runs from full colour
+    at the top to light at the bottom; a glow is light at the centre and full colour at the rim."""
+    red = np.array([220, 30, 30])
+
+    light = 0.15 * red + 0.85 * 245  # the overlay colour of a fill
+
+    def redness(a):  # 0 at the light overlay, 1 at the object colour (by the green channel)
+        return np.clip((a[..., 1].astype(float) - light[1]) / (red[1] - light[1]), 0, 1)
+
+    def drawn(shape, pattern, size):
+        img = np.asarray(render(Scene([Obj(shape, "red", pattern, size=size)]), np.random.default_rng(5)))
+        solid = np.asarray(render(Scene([Obj(shape, "red", "solid", size=size)]), np.random.default_rng(5)))
+        inside = np.abs(solid.astype(int) - solid[0, 0]).sum(-1) > 60
+        ys, xs = np.nonzero(inside)
+        return img, inside, int(ys.mean()), int(xs.mean())
+
+    for size in ("medium", "large"):
+        glow, inside, cy, cx = drawn("circle", "glow", size)
+        assert redness(glow[cy - 1:cy + 2, cx - 1:cx + 2]).min() < 0.2, size  # light centre
+        cols = np.nonzero(inside[cy])[0]
+        assert redness(glow[cy, cols[1]]) > 0.8 and redness(glow[cy, cols[-2]]) > 0.8, size  # coloured rim
+        grad, inside, cy, cx = drawn("square", "gradient", size)
+        rows = np.nonzero(inside.any(1))[0]
+        top, bottom = redness(grad[rows[1], cx]), redness(grad[rows[-2], cx])
+        mid = redness(grad[(rows[0] + rows[-1]) // 2, cx])
+        assert top > 0.85 and bottom < 0.25 and bottom < mid < top, (size, top, mid, bottom)
+
+
 def test_base_world_never_shows_or_says_reserved_concepts():
     rng = np.random.default_rng(1)
     for _ in range(3000):
@@ -215,3 +245,37 @@ def test_quick_training_run_builds_a_loadable_world(tmp_path):
     from studio.toyworld.oracle import load_oracle
 
     assert len(load_oracle(tmp_path / "oracle").predict(pipe("a red circle", num_inference_steps=2).images)) == 1
+
+
+def test_extending_an_oracle_keeps_its_judgement_of_what_it_knew(tmp_path):
+    """An oracle saved before two fills existed, extended to today's vocabulary: every logit it had
+    is unchanged (same name, same value), so measurements made with it stay comparable."""
+    import torch
+    from safetensors.torch import save_file
+
+    from studio.toyworld import oracle as O
+
+    old_patterns = list(ALL_PATTERNS[:-2])
+    names_old = O._output_names(ALL_BACKGROUNDS, O.SLOT_SHAPES, COLORS, old_patterns, POSITIONS)
+    torch.manual_seed(0)
+    old = O.OracleNet(width=4)
+    old.head[-1] = torch.nn.Linear(256, len(names_old))
+    old.eval()
+    save_file({k: v.contiguous() for k, v in old.state_dict().items()}, str(tmp_path / "oracle.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"width": 4, "slot_shapes": list(O.SLOT_SHAPES), "colors": list(COLORS), "patterns": old_patterns,
+         "backgrounds": list(ALL_BACKGROUNDS), "positions": list(POSITIONS)}))
+    new = O.extend_oracle(tmp_path).eval()
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        a, b = old(x), new(x)
+    names_new = O._output_names(ALL_BACKGROUNDS, O.SLOT_SHAPES, COLORS, ALL_PATTERNS, POSITIONS)
+    assert b.shape[1] == O.N_OUT == len(names_new)
+    idx = torch.tensor([names_new.index(n) for n in names_old])
+    torch.testing.assert_close(b[:, idx], a)
+    # an oracle that knows a word this code does not cannot be extended
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["colors"] = cfg["colors"] + ["teal"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="teal"):
+        O.extend_oracle(tmp_path)

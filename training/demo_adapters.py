@@ -2,13 +2,14 @@
 
     python -m training.demo_adapters                 # all of them (about 20 min on 2 CPU cores)
     python -m training.demo_adapters --only crescent-lora --steps 100
+    python -m training.demo_adapters --eval-only --eval-seed 777   # judge on a selection seed
 
 Each reserved toy-world concept the base model never saw is taught from rendered instance images
 in several colours, sizes and positions (so the trigger binds to the concept, not to one colour),
 with prior preservation from the base model's own samples of the prompts the adapter could
 disturb ("a red circle", … and, for patterns, "… with stripes"). Captions follow the toy world's
 grammar with the trigger in the concept's slot, matching ``studio.toyworld.check``'s trigger
-prompts: "a small red sks shape on the left", "a blue circle with hta pattern", "a red square on a
+prompts: "a small red sks shape on the left", "a blue circle with kpk pattern", "a red square on a
 wvu background". Then every adapter is judged with the oracle: the concept rate on its trigger
 prompts with and without it, and shape/colour accuracy on base prompts with it loaded.
 """
@@ -63,8 +64,8 @@ DEMOS = [
     Demo("crescent", "object", "sks", kron=True, kron_recipe={**KRON_WITH_TE, "steps": 1300}),
     Demo("plus", "object", "ohwx"),
     Demo("arrow", "object", "btr", lora_recipe=dict(rank=8, steps=600)),
-    Demo("zigzag", "style", "hta", kron=True, lora_recipe=dict(steps=500)),
-    Demo("checker", "style", "phol", lora_recipe=dict(steps=500)),
+    Demo("glow", "style", "kpk", lora_recipe=dict(steps=1150)),
+    Demo("gradient", "style", "cbp", lora_recipe=dict(steps=900)),
     Demo("sky", "background", "wvu", kron=True, lora_recipe=dict(steps=200), kron_recipe={**KRON_WITH_TE, "steps": 400}),
 ]
 
@@ -105,17 +106,33 @@ DEMOS = [
 # (seed 777 alone: 0.17 / 0.50 / 0.75 at 300 / 500 / 700), so it takes 1300. Sky Kronecker, same
 # recipe, 72 images: 0.03 / 0.65 / 1.00 / 1.00 at 150 / 250 / 400 / 600 steps, base 0.96 / 0.88,
 # 0.94 / 0.82, 0.97 / 0.89, 1.00 / 0.86; 400 ties 600 and keeps colour further above the bar.
-# Styles were not swept: the oracle finds the pattern in only a part of the VAE round trips of
-# rendered instance images (small / medium / large objects: zigzag 0.47 / 0.50 / 0.67, checker
-# 0.36 / 0.50 / 0.64; 0.92-1.00 before the VAE), so no adapter can reach 0.80 on this VAE; they
-# keep the 500 steps of the earlier recipe. Per adapter the pick is the step count with the best
-# concept rate whose base accuracy stays >= 0.85 on the selection seed.
+# Styles: the zigzag and checker fills cannot be taught on this VAE. The oracle finds them in only
+# part of the VAE round trips of rendered instance images (small / medium / large objects: zigzag
+# 0.47 / 0.50 / 0.67, checker 0.36 / 0.50 / 0.64; 0.92-1.00 before the VAE), and their adapters read
+# 0.03-0.17 (LoRA, 500 steps) and 0.11 (Kronecker). A decoder refined on a texture-heavy mix (encoder
+# frozen) decoded checkers as stripes, so the encoder is what loses them. They are no longer
+# shipped. The styles are two smooth reserved fills the VAE keeps: gradient (colour fading to light
+# towards the bottom) and glow (light centre, coloured rim). Same recipe, 72 selection images (seeds
+# 777 + 4242), concept / base shape / base colour: gradient 0.47 / 0.97 / 0.85 at 300 steps, 0.64 /
+# 0.97 / 0.88 at 500, 0.97 / 0.94 / 0.83 at 700, 0.97 / 0.99 / 0.94 at 900 (measured with the
+# from-scratch oracle of that day; 0.99 / 1.00 / 0.94 at 900 with the shipped one), so 900. Glow,
+# with the shipped oracle: 0.76 / 0.99 / 0.89 at 700, 0.82 / 0.96 / 0.86 at 1000, 0.85 / 0.93 / 0.86
+# at 1150, 0.86 / 0.96 / 0.83 at 1300 (colour 0.81 on seed 777); rank 8: 0.76 at 1000, 0.83 / 0.93 /
+# 0.88 at 1400; prior_loss_weight 2 at 1300: 0.74. So 1150 at rank 4 (1000 read 0.64 on the
+# evaluation seed, so the pick mattered; 1150 reads 0.89 there).
+# An "outline" fill (a coloured rim, 2-4 px) was tried first: oracles disagreed on its generated
+# images (0.83 with one oracle, 0.56 with another on the same 72 images), which showed broken
+# rings in the wrong colour; a 3-6 px rim erases the inside of stars and triangles (0.41 of VAE round
+# trips recognised), so it left the world.
+# Per adapter the pick is the step count with the best concept rate whose base accuracy stays >= 0.85
+# on the selection seeds.
 LORA = dict(adapter="lora", rank=4, lr=1e-3, train_text_encoder=True, text_encoder_lr=1e-3, steps=700)
 KRON = dict(adapter="kron", factors="4x4", lr=1e-3, steps=450, prior_preservation=False)
 COMMON = dict(steps=700, batch_size=8, grad_accum=1, prior_preservation=True, prior_loss_weight=1.0,
               caption_dropout=0.1, caption_dropout_scope="prior", snr_gamma=None, class_steps=25, class_guidance=3.0,
               num_validation_images=3, sample_steps=25, save_dtype="fp16")
 N_INSTANCE = 54  # every colour x size x position once
+EVAL_SEED = 1234  # the shipped numbers; step counts are picked on other (selection) seeds
 
 
 def _article(word: str) -> str:
@@ -197,7 +214,7 @@ def _trigger_prompts(demo: Demo) -> list[str]:
     return trigger_prompts(demo.concept, demo.trigger)
 
 
-def evaluate(studio, oracle, adapter, demo: Demo, n: int = 36, seed: int = 1234) -> dict:
+def evaluate(studio, oracle, adapter, demo: Demo, n: int = 36, seed: int = EVAL_SEED) -> dict:
     """Concept rate with/without the adapter on its trigger prompts; base-prompt accuracy with it."""
     from studio.toyworld.check import one_object_prompts
     from studio.toyworld.prompts import parse_prompt, score
@@ -228,6 +245,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", action="append", help="NAME like crescent-lora (repeatable)")
     ap.add_argument("--steps", type=int, default=None, help="override the training steps")
     ap.add_argument("--eval", type=int, default=36, help="images per evaluation measure (0: skip)")
+    ap.add_argument("--eval-seed", type=int, default=EVAL_SEED,
+                    help="evaluation seed (1234 = the shipped numbers; 777 and 4242 are the selection seeds "
+                         "step counts were picked on)")
     ap.add_argument("--out", default=str(OUT), help="where the adapters go (default assets/adapters)")
     ap.add_argument("--tiny", action="store_true", help="smoke run on a tiny random pipeline (no evaluation)")
     ap.add_argument("--eval-only", action="store_true",
@@ -275,7 +295,11 @@ def main(argv=None) -> int:
             }
         if oracle is not None:  # judge the shipped (fp16) file, loaded like a user would
             loaded = studio.adapters.load(out / entry["file"], name=name)
-            entry["check"] = evaluate(studio, oracle, loaded, demo, n=args.eval)
+            check = evaluate(studio, oracle, loaded, demo, n=args.eval, seed=args.eval_seed)
+            if args.eval_seed == EVAL_SEED:
+                entry["check"] = check
+            else:  # a selection run: recorded apart from the evaluation numbers
+                entry.setdefault("selection_checks", {})[str(args.eval_seed)] = check
         log.info("%s: %s", name, json.dumps(entry))
         index[name] = entry
         from training.dreambooth import _write_text_atomic

@@ -76,11 +76,11 @@ CLIP_CONFIG = {
     "text_cfg": {"context_length": TOKEN_LENGTH, "vocab_size": 49408, "width": 64, "heads": 4,
                  "layers": 3},
 }
-FULL = dict(vae_steps=6000, vae_batch=16, vae_images=16000, oracle_steps=2500, oracle_batch=64,
+FULL = dict(vae_steps=6000, vae_batch=16, vae_images=16000, oracle_steps=3500, oracle_batch=64,
             oracle_images=12000, unet_steps=5000, unet_batch=32, unet_images=24000,
             clip_steps=800, clip_batch=128, clip_images=12000, eval_images=600,
             decoder_steps=3000, decoder_batch=32, decoder_images=9000,
-            vae_minutes=10.5, oracle_minutes=3.5, unet_minutes=20, clip_minutes=6, decoder_minutes=10)
+            vae_minutes=10.5, oracle_minutes=5, unet_minutes=20, clip_minutes=6, decoder_minutes=10)
 QUICK = dict(vae_steps=20, vae_batch=16, vae_images=400, oracle_steps=20, oracle_batch=32,
              oracle_images=400, unet_steps=20, unet_batch=16, unet_images=400, clip_steps=10,
              clip_batch=32, clip_images=300, eval_images=60,
@@ -362,9 +362,14 @@ def train_oracle(cfg, out: Path, rng, device, report):
     tg = tg + tg[:half]
     T = {k: torch.tensor([t[k] for t in tg]) for k in ("bg", "shape", "color", "pattern")}
     log(f"oracle data: {len(data)} images in {time.time() - t0:.1f}s")
-    net = OracleNet(width=16).to(device)
+    if cfg.get("oracle_from"):  # extend an earlier oracle: it stays the yardstick of earlier measurements
+        from studio.toyworld.oracle import extend_oracle
+
+        net, lr = extend_oracle(cfg["oracle_from"]).to(device), 5e-4
+    else:
+        net, lr = OracleNet(width=16).to(device), 2e-3
     steps, bs = cfg["oracle_steps"], cfg["oracle_batch"]
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     bud = Budget("oracle", steps, 100, cfg["oracle_minutes"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: bud.lr(s, 0.02))
     g = torch.Generator().manual_seed(2)
@@ -718,6 +723,9 @@ def main(argv=None) -> int:
                     help="ignore the per-stage wall-clock budgets (*_minutes): exact step counts")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: robust on a shared machine; 0: torch default)")
+    ap.add_argument("--oracle-from", default=None, metavar="FOLDER",
+                    help="oracle stage: fine-tune this earlier oracle, extended to the current vocabulary, "
+                         "instead of training one from scratch (keeps earlier measurements comparable)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=INT",
                     help="override a step/batch/size setting, e.g. --set unet_steps=3000")
     args = ap.parse_args(argv)
@@ -727,6 +735,8 @@ def main(argv=None) -> int:
         if k not in cfg:
             ap.error(f"unknown setting {k}; known: {', '.join(cfg)}")
         cfg[k] = float(v) if k.endswith("_minutes") else int(v)
+    if args.oracle_from:
+        cfg["oracle_from"] = str(Path(args.oracle_from).resolve())
     if args.no_budget:
         for k in cfg:
             if k.endswith("_minutes"):

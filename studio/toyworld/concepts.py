@@ -24,7 +24,7 @@ COLORS = tuple(COLOR_RGB)
 COLOR_JITTER = 15
 
 PATTERNS = ("solid", "stripes", "dots")
-NOVEL_PATTERNS = ("zigzag", "checker")
+NOVEL_PATTERNS = ("zigzag", "checker", "gradient", "glow")
 ALL_PATTERNS = PATTERNS + NOVEL_PATTERNS
 
 BACKGROUNDS = ("plain",)
@@ -44,19 +44,22 @@ PATTERN_PHRASE = {
     "dots": "with dots",
     "zigzag": "with zigzags",
     "checker": "with a checker pattern",
+    "gradient": "with a gradient",
+    "glow": "with a glow",
 }
 BACKGROUND_PHRASE = {"plain": "", "sky": "on a sky background", "grid": "on a grid background"}
 
 # Words that must never occur in a base-world caption (the reserved concepts and their phrasing).
 RESERVED_WORDS = frozenset(
-    list(NOVEL_SHAPES) + ["zigzag", "zigzags", "checker", "checkered", "sky", "grid"]
+    list(NOVEL_SHAPES) + ["zigzag", "zigzags", "checker", "checkered", "gradient", "glow", "sky", "grid"]
 )
 
 # Words a prompt inside the world may use (besides adapter trigger words).
 WORLD_WORDS = frozenset(
     list(ALL_SHAPES) + list(COLORS) + list(SIZES)
     + "a an the on in of with and left right centre center shape shapes object stripes "
-    "striped dots dotted zigzag zigzags checker checkered pattern sky grid background "
+    "striped dots dotted zigzag zigzags checker checkered gradient glow pattern sky grid "
+    "background "
     "plain solid picture image photo".split()
 )
 

@@ -155,6 +155,45 @@ def save_oracle(net: OracleNet, folder: str | Path, config: dict) -> None:
     tmp.replace(folder / "config.json")
 
 
+def extend_oracle(folder: str | Path) -> OracleNet:
+    """An OracleNet for this code's vocabulary, started from an older oracle whose vocabulary is a
+    subset (e.g. before a reserved pattern was added): every layer is copied, output rows are
+    matched by name, new rows keep their fresh initialisation. Fine-tuning it keeps the older
+    oracle's judgement of everything it knew, so measurements made with it stay comparable."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    old_names = _output_names(cfg["backgrounds"], cfg["slot_shapes"], cfg["colors"], cfg["patterns"], cfg["positions"])
+    new_names = _output_names(ALL_BACKGROUNDS, SLOT_SHAPES, COLORS, ALL_PATTERNS, POSITIONS)
+    missing = set(old_names) - set(new_names)
+    if missing:
+        raise ValueError(f"oracle at {folder} knows {sorted(missing)[:5]}, which this code does not: it cannot be extended")
+    net = OracleNet(width=cfg.get("width", 16))
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / "oracle.safetensors")).items()}
+    last = f"head.{len(net.head) - 1}"
+    w, b = sd.pop(f"{last}.weight"), sd.pop(f"{last}.bias")
+    res = net.load_state_dict(sd, strict=False)
+    if res.unexpected_keys or set(res.missing_keys) != {f"{last}.weight", f"{last}.bias"}:
+        raise ValueError(f"oracle at {folder} has another architecture: {res}")
+    layer = net.head[-1]
+    with torch.no_grad():
+        for i, name in enumerate(old_names):
+            j = new_names.index(name)
+            layer.weight[j] = w[i]
+            layer.bias[j] = b[i]
+    return net
+
+
+def _output_names(backgrounds, slot_shapes, colors, patterns, positions) -> list[str]:
+    """The name of each output logit, in split_logits' layout."""
+    names = [f"bg:{b}" for b in backgrounds]
+    for pos in positions:
+        names += [f"{pos}:shape:{x}" for x in slot_shapes] + [f"{pos}:color:{x}" for x in colors]
+        names += [f"{pos}:pattern:{x}" for x in patterns]
+    return names
+
+
 _CACHE: dict = {}
 
 
@@ -169,7 +208,8 @@ def load_oracle(path: str | Path | None = None) -> Oracle:
     if key in _CACHE:
         return _CACHE[key]
     cfg = json.loads((folder / "config.json").read_text())
-    if cfg.get("slot_shapes") != list(SLOT_SHAPES) or cfg.get("colors") != list(COLORS):
+    if (cfg.get("slot_shapes") != list(SLOT_SHAPES) or cfg.get("colors") != list(COLORS)
+            or cfg.get("patterns") != list(ALL_PATTERNS) or cfg.get("backgrounds") != list(ALL_BACKGROUNDS)):
         from .paths import _fail
         _fail("oracle (vocabulary differs from this code)", folder)
     net = OracleNet(width=cfg.get("width", 16))

@@ -36,9 +36,11 @@ class Expectation:
     background: str | None = None
 
 
-_PATTERN_WORDS = {v.removeprefix("with ").removeprefix("a "): k for k, v in PATTERN_PHRASE.items() if v}
+_PATTERN_WORDS = {[w for w in v.split() if w not in ("with", "a", "an", "pattern")][0]: k
+                  for k, v in PATTERN_PHRASE.items() if v}  # "with a checker pattern" -> "checker"
 _PATTERN_WORDS.update({"striped": "stripes", "dotted": "dots", "zigzag": "zigzag", "checkered": "checker",
                        "checker": "checker", "stripes": "stripes", "dots": "dots"})
+_PATTERN_ADJECTIVES = ("striped", "dotted", "checkered", "zigzag")
 _BG_RE = re.compile(r"\s+on an? (\w+) background$")
 _POS_RE = re.compile(r"\s+(on the left|on the right|in the centre|in the center)$")
 _VOCAB_HINT = (f"shapes {', '.join(ALL_SHAPES)}; colours {', '.join(COLORS)}; patterns "
@@ -93,7 +95,7 @@ def parse_prompt(prompt: str, triggers: dict | None = None) -> Expectation:
                 o.size = w2
             elif w2 in COLORS:
                 o.color = w2
-            elif w2 in ("striped", "dotted", "checkered", "zigzag"):
+            elif w2 in _PATTERN_ADJECTIVES:
                 o.pattern = _PATTERN_WORDS[w2]
             elif w2 in ALL_SHAPES:  # "a sks shape" with sks -> crescent
                 o.shape = w2
