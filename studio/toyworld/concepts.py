@@ -59,8 +59,7 @@ WORLD_WORDS = frozenset(
     list(ALL_SHAPES) + list(COLORS) + list(SIZES)
     + "a an the on in of with and left right centre center shape shapes object stripes "
     "striped dots dotted zigzag zigzags checker checkered gradient glow pattern sky grid "
-    "background "
-    "plain solid picture image photo".split()
+    "background plain solid picture image photo".split()
 )
 
 def concept_kind(word: str) -> str:

@@ -122,11 +122,10 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, rot: float) -> Image
     return m
 
 
-def _pattern_mask(pattern: str, rng: np.random.Generator, shape_mask: Image.Image,
+def _pattern_mask(pattern: str, rng: np.random.Generator,
                   geometry: tuple[float, float, float]) -> Image.Image | None:
     """Where the light overlay of a fill pattern goes (supersampled 'L' mask, 255 = fully light),
-    or None. ``shape_mask`` and ``geometry`` (cx, cy, r, supersampled) place the object-relative
-    fills: "gradient" fades to light towards the bottom, "glow" is light at the centre and full
+    or None. ``geometry`` (cx, cy, r, supersampled) places the object-relative fills: "gradient" fades to light towards the bottom, "glow" is light at the centre and full
     colour at the rim. Both are smooth, so the factor-8 VAE keeps them."""
     if pattern == "solid":
         return None
@@ -227,7 +226,7 @@ def render(scene: Scene, rng: np.random.Generator | int | None = None) -> Image.
         base = np.array(COLOR_RGB[o.color]) + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, 3)
         col = tuple(int(v) for v in np.clip(base, 0, 255))
         img.paste(col, (0, 0), mask)
-        pm = _pattern_mask(o.pattern, rng, mask, (cx * SS, cy * SS, r * SS))
+        pm = _pattern_mask(o.pattern, rng, (cx * SS, cy * SS, r * SS))
         if pm is not None:
             light = tuple(int(v) for v in np.clip(np.array(col) * 0.15 + 245 * 0.85, 0, 255))
             both = Image.fromarray((np.asarray(pm, np.uint16) * np.asarray(mask, np.uint16) // 255).astype(np.uint8))
