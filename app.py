@@ -72,6 +72,7 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                             height = gr.Slider(64, 2048, value=size, step=8, label="Height")
                         with gr.Accordion("Advanced: method parameters (JSON)", open=False):
                             params = gr.Code(h.method_params("merge"), language="json", label="Parameters")
+                            method_info = gr.Markdown(h.method_help("merge"))
                         with gr.Accordion("Adapters: click to insert <lora:…>", open=True):
                             refresh_cards = gr.Button("↻ refresh library", size="sm")
 
@@ -230,6 +231,7 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
         xy_stop.click(h.stop_xy, None, xy_info, cancels=[xy_event], api_visibility="private", **LIGHT)
         reuse.click(h.reuse_seed, last_seed, seed, api_visibility="private", **LIGHT)
         method.input(h.method_params, method, params, api_visibility="private", **LIGHT)
+        method.input(h.method_help, method, method_info, api_visibility="private", **LIGHT)
 
         def refresh(rev):
             names = h.adapter_names()

@@ -17,13 +17,22 @@ Graph passes stop right after the last captured layer (nothing later feeds the l
 cuts their cost. ``backprop="joint"`` keeps all graphs at once (fewer forwards, N× the memory).
 The latent and the loss are fp32; the UNet runs in its own dtype.
 
-Cost (deviations from the spec, for speed; issue 6 asks for ≤ 6× plain generation at N = 2):
+Presets (``preset``; spec §1.4): ``spec`` (default) is the published schedule: updates with step
+size 20 on the first T/2 steps plus K = 20 inner iterations at steps {0, 10, 20} of 50, scaled to T.
+``notebook`` is the official demo as a whole recipe (100 DDIM steps, CFG 10, negative "nsfw"; its
+seed 53 is not applied, the seed stays per job). ``fast`` is a named **deviation**: no inner
+iterations (12 latent updates instead of 85 at T = 50, ≈ 70 % fewer), which is what brings CLoRA
+near issue 6's bound of 6× plain generation; the published schedule costs ≈ 12× plain on the toy
+model and ≈ 15× on SD1.5 at N = 2 (spec §1.5, docs/performance.md). A preset named explicitly
+also applies its run settings (steps, guidance, sampler, negative prompt) that the caller left unset.
 
-- Default preset ``fast``: the spec's default (updates with step size 20 on the first T/2 steps,
-  masks, CFG once) without the inner iterations at {0, 10, 20}. Those add S·K = 60 extra passes of
-  every branch at T = 50 (≈ 15× plain in all, as the spec's §1.5 computes), which no
-  implementation can bring under 6×. ``preset="spec"`` restores them (K = 20·T/50), ``notebook``
-  is the official demo.
+Style adapters (``style``: names of composed adapters, comma-separated): no branch of their own,
+active in every branch (the base branch included) at their weights, with their text-encoder
+weights in every branch's encoding when ``use_text_encoder_lora``; the released code's
+``style_lora``. They need no trigger or concept word.
+
+Cost options:
+
 - ``batch_branches`` (default ``auto``: on below 32×32 latents): the graph-free passes (noise prediction + maps, the maps that
   feed the loss are the ones of the step's prediction pass) run all N branches as one UNet call
   of 2N rows, each branch's adapters hooked onto its own rows (``studio.adapters.rows``). The spec's
@@ -42,8 +51,8 @@ Cost (deviations from the spec, for speed; issue 6 asks for ≤ 6× plain genera
   rows one at a time; the map is the mean of the two rows' maps, so the gradient is the mean of
   two row VJPs (exact). It halves a branch's graph.
 
-On sd15 at 256², N = 2, T = 4 (CPU, in-use heap; docs/performance.md): 5.5–5.85× plain generation
-and 1.36× Composite's peak memory with these defaults; ``grad_checkpoint=all`` 6.05–6.1× / 1.28×,
+On sd15 at 256², N = 2, T = 4 (CPU, in-use heap; docs/performance.md), with ``preset=fast``:
+5.5–5.85× plain generation and 1.36× Composite's peak memory with these options; ``grad_checkpoint=all`` 6.05–6.1× / 1.28×,
 ``off`` 5.0–5.4× / 2.08×.
 """
 
@@ -72,11 +81,12 @@ from studio.errors import GenerationError
 from studio.prompts import BranchPrompts, branch_prompts
 from studio.sampling import ComposeContext, Conditioning
 
-from .base import Composer, switch_param
+from .base import Composer, Preset, switch_param
 
-# The spec's presets (§1.4) plus ``fast``, our default. A preset's schedule is given for its own step
-# count and scaled to T. ``spec`` is the spec's "ours (default preset)" column, ``notebook`` the
-# official demo; ``fast`` is ``spec`` without the inner iterations (see the module docstring).
+# The spec's presets (§1.4) plus ``fast``. A preset's schedule is given for its own step count and
+# scaled to T. ``spec`` (the default) is the spec's "ours (default preset)" column, the published
+# schedule; ``notebook`` the official demo; ``fast`` is ``spec`` without the inner iterations, a
+# named deviation (see the module docstring).
 _SPEC = dict(steps=50, guidance=7.5, latent_update=True, step_size=20.0, max_iter_to_alter=25,
              iterative_steps=(0, 10, 20), inner_iterations=20, tau=0.5, mask_threshold=0.4,
              apply_mask_after=0, negative_prompt="nsfw")
@@ -170,11 +180,33 @@ def _checkpointed(blocks: list[torch.nn.Module]):
                 b.forward = f
 
 
+FAST_DEVIATION = ("no inner iterations at the iterative steps: ≈ 70 % fewer latent updates than the published "
+                  "schedule (25 instead of 85 at T = 50), for ≈ 5–6× plain generation instead of ≈ 12–15×.")
+
+
+def _preset(name: str, description: str, deviation: str | None = None) -> Preset:
+    t = PRESETS[name]
+    return Preset(description, sampler="ddim", steps=t["steps"], guidance=t["guidance"], weight=1.0,
+                  negative_prompt=t["negative_prompt"], deviation=deviation)
+
+
 class CLoRAComposer(Composer):
     name = "clora"
+    summary = ("base branch + one per adapter; contrastive latent update on cross-attention maps, mask-weighted "
+               "fusion (Meral et al. 2025). The default preset is the published schedule; style=NAME applies a "
+               "style adapter in every branch.")
+    presets = {
+        "spec": _preset("spec", "the published schedule: step size 20 on the first T/2 steps, 20 inner iterations "
+                                "at steps {0, 10, 20} of 50 (scaled to T), mask threshold 0.4."),
+        "notebook": _preset("notebook", "the official demo notebook: 100 DDIM steps, CFG 10, negative 'nsfw', 50 "
+                                        "updating steps with 20 inner iterations at {0, 10, 20} (its seed 53 is "
+                                        "not applied)."),
+        "fast": _preset("fast", "the published schedule without the inner iterations.", FAST_DEVIATION),
+    }
     min_adapters = 1
     defaults = {
-        "preset": "fast",  # "fast" (no inner iterations), "spec" or "notebook": the schedule, scaled to T
+        "preset": "spec",  # "spec" (published schedule), "notebook" (official demo) or "fast" (deviation): scaled to T
+        "style": "",  # adapters applied in every branch (comma-separated names), as the released style_lora
         "latent_update": True,
         "step_size": 20.0,  # eta in z <- z - eta * dL/dz
         "max_iter_to_alter": -1,  # update on steps < this; -1: the preset's, scaled to T (T/2)
@@ -202,24 +234,28 @@ class CLoRAComposer(Composer):
     def prepare(self, ctx: ComposeContext) -> None:
         super().prepare(ctx)
         p = self.params
-        for key, allowed in (("backprop", ("branchwise", "joint")), ("preset", tuple(PRESETS))):
+        for key, allowed in (("backprop", ("branchwise", "joint")),):
             if p[key] not in allowed:
                 raise GenerationError(f"clora {key} must be one of {', '.join(allowed)}; got {p[key]!r}")
         morphology(torch.zeros(1, 3, 3, dtype=torch.bool), p["mask_morphology"])  # rejects unknown ops now
+        self.styles, self.concepts = self._split_styles(ctx)
         self.plan = self._plan(ctx)
-        n = len(ctx.adapters) + 1
+        n = len(self.concepts) + 1
         groups = [sum(len(self.plan.tokens[b][g]) for b in range(n)) for g in range(n - 1)]
-        for a, count in zip(ctx.adapters, groups):
+        for a, count in zip(self.concepts, groups):
             if count < 2:
                 raise GenerationError(
                     f"concept of adapter {a.name!r} has {count} attention map(s) across branches; CLoRA needs at "
                     "least 2 (list its tokens in two or more branch prompts)"
                 )
-        self.branches = [_Branch("base", {}, ctx.encode(self.plan.prompts[0], {}))]
-        for a, prompt in zip(ctx.adapters, self.plan.prompts[1:]):
-            has_te = any(c.startswith("text_encoder") for c in a.adapter.components())
-            te = {a.name: a.te} if (p["use_text_encoder_lora"] and has_te) else {}
-            self.branches.append(_Branch(a.name, {a.name: a.unet}, ctx.encode(prompt, te)))
+        def te(adapters) -> dict[str, float]:
+            return {a.name: a.te for a in adapters if p["use_text_encoder_lora"]
+                    and any(c.startswith("text_encoder") for c in a.adapter.components())}
+
+        style_unet = {s.name: s.unet for s in self.styles}
+        self.branches = [_Branch("base", dict(style_unet), ctx.encode(self.plan.prompts[0], te(self.styles)))]
+        for a, prompt in zip(self.concepts, self.plan.prompts[1:]):
+            self.branches.append(_Branch(a.name, {a.name: a.unet, **style_unet}, ctx.encode(prompt, te([a] + self.styles))))
         keys = self.branches[0].cond.embeds.shape[1]
         for b, groups_b in enumerate(self.plan.tokens):
             for toks in groups_b + [self.plan.mask_tokens[b]]:
@@ -230,7 +266,9 @@ class CLoRAComposer(Composer):
         self.capture = AttentionCapture(unet, self.spec, p["attention_source"])
         scale = ctx.pipe.vae_scale_factor
         large = (ctx.height // scale) * (ctx.width // scale) >= CHECKPOINT_MIN_LATENT
-        self.rows = RowAdapters(unet, [[]] + [[(a.adapter, a.unet)] for a in ctx.adapters]) if switch_param(self.name, p, "batch_branches", not large) else None
+        style_rows = [(s.adapter, s.unet) for s in self.styles]
+        self.rows = (RowAdapters(unet, [style_rows] + [[(a.adapter, a.unet)] + style_rows for a in self.concepts])
+                     if switch_param(self.name, p, "batch_branches", not large) else None)
         self.ckpt_blocks = self._checkpoint_blocks(unet, large)
         self.split_rows = switch_param(self.name, p, "split_rows", large)
         self.max_iter, self.iterative, self.inner = self._schedule(ctx.steps)
@@ -250,10 +288,24 @@ class CLoRAComposer(Composer):
             return []
         return checkpoint_blocks(unet, self.spec.layers, self.spec.level if mode == "fine" else None)
 
+    def _split_styles(self, ctx: ComposeContext) -> tuple[list, list]:
+        """(style adapters, concept adapters) from the ``style`` parameter; at least one concept."""
+        raw = self.params["style"]
+        names = [s.strip() for s in (raw.split(",") if isinstance(raw, str) else (raw or [])) if s and s.strip()]
+        known = {a.name for a in ctx.adapters}
+        if missing := [s for s in names if s not in known]:
+            raise GenerationError(f"clora style adapter(s) {', '.join(missing)} are not among the composed adapters "
+                                  f"({', '.join(sorted(known))}); add them to the generation")
+        styles = [a for a in ctx.adapters if a.name in names]
+        concepts = [a for a in ctx.adapters if a.name not in names]
+        if not concepts:
+            raise GenerationError("clora needs at least one concept adapter besides the style adapters")
+        return styles, concepts
+
     def _plan(self, ctx: ComposeContext) -> BranchPrompts:
         p = self.params
         prompts, indices = _json(p["prompts"]), _json(p["token_indices"])
-        n = len(ctx.adapters) + 1
+        n = len(self.concepts) + 1
         if indices is not None:
             if prompts is None:
                 prompts = self._auto_plan(ctx).prompts
@@ -271,14 +323,14 @@ class CLoRAComposer(Composer):
         return self._auto_plan(ctx)
 
     def _auto_plan(self, ctx: ComposeContext) -> BranchPrompts:
-        for a in ctx.adapters:
+        for a in self.concepts:
             for field in ("trigger", "concept"):
                 if not (getattr(a.adapter, field) or "").strip():
                     raise GenerationError(
                         f"adapter {a.name!r} has no {field} word, which CLoRA needs; set it in the library "
                         f"(adapters.load(path, trigger='sks', concept='dog') or adapter.{field} = ...)"
                     )
-        concepts = [(a.name, a.adapter.trigger.strip(), a.adapter.concept.strip()) for a in ctx.adapters]
+        concepts = [(a.name, a.adapter.trigger.strip(), a.adapter.concept.strip()) for a in self.concepts]
         return branch_prompts(ctx.prompt, concepts, ctx.pipe.tokenizer)
 
     def _schedule(self, steps: int) -> tuple[int, set[int], int]:
@@ -506,6 +558,16 @@ class CLoRAComposer(Composer):
         self.history["heatmaps"].append(heat)
         self.history["masks"].append(masks.cpu().numpy())
         self.last_maps = maps
+
+    def effective(self) -> dict:
+        out = super().effective()
+        out["te_mode"] = "per_branch" if self.params["use_text_encoder_lora"] else "none"
+        out["style"] = [s.name for s in getattr(self, "styles", [])]
+        if hasattr(self, "max_iter"):
+            out["schedule"] = {"max_iter_to_alter": self.max_iter, "iterative_steps": sorted(self.iterative),
+                               "inner_iterations": self.inner, "step_size": float(self.params["step_size"]),
+                               "latent_update": bool(self.params["latent_update"])}
+        return out
 
     def report(self) -> dict:
         rep = super().report()

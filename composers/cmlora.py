@@ -12,11 +12,18 @@ Zou et al., "Cached Multi-LoRA Composition", ICLR 2025; decisions in shared/spec
 - **Rotation**: at each refresh event after step 0 the dominant advances through the candidates:
   the high-frequency set before ``late_start`` (a fraction of T), the full order minus its first
   adapter from then on; everything when there is no low-frequency adapter.
-- **Cache** (``cache="on"``, default): one deep-feature slot per adapter (the input of the last
+- **Cache** (``cache="auto"``, default: on, off under ``reference_compat``): one deep-feature slot per adapter (the input of the last
   up block, ``studio.unet_cache``). Step 0 fills every slot with full passes; at each later event
   the newly dominant adapter refreshes its slot with a full pass; every other call is a shallow
   pass on its slot. ``cache="off"`` (or ``interval=1``) runs N full passes per step: the released
   code's behaviour. Events: ``interval=0`` the non-uniform schedule, ``c ≥ 1`` every c steps.
+  Caching is the paper's method but not the released computation (spec C1), so the report names it.
+- **Reference** (``reference_compat=True``): the released code's computation: the late phase starts
+  after step 120 (its ``i <= 120``: step 121 is the first late step) and, unless ``cache`` is set,
+  no features are reused (C1). ``preset=paper`` adds the scripts' run settings (DPM-Solver++,
+  220 steps, CFG 8.5, LoRA scale 1.0).
+- **Text** (``te_mode``): ``reference`` (default) encodes once with every text-encoder adapter, as
+  the released code; ``per_lora`` gives each branch its own adapter's text encoder.
 - **Batching** (``batch``, default ``auto``: on below 32×32 latents): a step's full passes run as
   one UNet call and its shallow passes as another, each adapter on its own rows
   (``studio.adapters.rows``). Same numbers (to float rounding) and call counts; on small UNets,
@@ -35,11 +42,12 @@ from studio.errors import GenerationError
 from studio.sampling import ComposeContext, Counters, decode, initial_latents
 from studio.unet_cache import full_pass, shallow_pass
 
-from .base import Composer, switch_param
+from .base import Composer, Preset, switch_param
 from .composite import branch_conditioning, mix
 
 HIGH_KINDS = ("character", "clothing", "style", "object")  # combination order; background is low
 LOW_KINDS = ("background",)
+REFERENCE_LATE_START = 121  # the released code's ``i <= 120`` early phase: step 121 is the first late step
 
 
 # ---- pure schedules (unit-tested) --------------------------------------------------------------
@@ -128,16 +136,25 @@ def kind_partition(kinds: list[str | None]) -> tuple[list[int], list[int]]:
 # ---- the composer ------------------------------------------------------------------------------
 class CMLoRAComposer(Composer):
     name = "cmlora"
+    summary = ("Composite with dominant weighting, frequency-ordered rotation and a deep-feature cache "
+               "(Zou et al. 2025). cache=on by default reuses features, which the released code never does "
+               "(a faster deviation, spec C1); reference_compat=true gives the released computation.")
+    presets = {
+        "paper": Preset("the released CMLoRA scripts: reference_compat (late phase after step 120, no "
+                        "feature reuse).", params={"reference_compat": True}, sampler="dpm++2m", steps=220,
+                        guidance=8.5, weight=1.0),
+    }
     defaults = {
-        "cache": "on",  # on | off
+        "preset": "none",
+        "cache": "auto",  # on | off | auto (on; off under reference_compat)
         "interval": 0,  # 0: non-uniform events; c ≥ 1: every c steps (c = 1 never reuses)
         "dominant_coeff": None,  # None: N − 0.5; 1: equal weights
         "batch": "auto",  # on | off | auto (on below 32x32 latents): shallow/full passes of all adapters in one call
         "dominant_decay": 0.0,  # experimental: coefficient − decay at each refresh event (floor 1)
         "order": "kind",  # kind | freq | given
         "late_start": 0.6,  # fraction of T where the late rotation phase starts
-        "reference_compat": False,  # late phase at absolute step 120, as in the released code
-        "te_mode": "per_lora",  # per_lora | reference
+        "reference_compat": False,  # the released code: late phase from step 121, cache off unless set
+        "te_mode": "reference",  # reference (all text-encoder adapters, released) | per_lora
         "profile_steps": 10,  # order=freq: steps of each single-adapter profiling image
         "profile_seed": 0,
     }
@@ -146,8 +163,10 @@ class CMLoRAComposer(Composer):
     def prepare(self, ctx: ComposeContext) -> None:
         super().prepare(ctx)
         p = self.params
-        if p["cache"] not in ("on", "off"):
-            raise GenerationError(f"cache {p['cache']!r} is not valid; choose on or off")
+        if p["cache"] not in ("on", "off", "auto"):
+            raise GenerationError(f"cache {p['cache']!r} is not valid; choose on, off or auto")
+        if p["cache"] == "auto":
+            p["cache"] = "off" if p["reference_compat"] else "on"
         if p["order"] not in ("kind", "freq", "given"):
             raise GenerationError(f"order {p['order']!r} is not valid; choose kind, freq or given")
         if not 0.0 <= float(p["late_start"]) <= 1.0:
@@ -191,7 +210,7 @@ class CMLoRAComposer(Composer):
         T = len(ctx.timesteps) if ctx.timesteps is not None else ctx.steps
         self.events = refresh_events(T, int(p["interval"]))
         self.event_set = set(self.events)
-        self.late_start = 120 if p["reference_compat"] else round(float(p["late_start"]) * T)
+        self.late_start = REFERENCE_LATE_START if p["reference_compat"] else round(float(p["late_start"]) * T)
         self.dominant = dominant_schedule(T, len(self.adapters), self.n_high, self.late_start, self.events)
         self.step_shares = decayed_shares(T, len(self.adapters), p["dominant_coeff"], p["dominant_decay"], self.events)
         self.slots: list[torch.Tensor | None] = [None] * len(self.adapters)
@@ -293,6 +312,14 @@ class CMLoRAComposer(Composer):
             return scores, ctx.counters
         finally:
             ctx.counters = saved
+
+    def effective(self) -> dict:
+        out = {**super().effective(), "cache": self.params["cache"], "interval": int(self.params["interval"]),
+               "late_start": getattr(self, "late_start", None), "reference_compat": bool(self.params["reference_compat"]),
+               "order": [a.name for a in getattr(self, "adapters", [])]}
+        if getattr(self, "caching", False):
+            out["deviation"] = "cache=on reuses deep features; the released code never does (spec C1)"
+        return out
 
     def report(self) -> dict:
         rep = {

@@ -11,10 +11,14 @@ from studio.adapters.adapter import Adapter, LoraDelta
 from studio.adapters.merge import merge_adapters
 
 from .base import Composer
+from .composite import COMPOSLORA_PRESETS
 
 
 class MergeComposer(Composer):
     name = "merge"
+    summary = "every adapter active at its weight (the sum of deltas), one UNet call per step."
+    defaults = {"preset": "none"}
+    presets = COMPOSLORA_PRESETS
 
     def prepare(self, ctx) -> None:
         super().prepare(ctx)

@@ -1,12 +1,14 @@
 """Switch: one adapter active per step, cycling every ``tau`` steps (Zhong et al. 2024, spec §1.3).
 
 The active index at step k is ``switch_index(k, tau, N)``: 0 at k = 0, then ⌊(k−1)/τ⌋ mod N, so
-the first adapter runs τ+1 steps and every later slot τ. Adapters are ordered by kind (character
-and object first, others after, stable) unless ``order="given"``. One UNet call per step; with
-τ ≥ steps (or one adapter) this is plain generation with the first adapter.
+the first adapter runs τ+1 steps and every later slot τ. Adapters are ordered by kind in the
+released combination order (character, clothing, style, background, object; unknown kinds last,
+stable) unless ``order="given"``. One UNet call per step; with τ ≥ steps (or one adapter) this is
+plain generation with the first adapter.
 
-``te_mode``: ``"per_lora"`` (default) uses the active adapter's own text-encoder weights at each
-step; ``"reference"`` encodes once with only the first adapter's text-encoder weights (released code).
+``te_mode``: ``"reference"`` (default, released code) encodes once with only the first adapter's
+text-encoder weights; ``"per_lora"`` uses the active adapter's own text-encoder weights at each
+step (helps when the adapters' text-encoder LoRAs carry their concepts; not the paper's computation).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from studio.errors import GenerationError
 from studio.sampling import AdapterWeight, ComposeContext
 
 from .base import Composer
-from .composite import branch_conditioning
+from .composite import COMPOSLORA_PRESETS, branch_conditioning
 
-FIRST_KINDS = ("character", "object")
+# ComposLoRA's combination order (spec cmlora.md §1): the released code switches in this order.
+KIND_ORDER = ("character", "clothing", "style", "background", "object")
 
 
 def switch_index(k: int, tau: int, n: int) -> int:
@@ -27,14 +30,19 @@ def switch_index(k: int, tau: int, n: int) -> int:
     return 0 if k == 0 else ((k - 1) // tau) % n
 
 
-def kind_order(adapters: list[AdapterWeight], first: tuple[str, ...] = FIRST_KINDS) -> list[AdapterWeight]:
-    """Adapters of the ``first`` kinds, then the others; stable within each group."""
-    return sorted(adapters, key=lambda a: 0 if a.adapter.concept_kind in first else 1)
+def kind_order(adapters: list[AdapterWeight], order: tuple[str, ...] = KIND_ORDER) -> list[AdapterWeight]:
+    """Adapters in combination order of their kinds (unknown kinds last); stable within a kind."""
+    rank = {k: i for i, k in enumerate(order)}
+    return sorted(adapters, key=lambda a: rank.get(a.adapter.concept_kind, len(rank)))
 
 
 class SwitchComposer(Composer):
     name = "switch"
-    defaults = {"tau": 5, "order": "kind", "te_mode": "per_lora"}
+    summary = ("one adapter per step, switching every tau steps in combination order (character, clothing, "
+               "style, background, object); te_mode=reference (default) encodes once with the first adapter's "
+               "text encoder, as released.")
+    defaults = {"tau": 5, "order": "kind", "te_mode": "reference", "preset": "none"}
+    presets = COMPOSLORA_PRESETS
     min_adapters = 1  # one adapter: plain generation with it
 
     def prepare(self, ctx: ComposeContext) -> None:
@@ -45,6 +53,8 @@ class SwitchComposer(Composer):
         if p["order"] not in ("kind", "given"):
             raise GenerationError(f"order {p['order']!r} is not valid; choose kind or given")
         self.order = kind_order(ctx.adapters) if p["order"] == "kind" else list(ctx.adapters)
+        if p["te_mode"] not in ("reference", "per_lora"):
+            raise GenerationError(f"te_mode {p['te_mode']!r} is not valid; choose reference or per_lora")
         if p["te_mode"] == "reference":
             first = self.order[0]
             cond = ctx.encode(te_weights={first.name: first.te})
@@ -62,6 +72,9 @@ class SwitchComposer(Composer):
         a = self.order[i]
         self.active.append(a.name)
         return self.ctx.cfg(*self.ctx.eps(x, t, self.conds[i], {a.name: a.unet}))
+
+    def effective(self) -> dict:
+        return {**super().effective(), "tau": self.params["tau"], "order": [a.name for a in getattr(self, "order", [])]}
 
     def report(self) -> dict:
         return {**super().report(), "order": [a.name for a in self.order], "active_per_step": self.active}

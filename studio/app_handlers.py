@@ -120,6 +120,19 @@ class AppHandlers:
     def method_params(self, method: str) -> str:
         return method_defaults(method)
 
+    def method_help(self, method: str) -> str:
+        """The method's summary and presets (with their run settings; deviations named)."""
+        from composers.base import method_help
+
+        cls = COMPOSERS.get(method)
+        if cls is None:
+            return ""
+        text = method_help(cls)
+        if cls.presets:
+            text += ("\n\nThe Steps, CFG and Sampler fields here are always explicit, so a preset sets only the "
+                     "method's parameters; set those fields to the preset's run settings listed above.")
+        return text
+
     def insert_tag(self, prompt: str, name: str) -> str:
         """Append ``<lora:name:preferred weight>`` and the adapter's trigger words to the prompt."""
         adapter = self.studio.adapters.get(name)

@@ -13,10 +13,10 @@ from pathlib import Path
 from .errors import StudioError
 
 
-def _lora_arg(text: str) -> tuple[str, float]:
-    """``PATH[:WEIGHT]`` -> (path, weight)."""
+def _lora_arg(text: str) -> tuple[str, float | None]:
+    """``PATH[:WEIGHT]`` -> (path, weight); no weight: None (the preset's, else the adapter's preferred)."""
     path, _, weight = text.rpartition(":")
-    return (path, float(weight)) if path and _is_float(weight) else (text, 1.0)
+    return (path, float(weight)) if path and _is_float(weight) else (text, None)
 
 
 def _is_float(s: str) -> bool:
@@ -68,7 +68,8 @@ def cmd_generate(args) -> int:
         studio = Studio.load(args.model)
         adapters = []
         for path, weight in map(_lora_arg, args.lora or []):
-            adapters.append((studio.adapters.load(path, allow_pickle=args.allow_pickle).name, weight))
+            name = studio.adapters.load(path, allow_pickle=args.allow_pickle).name
+            adapters.append(name if weight is None else (name, weight))
         width, height = args.size or (None, None)
         result = studio.run(
             args.prompt, adapters, method=args.method, method_params=_method_params(args.method_param),
@@ -134,17 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate images (any composition method)")
     g.add_argument("--prompt")
-    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--negative-prompt", default=None, help="default: none, or the named preset's")
     g.add_argument("--model", default=None, help="diffusers folder or hub id (default: bundled toy model)")
     g.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]", help="adapter file, repeatable")
     g.add_argument("--method", default="merge")
     g.add_argument("--method-param", action="append", metavar="KEY=VALUE")
-    g.add_argument("--steps", type=int, default=25)
-    g.add_argument("--guidance", type=float, default=None, help="CFG scale (default 7.5; 3 on the toy model)")
+    g.add_argument("--steps", type=int, default=None, help="default 25, or the named preset's")
+    g.add_argument("--guidance", type=float, default=None, help="CFG scale (default 7.5; 3 on the toy model; or the named preset's)")
     g.add_argument("--seed", type=int, default=-1)
     g.add_argument("--size", type=_size_arg, default=None, metavar="WxH")
     g.add_argument("--num-images", type=int, default=1)
-    g.add_argument("--sampler", default="ddim")
+    g.add_argument("--sampler", default=None, help="ddim (default), dpm++2m or euler; or the named preset's")
     g.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt/.bin adapters (weights_only)")
     g.add_argument("--from-image", metavar="PNG", help="reproduce an image from its metadata")
     g.add_argument("--report", action="store_true", help="print the composer's report as one JSON line")

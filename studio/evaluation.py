@@ -611,7 +611,8 @@ class Evaluator:
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         row = {
             "job_id": job.job_id, "method": job.method, "method_label": job.method_label,
-            "method_params": job.method_params, "loraset_id": job.loraset_id, "n_adapters": len(names),
+            "method_params": job.method_params, "effective": result.recipes[0].effective,
+            "from_preset": result.recipes[0].from_preset, "loraset_id": job.loraset_id, "n_adapters": len(names),
             "loras": [{"name": a["name"], "type": self.studio.adapters.get(a["name"]).kind, "weight": a["weight"],
                        "sha256": a["sha256"], "shorthash": a["sha256"][:12]} for a in job.adapters],
             "weight_id": job.weight_id, "prompt_id": job.prompt_id, "prompt": job.prompt,

@@ -42,6 +42,8 @@ class Recipe:
     arch: str
     method: str
     method_params: dict = field(default_factory=dict)
+    effective: dict = field(default_factory=dict)  # the composer's effective settings (te_mode, preset, schedule)
+    from_preset: dict = field(default_factory=dict)  # run settings that came from a named preset
     adapters: list[AdapterUse] = field(default_factory=list)
     generator_device: str = "cpu"
     version: str = ""
@@ -78,6 +80,10 @@ def infotext(recipe: Recipe, sampler_label: str) -> str:
     pairs.append(("Composition", recipe.method))
     if recipe.method_params:
         pairs.append(("Composition params", json.dumps(recipe.method_params, sort_keys=True)))
+    if recipe.effective:
+        pairs.append(("Composition effective", json.dumps(recipe.effective, sort_keys=True)))
+    if recipe.from_preset:
+        pairs.append(("From preset", json.dumps(recipe.from_preset, sort_keys=True)))
     pairs.append(("Version", f"lora-studio {recipe.version}"))
     lines = [recipe.prompt]
     if recipe.negative_prompt:

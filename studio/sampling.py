@@ -101,17 +101,30 @@ class ComposeContext:
         self._cond_cache[key] = cond
         return cond
 
+    @property
+    def uses_cfg(self) -> bool:
+        """Whether the unconditional half runs: guidance > 1, as in diffusers' pipelines (and so the
+        released ComposLoRA/CMLoRA code); at guidance ≤ 1 the prediction is the conditional one."""
+        return self.guidance > 1.0
+
     def eps(self, x: torch.Tensor, t, cond: Conditioning, weights: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One UNet call on [x, x] with these UNet adapter weights: (eps_uncond, eps_cond)."""
+        """One UNet call on [x, x] with these UNet adapter weights: (eps_uncond, eps_cond).
+
+        At guidance ≤ 1 only the conditional row runs and (eps_cond, eps_cond) comes back, so
+        ``cfg`` returns eps_cond exactly, as the released pipelines do."""
+        rows = slice(None) if self.uses_cfg else slice(1, 2)
+        added = cond.added if cond.added is None or self.uses_cfg else {k: v[rows] for k, v in cond.added.items()}
         self.rig.set(unet=weights)
         try:
             out = self.pipe.unet(
-                torch.cat([x, x]).to(self.dtype), t, encoder_hidden_states=cond.embeds,
-                added_cond_kwargs=cond.added, return_dict=False,
+                (torch.cat([x, x]) if self.uses_cfg else x).to(self.dtype), t,
+                encoder_hidden_states=cond.embeds[rows], added_cond_kwargs=added, return_dict=False,
             )[0]
         finally:
             self.rig.set(unet={})
         self.counters.unet_calls += 1
+        if not self.uses_cfg:
+            return out, out
         eu, ec = out.chunk(2)
         return eu, ec
 

@@ -113,34 +113,50 @@ class Studio:
         adapters: Sequence[AdapterSpec] = (),
         method: str = "merge",
         method_params: dict | None = None,
-        steps: int = 25,
+        steps: int | None = None,
         guidance: float | None = None,
         width: int | None = None,
         height: int | None = None,
         seed: int = -1,
-        negative_prompt: str = "",
+        negative_prompt: str | None = None,
         num_images: int = 1,
-        sampler: str = "ddim",
+        sampler: str | None = None,
         on_step: StepCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
         progress: bool = True,
     ) -> GenerationResult:
-        """Like ``generate``, also returning each image's recipe and the composer's report."""
+        """Like ``generate``, also returning each image's recipe and the composer's report.
+
+        ``steps``, ``guidance``, ``sampler`` and ``negative_prompt`` left as None take the value of a
+        preset named in ``method_params`` (``preset=paper``, ``preset=notebook``), else the studio's
+        defaults (25, 7.5 / 3 on the toy model, ddim, none); adapters given without a weight take the
+        preset's LoRA weight. The report's ``from_preset`` lists the values that came from the preset.
+        """
         from composers import make_composer
 
+        composer = make_composer(method, method_params)
+        preset = composer.named_preset()
+        run = preset.run_settings() if preset is not None else {}
+        given = {"steps": steps, "guidance": guidance, "sampler": sampler, "negative_prompt": negative_prompt}
+        from_preset = {k: run[k] for k, v in given.items() if v is None and k in run}
+        steps = from_preset.get("steps", 25 if steps is None else steps)
+        guidance = from_preset.get("guidance", self.default_guidance if guidance is None else guidance)
+        sampler = from_preset.get("sampler", "ddim" if sampler is None else sampler)
+        negative_prompt = from_preset.get("negative_prompt", "" if negative_prompt is None else negative_prompt)
         width, height = width or self.default_size, height or self.default_size
-        guidance = self.default_guidance if guidance is None else guidance
         _check_params(steps, guidance, width, height, num_images, sampler)
         text, tags = parse_prompt(prompt)
         if tags and adapters:
             raise GenerationError("adapters given both as <lora:…> tags and as a list; use one or the other")
+        weight = run.get("weight")
+        if weight is not None and not tags and any(_weightless(a) for a in adapters):
+            from_preset["weight"] = weight
         chosen = [AdapterWeight(self.adapters.get(t.name), t.unet, t.te) for t in tags] or \
-            [self._resolve(a) for a in adapters]
+            [self._resolve(a, weight if _weightless(a) else None) for a in adapters]
         names = [a.name for a in chosen]
         if len(set(names)) != len(names):
             raise GenerationError(f"adapter listed twice in {names}; give each adapter once")
         seed = secrets.randbelow(2**32) if seed is None or seed < 0 else int(seed)
-        composer = make_composer(method, method_params)
         display_prompt = prompt if tags else " ".join(
             [text] + [format_tag(a.name, a.unet) if a.te == a.unet else f"<lora:{a.name}:{a.te:g}:{a.unet:g}>" for a in chosen]
         )
@@ -168,13 +184,15 @@ class Studio:
                     prompt=display_prompt, negative_prompt=negative_prompt, steps=int(steps),
                     guidance=float(guidance), sampler=sampler, seed=image_seed, width=int(width),
                     height=int(height), model=self.model_id, arch=self.arch, method=method,
-                    method_params=dict(method_params or {}),
+                    method_params=dict(method_params or {}), effective=composer.effective(),
+                    from_preset=dict(from_preset),
                     adapters=[AdapterUse(a.name, a.unet, a.te, a.adapter.sha256, a.adapter.path, a.adapter.kind) for a in chosen],
                     version=__version__, packages=packages,
                 )
                 images.append(attach(image, recipe, sampler_label(sampler)))
                 recipes.append(recipe)
             report = composer.report()
+        report["from_preset"] = dict(from_preset)
         return GenerationResult(images, recipes, report)
 
     def merge(
@@ -223,19 +241,27 @@ class Studio:
         params.update(overrides)
         return self.run(**params)
 
-    def _resolve(self, spec: AdapterSpec) -> AdapterWeight:
+    def _resolve(self, spec: AdapterSpec, weight: float | None = None) -> AdapterWeight:
+        """An adapter with its weights; ``weight`` replaces the preferred weight of a weightless spec."""
         if isinstance(spec, AdapterWeight):
             return spec
         if isinstance(spec, Adapter):
-            return AdapterWeight(spec, spec.weight, spec.weight)
+            w = spec.weight if weight is None else weight
+            return AdapterWeight(spec, w, w)
         if isinstance(spec, str):
             adapter = self.adapters.get(spec)
-            return AdapterWeight(adapter, adapter.weight, adapter.weight)
+            w = adapter.weight if weight is None else weight
+            return AdapterWeight(adapter, w, w)
         if isinstance(spec, tuple) and len(spec) in (2, 3):
             adapter = spec[0] if isinstance(spec[0], Adapter) else self.adapters.get(spec[0])
             unet = float(spec[1])
             return AdapterWeight(adapter, unet, float(spec[2]) if len(spec) == 3 else unet)
         raise GenerationError(f"cannot use {spec!r} as an adapter; pass a library name, (name, weight) or an Adapter")
+
+
+def _weightless(spec: AdapterSpec) -> bool:
+    """A library name or an Adapter: given without an explicit weight."""
+    return isinstance(spec, (str, Adapter))
 
 
 def _check_params(steps, guidance, width, height, num_images, sampler) -> None:
