@@ -386,7 +386,7 @@ def test_unknown_parameter_lists_valid_ones_with_defaults():
     with pytest.raises(GenerationError) as e:
         make_composer("cmlora", {"cache_interval": 3})
     msg = str(e.value)
-    assert "cache_interval" in msg and "interval=0" in msg and "cache='on'" in msg and "\n" not in msg
+    assert "cache_interval" in msg and "interval=0" in msg and "cache='auto'" in msg and "\n" not in msg
     with pytest.raises(GenerationError, match="tau=5"):
         make_composer("switch", {"t": 1})
 
