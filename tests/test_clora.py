@@ -307,7 +307,9 @@ def test_batched_branches_equal_sequential_calls(sd1):
         assert (batched[2].eps[1] - batched[1].eps[1]).abs().max() > 1e-3
     on = sd1.run(PROMPT, ["a", "b"], method="clora", **FAST)
     off = sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"batch_branches": False}, **FAST)
-    assert off.report["batched_calls"] == 0 and on.report["batched_calls"] == 4
+    # default (published) schedule at T = 4: steps 0 and 1 update 1 + K = 3 times (two truncated
+    # batched calls, one full), steps 2 and 3 one full batched call each
+    assert off.report["batched_calls"] == 0 and on.report["batched_calls"] == 8
     for key in ("full_forwards", "truncated_forwards", "latent_updates", "backward_passes"):
         assert on.report[key] == off.report[key]
     diff = np.abs(np.asarray(on.images[0], float) - np.asarray(off.images[0], float))
@@ -386,8 +388,11 @@ def test_presets_and_scaled_schedule():
                                        tau=0.5, mask_threshold=0.4, apply_mask_after=0, negative_prompt="nsfw",
                                        seed=53)
     assert PRESETS["fast"] == {**PRESETS["spec"], "iterative_steps": ()}  # the spec's preset minus inner iterations
-    assert CLoRAComposer()._schedule(50) == (25, set(), 20)  # default "fast": one update per step on the first half
-    assert CLoRAComposer()._schedule(25) == (12, set(), 10)
+    # the default is the published schedule ("spec"); "fast" (no inner iterations) is a named deviation
+    assert CLoRAComposer()._schedule(50) == (25, {0, 10, 20}, 20)
+    assert CLoRAComposer()._schedule(25) == (12, {0, 5, 10}, 10)
+    assert CLoRAComposer(preset="fast")._schedule(50) == (25, set(), 20)
+    assert CLoRAComposer.presets["fast"].deviation and not CLoRAComposer.presets["spec"].deviation
     c = CLoRAComposer(preset="spec")
     assert c._schedule(50) == (25, {0, 10, 20}, 20)  # the spec's default preset at T = 50
     assert c._schedule(4) == (2, {0, 1}, 2)
@@ -395,6 +400,56 @@ def test_presets_and_scaled_schedule():
     assert CLoRAComposer(preset="notebook")._schedule(100) == (50, {0, 10, 20}, 20)
     assert CLoRAComposer(iterative_steps="none")._schedule(50) == (25, set(), 20)
     assert CLoRAComposer(max_iter_to_alter=5, iterative_steps="0,10", inner_iterations=3)._schedule(50) == (5, {0}, 3)
+
+
+def test_notebook_preset_is_a_whole_recipe(sd1):
+    """A named preset applies its steps, guidance, sampler and negative prompt unless set explicitly."""
+    two_adapters(sd1)
+    small = {"preset": "notebook", "max_iter_to_alter": 0, "batch_branches": "on"}  # keep 100 steps cheap
+    res = sd1.run(PROMPT, ["a", "b"], method="clora", method_params=small, seed=1, progress=False,
+                  width=32, height=32, steps=None)
+    r = res.recipes[0]
+    assert (r.steps, r.guidance, r.sampler, r.negative_prompt) == (100, 10.0, "ddim", "nsfw")
+    assert res.report["from_preset"] == {"steps": 100, "guidance": 10.0, "sampler": "ddim", "negative_prompt": "nsfw",
+                                         "weight": 1.0}  # the adapters were named without a weight
+    assert r.from_preset == res.report["from_preset"] and r.effective["preset"] == "notebook"
+    assert r.effective["schedule"]["iterative_steps"] == [] and r.effective["te_mode"] == "per_branch"
+    res = sd1.run(PROMPT, ["a", "b"], method="clora", method_params=small, guidance=4.0, negative_prompt="",
+                  **{**FAST, "steps": 3})
+    r = res.recipes[0]
+    assert (r.steps, r.guidance, r.negative_prompt) == (3, 4.0, "") and res.report["from_preset"] == {"sampler": "ddim", "weight": 1.0}
+    # the default preset is not named: the studio's own defaults, no run settings from it
+    res = sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"max_iter_to_alter": 0}, **FAST)
+    assert res.report["from_preset"] == {} and res.recipes[0].negative_prompt == ""
+    assert res.recipes[0].effective["preset"] == "spec" and "deviation" not in res.recipes[0].effective
+    fast = sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"preset": "fast"}, **FAST)
+    assert "inner iterations" in fast.recipes[0].effective["deviation"]
+
+
+def test_style_adapter_in_every_branch(sd1):
+    a, b = two_adapters(sd1)
+    style = sd1.adapters.add(random_lora(sd1, "st", seed=9))
+    style.trigger = style.concept = None  # a style adapter needs neither
+    params = {"style": "st", "latent_update": False}
+    res = sd1.run(PROMPT, ["a", "b", "st"], method="clora", method_params=params, **FAST)
+    rep = res.report
+    assert set(rep["masks"]) == {"base", "a", "b"} and res.recipes[0].effective["style"] == ["st"]
+    assert rep["full_forwards"] == 3 * 4
+    plain = sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"latent_update": False}, **FAST)
+    assert np.abs(np.asarray(res.images[0], float) - np.asarray(plain.images[0], float)).max() > 0
+    with prepared(sd1, CLoRAComposer(style="st")) as (comp, ctx, sched):
+        assert [br.unet for br in comp.branches] == [{"st": 1.0}, {"a": 1.0, "st": 1.0}, {"b": 1.0, "st": 1.0}]
+        # batched rows give each branch what its own call gives, the style adapter included
+        z = initial_latents(ctx, 2, sched)
+        with torch.no_grad():
+            batched = comp._all(z, sched.timesteps[1], truncate=False)
+            seq = [comp._pass(z, sched.timesteps[1], k, truncate=False) for k in range(3)]
+        for bp, sp in zip(batched, seq):
+            torch.testing.assert_close(bp.eps[1], sp.eps[1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(GenerationError, match="not among the composed adapters"):
+        sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"style": "zz"}, **FAST)
+    with pytest.raises(GenerationError, match="at least one concept"):
+        sd1.run(PROMPT, ["st"], method="clora", method_params={"style": "st"}, **FAST)
 
 
 def test_call_counts_updates_and_determinism(sd1):
