@@ -422,3 +422,54 @@ def test_adapter_for_another_architecture_is_refused(sd1, sdxl):
     with pytest.raises(AdapterMismatchError, match="architecture|base model"):
         gen(studio, [xl_ads[0]], "composite")
     assert hook_count(studio.pipe) == before
+
+
+# ---- faithful defaults and presets (issue 18) ----------------------------------------------------
+def test_switch_kind_order_is_the_released_combination_order(sd1):
+    studio, _ = sd1
+    from composers.switch import kind_order
+    from studio.sampling import AdapterWeight
+
+    kinds = ["object", "background", None, "style", "clothing", "character"]
+    ads = [AdapterWeight(Adapter(f"a{i}", {}, concept_kind=k)) for i, k in enumerate(kinds)]
+    assert [a.adapter.concept_kind for a in kind_order(ads)] == [
+        "character", "clothing", "style", "background", "object", None]
+
+
+def test_defaults_are_the_reference_ones_and_recorded(sd1):
+    studio, ads = sd1
+    for method in ("composite", "switch", "cmlora"):
+        assert make_composer(method).params["te_mode"] == "reference"
+        res = studio.run("a hero", ads[:2], method=method, steps=2, width=64, height=64, seed=1, progress=False)
+        eff = res.recipes[0].effective
+        assert eff["te_mode"] == "reference" and eff["preset"] == "none" and res.report["effective"] == eff
+        assert "Composition effective" in res.images[0].info["parameters"]
+    cm = studio.run("a hero", ads[:2], method="cmlora", steps=2, width=64, height=64, seed=1, progress=False)
+    assert cm.recipes[0].effective["cache"] == "on" and "C1" in cm.recipes[0].effective["deviation"]
+    ref = studio.run("a hero", ads[:2], method="cmlora", method_params={"reference_compat": True}, steps=2,
+                     width=64, height=64, seed=1, progress=False)
+    assert ref.recipes[0].effective["cache"] == "off" and ref.recipes[0].effective["late_start"] == 121
+    kept = studio.run("a hero", ads[:2], method="cmlora", method_params={"reference_compat": True, "cache": "on"},
+                      steps=2, width=64, height=64, seed=1, progress=False)
+    assert kept.report["caching"]  # an explicit cache setting wins
+
+
+def test_paper_preset_applies_run_settings_unless_set(sd1):
+    studio, ads = sd1
+    names = [studio.adapters.add(a).name if a.name not in studio.adapters else a.name for a in ads[:2]]
+    res = studio.run("a hero", names, method="composite", method_params={"preset": "paper"}, steps=3,
+                     width=64, height=64, seed=1, progress=False)
+    r = res.recipes[0]
+    assert (r.sampler, r.guidance, r.steps) == ("dpm++2m", 10.0, 3)
+    assert [(a.weight, a.te_weight) for a in r.adapters] == [(0.8, 0.8), (0.8, 0.8)]
+    assert r.from_preset == {"sampler": "dpm++2m", "guidance": 10.0, "weight": 0.8} == res.report["from_preset"]
+    # explicit values win: a weighted adapter keeps its weight, an explicit guidance stays
+    res = studio.run("a hero", [(names[0], 0.5)], method="merge", method_params={"preset": "paper-reality"}, steps=2,
+                     guidance=3.0, width=64, height=64, seed=1, progress=False)
+    r = res.recipes[0]
+    assert (r.sampler, r.guidance, r.adapters[0].weight) == ("dpm++2m", 3.0, 0.5) and r.from_preset == {"sampler": "dpm++2m"}
+    cm = make_composer("cmlora", {"preset": "paper"})
+    assert cm.params["reference_compat"] is True
+    assert cm.named_preset().run_settings() == {"sampler": "dpm++2m", "steps": 220, "guidance": 8.5, "weight": 1.0}
+    with pytest.raises(GenerationError, match="preset must be one of none, paper, paper-reality"):
+        make_composer("switch", {"preset": "anime"})
