@@ -6,7 +6,9 @@ adapter measured in the same run. Also reports the shallow/full UNet cost ratio 
 feature cache and the adapter-switching overhead (one ``rig.set`` on and off per branch, as
 Composite and CMLoRA do) as a % of a Composite step. The baseline is timed again at the end to show
 drift; ``--clock cpu`` times this process's CPU time instead of wall time (steadier on a shared CPU
-with one thread), ``--methods`` picks the rows (``cmlora-nocache`` costs what ``composite`` costs).
+with one thread), ``--methods`` picks the rows. ``cmlora-nocache`` (``cache=off``, the spec's
+reference row: the released code never reuses features, C1) and ``cmlora-reference``
+(``reference_compat``: the released computation, cache off) cost what ``composite`` costs.
 
 Models: ``tiny`` (tiny random SD1 at 64×64), ``toy`` (the bundled toy model, skipped when not
 built), ``sd15`` (SD1.5's real UNet config with random weights at 256×256; a 1-layer 768-wide
@@ -51,7 +53,8 @@ SD15_UNET = dict(
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 KINDS = ("character", "style", "object", "background")
 METHODS = {"merge": ("merge", {}), "composite": ("composite", {}), "cmlora": ("cmlora", {}),
-           "cmlora-nocache": ("cmlora", {"cache": "off"}), "cmlora-seq": ("cmlora", {"batch": "off"})}
+           "cmlora-nocache": ("cmlora", {"cache": "off"}), "cmlora-reference": ("cmlora", {"reference_compat": True}),
+           "cmlora-seq": ("cmlora", {"batch": "off"})}
 
 
 def build_sd15_random(seed: int = 0):
@@ -179,7 +182,7 @@ def bench_model(name: str, ns: list[int], steps: int, repeats: int, device,
     print(f"[{name}] single adapter at the end {base_end:.3f}s (start {base_t:.3f}s)", file=sys.stderr)
     # switching overhead relative to one Composite step with the largest N: N on/off pairs per step
     n_max = max(ns)
-    comp = [r["seconds"] for r in rows if r["n"] == n_max and r["method"] in ("composite", "cmlora(cache=off)")]
+    comp = [r["seconds"] for r in rows if r["n"] == n_max and r["method"] in ("composite", "cmlora(cache=off)", "cmlora(reference_compat=True)")]
     comp_step = (comp[0] if comp else n_max * base_t) / steps  # without composite: N single-adapter steps
     return {
         "model": name, "size": size, "steps": steps, "device": str(device), "threads": torch.get_num_threads(),
