@@ -250,6 +250,7 @@ def test_full_run_writes_everything(full_run):
     r = rows[1]
     assert r["loras"][0]["sha256"] and len(r["loras"][0]["shorthash"]) == 12 and r["loras"][0]["weight"] == 1.0
     assert r["timing"]["unet_calls"] == 2 * 2  # composite: one call per adapter per step
+    assert r["effective"] == {"te_mode": "reference", "preset": "none"} and r["from_preset"] == {}  # comparable runs
     m = r["metrics"]
     assert m["clipscore"]["text"] == "red sks, zkq style" and m["clipscore"]["convention"] == "compat"
     assert m["clipscore"]["value"] == pytest.approx(100 * max(m["clipscore"]["raw_cos"], 0), abs=1e-9)
