@@ -21,7 +21,7 @@ Presets (``preset``; spec §1.4): ``spec`` (default) is the published schedule: 
 size 20 on the first T/2 steps plus K = 20 inner iterations at steps {0, 10, 20} of 50, scaled to T.
 ``notebook`` is the official demo as a whole recipe (100 DDIM steps, CFG 10, negative "nsfw"; its
 seed 53 is not applied, the seed stays per job). ``fast`` is a named **deviation**: no inner
-iterations (12 latent updates instead of 85 at T = 50, ≈ 70 % fewer), which is what brings CLoRA
+iterations (25 latent updates instead of 85 at T = 50, ≈ 70 % fewer), which is what brings CLoRA
 near issue 6's bound of 6× plain generation; the published schedule costs ≈ 12× plain on the toy
 model and ≈ 15× on SD1.5 at N = 2 (spec §1.5, docs/performance.md). A preset named explicitly
 also applies its run settings (steps, guidance, sampler, negative prompt) that the caller left unset.
