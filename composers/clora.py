@@ -27,9 +27,9 @@ model and ≈ 15× on SD1.5 at N = 2 (spec §1.5, docs/performance.md). A preset
 also applies its run settings (steps, guidance, sampler, negative prompt) that the caller left unset.
 
 Style adapters (``style``: names of composed adapters, comma-separated): no branch of their own,
-active in every branch (the base branch included) at their weights, with their text-encoder
-weights in every branch's encoding when ``use_text_encoder_lora``; the released code's
-``style_lora``. They need no trigger or concept word.
+active in every LoRA branch at their weights (the base branch stays adapter-free, spec §1.1), with
+their text-encoder weights in those branches' encodings when ``use_text_encoder_lora``; the
+released code's ``style_lora``. They need no trigger or concept word.
 
 Cost options:
 
@@ -194,7 +194,7 @@ class CLoRAComposer(Composer):
     name = "clora"
     summary = ("base branch + one per adapter; contrastive latent update on cross-attention maps, mask-weighted "
                "fusion (Meral et al. 2025). The default preset is the published schedule; style=NAME applies a "
-               "style adapter in every branch.")
+               "style adapter in every LoRA branch.")
     presets = {
         "spec": _preset("spec", "the published schedule: step size 20 on the first T/2 steps, 20 inner iterations "
                                 "at steps {0, 10, 20} of 50 (scaled to T), mask threshold 0.4."),
@@ -206,7 +206,7 @@ class CLoRAComposer(Composer):
     min_adapters = 1
     defaults = {
         "preset": "spec",  # "spec" (published schedule), "notebook" (official demo) or "fast" (deviation): scaled to T
-        "style": "",  # adapters applied in every branch (comma-separated names), as the released style_lora
+        "style": "",  # adapters applied in every LoRA branch (comma-separated names), as the released style_lora
         "latent_update": True,
         "step_size": 20.0,  # eta in z <- z - eta * dL/dz
         "max_iter_to_alter": -1,  # update on steps < this; -1: the preset's, scaled to T (T/2)
@@ -253,7 +253,7 @@ class CLoRAComposer(Composer):
                     and any(c.startswith("text_encoder") for c in a.adapter.components())}
 
         style_unet = {s.name: s.unet for s in self.styles}
-        self.branches = [_Branch("base", dict(style_unet), ctx.encode(self.plan.prompts[0], te(self.styles)))]
+        self.branches = [_Branch("base", {}, ctx.encode(self.plan.prompts[0], {}))]
         for a, prompt in zip(self.concepts, self.plan.prompts[1:]):
             self.branches.append(_Branch(a.name, {a.name: a.unet, **style_unet}, ctx.encode(prompt, te([a] + self.styles))))
         keys = self.branches[0].cond.embeds.shape[1]
@@ -267,7 +267,7 @@ class CLoRAComposer(Composer):
         scale = ctx.pipe.vae_scale_factor
         large = (ctx.height // scale) * (ctx.width // scale) >= CHECKPOINT_MIN_LATENT
         style_rows = [(s.adapter, s.unet) for s in self.styles]
-        self.rows = (RowAdapters(unet, [style_rows] + [[(a.adapter, a.unet)] + style_rows for a in self.concepts])
+        self.rows = (RowAdapters(unet, [[]] + [[(a.adapter, a.unet)] + style_rows for a in self.concepts])
                      if switch_param(self.name, p, "batch_branches", not large) else None)
         self.ckpt_blocks = self._checkpoint_blocks(unet, large)
         self.split_rows = switch_param(self.name, p, "split_rows", large)

@@ -426,7 +426,7 @@ def test_notebook_preset_is_a_whole_recipe(sd1):
     assert "inner iterations" in fast.recipes[0].effective["deviation"]
 
 
-def test_style_adapter_in_every_branch(sd1):
+def test_style_adapter_in_every_lora_branch(sd1):
     a, b = two_adapters(sd1)
     style = sd1.adapters.add(random_lora(sd1, "st", seed=9))
     style.trigger = style.concept = None  # a style adapter needs neither
@@ -438,7 +438,7 @@ def test_style_adapter_in_every_branch(sd1):
     plain = sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"latent_update": False}, **FAST)
     assert np.abs(np.asarray(res.images[0], float) - np.asarray(plain.images[0], float)).max() > 0
     with prepared(sd1, CLoRAComposer(style="st")) as (comp, ctx, sched):
-        assert [br.unet for br in comp.branches] == [{"st": 1.0}, {"a": 1.0, "st": 1.0}, {"b": 1.0, "st": 1.0}]
+        assert [br.unet for br in comp.branches] == [{}, {"a": 1.0, "st": 1.0}, {"b": 1.0, "st": 1.0}]  # base: none
         # batched rows give each branch what its own call gives, the style adapter included
         z = initial_latents(ctx, 2, sched)
         with torch.no_grad():
