@@ -1,12 +1,13 @@
 """LoRA Composition Studio, the Gradio app: layout and event wiring only.
 
-Every action is an ``AppHandlers`` method over one shared ``Studio`` (studio/app_handlers.py).
+Every action is an ``AppHandlers`` method over one shared ``Studio`` (studio/app/, one module per tab).
 Run ``python app.py`` (or ``make run`` / ``studio serve``); it binds 127.0.0.1:7860 by default.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -15,8 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import gradio as gr  # noqa: E402
 
-from studio.app_handlers import (  # noqa: E402
-    CONCEPT_KINDS, LIBRARY_HEADERS, SAMPLERS, XY_AXES, AppHandlers, load_demo_adapters,
+from studio.app import (  # noqa: E402
+    CONCEPT_KINDS, LIBRARY_HEADERS, SAMPLERS, XY_AXES, AppHandlers, prompt_weights, set_tag_weight,
 )
 from studio.errors import StudioError  # noqa: E402
 from studio.studio import Studio  # noqa: E402
@@ -34,32 +35,46 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
     """The Blocks app around this Studio (tests pass a tiny one)."""
     h = handlers or AppHandlers(studio)
     size = studio.default_size
+    train_defaults = h.train_defaults()
     with gr.Blocks(title="LoRA Composition Studio") as demo:
-        gr.Markdown(f"## LoRA Composition Studio\nModel **{studio.model_id}** ({studio.arch}) · "
-                    f"{len(studio.adapters)} adapter(s) in the library")
+        header = gr.Markdown(h.header())
         if studio.note:
             gr.Markdown(f"⚠ {studio.note}", elem_classes=["note"])
         if startup:
             with gr.Accordion("Start-up log", open=False):
                 gr.Markdown("\n".join(f"- {m}" for m in startup))
-        lib_rev = gr.State(0)  # bumped when this user changes the library: cards and lists redraw
+        lib_rev = gr.State(0)  # bumped when the library changes: header, cards and lists redraw
         last_seed = gr.State(None)
         png_fields = gr.State({})
+        picked = gr.State(None)  # the gallery or history image this user selected last
 
         with gr.Tabs() as tabs:
             # ---- Compose ----------------------------------------------------------------
             with gr.Tab("Compose", id="compose"):
                 with gr.Row():
                     with gr.Column(scale=3):
-                        prompt = gr.Textbox(label="Prompt", lines=3,
-                                            placeholder="a red circle <lora:name:0.8>  (click an adapter below to insert its tag)")
+                        prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
+                                            placeholder="a red circle <lora:name:0.8>  (insert an adapter below)")
                         negative = gr.Textbox(label="Negative prompt", lines=1)
                         with gr.Row():
-                            generate_btn = gr.Button("Generate", variant="primary")
-                            stop_btn = gr.Button("Stop", variant="stop")
+                            generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+
+                        @gr.render(inputs=prompt, triggers=[prompt.change, demo.load])
+                        def _weights(text):
+                            tags = prompt_weights(text)
+                            if not tags:
+                                return
+                            with gr.Row():
+                                for name, weight in tags:
+                                    slider = gr.Slider(0, 2, value=weight, step=0.05, label=f"{name} weight",
+                                                       min_width=140)
+                                    slider.release(lambda p, w, n=name: set_tag_weight(p, n, w), [prompt, slider],
+                                                   prompt, api_visibility="private", **LIGHT)
                         with gr.Row():
                             method = gr.Dropdown(h.methods(), value="merge", label="Composition method")
                             sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler")
+                        method_info = gr.Markdown(h.method_help("merge"))
                         with gr.Row():
                             seed = gr.Number(-1, precision=0, label="Seed (−1 = random)", min_width=120)
                             reuse = gr.Button("♻ last seed", size="sm", min_width=80)
@@ -70,59 +85,100 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                         with gr.Row():
                             width = gr.Slider(64, 2048, value=size, step=8, label="Width")
                             height = gr.Slider(64, 2048, value=size, step=8, label="Height")
-                        with gr.Accordion("Advanced: method parameters (JSON)", open=False):
-                            params = gr.Code(h.method_params("merge"), language="json", label="Parameters")
-                            method_info = gr.Markdown(h.method_help("merge"))
-                        with gr.Accordion("Adapters: click to insert <lora:…>", open=True):
-                            refresh_cards = gr.Button("↻ refresh library", size="sm")
+                        with gr.Accordion("Method parameters", open=False):
+                            params = gr.Code(h.method_params("merge"), language="json",
+                                             label="Advanced: all parameters as JSON")
 
-                            @gr.render(triggers=[demo.load, lib_rev.change, refresh_cards.click])
-                            def _cards():
-                                cards = h.adapter_cards()
-                                if not cards:
-                                    gr.Markdown("No adapters yet: upload one in the Library tab.")
+                            @gr.render(inputs=method, triggers=[method.change, demo.load])
+                            def _param_fields(name):
+                                defaults = json.loads(h.method_params(name))
                                 with gr.Row():
+                                    for key, default in defaults.items():
+                                        if isinstance(default, bool):
+                                            field = gr.Checkbox(default, label=key, min_width=120)
+                                        elif isinstance(default, (int, float)):
+                                            field = gr.Number(default, label=key, min_width=120)
+                                        else:
+                                            field = gr.Textbox("" if default is None else str(default), label=key,
+                                                               min_width=160)
+                                        field.change(lambda j, v, k=key, d=default: set_param(j, k, v, d),
+                                                     [params, field], params, api_visibility="private", **LIGHT)
+                        with gr.Accordion("Adapters: insert a trigger phrase and tag, or open one", open=True):
+                            with gr.Row():
+                                card_search = gr.Textbox(label="Search", placeholder="name, phrase, concept", scale=3)
+                                card_kind = gr.Dropdown(list(CONCEPT_KINDS), value="", label="Kind", scale=1)
+
+                            @gr.render(inputs=[card_search, card_kind],
+                                       triggers=[demo.load, lib_rev.change, card_search.submit, card_kind.change])
+                            def _cards(search, kind):
+                                cards = h.adapter_cards(search, kind)
+                                if not cards:
+                                    gr.Markdown("No adapters match: upload one in the Library tab.")
+                                with gr.Row(equal_height=True):
                                     for c in cards:
                                         with gr.Column(min_width=150, elem_classes=["card"]):
                                             if c["preview"]:
-                                                gr.Image(c["preview"], show_label=False, height=96, buttons=[],
-                                                         interactive=False)
-                                            gr.Markdown(f"**{c['name']}** · {c['kind']}  \ntrigger: `{c['trigger'] or '—'}` · "
-                                                        f"w {c['weight']:g}  \n{c['arch']} · {c['format']} · {c['shape']}")
-                                            btn = gr.Button(f"insert {c['tag']}", size="sm")
-                                            btn.click(lambda p, n=c["name"]: h.insert_tag(p, n), prompt, prompt,
+                                                gr.Image(c["preview"], show_label=False, height=80, buttons=[],
+                                                         interactive=False, container=False)
+                                            gr.Markdown(f"**{c['name']}** · {c['kind'] or '?'} · {c['type']}  \n"
+                                                        f"“{c['phrase'] or c['trigger'] or '—'}” · w {c['weight']:g}")
+                                            with gr.Row():
+                                                ins = gr.Button("insert", size="sm", min_width=60)
+                                                opn = gr.Button("edit", size="sm", min_width=60)
+                                            ins.click(lambda p, n=c["name"]: h.insert_tag(p, n), prompt, prompt,
                                                       api_visibility="private", **LIGHT)
+                                            opn.click(lambda n=c["name"]: (gr.Dropdown(value=n), gr.Tabs(selected="library")),
+                                                      None, [edit_name, tabs], api_visibility="private", **LIGHT)
                     with gr.Column(scale=4):
+                        status = gr.Markdown(elem_id="status")
                         gallery = gr.Gallery(label="Images (PNG with metadata)", format="png", type="filepath",
-                                             columns=2, buttons=["download", "fullscreen"], interactive=False)
-                        preview = gr.Image(label="Step preview", height=160, interactive=False, buttons=[])
+                                             columns=4, height=280, object_fit="contain", elem_id="gallery",
+                                             buttons=["download", "fullscreen"], interactive=False)
+                        preview = gr.Image(label="Step preview", height=128, width=128, interactive=False, buttons=[])
                         info = gr.Markdown()
                         extras = gr.Gallery(label="Masks and attention maps (methods that report them)",
-                                            format="png", type="filepath", columns=4, interactive=False)
+                                            format="png", type="filepath", columns=4, height=160, interactive=False)
                         with gr.Accordion("Composer report", open=False):
                             report = gr.JSON(label="report")
+                        with gr.Accordion("History: earlier runs (select an image)", open=True):
+                            history = gr.Gallery(h.history.items(), label="History", format="png", type="filepath",
+                                                 columns=8, height=200, interactive=False, elem_id="history")
+                            with gr.Row():
+                                to_compose = gr.Button("Send to Compose", size="sm")
+                                to_pnginfo = gr.Button("PNG info", size="sm")
+                                preview_for = gr.Dropdown(h.adapter_names(), value=None, label="Adapter", min_width=120)
+                                set_preview = gr.Button("Set as its preview", size="sm")
+                            history_status = gr.Markdown()
 
             # ---- Library ----------------------------------------------------------------
             with gr.Tab("Library", id="library"):
-                table = gr.Dataframe(headers=LIBRARY_HEADERS, value=h.library_rows(), interactive=False,
-                                     label="Adapters", wrap=True)
-                lib_status = gr.Markdown()
+                lib_status = gr.Markdown(elem_id="lib_status")
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        table = gr.Dataframe(headers=LIBRARY_HEADERS, value=h.library_rows(), interactive=False,
+                                             label="Adapters (click a row to open it)", wrap=False,
+                                             column_widths=["18%", "10%", "32%", "8%", "8%", "12%", "12%"])
+                    with gr.Column(scale=2):
+                        gr.Markdown("### Edit (saved in the library folder)")
+                        edit_name = gr.Dropdown(h.adapter_names(), label="Adapter", value=None)
+                        with gr.Row():
+                            edit_preview = gr.Image(label="Preview", height=96, width=96, interactive=False, buttons=[])
+                            with gr.Column():
+                                edit_trigger = gr.Textbox(label="Trigger word")
+                                edit_phrase = gr.Textbox(label="Trigger phrase (what insert writes)")
+                        with gr.Row():
+                            edit_concept = gr.Textbox(label="Concept (class word)")
+                            edit_kind = gr.Dropdown(list(CONCEPT_KINDS), value="", label="Kind")
+                            edit_weight = gr.Number(1.0, label="Preferred weight")
+                        with gr.Row():
+                            save_btn = gr.Button("Save metadata")
+                            delete_btn = gr.Button("Delete (to trash)", variant="stop")
                 with gr.Row():
                     with gr.Column():
                         gr.Markdown("### Upload")
                         upload_file = gr.File(label=".safetensors adapter", file_types=[".safetensors"], type="filepath")
                         upload_name = gr.Textbox(label="Name (optional; sanitised)")
-                        upload_btn = gr.Button("Add to library", variant="primary")
-                    with gr.Column():
-                        gr.Markdown("### Edit (in memory)")
-                        edit_name = gr.Dropdown(h.adapter_names(), label="Adapter", value=None)
-                        edit_trigger = gr.Textbox(label="Trigger words")
-                        edit_concept = gr.Textbox(label="Concept (class word)")
-                        edit_kind = gr.Dropdown(list(CONCEPT_KINDS), value="", label="Kind")
-                        edit_weight = gr.Number(1.0, label="Preferred weight")
-                        with gr.Row():
-                            save_btn = gr.Button("Save metadata")
-                            delete_btn = gr.Button("Delete", variant="stop")
+                        upload_btn = gr.Button("Add to library", variant="primary", elem_id="upload")
                     with gr.Column():
                         gr.Markdown("### Merge")
                         if h.merge_available():
@@ -143,12 +199,12 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                     with gr.Column():
                         png_file = gr.File(label="Drop a PNG (kept byte for byte, so its metadata survives)",
                                            file_types=[".png", ".jpg", ".jpeg", ".webp"], type="filepath")
-                        png_image = gr.Image(type="filepath", interactive=False, label="Image", buttons=[])
+                        png_image = gr.Image(type="filepath", interactive=False, label="Image", buttons=[], height=256)
                     with gr.Column():
                         png_status = gr.Markdown()
                         png_text = gr.Textbox(label="parameters (A1111 infotext)", lines=6, buttons=["copy"])
                         png_recipe = gr.JSON(label="lora_studio recipe")
-                        send_btn = gr.Button("Send to Compose", variant="primary")
+                        send_btn = gr.Button("Send to Compose", variant="primary", elem_id="send_to_compose")
 
             # ---- X/Y grid ---------------------------------------------------------------
             with gr.Tab("X/Y grid", id="xy"):
@@ -164,10 +220,10 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                     xy_btn = gr.Button("Make grid", variant="primary")
                     xy_stop = gr.Button("Stop", variant="stop")
                 xy_info = gr.Markdown()
-                xy_grid = gr.Image(label="Grid", type="filepath", format="png", interactive=False,
+                xy_grid = gr.Image(label="Grid", type="filepath", format="png", interactive=False, height=400,
                                    buttons=["download", "fullscreen"])
-                xy_cells = gr.Gallery(label="Cells (PNG with metadata)", format="png", type="filepath", columns=6,
-                                      interactive=False, buttons=["download"])
+                xy_cells = gr.Gallery(label="Cells (PNG with metadata)", format="png", type="filepath", columns=8,
+                                      height=200, interactive=False, buttons=["download"])
 
             # ---- Train ------------------------------------------------------------------
             with gr.Tab("Train", id="train"):
@@ -175,28 +231,34 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                     with gr.Row():
                         with gr.Column():
                             train_files = gr.File(label="Instance images (and optional .txt captions)",
-                                                  file_count="multiple", type="filepath",
+                                                  file_count="multiple", type="filepath", height=120,
                                                   file_types=[".png", ".jpg", ".jpeg", ".webp", ".bmp", ".txt"])
+                            train_thumbs = gr.Gallery(label="Instance images", columns=10, height=180,
+                                                      interactive=False, show_label=True)
                             train_folder = gr.Textbox(label="…or a folder on the server")
+                        with gr.Column():
                             with gr.Row():
                                 train_trigger = gr.Textbox("sks", label="Trigger word")
-                                train_class = gr.Textbox(label="Class word", placeholder="dog")
+                                train_class = gr.Textbox(train_defaults["class_word"], label="Class word",
+                                                         placeholder=train_defaults["class_word"] or "dog")
                                 train_kind = gr.Dropdown(list(CONCEPT_KINDS[1:]), value="object", label="Kind")
                             with gr.Row():
                                 train_type = gr.Radio(["lora", "kron"], value="lora", label="Adapter type")
                                 train_rank = gr.Number(4, precision=0, label="LoRA rank")
-                                train_factors = gr.Textbox("krona-paper", label="Kronecker factors (A1xA2 or preset)")
+                                train_factors = gr.Textbox("krona-paper", label="Kronecker factors (A1xA2 or preset)",
+                                                           visible=False)
                             with gr.Row():
-                                train_steps = gr.Slider(1, 5000, value=500, step=1, label="Steps")
+                                train_steps = gr.Slider(1, 5000, value=train_defaults["steps"], step=1, label="Steps",
+                                                        info=train_defaults["hint"])
                                 train_prior = gr.Checkbox(False, label="Prior preservation")
                                 train_name = gr.Textbox(label="Adapter name (default: trigger)")
                             with gr.Row():
                                 train_btn = gr.Button("Train", variant="primary")
                                 train_stop = gr.Button("Stop", variant="stop")
-                        with gr.Column():
                             train_status = gr.Markdown()
-                            train_loss = gr.LinePlot(x="step", y="loss", label="Loss")
-                            train_samples = gr.Gallery(label="Samples", format="png", type="filepath", interactive=False)
+                            train_loss = gr.LinePlot(x="step", y="loss", label="Loss", height=200)
+                            train_samples = gr.Gallery(label="Samples", format="png", type="filepath",
+                                                       interactive=False, height=160)
                 else:
                     gr.Markdown(h.availability("training.dreambooth", "Training"))
 
@@ -222,48 +284,72 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
         # ---- wiring -------------------------------------------------------------------------
         compose_inputs = [prompt, negative, method, params, sampler, seed, steps, guidance, width, height, batch]
         gen_event = generate_btn.click(
-            h.generate, compose_inputs, [gallery, preview, info, report, extras, last_seed],
-            api_name="generate", **GPU,
+            h.generate, compose_inputs, [gallery, preview, info, report, extras, last_seed, status],
+            api_name="generate", show_progress="hidden", **GPU,
         )
-        stop_btn.click(h.stop, None, info, cancels=[gen_event], api_name="stop", **LIGHT)
+        gen_event.then(lambda: h.history.items(), None, history, api_visibility="private", **LIGHT)
+        # Stop sets this session's flag; the run then returns its finished images (no cancel, so it can)
+        stop_btn.click(h.stop, None, status, api_name="stop", **LIGHT)
         xy_event = xy_btn.click(h.xy_grid, compose_inputs[:-1] + [x_type, x_values, y_type, y_values],
-                                [xy_grid, xy_cells, xy_info], api_name="xy_grid", **GPU)
-        xy_stop.click(h.stop_xy, None, xy_info, cancels=[xy_event], api_visibility="private", **LIGHT)
+                                [xy_grid, xy_cells, xy_info], api_name="xy_grid", show_progress="hidden", **GPU)
+        xy_event.then(lambda: h.history.items(), None, history, api_visibility="private", **LIGHT)
+        xy_stop.click(h.stop_xy, None, xy_info, api_visibility="private", **LIGHT)
         reuse.click(h.reuse_seed, last_seed, seed, api_visibility="private", **LIGHT)
         method.input(h.method_params, method, params, api_visibility="private", **LIGHT)
         method.input(h.method_help, method, method_info, api_visibility="private", **LIGHT)
 
+        def pick(evt: gr.SelectData):
+            value = evt.value or {}
+            image = value.get("image") if isinstance(value, dict) else None
+            return image.get("path") if isinstance(image, dict) else None
+
+        for g in (gallery, history):
+            g.select(pick, None, picked, api_visibility="private", **LIGHT)
+        to_compose.click(h.read_png, picked, [png_image, png_text, png_recipe, png_status, png_fields],
+                         api_visibility="private", **LIGHT) \
+            .then(h.send_to_compose, png_fields, compose_inputs[:-1], api_visibility="private", **LIGHT)
+        to_pnginfo.click(lambda p: (p, gr.Tabs(selected="pnginfo")), picked, [png_file, tabs],
+                         api_visibility="private", **LIGHT)
+        set_preview.click(h.set_preview, [preview_for, picked], history_status, api_visibility="private", **LIGHT) \
+            .then(lambda rev: rev + 1, lib_rev, lib_rev, api_visibility="private", **LIGHT)
+
         def refresh(rev):
             names = h.adapter_names()
-            outs = [h.library_rows(), gr.Dropdown(choices=names, value=None), rev + 1]
+            outs = [h.library_rows(), gr.Dropdown(choices=names), gr.Dropdown(choices=names), rev + 1, h.header()]
             return outs + ([gr.Dropdown(choices=names, value=[])] if merge_names is not None else [])
 
-        refresh_outputs = [table, edit_name, lib_rev] + ([merge_names] if merge_names is not None else [])
+        refresh_outputs = [table, edit_name, preview_for, lib_rev, header] + ([merge_names] if merge_names is not None else [])
         upload_btn.click(h.upload, [upload_file, upload_name], lib_status, api_name="upload_adapter", **LIGHT) \
             .then(refresh, lib_rev, refresh_outputs, api_visibility="private", **LIGHT)
-        edit_name.change(h.adapter_fields, edit_name, [edit_trigger, edit_concept, edit_kind, edit_weight],
+        edit_name.change(h.adapter_fields, edit_name,
+                         [edit_trigger, edit_phrase, edit_concept, edit_kind, edit_weight, edit_preview],
                          api_visibility="private", **LIGHT)
-        save_btn.click(h.edit, [edit_name, edit_trigger, edit_concept, edit_kind, edit_weight], lib_status,
+        table.select(_row_name, None, edit_name, api_visibility="private", **LIGHT)
+        save_btn.click(h.edit, [edit_name, edit_trigger, edit_concept, edit_kind, edit_weight, edit_phrase], lib_status,
                        api_name="edit_adapter", **LIGHT) \
-            .then(lambda: h.library_rows(), None, table, api_visibility="private", **LIGHT)
-        delete_btn.click(h.delete, edit_name, lib_status, api_name="delete_adapter", **LIGHT) \
+            .then(lambda rev: (h.library_rows(), rev + 1), lib_rev, [table, lib_rev], api_visibility="private", **LIGHT)
+        delete_btn.click(h.delete, edit_name, lib_status, api_name="delete_adapter", **LIGHT,
+                         js="(n) => (n && confirm(`Move ${n} to the library's trash?`)) ? n : null") \
             .then(refresh, lib_rev, refresh_outputs, api_visibility="private", **LIGHT)
         if merge_names is not None:
             merge_btn.click(h.merge, [merge_names, merge_method, merge_rank, merge_new], lib_status,
                             api_name="merge_adapters", **GPU) \
                 .then(refresh, lib_rev, refresh_outputs, api_visibility="private", **LIGHT)
         if h.available("training.dreambooth", "DreamBoothTrainer"):
+            train_files.change(h.instance_thumbnails, train_files, train_thumbs, api_visibility="private", **LIGHT)
+            train_type.change(h.kind_fields, train_type, [train_rank, train_factors], api_visibility="private", **LIGHT)
             train_event = train_btn.click(
                 h.train, [train_files, train_folder, train_trigger, train_class, train_kind, train_type, train_rank,
                           train_factors, train_steps, train_prior, train_name],
-                [train_loss, train_samples, train_status], api_name="train", **GPU)
+                [train_loss, train_samples, train_status], api_name="train", show_progress="hidden", **GPU)
             train_event.then(refresh, lib_rev, refresh_outputs, api_visibility="private", **LIGHT)
             train_stop.click(h.stop_train, None, train_status, api_visibility="private", **LIGHT)
         if h.available("studio.evaluation", "run_suite"):
             eval_btn.click(h.evaluate, [eval_suite, eval_file, eval_limit, eval_dry],
                            [eval_log, eval_table, eval_grids, eval_zip], api_name="evaluate", **GPU)
             eval_stop.click(h.stop_evaluate, None, None, api_visibility="private", **LIGHT)
-        demo.load(lambda: h.library_rows(), None, table, api_visibility="private", **LIGHT)
+        demo.load(lambda: (h.library_rows(), h.header(), h.history.items()), None, [table, header, history],
+                  api_visibility="private", **LIGHT)
 
         png_file.change(h.read_png, png_file, [png_image, png_text, png_recipe, png_status, png_fields],
                         api_name="png_info", **LIGHT)
@@ -272,9 +358,32 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
     return demo
 
 
+def _row_name(evt: gr.SelectData):
+    """The adapter name of a clicked Library row, for the edit form."""
+    row = getattr(evt, "row_value", None)
+    return gr.Dropdown(value=row[0]) if row else gr.skip()
+
+
+def set_param(params_json: str, key: str, value, default):
+    """The JSON parameters with one field changed from its typed input (ints stay ints)."""
+    try:
+        params = json.loads(params_json or "{}")
+    except json.JSONDecodeError:
+        params = {}
+    if isinstance(default, bool):
+        value = bool(value)
+    elif isinstance(default, int) and isinstance(value, float) and value == int(value):
+        value = int(value)
+    elif default is None and value == "":
+        value = None
+    params[key] = value
+    return json.dumps(params, indent=1, sort_keys=True)
+
+
 def launch_options(handlers: AppHandlers, max_file_size: str | int = "512mb") -> dict:
     """Gradio 6 app-level options: theme and css go to launch(); outputs served; uploads capped."""
-    return dict(theme=gr.themes.Soft(), css=CSS, js=OPEN_TAB_JS, allowed_paths=[str(handlers.out_dir)],
+    return dict(theme=gr.themes.Soft(), css=CSS, js=OPEN_TAB_JS, allowed_paths=[str(handlers.out_dir), str(handlers.store.folder)]
+                + ([str(handlers.demo_dir)] if handlers.demo_dir else []),
                 max_file_size=max_file_size)
 
 
@@ -298,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="diffusers folder or hub id (default: the bundled toy model)")
     p.add_argument("--adapters", default=str(REPO / "assets" / "adapters"), help="folder of demo *.safetensors to load")
     p.add_argument("--outputs", default=str(REPO / "outputs" / "app"), help="where generated PNGs are written")
+    p.add_argument("--library", default=os.environ.get("STUDIO_LIBRARY", str(REPO / "outputs" / "library")),
+                   help="adapter library folder, scanned at start (default outputs/library, or $STUDIO_LIBRARY)")
     p.add_argument("--max-file-size", default="512mb", help="upload size limit, e.g. 512mb")
     p.add_argument("--queue-size", type=int, default=32, help="most jobs waiting in the queue")
     args = p.parse_args(argv)
@@ -306,10 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     except StudioError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    startup = load_demo_adapters(studio, args.adapters)
+    handlers = AppHandlers(studio, args.outputs, library_dir=args.library, demo_dir=args.adapters)
+    startup = handlers.open_library()
     for line in startup:
         print(line)
-    handlers = AppHandlers(studio, args.outputs)
     demo = build_app(studio, handlers, startup)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,

@@ -124,6 +124,7 @@ class Studio:
         on_step: StepCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
         progress: bool = True,
+        on_image: Callable[[int, Image.Image, Recipe], None] | None = None,
     ) -> GenerationResult:
         """Like ``generate``, also returning each image's recipe and the composer's report.
 
@@ -131,6 +132,8 @@ class Studio:
         preset named in ``method_params`` (``preset=paper``, ``preset=notebook``), else the studio's
         defaults (25, 7.5 / 3 on the toy model, ddim, none); adapters given without a weight take the
         preset's LoRA weight. The report's ``from_preset`` lists the values that came from the preset.
+        ``on_image(i, image, recipe)`` is called as each image is finished, so a caller that is
+        stopped mid-batch (``GenerationCancelled``) still has the images done before.
         """
         from composers import make_composer
 
@@ -191,6 +194,8 @@ class Studio:
                 )
                 images.append(attach(image, recipe, sampler_label(sampler)))
                 recipes.append(recipe)
+                if on_image is not None:
+                    on_image(i, images[-1], recipe)
             report = composer.report()
         report["from_preset"] = dict(from_preset)
         return GenerationResult(images, recipes, report)

@@ -97,7 +97,8 @@ def test_generate_yields_previews_then_pngs_with_metadata(h):
     outs = list(h.generate("a red circle <lora:a:0.8>", **GEN, seed=5, steps=4, batch_count=2))
     previews = [o[1] for o in outs[:-1] if isinstance(o[1], Image.Image)]
     assert previews and all(isinstance(p, Image.Image) for p in previews)
-    gallery, _, info, report, extras, last_seed = outs[-1]
+    gallery, _, info, report, extras, last_seed, status = outs[-1]
+    assert "Done" in status and any("image 2/2 · step" in str(o[6]) and "ETA" in str(o[6]) for o in outs)
     assert [c for _, c in gallery] == ["seed 5", "seed 6"] and last_seed == 5
     assert report["unet_calls"] == 8 and "8 UNet calls" in info and extras == []
     expected = h.studio.run("a red circle <lora:a:0.8>", seed=5, steps=4, width=64, height=64, num_images=2,
@@ -119,14 +120,38 @@ def test_generate_yields_previews_then_pngs_with_metadata(h):
     assert "CLIP-T a " in info
 
 
-def test_generate_errors_are_one_line_messages(h):
-    with pytest.raises(gr.Error) as e:
-        list(h.generate("a circle <lora:nope:1>", **GEN, seed=1, steps=2))
-    assert "no adapter named 'nope'" in e.value.message and "\n" not in e.value.message
-    with pytest.raises(gr.Error, match="JSON"):
-        list(h.generate("a circle", **{**GEN, "params_json": "{bad"}, seed=1, steps=2))
-    with pytest.raises(gr.Error, match="empty"):
-        list(h.generate("  ", **GEN, seed=1, steps=2))
+def test_generate_errors_are_one_line_messages_beside_the_outputs(h):
+    """An error leaves gallery, preview and report alone (gr.skip) and is an HTML-escaped status line."""
+    *_, last = h.generate("a circle <lora:nope:1>", **GEN, seed=1, steps=2)
+    status = last[6]
+    assert "no adapter named 'nope'" in status and "\n" not in status and "Error" in status
+    assert all(isinstance(o, type(gr.skip())) for o in last[:6])
+    *_, last = h.generate("a circle <lora:nope:1>", **{**GEN, "params_json": "{bad"}, seed=1, steps=2)
+    assert "JSON" in last[6]
+    *_, last = h.generate("  ", **GEN, seed=1, steps=2)
+    assert "empty" in last[6]
+    *_, last = h.generate("a circle <lora:a:x>", **GEN, seed=1, steps=2)
+    assert "&lt;lora:a:x&gt;" in last[6]  # the tag is escaped, not swallowed as HTML
+
+
+def test_prompt_without_trigger_is_warned(h):
+    *_, last = h.generate("a circle <lora:a:1>", **GEN, seed=1, steps=2)
+    assert "lacks 'sksa'" in last[6]
+    *_, last = h.generate("a sksa circle <lora:a:1>", **GEN, seed=1, steps=2)
+    assert "lacks" not in last[6]
+
+
+def test_stop_keeps_the_finished_images(h):
+    h.preview_every = 1
+    gen = h.generate("a red circle <lora:a:1>", **GEN, seed=1, steps=6, batch_count=3)
+    for out in gen:
+        if isinstance(out[0], list) and out[0]:  # the first image is done
+            break
+    assert h.stop(None) == "Stopping…"
+    *_, last = gen
+    gallery, status = last[0], last[6]
+    assert len(gallery) in (1, 2) and "Stopped" in status and "kept" in status
+    assert h.history.items()[0][0] == gallery[0][0]  # the run is in the history
 
 
 def test_stop_interrupts_within_two_steps(h):
@@ -135,7 +160,7 @@ def test_stop_interrupts_within_two_steps(h):
     try:
         gen = h.generate("a red circle <lora:a:1>", **GEN, seed=1, steps=120, batch_count=1)
         first = next(gen)
-        assert first[2].startswith("step ")
+        assert first[6].startswith("step ") and "ETA" in first[6]
         at_stop = len(calls)
         assert h.stop(None) == "Stopping…"
         rest = list(gen)
@@ -143,8 +168,8 @@ def test_stop_interrupts_within_two_steps(h):
         assert len(calls) < 120
     finally:
         calls.close()
-    gallery, _, info, *_ = rest[-1]
-    assert gallery == [] and "Stopped" in info
+    status = rest[-1][6]
+    assert "Stopped" in status and "no image was finished" in status
     assert h.stop(None) == "Nothing is running."
     assert h.studio._lock.acquire(timeout=5)  # the worker let go of the UNet
     h.studio._lock.release()
@@ -165,21 +190,25 @@ def test_upload_validates_and_sanitises(h, tmp_path):
     write_adapter(random_lora(h.studio, "c", seed=9), good)
     msg = h.upload(str(good), name="../../evil name")
     assert msg.startswith("Loaded") and "evil_name" in h.adapter_names()
-    assert (h.out_dir / "adapters" / "evil_name.safetensors").is_file()
-    assert not any(p.name.startswith(".") for p in (h.out_dir / "adapters").iterdir())  # no temp files left
+    assert (h.store.folder / "evil_name.safetensors").is_file() and (h.store.folder / "evil_name.json").is_file()
+    assert not any(p.name.startswith(".") and p.is_file() for p in h.store.folder.iterdir())  # no temp files left
     assert h.upload(str(good), name="evil name").startswith("Error: an adapter named 'evil_name'")
+    msg = h.upload(str(good), name="twin")
+    assert msg.startswith("Loaded") and "Duplicate" in msg and "evil_name" in msg
     assert h.upload(None).startswith("Error:")
 
 
 def test_edit_delete_and_rows(h):
-    assert h.edit("a", "sks shape", "shape", "object", "0.6").startswith("Saved")
-    assert h.adapter_fields("a") == ("sks shape", "shape", "object", 0.6)
+    assert h.edit("a", "sks", "shape", "object", "0.6", "a red sks shape").startswith("Saved")
+    assert h.adapter_fields("a")[:5] == ("sks", "a red sks shape", "shape", "object", 0.6)
     row = next(r for r in h.library_rows() if r[0] == "a")
-    assert row[1:5] == ["sks shape", "shape", "object", 0.6] and row[8] == "r4"
+    assert row[1:6] == ["object", "a red sks shape", 0.6, "lora", "r4"]
+    assert h.insert_tag("", "a") == "a red sks shape <lora:a:0.6>"
     assert h.edit("a", "", "", "weird", 1).startswith("Error:")
     assert h.edit("a", "", "", "", "heavy").startswith("Error:")
     assert h.delete("a").startswith("Deleted") and h.adapter_names() == ["b"]
     assert h.delete("a").startswith("Error:")
+    assert h.delete(None) == "Nothing deleted."  # the browser's confirm() was cancelled
 
 
 def test_merge_creates_a_library_adapter(h):
@@ -239,9 +268,11 @@ def test_report_masks_and_heatmaps_become_pngs(h, tmp_path):
 
 
 def test_xy_grid_sweeps_axes_with_labelled_grid(h):
-    grid, cells, info = h.xy_grid("a red circle <lora:a:0.5>", **GEN, seed=4, steps=2,
-                                  x_type="Prompt S/R", x_values="<lora:a:0.5>, <lora:a:1>",
-                                  y_type="Seed", y_values="4, 9")
+    outs = list(h.xy_grid("a red circle <lora:a:0.5>", **GEN, seed=4, steps=2,
+                          x_type="Prompt S/R", x_values="<lora:a:0.5>, <lora:a:1>",
+                          y_type="Seed", y_values="4, 9"))
+    grid, cells, info = outs[-1]
+    assert "cell 1/4" in outs[0][2] and any("cell 4/4" in str(o[2]) and "ETA" in str(o[2]) for o in outs)
     assert [c for _, c in cells] == ["<lora:a:0.5> · seed 4", "<lora:a:1> · seed 4",
                                      "<lora:a:0.5> · seed 9", "<lora:a:1> · seed 9"]
     assert "4 cells" in info
@@ -250,10 +281,10 @@ def test_xy_grid_sweeps_axes_with_labelled_grid(h):
         assert im.width > 2 * 64 and im.height > 2 * 64  # two columns, two rows, plus labels
     direct = h.studio.run("a red circle <lora:a:1>", seed=9, steps=2, width=64, height=64, progress=False).images[0]
     assert np.array_equal(_pixels(cells[3][0]), np.asarray(direct.convert("RGB")))
-    with pytest.raises(gr.Error, match="not in the prompt"):
-        h.xy_grid("a circle", **GEN, seed=1, steps=2, x_type="Prompt S/R", x_values="zzz, y")
-    with pytest.raises(gr.Error, match="unknown method"):
-        h.xy_grid("a circle", **GEN, seed=1, steps=2, x_type="Method", x_values="merge, nope")
+    *_, (_, _, msg) = h.xy_grid("a circle", **GEN, seed=1, steps=2, x_type="Prompt S/R", x_values="<lora:z:1>, y")
+    assert "not in the prompt" in msg and "&lt;lora:z:1&gt;" in msg  # shown, not swallowed as HTML
+    *_, (_, _, msg) = h.xy_grid("a circle", **GEN, seed=1, steps=2, x_type="Method", x_values="merge, nope")
+    assert "unknown method" in msg
 
 
 def _instance_images(folder: Path) -> list[str]:
@@ -267,13 +298,13 @@ def _instance_images(folder: Path) -> list[str]:
 
 def test_train_adds_the_adapter_to_the_library(h, tmp_path):
     files = _instance_images(tmp_path / "imgs")
-    with pytest.raises(gr.Error, match="upload instance images"):
-        list(h.train(None, "", "sks", "shape"))
+    assert "upload instance images" in list(h.train(None, "", "sks", "shape"))[-1][2]
     outs = list(h.train(files, "", "sks", "shape", "object", "lora", 2, "", 2, False, "my dog"))
     loss, samples, status = outs[-1]
     assert list(loss["step"]) == [1, 2] and "my_dog" in status
     trained = h.studio.adapters.get("my_dog")
     assert trained.trigger == "sks" and trained.ranks() == [2] and Path(trained.path).is_file()
+    assert Path(trained.path).parent == h.store.folder and h.store.meta("my_dog").source == "trained"
     assert samples and Path(samples[0][0]).is_file()
 
 
@@ -346,7 +377,7 @@ def test_app_serves_on_localhost_with_named_endpoints(served):
 
 def test_client_generate_returns_pngs_with_metadata(served):
     _, _, client = served
-    gallery, _, info, report, _ = client.predict(*_gen_args("a red circle <lora:a:0.8>"), api_name="/generate")
+    gallery, _, info, report, _, _ = client.predict(*_gen_args("a red circle <lora:a:0.8>"), api_name="/generate")
     path = gallery[0]["image"]
     assert path.endswith(".png") and "3 UNet calls" in info and report["unet_calls"] == 3
     with Image.open(path) as im:  # downloaded through the client, bytes intact
@@ -402,8 +433,8 @@ def test_stop_endpoint_interrupts_this_sessions_run(served):
         job = _submit_and_wait_for_steps(client, calls, "a red circle")
         assert client.predict(api_name="/stop") == "Stopping…"  # same client, same session
         at_stop = len(calls)
-        gallery, _, info, *_ = job.result(timeout=60)
-        assert gallery == [] and "Stopped" in info
+        *_, status = job.result(timeout=60)
+        assert "Stopped" in status
         assert len(calls) - at_stop <= 2, (at_stop, len(calls))
     finally:
         calls.close()

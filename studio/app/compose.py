@@ -1,0 +1,329 @@
+"""Compose tab: prompt, method and settings in, images (PNG with metadata) out.
+
+Generation runs in a worker thread; the request thread passes on one progress line (image k/N,
+step k/N, ETA), latent previews and each finished image. Stop keeps the images finished so far;
+an error becomes a message beside the outputs, which keep the last good run.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import gradio as gr
+from PIL import Image
+
+from composers import COMPOSERS
+from studio.adapters.library import safe_name
+from studio.errors import StudioError
+from studio.metadata import save_png
+from studio.prompts import format_tag, parse_prompt
+from studio.sampling import GenerationCancelled, latent_preview
+
+from .common import ACK_TIMEOUT_S, as_int, error_text, jsonable, message, method_defaults, parse_params
+from .runs import Progress
+
+# What each method does, what it costs (UNet calls per step, n adapters), and when to pick it.
+METHOD_GUIDE = {
+    "merge": ("All adapters active at once (their deltas summed).", "1 UNet call per step (×2 with CFG batched).",
+              "The fast default; fine when the concepts do not fight (an object plus a background)."),
+    "switch": ("One adapter active per step, switching every `tau` steps.", "1 call per step.",
+               "Cheap and keeps each concept cleaner than merge; pick it when merge blends concepts."),
+    "composite": ("One branch per adapter, the noise predictions averaged, CFG once.", "n calls per step.",
+                  "Better concept fidelity than merge for n adapters, at n× the cost."),
+    "cmlora": ("Composite with a dominant adapter per span, frequency-ordered rotation and a feature cache.",
+               "≈ n calls per step, fewer with the cache on.",
+               "Several adapters of different kinds (object + style + background) where composite loses detail."),
+    "clora": ("Base branch + one per adapter; attention maps steer the latents apart and masks fuse the branches.",
+              "n + 1 calls per step plus backward passes on the update steps: the slowest.",
+              "Two objects that must both appear, separately (e.g. a crescent and a plus)."),
+    "lego": ("A weight-space merge of the adapters (LoRA-LEGO) done once, then one adapter like merge.",
+             "1 call per step plus a one-off merge.", "Many adapters at merge speed with less interference."),
+}
+
+
+def method_guide(method: str) -> str:
+    """Markdown: what the method does, its cost, when to choose it."""
+    what, cost, when = METHOD_GUIDE.get(method, ("", "", ""))
+    if not what:
+        return ""
+    return f"**{method}**: {what}  \n**Cost:** {cost}  \n**Choose it when:** {when}"
+
+
+def trigger_warnings(prompt: str, adapters, phrase_of) -> list[str]:
+    """One line per adapter tagged in ``prompt`` whose trigger word is not in the prompt's text."""
+    text, tags = parse_prompt(prompt or "")
+    out = []
+    for tag in tags:
+        if tag.name not in adapters:
+            continue
+        trigger = adapters.get(tag.name).trigger
+        if trigger and not re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", text):
+            phrase = phrase_of(tag.name)
+            out.append(f"the prompt lacks {trigger!r}, the trigger of {tag.name}"
+                       + (f"; it was taught “{phrase}”" if phrase else ""))
+    return out
+
+
+class ComposeTab:
+    """Compose actions; mixed into ``AppHandlers`` (needs ``studio``, ``runs``, ``history``, ``out_dir``)."""
+
+    def methods(self) -> list[str]:
+        return list(COMPOSERS)
+
+    def method_params(self, method: str) -> str:
+        return method_defaults(method)
+
+    def method_help(self, method: str) -> str:
+        """What the method does, its cost and when to choose it, then its summary and presets."""
+        from composers.base import method_help
+
+        cls = COMPOSERS.get(method)
+        if cls is None:
+            return ""
+        text = method_guide(method) + "\n\n" + method_help(cls)
+        if cls.presets:
+            text += ("\n\nThe Steps, CFG and Sampler fields here are always explicit, so a preset sets only the "
+                     "method's parameters; set those fields to the preset's run settings listed above.")
+        return text.strip()
+
+    def insert_tag(self, prompt: str, name: str) -> str:
+        """Append the adapter's usable trigger phrase (else its trigger word) and ``<lora:name:weight>``."""
+        adapter = self.studio.adapters.get(name)
+        tag = format_tag(adapter.name, adapter.weight)
+        prompt = (prompt or "").rstrip(" ,")
+        if f"<lora:{adapter.name}:" in prompt:
+            return prompt
+        phrase = self.phrase_of(name)
+        if phrase and phrase not in prompt:
+            prompt = f"{prompt}, {phrase}" if prompt else phrase
+        elif adapter.trigger and not re.search(rf"(?<!\w){re.escape(adapter.trigger)}(?!\w)", prompt):
+            prompt = f"{prompt}, {adapter.trigger}" if prompt else adapter.trigger
+        return f"{prompt} {tag}".strip()
+
+    def reuse_seed(self, last_seed) -> int:
+        return -1 if last_seed is None else int(last_seed)
+
+    def stop(self, request: gr.Request | None = None) -> str:
+        """Interrupt this user's running generations at the next step."""
+        return self.runs.stop(request, "generate")
+
+    def generate(
+        self, prompt: str, negative_prompt: str = "", method: str = "merge", params_json: str = "",
+        sampler: str = "ddim", seed=-1, steps=25, guidance=7.5, width=None, height=None, batch_count=1,
+        request: gr.Request | None = None,
+    ) -> Iterator[tuple]:
+        """Run ``Studio.run`` in a worker thread; yield progress, previews and finished images.
+
+        Yields (gallery, preview, info, report, extras, last_seed, status). The gallery holds PNGs
+        written with ``save_png`` so their ``parameters`` and ``lora_studio`` chunks survive. Stop
+        keeps the finished images; an error leaves the outputs as they were and says why in status.
+        """
+        keep = (gr.skip(),) * 6
+        try:
+            if not (prompt or "").strip():
+                raise gr.Error("the prompt is empty; describe the image, e.g. 'a red circle <lora:name:0.8>'")
+            kwargs = dict(
+                method=method, method_params=parse_params(params_json), sampler=sampler,
+                seed=as_int(seed if seed not in (None, "") else -1, "seed"), steps=as_int(steps, "steps"),
+                guidance=float(guidance),
+                width=as_int(width, "width") if width else None, height=as_int(height, "height") if height else None,
+                num_images=as_int(batch_count, "batch count"), negative_prompt=negative_prompt or "",
+            )
+            warned = "".join(f"  \n{message(w, 'warning')}" for w in
+                             trigger_warnings(prompt, self.studio.adapters, self.phrase_of))
+        except (gr.Error, StudioError, ValueError) as e:
+            yield *keep, message(error_text(e))
+            return
+        every = self.preview_every or max(1, kwargs["steps"] // 8)
+        progress = Progress(kwargs["num_images"], kwargs["steps"])
+        events: queue.Queue = queue.Queue()
+        key, stop = self.runs.register(request, "generate")
+        acked = threading.Semaphore(0)
+        pending = [0]
+        done = [0]
+
+        def on_step(i: int, total: int, latents) -> None:
+            # Hand every step to the request; run at most one step ahead of what it has passed on.
+            # A request Gradio cancelled is never resumed, gets closed, and sets ``stop``: the loop
+            # then ends within two steps (the one running and at most one more).
+            if i + 1 >= total:
+                return
+            preview = latent_preview(latents) if (i + 1) % every == 0 else None
+            events.put(("step", (done[0], i + 1, preview)))
+            pending[0] += 1
+            deadline = time.monotonic() + ACK_TIMEOUT_S
+            while pending[0] > 1:
+                if acked.acquire(timeout=0.05):
+                    pending[0] -= 1
+                elif stop.is_set():
+                    return
+                elif time.monotonic() > deadline:  # nobody is listening any more
+                    stop.set()
+                    return
+
+        def on_image(i: int, image, recipe) -> None:
+            done[0] = i + 1
+            events.put(("image", (image, recipe)))
+
+        def work():
+            return self.studio.run(prompt, on_step=on_step, on_image=on_image, should_stop=stop.is_set,
+                                   progress=False, **kwargs)
+
+        started = time.perf_counter()
+        folder = self.out_dir / time.strftime("%Y-%m-%d")
+        gallery: list[tuple[str, str]] = []
+        worker, box = self.runs.start_worker(work)
+        try:
+            while True:
+                try:
+                    kind, payload = events.get(timeout=0.1)
+                except queue.Empty:
+                    if worker.is_alive():
+                        continue
+                    kind, payload = "end", None
+                if kind == "step":
+                    image_index, step, preview = payload
+                    yield (gr.skip(), gr.skip() if preview is None else preview, gr.skip(), gr.skip(), gr.skip(),
+                           gr.skip(), progress.line(image_index, step) + warned)
+                    acked.release()
+                    continue
+                if kind == "image":
+                    image, recipe = payload
+                    path = save_png(image, folder / f"{time.strftime('%H%M%S')}-{uuid.uuid4().hex[:8]}-{recipe.seed}.png")
+                    gallery.append((str(path), f"seed {recipe.seed}"))
+                    yield (list(gallery), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(),
+                           progress.line(len(gallery) - 1, kwargs["steps"]) + warned)
+                    continue
+                break  # the worker has ended: its result or error is in the box
+            error = box.get("error")
+            if isinstance(error, GenerationCancelled):
+                kept = f"{len(gallery)} of {kwargs['num_images']} image(s) kept" if gallery else "no image was finished"
+                self._remember(gallery, f"{method} · stopped · {prompt[:60]}")
+                yield (list(gallery) if gallery else gr.skip(), None, gr.skip(), gr.skip(), gr.skip(), gr.skip(),
+                       message(f"Stopped: {kept}.", "info"))
+                return
+            if error is not None:
+                if not isinstance(error, (StudioError, gr.Error)):
+                    raise error
+                partial = f" ({len(gallery)} image(s) finished before it are shown)" if gallery else ""
+                yield (list(gallery) if gallery else gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(),
+                       message(error_text(error) + partial))
+                return
+            result = box["result"]
+            outs = self._finish(result, gallery, folder, started)
+            self._remember(gallery, f"{method} · {prompt[:60]}")
+            yield *outs, message(f"Done: {len(gallery)} image(s).", "info") + warned
+        finally:
+            stop.set()  # a closed generator (client cancel) ends the worker at its next step
+            self.runs.unregister(key, stop)
+
+    def _remember(self, gallery: list[tuple[str, str]], summary: str) -> None:
+        self.history.add("compose", [p for p, _ in gallery], summary)
+
+    def _finish(self, result, gallery: list[tuple[str, str]], folder: Path, started: float) -> tuple:
+        """(gallery, preview, info, report, extras, last seed) of a finished run."""
+        report = result.report or {}
+        extras = self._report_images(report, folder, result.images[0].size if result.images else None)
+        seeds = ", ".join(str(r.seed) for r in result.recipes)
+        scores = self._scores(result)
+        info = (f"**{len(gallery)} image(s)** · seed {seeds} · {time.perf_counter() - started:.2f} s in all "
+                f"({report.get('seconds', 0):.2f} s sampling) · {report.get('unet_calls', '?')} UNet calls · "
+                f"method {report.get('method', '?')}")
+        info += _cmlora_timeline(report) + scores
+        return list(gallery), None, info, jsonable(report), extras, result.recipes[0].seed if result.recipes else None
+
+    def _scores(self, result) -> str:
+        """CLIPScore (compat: the adapters' trigger phrases, else the prompt) and per-concept CLIP-T per image."""
+        with self._scorer_lock:
+            if self._scorer is None and self._scorer_error is None:
+                try:
+                    from studio.metrics import Scorer
+
+                    self._scorer = Scorer.load("toy")
+                except Exception as e:  # no toy CLIP: say so once, keep generating
+                    self._scorer_error = f"CLIPScore unavailable ({str(e).splitlines()[0][:120]})"
+        if self._scorer is None:
+            return f" · {self._scorer_error}"
+        from studio.metrics import compat_text
+
+        lines = []
+        for image, recipe in zip(result.images, result.recipes):
+            used = [self.studio.adapters.get(a.name) for a in recipe.adapters if a.name in self.studio.adapters]
+            text = compat_text([a.trigger for a in used]) or parse_prompt(recipe.prompt)[0]
+            score = self._scorer.clipscore(image, text)
+            line = f"seed {recipe.seed}: CLIPScore {score.value:.1f} on “{text}”"
+            concepts = {a.name: a.concept or a.trigger for a in used if a.concept or a.trigger}
+            if concepts:
+                per = self._scorer.concept_scores(image, concepts)
+                line += " · CLIP-T " + ", ".join(f"{n} {v['raw_cos']:.3f}" for n, v in per["per_concept"].items())
+                line += f" (min {per['min']:.3f})"
+            lines.append(line)
+        return "\n\n" + "\n\n".join(lines) + "\n\n*(toy CLIP: a sanity number only)*"
+
+    def _report_images(self, report: dict, folder: Path, size) -> list[tuple[str, str]]:
+        """Masks and attention heatmaps a composer reports (CLoRA), saved as PNGs with captions."""
+        found: list[tuple[str, Any]] = []
+
+        def walk(value, label: str, depth: int = 0) -> None:
+            if depth > 3:
+                return
+            if isinstance(value, Image.Image) or _is_map(value):
+                found.append((label, value))
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    walk(v, f"{label} {k}".strip(), depth + 1)
+            elif isinstance(value, (list, tuple)) and value and len(value) <= 64:
+                for i, v in enumerate(value):
+                    walk(v, f"{label} {i}", depth + 1)
+
+        for key, value in report.items():
+            if any(w in key.lower() for w in ("mask", "heatmap", "attention", "attn")):
+                walk(value, key)
+        out = []
+        for label, value in found:
+            image = value if isinstance(value, Image.Image) else _map_image(value, size)
+            path = folder / f"{uuid.uuid4().hex[:10]}-{safe_name(label)}.png"
+            out.append((str(save_png(image, path)), label))
+        return out
+
+
+
+def _is_map(value) -> bool:
+    shape = getattr(value, "shape", None)
+    return shape is not None and hasattr(value, "dtype") and len(shape) in (2, 3) and min(shape[-2:]) > 1
+
+
+def _map_image(value, size) -> Image.Image:
+    """A 2-D map (or a stack, averaged) as a grey image, normalised to 0–255, nearest-upsampled."""
+    import numpy as np
+
+    arr = value.detach().float().cpu().numpy() if hasattr(value, "detach") else np.asarray(value, dtype=float)
+    if arr.ndim == 3:
+        arr = arr.mean(axis=0)
+    lo, hi = float(arr.min()), float(arr.max())
+    arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    image = Image.fromarray((arr * 255).astype("uint8"), mode="L")
+    return image.resize(size, Image.NEAREST) if size else image
+
+
+
+def _cmlora_timeline(report: dict) -> str:
+    """CMLoRA's dominant adapter per step span and which cache slot each refresh event filled."""
+    events = report.get("events") if report.get("method") == "cmlora" else None
+    if not events:
+        return ""
+    parts = []
+    for step, dominant, refreshed in events:
+        what = "all caches filled" if step == 0 and report.get("caching") else (
+            f"refresh {refreshed}" if refreshed else "no refresh")
+        parts.append(f"step {step}: **{dominant}** dominant ({what})")
+    low = ", ".join(report.get("low_frequency") or []) or "none"
+    return (f"\n\n**CMLoRA timeline** (order {', '.join(report.get('order', []))}; low-frequency: {low}; "
+            f"late start at step {report.get('late_start')}; {report.get('cache_hits', 0)} cache hits): "
+            + " → ".join(parts))

@@ -1,0 +1,154 @@
+"""Train tab: DreamBooth LoRA / Kronecker training on the Studio's base, saved into the library."""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Iterator
+
+import gradio as gr
+
+from studio.adapters.library import safe_name
+from studio.adapters.store import read_index
+from studio.errors import StudioError
+
+from .common import as_int, error_text, message, optional
+from .runs import Progress
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class TrainingCancelled(StudioError):
+    """Stop was pressed during training."""
+
+
+def train_defaults(arch: str, demo_folder: str | Path | None) -> dict:
+    """Class word and step count for this base: the toy world's ``shape`` and its demo recipe's steps."""
+    steps = [int(e["steps"]) for e in read_index(demo_folder).values()
+             if isinstance(e, dict) and e.get("type", "lora") == "lora" and e.get("steps")] if demo_folder else []
+    if arch == "toy":
+        return dict(class_word="shape", steps=int(statistics.median(steps)) if steps else 700,
+                    hint="The demo adapters were trained for 600–1300 steps; 150 steps gives a blob.")
+    return dict(class_word="", steps=int(statistics.median(steps)) if steps else 500,
+                hint="Typical DreamBooth LoRA runs: 500–1500 steps on 5–20 images.")
+
+
+def _loss_table(history: list[dict]):
+    import pandas as pd
+
+    rows = [{"step": h["step"], "loss": h["loss"]} for h in list(history) if "loss" in h]
+    return pd.DataFrame(rows, columns=["step", "loss"])
+
+
+class TrainTab:
+    """Train actions; mixed into ``AppHandlers`` (needs ``studio``, ``store``, ``runs``, ``out_dir``)."""
+
+    def stop_train(self, request: gr.Request | None = None) -> str:
+        return self.runs.stop(request, "train")
+
+    @staticmethod
+    def instance_thumbnails(files: list[str] | None) -> list[tuple[str, str]]:
+        """The uploaded instance images as (path, file name), for a thumbnail gallery."""
+        return [(f, Path(f).name) for f in files or () if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+
+    @staticmethod
+    def kind_fields(adapter_type: str) -> tuple:
+        """Show the LoRA rank for ``lora`` and the Kronecker factors for ``kron``."""
+        return gr.update(visible=adapter_type == "lora"), gr.update(visible=adapter_type == "kron")
+
+    def train(
+        self, files: list[str] | None, folder: str, trigger: str, class_word: str, concept_kind: str = "object",
+        adapter_type: str = "lora", rank=4, factors: str = "krona-paper", steps=700, prior_preservation: bool = False,
+        name: str = "", request: gr.Request | None = None,
+    ) -> Iterator[tuple]:
+        """DreamBooth-train a LoRA or Kronecker adapter; it is saved into the library folder.
+
+        Yields (loss table, samples, status) about twice a second while training runs in a worker.
+        """
+        dreambooth = optional("training.dreambooth")
+        if dreambooth is None or not hasattr(dreambooth, "DreamBoothTrainer"):
+            yield gr.skip(), gr.skip(), message("training is not available yet (training.dreambooth is missing)")
+            return
+        try:
+            cfg, name = self._train_config(dreambooth, files, folder, trigger, class_word, concept_kind,
+                                           adapter_type, rank, factors, steps, prior_preservation, name)
+            trainer = dreambooth.DreamBoothTrainer(self.studio, cfg)
+        except (StudioError, gr.Error, ValueError) as e:
+            yield gr.skip(), gr.skip(), message(error_text(e))
+            return
+        key, stop = self.runs.register(request, "train")
+        step_fn = trainer.train_step
+
+        def train_step():  # Stop ends the run between optimizer steps; layers are stripped by run()
+            if stop.is_set():
+                raise TrainingCancelled(f"training stopped by the user at step {trainer.step}")
+            return step_fn()
+
+        trainer.train_step = train_step
+        progress = Progress(1, cfg.steps)
+        worker, box = self.runs.start_worker(trainer.run)
+        try:
+            while worker.is_alive():
+                worker.join(0.5)
+                loss = trainer.history[-1].get("loss") if trainer.history else None
+                line = "training: " + progress.line(0, max(trainer.step, 0))
+                yield _loss_table(trainer.history), gr.skip(), line + (f" · loss {loss:.4f}" if loss is not None else "")
+            error = box.get("error")
+            if isinstance(error, TrainingCancelled):
+                yield _loss_table(trainer.history), gr.skip(), message(f"Stopped at step {trainer.step}; nothing was added.", "info")
+                return
+            if error is not None:
+                if not isinstance(error, StudioError):
+                    raise error
+                yield gr.skip(), gr.skip(), message(error_text(error))
+                return
+            adapter = box["result"]
+            adapter.name, adapter.trigger, adapter.concept = name, cfg.trigger, cfg.class_word
+            adapter.concept_kind = cfg.concept_kind
+            try:
+                added = self.store.save_new(adapter, "trained", file=cfg.out,
+                                            trigger_phrase=f"a {cfg.trigger} {cfg.class_word}")
+            except StudioError as e:
+                yield gr.skip(), gr.skip(), message(f"the trained adapter could not be added: {error_text(e)}")
+                return
+            samples = [(trainer.outputs["grid"], "final samples")] if trainer.outputs.get("grid") else []
+            yield (_loss_table(trainer.history), samples,
+                   f"Trained **{added.name}** ({adapter_type}, {trainer.step} steps) and saved it into the library "
+                   f"(`{self.store.folder}`).")
+        finally:
+            stop.set()
+            self.runs.unregister(key, stop)
+
+    def _train_config(self, dreambooth, files, folder, trigger, class_word, concept_kind, adapter_type, rank,
+                      factors, steps, prior_preservation, name):
+        """The TrainConfig for a request, with uploaded files copied into a run folder."""
+        trigger = (trigger or "").strip()
+        if not trigger or not (class_word or "").strip():
+            raise gr.Error("give a trigger word (e.g. sks) and a class word (e.g. shape)")
+        name = safe_name(name.strip() if name and name.strip() else trigger)
+        if name in self.studio.adapters:
+            raise gr.Error(f"an adapter named {name!r} is already in the library; choose another name")
+        run_dir = self.out_dir / "train" / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+        images = run_dir / "images"
+        if files:
+            images.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                src = Path(f)
+                if src.suffix.lower() in IMAGE_SUFFIXES + (".txt",):
+                    shutil.copyfile(src, images / f"{safe_name(src.stem)}{src.suffix.lower()}")
+        elif folder and folder.strip():
+            images = Path(folder.strip()).expanduser()
+            if not images.is_dir():
+                raise gr.Error(f"instance image folder {str(images)!r} does not exist; upload images or give a folder")
+        else:
+            raise gr.Error("upload instance images or give a folder of them")
+        cfg = dreambooth.TrainConfig(
+            images=str(images), out=str(run_dir / f"{name}.safetensors"), trigger=trigger,
+            class_word=class_word.strip(), concept_kind=concept_kind or "object", name=name,
+            adapter=adapter_type, rank=as_int(rank, "rank"), factors=factors or "krona-paper",
+            steps=as_int(steps, "steps"), prior_preservation=bool(prior_preservation),
+            output_dir=str(run_dir / "run"), num_validation_images=2,
+        )
+        return cfg, name

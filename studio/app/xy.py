@@ -1,0 +1,130 @@
+"""X/Y grid tab: sweep up to two axes over the Compose settings (A1111's X/Y plot)."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import Iterator
+
+import gradio as gr
+from PIL import Image
+
+from composers import COMPOSERS
+from studio.errors import StudioError
+from studio.metadata import save_png
+from studio.sampling import GenerationCancelled
+
+from .common import XY_AXES, XY_MAX_CELLS, as_int, error_text, message, parse_params
+from .runs import Progress
+
+
+class XYTab:
+    """X/Y actions; mixed into ``AppHandlers``."""
+
+    def stop_xy(self, request: gr.Request | None = None) -> str:
+        return self.runs.stop(request, "xy")
+
+    def xy_grid(
+        self, prompt: str, negative_prompt: str = "", method: str = "merge", params_json: str = "",
+        sampler: str = "ddim", seed=-1, steps=25, guidance=7.5, width=None, height=None,
+        x_type: str = "Seed", x_values: str = "", y_type: str = "Nothing", y_values: str = "",
+        request: gr.Request | None = None,
+    ) -> Iterator[tuple]:
+        """One Studio.run per cell, then a labelled grid; yields (grid, cells, info) after each cell.
+
+        ``Prompt S/R``: the first value is searched in the prompt and replaced by each value in
+        turn (weight sweeps). Stop keeps the cells done; errors are messages in ``info``.
+        """
+        try:
+            base = dict(prompt=prompt, negative_prompt=negative_prompt or "", method=method,
+                        method_params=parse_params(params_json), sampler=sampler,
+                        seed=as_int(seed if seed not in (None, "") else -1, "seed"), steps=as_int(steps, "steps"),
+                        guidance=float(guidance), width=as_int(width, "width") if width else None,
+                        height=as_int(height, "height") if height else None)
+            if base["seed"] < 0:  # one random seed for every cell, so cells differ only along the axes
+                base["seed"] = int.from_bytes(os.urandom(4), "big")
+            xs = _axis(x_type, x_values, base)
+            ys = _axis(y_type, y_values, base)
+            if len(xs) * len(ys) > XY_MAX_CELLS:
+                raise gr.Error(f"{len(xs)}×{len(ys)} cells is more than {XY_MAX_CELLS}; use fewer values")
+        except (gr.Error, StudioError, ValueError) as e:
+            yield gr.skip(), gr.skip(), message(error_text(e))
+            return
+        key, stop = self.runs.register(request, "xy")
+        progress = Progress(len(xs) * len(ys), 1, unit="cell")
+        folder = self.out_dir / time.strftime("%Y-%m-%d")
+        cells, images = [], []
+        try:
+            for y_label, y_set in ys:
+                for x_label, x_set in xs:
+                    yield gr.skip(), gr.skip(), progress.line(len(cells), 0).replace(" · step 0/1", "")
+                    params = {**base, **y_set, **x_set}
+                    text = params.pop("prompt")
+                    try:
+                        result = self.studio.run(text, should_stop=stop.is_set, progress=False, **params)
+                    except GenerationCancelled:
+                        self.history.add("xy", [p for p, _ in cells], f"X/Y stopped · {prompt[:60]}")
+                        yield gr.skip(), cells, message(f"Stopped: the grid is incomplete; {len(cells)} cell(s) kept.", "info")
+                        return
+                    except StudioError as e:
+                        yield gr.skip(), cells, message(f"cell {x_label} / {y_label}: {error_text(e)}")
+                        return
+                    path = save_png(result.images[0], folder / f"xy-{uuid.uuid4().hex[:8]}-{result.recipes[0].seed}.png")
+                    cells.append((str(path), " · ".join(l for l in (x_label, y_label) if l)))
+                    images.append(result.images[0])
+                    yield gr.skip(), list(cells), gr.skip()
+        finally:
+            self.runs.unregister(key, stop)
+        grid = labelled_grid(images, [l for l, _ in xs], [l for l, _ in ys])
+        grid_path = save_png(grid, folder / f"grid-{uuid.uuid4().hex[:8]}.png")
+        self.history.add("xy", [str(grid_path)], f"X/Y {x_type} × {y_type} · {prompt[:60]}")
+        elapsed = time.perf_counter() - progress.started
+        yield str(grid_path), cells, f"**{len(cells)} cells** · seed {base['seed']} · {elapsed:.2f} s"
+
+def _axis(kind: str, values: str, base: dict) -> list[tuple[str, dict]]:
+    """(label, Studio.run overrides) per value of one X/Y axis."""
+    if kind in (None, "", "Nothing"):
+        return [("", {})]
+    items = [v.strip() for v in (values or "").split(",") if v.strip()]
+    if not items:
+        raise gr.Error(f"the {kind} axis has no values; write them comma-separated, e.g. 1, 2, 3")
+    if kind == "Seed":
+        return [(f"seed {v}", {"seed": as_int(v, "seed")}) for v in items]
+    if kind == "Steps":
+        return [(f"steps {v}", {"steps": as_int(v, "steps")}) for v in items]
+    if kind == "CFG scale":
+        try:
+            return [(f"CFG {float(v):g}", {"guidance": float(v)}) for v in items]
+        except ValueError:
+            raise gr.Error(f"CFG values must be numbers, got {values!r}") from None
+    if kind == "Method":
+        unknown = [v for v in items if v not in COMPOSERS]
+        if unknown:
+            raise gr.Error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(COMPOSERS)}")
+        return [(v, {"method": v, "method_params": base["method_params"] if v == base["method"] else {}}) for v in items]
+    if kind == "Prompt S/R":
+        search = items[0]
+        if search not in base["prompt"]:
+            raise gr.Error(f"Prompt S/R: {search!r} (the first value) is not in the prompt; it is what gets replaced")
+        return [(v, {"prompt": base["prompt"].replace(search, v)}) for v in items]
+    raise gr.Error(f"unknown axis {kind!r}; choose one of {', '.join(XY_AXES)}")
+
+
+def labelled_grid(images: list[Image.Image], x_labels: list[str], y_labels: list[str]) -> Image.Image:
+    """Images in rows (y) and columns (x) with the axis values written above and to the left."""
+    from PIL import ImageDraw
+
+    w, h = images[0].size
+    cols = len(x_labels)
+    top = 24 if any(x_labels) else 0
+    left = max((8 + 7 * len(l) for l in y_labels if l), default=0)
+    grid = Image.new("RGB", (left + cols * w, top + len(y_labels) * h), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, image in enumerate(images):
+        grid.paste(image.convert("RGB"), (left + (i % cols) * w, top + (i // cols) * h))
+    for c, label in enumerate(x_labels):
+        draw.text((left + c * w + 4, 6), label, fill="black")
+    for r, label in enumerate(y_labels):
+        draw.text((4, top + r * h + h // 2 - 6), label, fill="black")
+    return grid
