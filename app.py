@@ -76,11 +76,11 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                             sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler")
                         method_info = gr.Markdown(h.method_help("merge"))
                         with gr.Row():
-                            seed = gr.Number(-1, precision=0, label="Seed (−1 = random)", min_width=120)
+                            seed = gr.Number(-1, precision=0, label="Seed (−1 = random)", min_width=120, elem_id="seed")
                             reuse = gr.Button("♻ last seed", size="sm", min_width=80)
-                            batch = gr.Slider(1, 16, value=1, step=1, label="Batch count")
+                            batch = gr.Slider(1, 16, value=1, step=1, label="Batch count", elem_id="batch")
                         with gr.Row():
-                            steps = gr.Slider(1, 150, value=25, step=1, label="Steps")
+                            steps = gr.Slider(1, 150, value=25, step=1, label="Steps", elem_id="steps")
                             guidance = gr.Slider(0, 30, value=studio.default_guidance, step=0.5, label="CFG scale")
                         with gr.Row():
                             width = gr.Slider(64, 2048, value=size, step=8, label="Width")
@@ -156,7 +156,7 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                 with gr.Row():
                     with gr.Column(scale=3):
                         table = gr.Dataframe(headers=LIBRARY_HEADERS, value=h.library_rows(), interactive=False,
-                                             label="Adapters (click a row to open it)", wrap=False,
+                                             label="Adapters (click a row to open it)", wrap=False, elem_id="library_table",
                                              column_widths=["18%", "10%", "32%", "8%", "8%", "12%", "12%"])
                     with gr.Column(scale=2):
                         gr.Markdown("### Edit (saved in the library folder)")
@@ -164,20 +164,21 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                         with gr.Row():
                             edit_preview = gr.Image(label="Preview", height=96, width=96, interactive=False, buttons=[])
                             with gr.Column():
-                                edit_trigger = gr.Textbox(label="Trigger word")
+                                edit_trigger = gr.Textbox(label="Trigger word", elem_id="edit_trigger")
                                 edit_phrase = gr.Textbox(label="Trigger phrase (what insert writes)")
                         with gr.Row():
                             edit_concept = gr.Textbox(label="Concept (class word)")
                             edit_kind = gr.Dropdown(list(CONCEPT_KINDS), value="", label="Kind")
                             edit_weight = gr.Number(1.0, label="Preferred weight")
                         with gr.Row():
-                            save_btn = gr.Button("Save metadata")
+                            save_btn = gr.Button("Save metadata", elem_id="save_meta")
                             delete_btn = gr.Button("Delete (to trash)", variant="stop")
                 with gr.Row():
                     with gr.Column():
                         gr.Markdown("### Upload")
-                        upload_file = gr.File(label=".safetensors adapter", file_types=[".safetensors"], type="filepath")
-                        upload_name = gr.Textbox(label="Name (optional; sanitised)")
+                        upload_file = gr.File(label=".safetensors adapter", file_types=[".safetensors"], type="filepath",
+                                              elem_id="upload_file")
+                        upload_name = gr.Textbox(label="Name (optional; sanitised)", elem_id="upload_name")
                         upload_btn = gr.Button("Add to library", variant="primary", elem_id="upload")
                     with gr.Column():
                         gr.Markdown("### Merge")
@@ -198,7 +199,8 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                 with gr.Row():
                     with gr.Column():
                         png_file = gr.File(label="Drop a PNG (kept byte for byte, so its metadata survives)",
-                                           file_types=[".png", ".jpg", ".jpeg", ".webp"], type="filepath")
+                                           file_types=[".png", ".jpg", ".jpeg", ".webp"], type="filepath",
+                                           elem_id="png_file")
                         png_image = gr.Image(type="filepath", interactive=False, label="Image", buttons=[], height=256)
                     with gr.Column():
                         png_status = gr.Markdown()
