@@ -309,7 +309,7 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
             g.select(pick, None, picked, api_visibility="private", **LIGHT)
         to_compose.click(h.read_png, picked, [png_image, png_text, png_recipe, png_status, png_fields],
                          api_visibility="private", **LIGHT) \
-            .then(h.send_to_compose, png_fields, compose_inputs[:-1], api_visibility="private", **LIGHT)
+            .then(h.send_to_compose, png_fields, compose_inputs, api_visibility="private", **LIGHT)
         to_pnginfo.click(lambda p: (p, gr.Tabs(selected="pnginfo")), picked, [png_file, tabs],
                          api_visibility="private", **LIGHT)
         set_preview.click(h.set_preview, [preview_for, picked], history_status, api_visibility="private", **LIGHT) \
@@ -355,7 +355,7 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
 
         png_file.change(h.read_png, png_file, [png_image, png_text, png_recipe, png_status, png_fields],
                         api_name="png_info", **LIGHT)
-        send_btn.click(h.send_to_compose, png_fields, compose_inputs[:-1], api_visibility="private", **LIGHT) \
+        send_btn.click(h.send_to_compose, png_fields, compose_inputs, api_visibility="private", **LIGHT) \
             .then(lambda: gr.Tabs(selected="compose"), None, tabs, api_visibility="private", **LIGHT)
     return demo
 

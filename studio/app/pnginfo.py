@@ -63,7 +63,7 @@ class PngInfoTab:
         return path, text, recipe_json, status, fields
 
     def send_to_compose(self, fields: dict | None) -> tuple:
-        """Compose inputs from PNG fields: prompt, negative, method, params, sampler, seed, steps, guidance, w, h."""
+        """Compose inputs from PNG fields: prompt, negative, method, params, sampler, seed, steps, guidance, w, h, batch."""
         f = fields or {}
         method = f.get("method") if f.get("method") in COMPOSERS else None
         return (
@@ -71,5 +71,5 @@ class PngInfoTab:
             json.dumps(f["params"], indent=1, sort_keys=True) if isinstance(f.get("params"), dict) else gr.skip(),
             f.get("sampler") if f.get("sampler") in SAMPLERS else gr.skip(),
             f.get("seed", gr.skip()), f.get("steps", gr.skip()), f.get("guidance", gr.skip()),
-            f.get("width", gr.skip()), f.get("height", gr.skip()),
+            f.get("width", gr.skip()), f.get("height", gr.skip()), 1,  # batch count 1: this image again
         )
