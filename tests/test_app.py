@@ -25,7 +25,7 @@ gradio_client = pytest.importorskip("gradio_client")
 from composers import COMPOSERS  # noqa: E402
 from studio import Studio  # noqa: E402
 from studio.adapters.formats import write_adapter  # noqa: E402
-from studio.app_handlers import AppHandlers, load_demo_adapters  # noqa: E402
+from studio.app import AppHandlers, load_demo_adapters  # noqa: E402
 from studio.metadata import read_recipe  # noqa: E402
 
 from conftest import random_lora  # noqa: E402
@@ -227,7 +227,7 @@ def test_png_info_reads_recipe_and_infotext(h, tmp_path):
     assert shown == path and "Seed: 11" in text and recipe["seed"] == 11 and "recipe" in status
     compose = h.send_to_compose(fields)
     assert compose[:3] == ("a circle <lora:b:0.5>", "blur", "merge")
-    assert compose[4:] == ("ddim", 11, 3, 7.5, 64, 64)
+    assert compose[4:] == ("ddim", 11, 3, 7.5, 64, 64, 1)  # batch count 1: this image again
 
     # an A1111-only PNG: parameters text, no studio chunk
     info = PngImagePlugin.PngInfo()
