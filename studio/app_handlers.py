@@ -33,6 +33,7 @@ from PIL import Image
 from composers import COMPOSERS
 from studio.adapters.library import safe_name
 from studio.atomic import atomic_path
+from studio.base import SAMPLERS as _SAMPLER_TABLE, resolve_sampler
 from studio.errors import StudioError
 from studio.metadata import RECIPE_KEY, parse_infotext, read_recipe, save_png
 from studio.prompts import format_tag, parse_prompt
@@ -40,7 +41,7 @@ from studio.sampling import GenerationCancelled, latent_preview
 from studio.studio import Studio
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
-SAMPLERS = ("ddim", "dpm++2m", "euler")
+SAMPLERS = tuple(_SAMPLER_TABLE)
 XY_AXES = ("Nothing", "Seed", "Steps", "CFG scale", "Method", "Prompt S/R")
 XY_MAX_CELLS = 64
 ACK_TIMEOUT_S = 30.0  # a step not passed on to the request within this long: the request is gone, stop
@@ -684,7 +685,7 @@ class AppHandlers:
             fields = {k: v for k, v in dict(
                 prompt=p.get("Prompt"), negative_prompt=p.get("Negative prompt", ""),
                 method=p.get("Composition"), params=_try_json(p.get("Composition params")),
-                sampler={"DDIM": "ddim", "DPM++ 2M": "dpm++2m", "Euler": "euler"}.get(p.get("Sampler")),
+                sampler=_sampler_or_none(p.get("Sampler"), p.get("Schedule type")),
                 seed=_int_or_none(p.get("Seed")), steps=_int_or_none(p.get("Steps")),
                 guidance=_float_or_none(p.get("CFG scale")),
                 width=_int_or_none(size[0]) if len(size) == 2 else None,
@@ -836,6 +837,14 @@ def _jsonable(value, depth: int = 0):
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
+
+
+def _sampler_or_none(label, schedule) -> str | None:
+    """Our sampler name for an A1111 ``Sampler`` (+ ``Schedule type``), None when unknown."""
+    try:
+        return resolve_sampler(label, schedule) if label else None
+    except StudioError:
+        return None
 
 
 def _try_json(text):
