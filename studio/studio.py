@@ -15,6 +15,7 @@ from typing import Callable, Sequence, Union
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from . import __version__
 from .adapters.activation import AdapterRig
@@ -181,7 +182,8 @@ class Studio:
             )
             with torch.enable_grad():  # composers that guide latents (CLoRA) need autograd in prepare
                 composer.prepare(ctx)
-            for i in range(num_images):
+            counter = tqdm(range(num_images), desc="images", unit="image", disable=not progress or num_images == 1)
+            for i in counter:  # the image counter with its ETA; each image's step bar runs below it
                 scheduler = make_scheduler(self.pipe, sampler)
                 scheduler.set_timesteps(steps, device=self.device)
                 ctx.timesteps = scheduler.timesteps
