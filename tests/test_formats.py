@@ -356,7 +356,7 @@ def _assert_same(a, b, exact=True):
             assert torch.equal(d.delta(), e.delta()), path
         else:
             torch.testing.assert_close(d.delta(), e.delta(), rtol=1e-6, atol=1e-7)
-        if isinstance(d, LoraDelta):
+        if isinstance(d, LoraDelta) and exact:
             assert torch.equal(d.down, e.down) and torch.equal(d.up, e.up) and d.scale == e.scale
     for field in ("trigger", "concept", "concept_kind", "weight", "arch", "kind"):
         assert getattr(a, field) == getattr(b, field), field
@@ -371,7 +371,7 @@ def test_lora_round_trips(tmp_path, sd1_shapes, fmt):
     assert b.format == ("kohya" if fmt == "lokr" else fmt)  # LoRA layers in a LyCORIS file are kohya LoRA
     assert b.name == "rt" and b.metadata["note"] == "hi" and b.metadata["ss_training_comment"] == "kept"
     assert b.metadata["ss_output_name"] == "rt" and b.metadata["studio_kind"] == "lora"
-    _assert_same(a, b)
+    _assert_same(a, b, exact=fmt != "diffusers")  # diffusers files carry alpha folded into the up weights
     validate_adapter(b, sd1_shapes, "sd1")
 
 

@@ -6,9 +6,12 @@ Formats (detected from the tensor names, never from the file name):
   ``lora_B.weight`` (alphas in the ``lora_adapter_metadata`` header entry, a LoraConfig dict per
   component), and the older ``<module>.lora.down/up.weight``, ``lora_linear_layer.down/up`` and
   attention-processor ``to_q_lora.down`` spellings.
+  Written so that ComfyUI maps every module too (``_build_diffusers``: attention-processor
+  spelling for UNet attention, alpha folded into the up weights).
 * ``peft``: ``get_peft_model_state_dict`` output, ``[base_model.model.]<module>.lora_A.weight``,
   one model per file (UNet unless the names are a text encoder's), alphas from a sibling
-  ``adapter_config.json``.
+  ``adapter_config.json``. Written as ``PeftModel.from_pretrained`` reads it (a folder with
+  ``adapter_config.json``); diffusers' ``load_lora_weights`` does not read it (no ``unet.`` keys).
 * ``kohya``: A1111 / sd-scripts, ``lora_unet_<module_with_underscores>.lora_down.weight`` /
   ``lora_up.weight`` / ``.alpha``, ``lora_te_`` / ``lora_te1_`` / ``lora_te2_``, SDXL's SGM block
   names (``input_blocks_4_1_…``), conv LoRA with 4-D weights.
@@ -733,7 +736,8 @@ def _lokr_layer(file, module, path, p, alpha, names: _Names, kernels: dict) -> K
         if p[f] is None and (a.dim() != 2 or a.shape[1] != b.shape[0]):
             raise AdapterFileError(f"{file.name}: LoKr module {module} has inconsistent lokr_{f}_a/_b ranks "
                                    f"({_fmt_shape(a.shape)} @ {_fmt_shape(b.shape)}); the file is corrupt")
-    rank = p["w2_b"].shape[0] if p["w2_b"] is not None else p["w1_b"].shape[0] if p["w1_b"] is not None else None
+    # LyCORIS's rank: w1's when w1 is low-rank, else w2's (LokrModule.make_module_from_state_dict)
+    rank = p["w1_b"].shape[0] if p["w1_b"] is not None else p["w2_b"].shape[0] if p["w2_b"] is not None else None
     scale = alpha / rank if (alpha is not None and rank) else 1.0
     w2_b = p["w2_b"]
     if w2_b is not None and w2_b.dim() == 2:  # LyCORIS stores a conv w2_b flattened: (r, in/a2 * kh * kw)
@@ -883,14 +887,34 @@ def _alpha_of(d: LoraDelta) -> float:
     return float(d.alpha) if d.alpha is not None else float(d.rank)
 
 
+_ATTN_PROJ = re.compile(r"^(?P<m>.+)\.(?P<p>to_q|to_k|to_v|to_out)(?:\.0)?$")
+
+
 def _build_diffusers(adapter: Adapter):
+    """diffusers LoRA tensors in the spelling both diffusers and ComfyUI read, alpha folded into up.
+
+    UNet attention projections use the attention-processor names ``….processor.to_q_lora.down`` /
+    ``to_out_lora.up`` and other UNet modules ``….lora.down/up``: ComfyUI's key map knows UNet
+    attention only as ``….processor.to_q`` (``model_lora_keys_unet``), and diffusers converts this
+    older spelling itself (``convert_unet_state_dict_to_peft``: ``.processor.`` dropped, ``to_q_lora.down``
+    -> ``to_q.lora_A``). Text-encoder modules keep ``lora_A/lora_B`` (both read them). ComfyUI
+    ignores the ``lora_adapter_metadata`` alphas, so each module's alpha / rank is multiplied into its
+    up weight and the metadata says alpha = rank: the same ΔW in every reader.
+    """
     tensors, entries = {}, {}
     for path, d in adapter.layers.items():
         comp, rel = _split_path(path)
         ext = _external_rel(comp, rel)
-        tensors[f"{comp}.{ext}.lora_A.weight"] = d.down
-        tensors[f"{comp}.{ext}.lora_B.weight"] = _conv_up(d)
-        entries.setdefault(comp, []).append((_pattern(comp, rel), d.rank, _alpha_of(d)))
+        up = _conv_up(d) * (_alpha_of(d) / d.rank)
+        if comp == "unet":
+            m = _ATTN_PROJ.match(ext)
+            base = f"unet.{m['m']}.processor.{m['p']}_lora" if m else f"unet.{ext}.lora"
+            tensors[f"{base}.down.weight"] = d.down
+            tensors[f"{base}.up.weight"] = up
+        else:
+            tensors[f"{comp}.{ext}.lora_A.weight"] = d.down
+            tensors[f"{comp}.{ext}.lora_B.weight"] = up
+        entries.setdefault(comp, []).append((_pattern(comp, rel), d.rank, float(d.rank)))
     return tensors, {c: _lora_config(e) for c, e in entries.items()}
 
 
@@ -912,7 +936,7 @@ def _build_peft(adapter: Adapter):
 def _build_kohya(adapter: Adapter):
     te1 = "lora_te1_" if "text_encoder_2" in adapter.components() else "lora_te_"
     prefix = {"unet": "lora_unet_", "text_encoder": te1, "text_encoder_2": "lora_te2_"}
-    tensors, kernels = {}, {}
+    tensors, kernels, unfit = {}, {}, []
     for path, d in adapter.layers.items():
         comp, rel = _split_path(path)
         name = prefix[comp] + _external_rel(comp, rel).replace(".", "_")
@@ -923,10 +947,17 @@ def _build_kohya(adapter: Adapter):
             continue
         pieces, alpha, kernel = _lokr_pieces(d)
         tensors.update({f"{name}.lokr_{k}": v for k, v in pieces.items()})
-        if alpha is not None:
-            tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        problem = lycoris_layout_problem(d)
+        if problem:
+            unfit.append((path, problem))
         if kernel:
             kernels[path] = list(kernel)
+    if unfit:
+        log.warning("adapter %r: %d of %d LoKr modules cannot be rebuilt by LyCORIS (e.g. %s: %s); the studio, "
+                    "and A1111/ComfyUI (which compute kron(w1, w2) directly), still read them. For LyCORIS use "
+                    "Kronecker factors like krona-paper (16x16) on SD widths, or convert with kron_to_lora",
+                    adapter.name, len(unfit), sum(isinstance(d, KronDelta) for d in adapter.layers.values()), *unfit[0])
     return tensors, kernels
 
 
@@ -948,20 +979,79 @@ def _bundle_embeddings(adapter: Adapter) -> dict[str, torch.Tensor]:
 
 
 def _lokr_pieces(d: KronDelta):
-    """LyCORIS tensors for a Kronecker layer, the alpha that carries its scale, and a flattened conv kernel."""
+    """LyCORIS tensors for a Kronecker layer, its alpha, and a flattened conv kernel.
+
+    Every module gets an ``.alpha``: LyCORIS's ``create_network_from_weights`` calls
+    ``float(alpha)`` and fails without one. With a low-rank factor LyCORIS scales by alpha / rank
+    (rank: w1's if low-rank, else w2's); with both factors full it applies no scale at all, so the
+    scale is folded into w1 and alpha = 1 is written.
+    """
     pieces = {k: getattr(d, k) for k in _LOKR_PIECES if getattr(d, k) is not None}
-    ranks = {t.shape[0] for t in (d.w1_b, d.w2_b) if t is not None}
-    alpha = None
-    if len(ranks) == 1:  # LyCORIS: scale = alpha / rank when a factor is low-rank
-        alpha = d.scale * next(iter(ranks))
-    elif d.scale != 1.0:  # both factors full (LyCORIS applies no alpha) or two ranks: fold the scale into w1
-        key = "w1" if d.w1 is not None else "w1_a"
-        pieces[key] = pieces[key] * d.scale
+    rank = d.w1_b.shape[0] if d.w1_b is not None else d.w2_b.shape[0] if d.w2_b is not None else None
+    if rank:
+        alpha = d.scale * rank
+    else:
+        alpha = 1.0
+        if d.scale != 1.0:
+            pieces["w1"] = pieces["w1"] * d.scale
     kernel = None
     if d.w2_b is not None and d.w2_b.dim() == 4:
         kernel = tuple(d.w2_b.shape[2:])
         pieces["w2_b"] = d.w2_b.flatten(1)
     return pieces, alpha, kernel
+
+
+def _factorization(dim: int, factor: int = -1) -> tuple[int, int]:
+    """LyCORIS's ``factorization``: dim = m·n with m ≤ n, m = factor when it divides dim, else the
+    most balanced split with m ≤ factor."""
+    if factor > 0 and dim % factor == 0:
+        m, n = factor, dim // factor
+        return (n, m) if m > n else (m, n)
+    factor = dim if factor < 0 else factor
+    m, n = 1, dim
+    while m < n:
+        new_m = m + 1
+        while dim % new_m:
+            new_m += 1
+        new_n = dim // new_m
+        if new_m + new_n > m + n or new_m > factor:
+            break
+        m, n = new_m, new_n
+    return (n, m) if m > n else (m, n)
+
+
+def lycoris_layout_problem(d: KronDelta) -> str | None:
+    """Why LyCORIS's ``create_network_from_weights`` cannot rebuild this LoKr layer, or None.
+
+    LyCORIS guesses one ``factor`` from the tensor shapes (as ``LokrModule.make_module_from_state_dict``
+    does), builds w1 = (out_m, in_m) and w2 = (out_n, in_n) from ``factorization(dim, factor)``
+    (m ≤ n: w1 is the smaller factor on both axes), decomposes a factor only when its rank is below
+    half its larger side, and copies the tensors in: any other layout fails there.
+    """
+    a = d.w1.shape if d.w1 is not None else (d.w1_a.shape[0], d.w1_b.shape[1])
+    b = d.w2.shape[:2] if d.w2 is not None else (d.w2_a.shape[0], d.factor2().shape[1])
+    out_dim, in_dim = a[0] * b[0], a[1] * b[1]
+    if tuple(a) == (_factorization(out_dim)[0], _factorization(in_dim)[0]):
+        factor = -1
+    else:
+        f1, f2 = max(a), max(b)
+        fits = lambda f: not out_dim % f and not in_dim % f and f in (a[0], b[0]) and f in (a[1], b[1])  # noqa: E731
+        factor = f1 if fits(f1) else f2 if fits(f2) else min(f1, f2)
+    (ol, ok), (im, in_) = _factorization(out_dim, factor), _factorization(in_dim, factor)
+    if (tuple(a), tuple(b)) != ((ol, im), (ok, in_)):
+        return (f"LyCORIS would rebuild {out_dim}x{in_dim} as w1 {ol}x{im} ⊗ w2 {ok}x{in_}, not {a[0]}x{a[1]} ⊗ "
+                f"{b[0]}x{b[1]} (w1 must be the smaller factor on both axes, split by one factor)")
+    if d.w1 is None:
+        rank = d.w1_a.shape[1]
+        if not rank < max(a) / 2:
+            return f"its w1 rank {rank} is not below half of {max(a)}, so LyCORIS would make w1 full"
+    if d.w2 is None:
+        rank = d.w2_a.shape[1]
+        if not rank < max(b) / 2:
+            return f"its w2 rank {rank} is not below half of {max(b)}, so LyCORIS would make w2 full"
+    if d.w1 is None and d.w2 is None and d.w1_a.shape[1] != d.w2_a.shape[1]:
+        return "its two factors have different ranks, and LyCORIS keeps one rank per module"
+    return None
 
 
 def _header_for(adapter: Adapter, fmt: str, extra: dict, metadata) -> dict[str, str]:
