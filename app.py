@@ -19,6 +19,7 @@ from studio.app_handlers import (  # noqa: E402
     CONCEPT_KINDS, LIBRARY_HEADERS, SAMPLERS, XY_AXES, AppHandlers, load_demo_adapters,
 )
 from studio.errors import StudioError  # noqa: E402
+from studio.resources import demo_adapters_dir  # noqa: E402
 from studio.studio import Studio  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
@@ -296,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     p.add_argument("--model", default=None, help="diffusers folder or hub id (default: the bundled toy model)")
-    p.add_argument("--adapters", default=str(REPO / "assets" / "adapters"), help="folder of demo *.safetensors to load")
-    p.add_argument("--outputs", default=str(REPO / "outputs" / "app"), help="where generated PNGs are written")
+    p.add_argument("--adapters", default=str(demo_adapters_dir()), help="folder of demo *.safetensors to load")
+    p.add_argument("--outputs", default=str(Path.cwd() / "outputs" / "app"), help="where generated PNGs are written")
     p.add_argument("--max-file-size", default="512mb", help="upload size limit, e.g. 512mb")
     p.add_argument("--queue-size", type=int, default=32, help="most jobs waiting in the queue")
     args = p.parse_args(argv)

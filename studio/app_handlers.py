@@ -34,6 +34,7 @@ from composers import COMPOSERS
 from studio.adapters.library import safe_name
 from studio.atomic import atomic_path
 from studio.base import SAMPLERS as _SAMPLER_TABLE, resolve_sampler
+from studio.resources import workflows_dir
 from studio.errors import StudioError
 from studio.metadata import RECIPE_KEY, parse_infotext, read_recipe, save_png
 from studio.prompts import format_tag, parse_prompt
@@ -481,7 +482,7 @@ class AppHandlers:
 
     # ---- evaluate ------------------------------------------------------------------------
     def suites(self) -> list[str]:
-        root = Path(__file__).resolve().parent.parent / "workflows"
+        root = workflows_dir()
         return sorted(str(p) for p in root.glob("*.y*ml"))
 
     def evaluate(

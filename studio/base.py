@@ -30,9 +30,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from .clip_tokenizer import build_clip_tokenizer
 from .errors import GenerationError, ModelLoadError
+from .resources import toy_model_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TOY_MODEL_DIR = REPO_ROOT / "assets" / "models" / "toy-sd"
+TOY_MODEL_DIR = toy_model_dir()  # checkout or installed package data (studio/resources.py)
 
 _DPMPP = {"algorithm_type": "dpmsolver++", "solver_order": 2}
 _KARRAS = {"use_karras_sigmas": True}

@@ -139,7 +139,7 @@ def cmd_generate(args) -> int:
     check_writable(args.out, folder=Path(args.out).suffix.lower() != ".png")
     if args.from_image:
         recipe = read_recipe(args.from_image)
-        studio = Studio.load(None if recipe.model in ("toy-sd", "tiny-random-sd1") else (args.model or recipe.model))
+        studio = Studio.load(None if recipe.model == "toy-sd" else (args.model or recipe.model))
         result = studio.reproduce(recipe)
     else:
         if not args.prompt:
@@ -204,8 +204,14 @@ def cmd_merge(args) -> int:
 def cmd_serve(args) -> int:
     import runpy
 
-    sys.argv = ["app.py", "--host", args.host, "--port", str(args.port)] + (["--share"] if args.share else [])
-    runpy.run_path(str(Path(__file__).resolve().parent.parent / "app.py"), run_name="__main__")
+    from .resources import app_path
+
+    app = app_path()
+    if not app.is_file():
+        raise StudioError(f"the Gradio app ({app}) is missing from this installation; reinstall with "
+                          "`pip install '.[app]'` or run from a source checkout")
+    sys.argv = [str(app), "--host", args.host, "--port", str(args.port)] + (["--share"] if args.share else [])
+    runpy.run_path(str(app), run_name="__main__")
     return 0
 
 

@@ -22,7 +22,7 @@ from .adapters.activation import AdapterRig
 from .adapters.adapter import Adapter
 from .adapters.library import AdapterLibrary
 from .base import (
-    TOY_MODEL_DIR, build_tiny_pipeline, detect_arch, load_pipeline, make_scheduler,
+    build_tiny_pipeline, detect_arch, load_pipeline, make_scheduler,
     model_hash, module_shapes, pick_device, resolve_sampler, sampler_label,
 )
 from .errors import GenerationError, ModelLoadError
@@ -64,28 +64,35 @@ class Studio:
     # ---- loading -------------------------------------------------------------------------
     @classmethod
     def load(cls, source: str | None = None, device=None, dtype=None) -> "Studio":
-        """The bundled toy model (no argument), or an SD1.x/2.x/SDXL folder, file or hub id."""
+        """The bundled toy model (no argument), or an SD1.x/2.x/SDXL folder, file or hub id.
+
+        ``"tiny-random-sd1"`` / ``"tiny-random-sdxl"`` build random-weight pipelines (seed 0) for
+        tests and demos; they are never used in place of a missing toy model.
+        """
         if source is None:
             return cls._load_toy(device, dtype)
+        if str(source) in ("tiny-random-sd1", "tiny-random-sdxl"):
+            arch = str(source).rsplit("-", 1)[1]
+            pipe = build_tiny_pipeline(arch).to(device or pick_device()[0])
+            return cls(pipe, str(source), arch=arch, note="random weights: a test model, images are noise")
         pipe = load_pipeline(source, device, dtype)
         return cls(pipe, str(source), source=source if Path(str(source)).exists() else None)
 
     @classmethod
     def _load_toy(cls, device=None, dtype=None) -> "Studio":
+        """The bundled toy model, or a ModelLoadError naming the fix (never a random model in its place)."""
+        from .resources import TOY_MODEL_FIX, toy_model_dir
+
         default_device, _ = pick_device()
         device = device or default_device
-        if TOY_MODEL_DIR.is_dir():
-            try:
-                pipe = load_pipeline(TOY_MODEL_DIR, device, dtype or torch.float32)
-            except Exception as e:  # corrupt or partial folder
-                raise ModelLoadError(
-                    f"the bundled toy model in {TOY_MODEL_DIR} is missing or corrupt ({e}); "
-                    "rebuild it with: python -m training.toyworld --out assets/models"
-                ) from e
-            return cls(pipe, "toy-sd", arch="toy", source=TOY_MODEL_DIR)
-        pipe = build_tiny_pipeline("sd1").to(device)
-        return cls(pipe, "tiny-random-sd1", arch="sd1",
-                   note="placeholder: random weights (the toy model is not built; run python -m training.toyworld)")
+        folder = toy_model_dir()
+        if not (folder / "model_index.json").is_file():
+            raise ModelLoadError(f"the bundled toy model is missing (looked in {folder}); {TOY_MODEL_FIX}")
+        try:
+            pipe = load_pipeline(folder, device, dtype or torch.float32)
+        except Exception as e:  # corrupt or partial folder
+            raise ModelLoadError(f"the bundled toy model in {folder} is corrupt ({e}); {TOY_MODEL_FIX}") from e
+        return cls(pipe, "toy-sd", arch="toy", source=folder)
 
     @classmethod
     def from_pipeline(cls, pipe, model_id: str | None = None) -> "Studio":
