@@ -607,8 +607,11 @@ def test_loha_rank_mismatch_and_incomplete(tmp_path):
     save_file({f"{name}.hada_w1_a": torch.zeros(32, 2), f"{name}.hada_w1_b": torch.zeros(2, 32),
                f"{name}.hada_w2_a": torch.zeros(32, 2), f"{name}.hada_w2_b": torch.zeros(2, 32)},
               tmp_path / "loha.safetensors")
-    with pytest.raises(AdapterFileError, match="LoHa.*not supported yet"):
-        read_adapter(tmp_path / "loha.safetensors")
+    assert describe(read_adapter(tmp_path / "loha.safetensors"))["type"] == "LoHa (Hadamard)"  # read since issue 19
+    save_file({f"{name}.hada_w1_a": torch.zeros(32, 2), f"{name}.hada_w1_b": torch.zeros(2, 32),
+               f"{name}.hada_w2_a": torch.zeros(32, 2)}, tmp_path / "loha_half.safetensors")
+    with pytest.raises(AdapterFileError, match="lacks hada_w2_b"):
+        read_adapter(tmp_path / "loha_half.safetensors")
     save_file({f"{name}.lora_down.weight": torch.zeros(4, 32), f"{name}.lora_up.weight": torch.zeros(32, 2)},
               tmp_path / "rank.safetensors")
     with pytest.raises(AdapterFileError, match="inconsistent LoRA ranks"):

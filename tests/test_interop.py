@@ -68,19 +68,19 @@ def test_studio_lokr_loads_in_lycoris_with_the_same_forward(pipe, tmp_path, monk
     network.apply_to(te, unet, apply_text_encoder=False, apply_unet=True)
     by_name = dict(unet.named_modules())
     for path, d in layers.items():
-        _same_forward(by_name[path[len("unet."):]], d.delta())
+        _same_forward(by_name[path[len("unet."):]], d)
 
 
-def _same_forward(mod: torch.nn.Module, delta: torch.Tensor) -> None:
-    """The (LyCORIS-wrapped) module's forward equals the base module with W + delta."""
+def _same_forward(mod: torch.nn.Module, delta) -> None:
+    """The (LyCORIS-wrapped) module's forward equals the base module plus the studio layer's forward."""
     with torch.no_grad():
         if isinstance(mod, torch.nn.Conv2d):
             x = _rand(1, mod.in_channels, 6, 6)
-            want = F.conv2d(x, mod.weight + delta.reshape(mod.weight.shape), mod.bias, mod.stride, mod.padding)
+            base = F.conv2d(x, mod.weight, mod.bias, mod.stride, mod.padding)
         else:
             x = _rand(3, mod.in_features)
-            want = F.linear(x, mod.weight + delta, mod.bias)
-        torch.testing.assert_close(mod(x), want, atol=1e-5, rtol=1e-5)
+            base = F.linear(x, mod.weight, mod.bias)
+        torch.testing.assert_close(mod(x), base + delta.forward(x, mod), atol=1e-5, rtol=1e-5)
 
 
 def test_krona_paper_is_lycoris_rebuildable_at_sd_widths_and_the_old_ibm_layout_is_not():
@@ -106,12 +106,28 @@ def test_krona_paper_is_lycoris_rebuildable_at_sd_widths_and_the_old_ibm_layout_
         assert K.parse_factors("krona-ibm") == (64, 8)
 
 
-@pytest.mark.parametrize("algo", ["lokr", "locon", "lora"])
-def test_lycoris_files_load_in_the_studio_with_the_same_delta(pipe, tmp_path, algo):
+@pytest.mark.parametrize(
+    "algo, extra, kind",
+    [
+        ("lokr", {}, "LoKr (Kronecker)"),
+        ("locon", {}, "LoRA"),
+        ("lora", {}, "LoRA"),
+        ("loha", {}, "LoHa (Hadamard)"),
+        ("loha", {"use_tucker": True}, "LoHa (Hadamard) with Tucker factors"),
+        ("lokr", {"use_tucker": True}, "LoKr (Kronecker) with Tucker factors"),
+        ("locon", {"dora_wd": True}, "DoRA (LoRA)"),
+        ("locon", {"dora_wd": True, "wd_on_output": False}, "DoRA (LoRA)"),
+        ("loha", {"dora_wd": True}, "DoRA (LoHa (Hadamard))"),
+        ("lokr", {"dora_wd": True}, "DoRA (LoKr (Kronecker))"),
+    ],
+)
+def test_lycoris_files_load_in_the_studio_with_the_same_forward(pipe, tmp_path, algo, extra, kind):
     from lycoris import create_lycoris
 
+    from studio.adapters.formats import describe
+
     unet = copy.deepcopy(pipe.unet)
-    kw = {"algo": algo, "conv_dim": 2, "conv_alpha": 1.5}
+    kw = {"algo": algo, "conv_dim": 2, "conv_alpha": 1.5, **extra}
     if algo == "lokr":
         kw["factor"] = 4
     network = create_lycoris(unet, 1.0, linear_dim=2, linear_alpha=1.0, **kw)
@@ -128,9 +144,10 @@ def test_lycoris_files_load_in_the_studio_with_the_same_delta(pipe, tmp_path, al
     convs = 0
     for m in mods:  # LyCORIS's own forward pass (get_diff_weight squares the LoKr scale in 4.1.3)
         rel = _dotted(m.lora_name, adapter)
-        _same_forward(by_name[rel], adapter.layers["unet." + rel].delta())
+        _same_forward(by_name[rel], adapter.layers["unet." + rel])
         convs += isinstance(by_name[rel], torch.nn.Conv2d) and by_name[rel].kernel_size == (3, 3)
     assert convs > 0  # 3×3 convs (LoCon / conv LoKr) are among them
+    assert describe(adapter)["type"] == kind
 
 
 def _dotted(lora_name: str, adapter: Adapter) -> str:
@@ -217,3 +234,58 @@ def test_peft_files_load_with_peftmodel_from_pretrained(pipe, tmp_path):
     assert set(got) == set(layers)
     for path, delta in got.items():
         torch.testing.assert_close(delta, layers[path].delta(), atol=1e-6, rtol=1e-5)
+
+
+def test_peft_dora_files_load_with_the_same_forward(pipe, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    from studio.adapters.formats import describe
+
+    model = get_peft_model(copy.deepcopy(pipe.unet), LoraConfig(r=2, lora_alpha=4, target_modules=list(ATTN),
+                                                              use_dora=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_magnitude_vector" in name:
+                p.copy_(p + _rand(*p.shape) * 0.3)
+    model.save_pretrained(str(tmp_path / "dora"))
+    adapter = read_adapter(tmp_path / "dora", module_names=module_shapes(pipe))
+    assert describe(adapter)["type"] == "DoRA (LoRA)"
+    peft_layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    assert {f"unet.{n}" for n in peft_layers} == set(adapter.layers)
+    for name, layer in peft_layers.items():
+        base = layer.get_base_layer()
+        x = _rand(3, base.in_features)
+        with torch.no_grad():
+            want = layer(x)
+            got = base(x) + adapter.layers[f"unet.{name}"].forward(x, base)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_loha_and_dora_compose_and_merges_say_what_they_cannot(pipe, tmp_path):
+    """A LoHa adapter works with every composer's path (it is applied through its forward) and in
+    weight-space merges; a DoRA one is refused by merges with a message naming what works."""
+    from studio import Studio
+    from studio.adapters.adapter import DoraDelta, HadaDelta
+    from studio.adapters.merge import merge_adapters
+    from studio.errors import StudioError
+
+    studio = Studio.from_pipeline(copy.deepcopy(pipe), "tiny-sd1")
+    shapes = {p: s for p, s in studio.adapters.shapes.items() if p.startswith("unet.") and p.endswith(ATTN)}
+    hada = Adapter(name="ha", arch="sd1", trigger="ha", concept="shape", layers={
+        p: HadaDelta(_rand(s[0], 2) * 0.3, _rand(2, s[1]) * 0.3, _rand(s[0], 2) * 0.3, _rand(2, s[1]) * 0.3, s, 0.5)
+        for p, s in shapes.items()})
+    dora = Adapter(name="do", arch="sd1", trigger="do", concept="shape", layers={
+        p: DoraDelta(LoraDelta(_rand(2, s[1]) * 0.3, _rand(s[0], 2) * 0.3), _rand(s[0]).abs() + 0.5)
+        for p, s in shapes.items()})
+    studio.adapters.add(hada)
+    studio.adapters.add(dora)
+    fast = dict(steps=2, seed=1, width=64, height=64, progress=False)
+    plain = studio.generate("a red circle", **fast)[0]
+    for method in ("merge", "composite", "switch"):
+        image = studio.generate("a red circle", [("ha", 1.0), ("do", 1.0)], method=method, **fast)[0]
+        assert image.tobytes() != plain.tobytes(), method
+    merged = merge_adapters([hada], None, "svd", rank=4)
+    assert set(merged.layers) == set(hada.layers)
+    with pytest.raises(StudioError, match="DoRA.*base model's weights.*merge, switch, composite"):
+        merge_adapters([dora], None, "svd", rank=4)
