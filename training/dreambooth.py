@@ -40,6 +40,7 @@ from PIL import Image
 
 from studio.adapters.adapter import Adapter, LoraDelta
 from studio.adapters import kron as kronlib
+from studio.atomic import atomic_dir, atomic_path, write_atomic
 from studio.errors import StudioError
 
 log = logging.getLogger("studio.training")
@@ -225,10 +226,12 @@ def trigger_pieces(tokenizer, trigger: str) -> dict[str, list[str]]:
 
 # ---- loss -------------------------------------------------------------------------------------
 
-def snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Min-SNR-γ weights: min(SNR, γ)/SNR (epsilon) or min(SNR, γ)/(SNR + 1) (v-prediction)."""
-    ac = alphas_cumprod.to(timesteps.device)[timesteps].float()
-    snr = ac / (1 - ac)
+def snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-γ weights: min(SNR, γ)/SNR (epsilon) or min(SNR, γ)/(SNR + 1) (v-prediction); the SNR
+    is diffusers' ``training_utils.compute_snr`` (what its training examples use)."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps).float()
     clipped = torch.clamp(snr, max=gamma)
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
@@ -267,37 +270,11 @@ def _make_accelerator(cfg: TrainConfig, cpu: bool):
         raise
 
 
-def _atomic_dir(final: Path):
-    """Context: yields a temp folder beside ``final`` and renames it into place on success."""
-
-    @contextlib.contextmanager
-    def cm():
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
-        try:
-            yield tmp
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-
-    return cm()
-
-
 def _save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 class DreamBoothTrainer:
@@ -376,6 +353,7 @@ class DreamBoothTrainer:
         if emb:  # no weight decay: shrinking an input embedding towards 0 has no meaning
             groups.append({"params": emb, "lr": cfg.token_embedding_lr, "weight_decay": 0.0})
         self.base_lrs = [g["lr"] for g in groups]
+        self.lr_scheduler = None  # built on the first step (after a resume), see _lr_schedule
         self.optimizer = acc.prepare_optimizer(torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay))
         self.model = acc.prepare_model(self.unet) if acc.num_processes > 1 else self.unet
         if cfg.gradient_checkpointing:
@@ -658,14 +636,13 @@ class DreamBoothTrainer:
                               return_dict=False)[0]
         weights = None
         if cfg.snr_gamma:
-            weights = snr_weights(t, self.alphas_cumprod, cfg.snr_gamma, self.prediction_type)
+            weights = snr_weights(self.noise_scheduler, t, cfg.snr_gamma, self.prediction_type)
         return dreambooth_loss(pred, target, cfg.batch_size, cfg.prior_loss_weight, weights)
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step: ``grad_accum`` micro-steps, clip, AdamW. Returns the mean losses."""
         cfg, acc = self.cfg, self.accelerator
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * min(1.0, (self.step + 1) / cfg.warmup_steps) if cfg.warmup_steps else base
+        lr_schedule = self._lr_schedule()
         totals: dict[str, float] = {}
         for k in range(cfg.grad_accum):
             micro = self.step * cfg.grad_accum + k
@@ -685,9 +662,23 @@ class DreamBoothTrainer:
             acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        lr_schedule.step()
         self.step += 1
         self.history.append({"step": self.step, **totals})
         return totals
+
+    def _lr_schedule(self):
+        """diffusers' ``get_scheduler``: constant, or linear warm-up over ``warmup_steps`` (lr 0 at step 0,
+        as in diffusers' and kohya's scripts). Built at the current step, so a resumed run continues it."""
+        if self.lr_scheduler is None:
+            from diffusers.optimization import get_scheduler
+
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = group["initial_lr"] = base
+            name = "constant_with_warmup" if self.cfg.warmup_steps else "constant"
+            self.lr_scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=self.cfg.warmup_steps or None,
+                                              last_epoch=self.step - 1)
+        return self.lr_scheduler
 
     # -- checkpoints ----------------------------------------------------------------------------
     def checkpoint_dir(self) -> Path:
@@ -710,7 +701,7 @@ class DreamBoothTrainer:
             scaler = acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None
             state = {"step": self.step, "param_groups": opt["param_groups"], "scalars": scalars, "scaler": scaler,
                      "history": self.history, "config": self.cfg.to_json()}
-            with _atomic_dir(final) as tmp:
+            with atomic_dir(final) as tmp:
                 _save_safetensors_atomic(tensors, tmp / "state.safetensors", {"format": "pt"})
                 (tmp / "state.json").write_text(json.dumps(state, default=str))
             done = sorted(p for p in self.checkpoint_dir().glob("step-*") if p.is_dir())
@@ -981,16 +972,7 @@ def _slug(text: str) -> str:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, text)
 
 
 def _tqdm(it, desc: str, enabled: bool, **kw):
