@@ -255,19 +255,33 @@ def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, n_instance: int, p
 # ---- the trainer ------------------------------------------------------------------------------
 
 def _make_accelerator(cfg: TrainConfig, cpu: bool):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+    """An Accelerator for this run, and whether the run does its own mixed precision.
 
-    kwargs = dict(mixed_precision=cfg.mixed_precision, cpu=cpu)
+    accelerate's state (mixed precision included) is process-wide and can be set only once; a
+    second run in the same process (the app, tests) with another precision would need its private
+    ``_reset_state``. So the Accelerator is made without a precision, and the run applies its own
+    (``torch.autocast`` + a GradScaler for fp16), unless ``accelerate launch`` already set one,
+    which must then match.
+    """
+    from accelerate import Accelerator
+
     try:
-        return Accelerator(**kwargs)
+        acc = Accelerator(cpu=cpu)
     except ValueError as e:
-        if "already been initialized" in str(e):  # an earlier run in this process used other settings
-            AcceleratorState._reset_state()
-            return Accelerator(**kwargs)
-        if cfg.mixed_precision == "fp16":
-            raise TrainingError(f"fp16 mixed precision is not available here ({e}); use --mixed-precision bf16 or no") from e
-        raise
+        raise TrainingError(f"accelerate cannot be set up for this run ({_first_line(e)}); start a new process") from e
+    if acc.mixed_precision not in ("no", None):
+        if acc.mixed_precision != cfg.mixed_precision:
+            raise TrainingError(f"accelerate launch set mixed precision {acc.mixed_precision!r}, but this run asks for "
+                                f"{cfg.mixed_precision!r}; pass --mixed-precision {acc.mixed_precision}")
+        return acc, False
+    if cfg.mixed_precision == "fp16" and acc.device.type == "cpu":
+        raise TrainingError("fp16 mixed precision is not available on the CPU; use --mixed-precision bf16 or no")
+    return acc, cfg.mixed_precision != "no"
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
 
 
 def _save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -300,8 +314,10 @@ class DreamBoothTrainer:
     # -- setup --------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, pipe = self.cfg, self.pipe
-        self.accelerator = _make_accelerator(cfg, cpu=self.studio.device.type == "cpu")
+        self.accelerator, own_amp = _make_accelerator(cfg, cpu=self.studio.device.type == "cpu")
         acc = self.accelerator
+        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision) if own_amp else None
+        self.grad_scaler = torch.amp.GradScaler(acc.device.type) if self.amp_dtype is torch.float16 else None
         self.device = acc.device
         if self.device != self.studio.device:
             for comp in ("unet", "vae", "text_encoder", "text_encoder_2"):
@@ -630,7 +646,8 @@ class DreamBoothTrainer:
                                     device=self.device, dtype=torch.float32)
             added = {"text_embeds": torch.cat([p for _, p in enc]), "time_ids": time_ids}
         unet_dtype = self.unet.dtype
-        with self.accelerator.autocast():
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else self.accelerator.autocast()
+        with autocast:
             pred = self.model(xt.to(unet_dtype), t, encoder_hidden_states=embeds.to(unet_dtype),
                               added_cond_kwargs=None if added is None else {k: v.to(unet_dtype) for k, v in added.items()},
                               return_dict=False)[0]
@@ -650,7 +667,10 @@ class DreamBoothTrainer:
             ctx = contextlib.nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(self.model)
             with ctx:
                 loss, parts = self.compute_loss(micro)
-                acc.backward(loss / cfg.grad_accum)
+                if self.grad_scaler is not None:
+                    self.grad_scaler.scale(loss / cfg.grad_accum).backward()
+                else:
+                    acc.backward(loss / cfg.grad_accum)
             parts["loss"] = float(loss.detach())
             for key, v in parts.items():
                 totals[key] = totals.get(key, 0.0) + v / cfg.grad_accum
@@ -658,14 +678,24 @@ class DreamBoothTrainer:
             for p in self.token_params.values():
                 if p.grad is not None:
                     p.grad = acc.reduce(p.grad, reduction="mean")
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)
         if cfg.max_grad_norm:
             acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-        self.optimizer.step()
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         lr_schedule.step()
         self.step += 1
         self.history.append({"step": self.step, **totals})
         return totals
+
+    def _scaler(self):
+        """The fp16 GradScaler in use: this run's own, or accelerate's under ``accelerate launch``."""
+        return self.grad_scaler if self.grad_scaler is not None else getattr(self.accelerator, "scaler", None)
 
     def _lr_schedule(self):
         """diffusers' ``get_scheduler``: constant, or linear warm-up over ``warmup_steps`` (lr 0 at step 0,
@@ -698,7 +728,7 @@ class DreamBoothTrainer:
                         tensors[f"optim.{idx}.{key}"] = v
                     else:
                         scalars[f"{idx}.{key}"] = v
-            scaler = acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None
+            scaler = self._scaler().state_dict() if self._scaler() is not None else None
             state = {"step": self.step, "param_groups": opt["param_groups"], "scalars": scalars, "scaler": scaler,
                      "history": self.history, "config": self.cfg.to_json()}
             with atomic_dir(final) as tmp:
@@ -748,8 +778,8 @@ class DreamBoothTrainer:
             idx, name = key.split(".", 1)
             opt_state.setdefault(int(idx), {})[name] = v
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-        if state.get("scaler") and getattr(self.accelerator, "scaler", None) is not None:
-            self.accelerator.scaler.load_state_dict(state["scaler"])
+        if state.get("scaler") and self._scaler() is not None:
+            self._scaler().load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
         log.info("resumed from %s at step %d", path, self.step)
