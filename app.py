@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import gradio as gr  # noqa: E402
 
 from studio.app_handlers import (  # noqa: E402
-    CONCEPT_KINDS, LIBRARY_HEADERS, SAMPLERS, XY_AXES, AppHandlers, load_demo_adapters,
+    CONCEPT_KINDS, LIBRARY_HEADERS, SAMPLER_CHOICES, XY_AXES, AppHandlers, load_demo_adapters,
 )
 from studio.errors import StudioError  # noqa: E402
 from studio.resources import demo_adapters_dir  # noqa: E402
@@ -60,7 +60,7 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                             stop_btn = gr.Button("Stop", variant="stop")
                         with gr.Row():
                             method = gr.Dropdown(h.methods(), value="merge", label="Composition method")
-                            sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler")
+                            sampler = gr.Dropdown(SAMPLER_CHOICES, value="ddim", label="Sampler")
                         with gr.Row():
                             seed = gr.Number(-1, precision=0, label="Seed (−1 = random)", min_width=120)
                             reuse = gr.Button("♻ last seed", size="sm", min_width=80)

@@ -83,6 +83,28 @@ def _same_forward(mod: torch.nn.Module, delta) -> None:
         torch.testing.assert_close(mod(x), base + delta.forward(x, mod), atol=1e-5, rtol=1e-5)
 
 
+def test_studio_kohya_lora_and_locon_load_in_lycoris_with_the_same_forward(pipe, tmp_path, monkeypatch):
+    from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
+
+    monkeypatch.setattr(LycorisNetworkKohya, "UNET_TARGET_REPLACE_NAME", [])  # see the LoKr test above
+    shapes = module_shapes(pipe)
+    layers = {}
+    for path, shape in shapes.items():
+        if path.startswith("unet.") and (path.endswith(ATTN) or path.endswith(("conv1", "proj_in"))):
+            down = _rand(2, *shape[1:]) * 0.3
+            up = _rand(shape[0], 2, *([1, 1] if len(shape) == 4 else [])) * 0.3
+            layers[path] = LoraDelta(down, up, alpha=1.5)
+    assert any(len(shapes[p]) == 4 and shapes[p][-1] == 3 for p in layers)  # LoCon: 3×3 convs too
+    file = write_adapter(Adapter(name="lc", layers=layers, arch="sd1"), tmp_path / "lc.safetensors", format="kohya")
+    unet, te = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
+    network, _ = create_network_from_weights(1.0, str(file), None, te, unet)
+    assert len(network.unet_loras) == len(layers)
+    network.apply_to(te, unet, apply_text_encoder=False, apply_unet=True)
+    by_name = dict(unet.named_modules())
+    for path, d in layers.items():
+        _same_forward(by_name[path[len("unet."):]], d)
+
+
 def test_krona_paper_is_lycoris_rebuildable_at_sd_widths_and_the_old_ibm_layout_is_not():
     from lycoris.modules.lokr import LokrModule
 
@@ -179,7 +201,9 @@ _COMFY_LORA_NAMES = ("{}.lora_up.weight", "{}_lora.up.weight", "{}.lora_B.weight
                      "{}.lora_linear_layer.up.weight")  # comfy/weight_adapter/lora.py LoRAAdapter.load
 
 
-def test_diffusers_files_map_in_full_in_comfyui_with_alpha_folded(pipe, tmp_path):
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_diffusers_files_map_in_full_in_comfyui_with_alpha_folded(tmp_path, arch):
+    pipe = build_tiny_pipeline(arch)
     shapes = module_shapes(pipe)
     layers = {}
     for path, shape in shapes.items():
@@ -188,22 +212,24 @@ def test_diffusers_files_map_in_full_in_comfyui_with_alpha_folded(pipe, tmp_path
             down = _rand(r, *shape[1:]) if len(shape) == 4 else _rand(r, shape[1])
             up = _rand(shape[0], r, 1, 1) if len(shape) == 4 else _rand(shape[0], r)
             layers[path] = LoraDelta(down, up, alpha=1.0)  # scale 0.5, which ComfyUI cannot read from metadata
-    layers["text_encoder.encoder.layers.0.self_attn.q_proj"] = LoraDelta(_rand(2, 32), _rand(32, 2), alpha=4.0)
-    file = write_adapter(Adapter(name="d", layers=layers, arch="sd1"), tmp_path / "d.safetensors")
+    te_q = next(p for p in shapes if p.startswith("text_encoder.") and p.endswith("layers.0.self_attn.q_proj"))
+    layers[te_q] = LoraDelta(_rand(2, 32), _rand(32, 2), alpha=4.0)
+    file = write_adapter(Adapter(name="d", layers=layers, arch=arch), tmp_path / "d.safetensors")
     raw = load_file(file)
     assert not any(k.endswith(".alpha") for k in raw)
 
     key_map = _comfy_unet_key_map(pipe.unet)
-    te_names = {f"text_encoder.text_model.{n[: -len('.weight')]}" for n, _ in pipe.text_encoder.named_parameters()
-                if n.endswith(".weight")} | {f"text_encoder.text_model.encoder.layers.{b}.{c}" for b in range(2)
-                                              for c in ("self_attn.q_proj", "self_attn.k_proj", "mlp.fc1")}
+    clip_map = ("mlp.fc1", "mlp.fc2", "self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj", "self_attn.out_proj")
+    te_names = {f"{c}.text_model.encoder.layers.{b}.{m}": f"{c}.{'text_model.' * _nested(pipe, c)}encoder.layers.{b}.{m}"
+                for c in ("text_encoder", "text_encoder_2") for b in range(32) for m in clip_map}  # comfy/lora.py
+    key_map.update({k: v for k, v in te_names.items()})
     loaded = {}
-    for x in list(key_map) + sorted(te_names):
+    for x in key_map:
         for pattern in _COMFY_LORA_NAMES:
             up_key = pattern.format(x)
             if up_key in raw:
                 down_key = up_key.replace("lora_up", "lora_down").replace("lora_B", "lora_A").replace(".up.", ".down.")
-                target = "unet." + key_map[x] if x in key_map else x.replace("text_encoder.text_model.", "text_encoder.")
+                target = key_map[x] if x in te_names else "unet." + key_map[x]
                 up, down = raw[up_key], raw[down_key]
                 loaded[target] = (up.flatten(1) @ down.flatten(1)).reshape(layers_shape(layers, target))
     assert set(loaded) == set(layers)  # every module is mapped (SD1.5: 136 of 136)
@@ -213,6 +239,11 @@ def test_diffusers_files_map_in_full_in_comfyui_with_alpha_folded(pipe, tmp_path
 
 def layers_shape(layers, path):
     return layers[path].weight_shape
+
+
+def _nested(pipe, comp: str) -> bool:
+    """Whether this transformers' CLIP text model keeps its layers under ``text_model``."""
+    return hasattr(getattr(pipe, comp, None), "text_model")
 
 
 # ---------------------------------------------------------------------------------- PEFT format
@@ -289,3 +320,24 @@ def test_loha_and_dora_compose_and_merges_say_what_they_cannot(pipe, tmp_path):
     assert set(merged.layers) == set(hada.layers)
     with pytest.raises(StudioError, match="DoRA.*base model's weights.*merge, switch, composite"):
         merge_adapters([dora], None, "svd", rank=4)
+
+
+def test_diffusers_files_load_in_sdxl_pipelines_with_the_same_delta(tmp_path):
+    from peft.tuners.lora import LoraLayer
+
+    pipe = build_tiny_pipeline("sdxl")
+    shapes = module_shapes(pipe)
+    layers = {p: LoraDelta(_rand(2, *s[1:]), _rand(s[0], 2, *([1, 1] if len(s) == 4 else [])), alpha=1.0)
+              for p, s in shapes.items() if p.startswith("unet.") and p.endswith(ATTN + ("proj_in",))}
+    te2 = next(p for p in shapes if p.startswith("text_encoder_2.") and p.endswith("layers.0.self_attn.out_proj"))
+    layers[te2] = LoraDelta(_rand(2, 32), _rand(32, 2), alpha=3.0)
+    file = write_adapter(Adapter(name="xl", layers=layers, arch="sdxl"), tmp_path / "xl.safetensors")
+    pipe.load_lora_weights(str(file), adapter_name="x")
+    got = {}
+    for comp in ("unet", "text_encoder_2"):
+        for n, m in getattr(pipe, comp).named_modules():
+            if isinstance(m, LoraLayer) and "x" in m.lora_A:
+                got[f"{comp}.{n}"] = m.get_delta_weight("x").detach()
+    assert set(got) == set(layers)
+    for path, delta in got.items():
+        torch.testing.assert_close(delta, layers[path].delta(), atol=1e-5, rtol=1e-5)
