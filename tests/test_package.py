@@ -4,6 +4,7 @@ and a missing toy model is a clear error, never a random model in its place."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +28,13 @@ def test_missing_toy_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
 @pytest.mark.skipif(not (REPO / "assets" / "models" / "toy-sd" / "model_index.json").is_file(),
                     reason="the toy model is not built (python -m training.toyworld)")
 def test_wheel_installs_a_working_generate_and_app(tmp_path):
-    wheels, target, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "cwd"
+    wheels, target, elsewhere, src = tmp_path / "wheels", tmp_path / "site", tmp_path / "cwd", tmp_path / "src"
     elsewhere.mkdir()
+    # build from a copy: an in-tree build would leave build/ and *.egg-info in the checkout
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "outputs", "runs",
+                                                             "__pycache__", ".pytest_cache", ".toyworld-work"))
     pip = [sys.executable, "-m", "pip", "-q"]
-    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO)],
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
                    check=True, timeout=600, cwd=tmp_path)
     wheel = next(wheels.glob("*.whl"))
     subprocess.run(pip + ["install", "--no-deps", "--target", str(target), str(wheel)], check=True, timeout=600)
