@@ -39,11 +39,11 @@ class StudioParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _choice(options, what: str):
+def _choice(options, what: str, lead: str = "choose one of"):
     """An argparse type that accepts one of ``options`` and names them all when it does not."""
     def check(text: str) -> str:
         if text not in options:
-            raise argparse.ArgumentTypeError(f"unknown {what} {text!r}; choose one of {', '.join(options)}")
+            raise argparse.ArgumentTypeError(f"unknown {what} {text!r}; {lead} {', '.join(options)}")
         return text
     check.__name__ = what
     return check
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge adapters in weight space into one LoRA file",
                        description="Merge adapters in weight space into one LoRA file.")
     m.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter files")
-    m.add_argument("--method", default="lego", type=_choice(list(MERGE_METHODS), "merge method"),
+    m.add_argument("--method", default="lego", type=_choice(list(MERGE_METHODS), "merge method", "valid methods:"),
                    choices=list(MERGE_METHODS), help="merge method")
     m.add_argument("--rank", type=_positive_int, default=None, help="output rank k (default: largest source rank)")
     m.add_argument("--weights", default=None, metavar="W1,W2,…", help="one weight per adapter (default: each 1)")
