@@ -17,9 +17,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import gradio as gr  # noqa: E402
 
 from studio.app import (  # noqa: E402
-    CONCEPT_KINDS, LIBRARY_HEADERS, SAMPLERS, XY_AXES, AppHandlers, prompt_weights, set_tag_weight,
+    CONCEPT_KINDS, LIBRARY_HEADERS, SAMPLER_CHOICES, XY_AXES, AppHandlers, prompt_weights, set_tag_weight,
 )
 from studio.errors import StudioError  # noqa: E402
+from studio.resources import demo_adapters_dir  # noqa: E402
 from studio.studio import Studio  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
@@ -73,7 +74,7 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                                                    prompt, api_visibility="private", **LIGHT)
                         with gr.Row():
                             method = gr.Dropdown(h.methods(), value="merge", label="Composition method")
-                            sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler")
+                            sampler = gr.Dropdown(SAMPLER_CHOICES, value="ddim", label="Sampler")
                         method_info = gr.Markdown(h.method_help("merge"))
                         with gr.Row():
                             seed = gr.Number(-1, precision=0, label="Seed (−1 = random)", min_width=120, elem_id="seed")
@@ -407,9 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     p.add_argument("--model", default=None, help="diffusers folder or hub id (default: the bundled toy model)")
-    p.add_argument("--adapters", default=str(REPO / "assets" / "adapters"), help="folder of demo *.safetensors to load")
-    p.add_argument("--outputs", default=str(REPO / "outputs" / "app"), help="where generated PNGs are written")
-    p.add_argument("--library", default=os.environ.get("STUDIO_LIBRARY", str(REPO / "outputs" / "library")),
+    p.add_argument("--adapters", default=str(demo_adapters_dir()), help="folder of demo *.safetensors to load")
+    p.add_argument("--outputs", default=str(Path.cwd() / "outputs" / "app"), help="where generated PNGs are written")
+    p.add_argument("--library", default=os.environ.get("STUDIO_LIBRARY", str(Path.cwd() / "outputs" / "library")),
                    help="adapter library folder, scanned at start (default outputs/library, or $STUDIO_LIBRARY)")
     p.add_argument("--max-file-size", default="512mb", help="upload size limit, e.g. 512mb")
     p.add_argument("--queue-size", type=int, default=32, help="most jobs waiting in the queue")

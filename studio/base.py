@@ -17,25 +17,60 @@ from diffusers import (
     DDIMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    UniPCMultistepScheduler,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from .clip_tokenizer import build_clip_tokenizer
-from .errors import ModelLoadError
+from .errors import GenerationError, ModelLoadError
+from .resources import toy_model_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TOY_MODEL_DIR = REPO_ROOT / "assets" / "models" / "toy-sd"
+TOY_MODEL_DIR = toy_model_dir()  # checkout or installed package data (studio/resources.py)
 
-# diffusers scheduler class -> (our short name, A1111 sampler label)
-SCHEDULERS = {
-    "ddim": (DDIMScheduler, "DDIM"),
-    "dpm++2m": (DPMSolverMultistepScheduler, "DPM++ 2M"),
-    "euler": (EulerDiscreteScheduler, "Euler"),
+_DPMPP = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+_KARRAS = {"use_karras_sigmas": True}
+
+# our short name -> (A1111 sampler label, diffusers scheduler class, config overrides).
+# A1111's "… Karras" samplers are the same solvers on Karras et al.'s sigma schedule.
+SAMPLERS = {
+    "ddim": ("DDIM", DDIMScheduler, {}),
+    "euler": ("Euler", EulerDiscreteScheduler, {}),
+    "euler_a": ("Euler a", EulerAncestralDiscreteScheduler, {}),
+    "euler_karras": ("Euler Karras", EulerDiscreteScheduler, _KARRAS),
+    "dpm++2m": ("DPM++ 2M", DPMSolverMultistepScheduler, _DPMPP),
+    "dpm++2m_karras": ("DPM++ 2M Karras", DPMSolverMultistepScheduler, _DPMPP | _KARRAS),
+    "dpm++2m_sde": ("DPM++ 2M SDE", DPMSolverMultistepScheduler, _DPMPP | {"algorithm_type": "sde-dpmsolver++"}),
+    "dpm++2m_sde_karras": ("DPM++ 2M SDE Karras", DPMSolverMultistepScheduler,
+                           _DPMPP | {"algorithm_type": "sde-dpmsolver++"} | _KARRAS),
+    "heun": ("Heun", HeunDiscreteScheduler, {}),
+    "lms": ("LMS", LMSDiscreteScheduler, {}),
+    "lms_karras": ("LMS Karras", LMSDiscreteScheduler, _KARRAS),
+    "unipc": ("UniPC", UniPCMultistepScheduler, {}),
 }
+SCHEDULERS = SAMPLERS  # older name, kept for scripts
+_BY_LABEL = {label.lower(): key for key, (label, _, _) in SAMPLERS.items()}
+
+
+def resolve_sampler(name: str, schedule: str | None = None) -> str:
+    """Our short name for a sampler given as a short name or an A1111 label ("DPM++ 2M Karras",
+    "Euler a"), optionally with A1111 1.6+'s separate ``Schedule type`` ("Karras")."""
+    text = str(name).strip()
+    key = text if text in SAMPLERS else _BY_LABEL.get(text.lower())
+    if key and schedule and schedule.strip().lower() == "karras" and not key.endswith("_karras"):
+        key = key + "_karras" if key + "_karras" in SAMPLERS else None
+    if key is None:
+        labels = ", ".join(f"{k} ({v[0]})" for k, v in SAMPLERS.items())
+        raise GenerationError(f"unknown sampler {name!r}{f' with schedule {schedule!r}' if schedule else ''}; "
+                              f"choose one of {labels}")
+    return key
 
 
 def pick_device() -> tuple[torch.device, torch.dtype]:
@@ -56,17 +91,15 @@ def detect_arch(pipe: DiffusionPipeline) -> str:
 
 def make_scheduler(pipe: DiffusionPipeline, name: str):
     """A fresh scheduler of the given kind for one generation (schedulers carry state)."""
-    if name not in SCHEDULERS:
-        raise ModelLoadError(f"unknown sampler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    cls = SCHEDULERS[name][0]
+    label, cls, overrides = SAMPLERS[resolve_sampler(name)]
     config = dict(pipe.scheduler.config)
-    if cls is DPMSolverMultistepScheduler:
-        config.update(algorithm_type="dpmsolver++", solver_order=2)
+    config.update(overrides)
     return cls.from_config(config)
 
 
 def sampler_label(name: str) -> str:
-    return SCHEDULERS[name][1]
+    """The A1111 label of a sampler ("dpm++2m_karras" -> "DPM++ 2M Karras")."""
+    return SAMPLERS[resolve_sampler(name)][0]
 
 
 def load_pipeline(source: str | os.PathLike, device=None, dtype=None) -> DiffusionPipeline:
@@ -163,6 +196,34 @@ def build_tiny_pipeline(arch: str = "sd1", seed: int = 0) -> DiffusionPipeline:
             scheduler=scheduler, force_zeros_for_empty_prompt=True,
         )
     raise ValueError(f"unknown tiny architecture {arch!r}; choose sd1 or sdxl")
+
+
+def model_hash(pipe: DiffusionPipeline, source: str | os.PathLike | None = None) -> str:
+    """A1111's ``Model hash``: the first 10 hex digits of SHA-256 over the checkpoint file.
+
+    A diffusers folder has no single checkpoint, so its UNet weight files are hashed (in name
+    order); a pipeline with neither (built in memory, or from the hub cache) hashes its UNet's
+    tensors in state-dict order. All three stay the same across runs and devices.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    path = Path(source) if source is not None else None
+    files: list[Path] = []
+    if path is not None and path.is_file():
+        files = [path]
+    elif path is not None and path.is_dir():
+        files = sorted(p for p in (path / "unet").glob("*") if p.suffix in (".safetensors", ".bin"))
+    if files:
+        for file in files:
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    else:
+        for name, tensor in pipe.unet.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:10]
 
 
 def module_shapes(pipe: DiffusionPipeline) -> dict[str, tuple[int, ...]]:

@@ -1,16 +1,94 @@
 """``studio`` command line: generate | info | merge | train | eval | serve.
 
-Each subcommand is a thin face over ``Studio``. User errors print one line and exit with status 2.
+Each subcommand is a thin face over ``Studio``. User errors (bad options, unwritable outputs,
+bad ports) print one line and exit with status 2; ``studio --version`` and ``python -m studio``
+work as for any Python tool, and every option's help shows its default and choices.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from . import __version__
 from .errors import StudioError
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to each option's help, except where there is nothing to say (None,
+    False, "") or the help already describes its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, "", argparse.SUPPRESS) or "default" in text or action.required:
+            return text
+        return super()._get_help_string(action)
+
+
+class StudioParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (and subcommands share its formatter)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _choice(options, what: str, lead: str = "choose one of"):
+    """An argparse type that accepts one of ``options`` and names them all when it does not."""
+    def check(text: str) -> str:
+        if text not in options:
+            raise argparse.ArgumentTypeError(f"unknown {what} {text!r}; {lead} {', '.join(options)}")
+        return text
+    check.__name__ = what
+    return check
+
+
+def _sampler_arg(text: str) -> str:
+    from .base import resolve_sampler
+
+    try:
+        return resolve_sampler(text)
+    except StudioError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _port_arg(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {text!r} is not a number from 1 to 65535, e.g. 7860")
+    return port
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number ≥ 1")
+    return value
+
+
+def check_writable(out: str | os.PathLike, folder: bool = False) -> None:
+    """Fail before any work when an output cannot be written (its folder made or written to)."""
+    path = Path(out)
+    parent = path if folder or path.suffix == "" else path.parent
+    parent = parent if str(parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StudioError(f"cannot create the output folder {parent} ({e.strerror}); choose a writable --out") from None
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not path.is_dir() and not os.access(path, os.W_OK)):
+        raise StudioError(f"cannot write to {path if path.exists() else parent} (permission denied); choose a writable --out")
 
 
 def _lora_arg(text: str) -> tuple[str, float | None]:
@@ -58,9 +136,10 @@ def cmd_generate(args) -> int:
     from .metadata import read_recipe, save_png
     from .studio import Studio
 
+    check_writable(args.out, folder=Path(args.out).suffix.lower() != ".png")
     if args.from_image:
         recipe = read_recipe(args.from_image)
-        studio = Studio.load(None if recipe.model in ("toy-sd", "tiny-random-sd1") else (args.model or recipe.model))
+        studio = Studio.load(None if recipe.model == "toy-sd" else (args.model or recipe.model))
         result = studio.reproduce(recipe)
     else:
         if not args.prompt:
@@ -114,6 +193,7 @@ def cmd_merge(args) -> int:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             pass
+    check_writable(args.out)
     merged = merge_adapters(sources, weights, args.method, args.rank, seed=args.seed,
                             name=Path(args.out).stem, **options)
     path = write_adapter(merged, args.out, format=args.format)
@@ -124,56 +204,75 @@ def cmd_merge(args) -> int:
 def cmd_serve(args) -> int:
     import runpy
 
-    sys.argv = ["app.py", "--host", args.host, "--port", str(args.port)] + (["--share"] if args.share else [])
-    runpy.run_path(str(Path(__file__).resolve().parent.parent / "app.py"), run_name="__main__")
+    from .resources import app_path
+
+    app = app_path()
+    if not app.is_file():
+        raise StudioError(f"the Gradio app ({app}) is missing from this installation; reinstall with "
+                          "`pip install '.[app]'` or run from a source checkout")
+    sys.argv = [str(app), "--host", args.host, "--port", str(args.port)] + (["--share"] if args.share else [])
+    runpy.run_path(str(app), run_name="__main__")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="studio", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    from composers import COMPOSERS
 
-    g = sub.add_parser("generate", help="generate images (any composition method)")
-    g.add_argument("--prompt")
-    g.add_argument("--negative-prompt", default=None, help="default: none, or the named preset's")
-    g.add_argument("--model", default=None, help="diffusers folder or hub id (default: bundled toy model)")
-    g.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]", help="adapter file, repeatable")
-    g.add_argument("--method", default="merge")
-    g.add_argument("--method-param", action="append", metavar="KEY=VALUE")
-    g.add_argument("--steps", type=int, default=None, help="default 25, or the named preset's")
-    g.add_argument("--guidance", type=float, default=None, help="CFG scale (default 7.5; 3 on the toy model; or the named preset's)")
-    g.add_argument("--seed", type=int, default=-1)
-    g.add_argument("--size", type=_size_arg, default=None, metavar="WxH")
-    g.add_argument("--num-images", type=int, default=1)
-    g.add_argument("--sampler", default=None, help="ddim (default), dpm++2m or euler; or the named preset's")
+    from .adapters.merge import METHODS as MERGE_METHODS
+    from .base import SAMPLERS
+
+    parser = StudioParser(prog="studio", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s (lora-composition-studio) {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate images (any composition method)",
+                       description="Generate images with any composition method; each PNG carries its recipe.")
+    g.add_argument("--prompt", help="the prompt; <lora:NAME:WEIGHT> / <lyco:…> tags pick adapters loaded with --lora")
+    g.add_argument("--negative-prompt", default=None, help="what to steer away from (default: none, or the named preset's)")
+    g.add_argument("--model", default=None, help="diffusers folder, .safetensors checkpoint or hub id (default: bundled toy model)")
+    g.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]", help="adapter file and its weight (default: the preset's, else the adapter's preferred weight), repeatable")
+    g.add_argument("--method", default="merge", type=_choice(list(COMPOSERS), "method"), choices=list(COMPOSERS),
+                   help="composition method")
+    g.add_argument("--method-param", action="append", metavar="KEY=VALUE", help="method parameter, repeatable, e.g. tau=3")
+    g.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: 25, or the named preset's)")
+    g.add_argument("--guidance", type=float, default=None, help="CFG scale (default: 7.5; 3 on the toy model; or the named preset's)")
+    g.add_argument("--seed", type=int, default=-1, help="seed of the first image (the next get seed+1, …); -1 = random")
+    g.add_argument("--size", type=_size_arg, default=None, metavar="WxH", help="image size (default: the model's native size)")
+    g.add_argument("--num-images", type=_positive_int, default=1, help="how many images (shows a counter and ETA)")
+    g.add_argument("--sampler", default=None, type=_sampler_arg, choices=list(SAMPLERS), metavar="SAMPLER",
+                   help="sampler, by short name or A1111 label (default: ddim, or the named preset's): "
+                   + ", ".join(f"{k} ({v[0]})" for k, v in SAMPLERS.items()))
     g.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt/.bin adapters (weights_only)")
     g.add_argument("--from-image", metavar="PNG", help="reproduce an image from its metadata")
     g.add_argument("--report", action="store_true", help="print the composer's report as one JSON line")
-    g.add_argument("--out", required=True, help="a .png file or a folder")
+    g.add_argument("--out", required=True, help="a .png file or a folder (created if missing)")
     g.set_defaults(func=cmd_generate)
 
-    i = sub.add_parser("info", help="describe an adapter file")
-    i.add_argument("file")
-    i.add_argument("--json", action="store_true")
-    i.add_argument("--allow-pickle", action="store_true")
+    i = sub.add_parser("info", help="describe an adapter file", description="Describe an adapter file: format, type, "
+                       "ranks, modules, base model, trigger, hash.")
+    i.add_argument("file", help="adapter .safetensors (or a PEFT/diffusers folder)")
+    i.add_argument("--json", action="store_true", help="print JSON instead of aligned text")
+    i.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt/.bin adapters (weights_only)")
     i.set_defaults(func=cmd_info)
 
-    m = sub.add_parser("merge", help="merge adapters in weight space into one LoRA file")
-    m.add_argument("adapters", nargs="+", metavar="ADAPTER")
-    m.add_argument("--method", default="lego", help="lego | cat | linear | svd | ties_svd | dare_ties_svd")
-    m.add_argument("--rank", type=int, default=None, help="output rank k (default: largest source rank)")
-    m.add_argument("--weights", default=None, metavar="W1,W2,…")
-    m.add_argument("--seed", type=int, default=0)
+    m = sub.add_parser("merge", help="merge adapters in weight space into one LoRA file",
+                       description="Merge adapters in weight space into one LoRA file.")
+    m.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter files")
+    m.add_argument("--method", default="lego", type=_choice(list(MERGE_METHODS), "merge method", "valid methods:"),
+                   choices=list(MERGE_METHODS), help="merge method")
+    m.add_argument("--rank", type=_positive_int, default=None, help="output rank k (default: largest source rank)")
+    m.add_argument("--weights", default=None, metavar="W1,W2,…", help="one weight per adapter (default: each 1)")
+    m.add_argument("--seed", type=int, default=0, help="seed of randomised methods (dare_ties_svd)")
     m.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, e.g. quotas=\"equal\"")
-    m.add_argument("--format", default="diffusers", choices=["diffusers", "kohya"])
-    m.add_argument("--allow-pickle", action="store_true")
-    m.add_argument("--out", required=True)
+    m.add_argument("--format", default="diffusers", choices=["diffusers", "kohya"], help="file format to write")
+    m.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt/.bin adapters (weights_only)")
+    m.add_argument("--out", required=True, help="the .safetensors file to write")
     m.set_defaults(func=cmd_merge)
 
-    s = sub.add_parser("serve", help="start the Gradio studio")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=7860)
-    s.add_argument("--share", action="store_true")
+    s = sub.add_parser("serve", help="start the Gradio studio", description="Start the Gradio studio in a browser.")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    s.add_argument("--port", type=_port_arg, default=7860, help="port to listen on (1-65535)")
+    s.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     s.set_defaults(func=cmd_serve)
 
     for register in _extra_commands():
@@ -202,16 +301,28 @@ def _quiet_loading() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a bad option (already reported on one line)
+        return e.code if isinstance(e.code, int) else 2
     _quiet_loading()
     try:
         return args.func(args)
     except StudioError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the disk or the network refused: the user's to fix, not a bug
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or _first_line(e)}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -307,10 +307,12 @@ def load_suite(path: str | os.PathLike) -> Suite:
     suite.metrics = list(metrics)
     if suite.scorer == "none":
         suite.metrics = [m for m in suite.metrics if m == "oracle"]
-    from .base import SCHEDULERS
+    from .base import resolve_sampler
 
-    if suite.sampler not in SCHEDULERS:
-        _fail(path, f"unknown sampler {suite.sampler!r}; choose one of {', '.join(SCHEDULERS)}")
+    try:
+        suite.sampler = resolve_sampler(suite.sampler)
+    except StudioError as e:
+        _fail(path, str(e))
     if suite.steps < 1 or suite.width % 8 or suite.height % 8:
         _fail(path, "steps must be ≥ 1 and size a multiple of 8")
     return suite

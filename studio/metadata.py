@@ -48,6 +48,7 @@ class Recipe:
     generator_device: str = "cpu"
     version: str = ""
     packages: dict = field(default_factory=dict)
+    model_hash: str = ""  # A1111's 10-hex "Model hash" (see base.model_hash)
     schema: int = SCHEMA
 
     def to_json(self) -> str:
@@ -66,15 +67,21 @@ def _quote(value) -> str:
 
 
 def infotext(recipe: Recipe, sampler_label: str) -> str:
-    """The A1111 ``parameters`` text: prompt, ``Negative prompt:`` line, a line of ``Key: value`` pairs."""
+    """The A1111 ``parameters`` text: prompt, ``Negative prompt:`` line, a line of ``Key: value`` pairs.
+
+    The ``Negative prompt:`` line is written even when empty: ComfyUI's A1111 importer builds
+    nothing from an infotext without it.
+    """
     pairs = [
         ("Steps", recipe.steps),
         ("Sampler", sampler_label),
         ("CFG scale", f"{recipe.guidance:g}"),
         ("Seed", recipe.seed),
         ("Size", f"{recipe.width}x{recipe.height}"),
-        ("Model", recipe.model),
     ]
+    if recipe.model_hash:
+        pairs.append(("Model hash", recipe.model_hash))
+    pairs.append(("Model", recipe.model))
     if recipe.adapters:
         pairs.append(("Lora hashes", ", ".join(f"{a.name}: {(a.sha256 or '')[:12]}" for a in recipe.adapters)))
     pairs.append(("Composition", recipe.method))
@@ -85,9 +92,7 @@ def infotext(recipe: Recipe, sampler_label: str) -> str:
     if recipe.from_preset:
         pairs.append(("From preset", json.dumps(recipe.from_preset, sort_keys=True)))
     pairs.append(("Version", f"lora-studio {recipe.version}"))
-    lines = [recipe.prompt]
-    if recipe.negative_prompt:
-        lines.append(f"Negative prompt: {recipe.negative_prompt}")
+    lines = [recipe.prompt, f"Negative prompt: {recipe.negative_prompt}"]  # "Negative prompt: " even when empty
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in pairs))
     return "\n".join(lines)
 

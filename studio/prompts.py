@@ -1,4 +1,8 @@
-"""A1111 prompt syntax: ``<lora:NAME:TE[:UNET[:DYN]]>`` tags (also ``te=``, ``unet=``, ``dyn=``)."""
+"""A1111 prompt syntax: ``<lora:NAME:TE[:UNET[:DYN]]>`` tags (also ``te=``, ``unet=``, ``dyn=``).
+
+``<lyco:…>`` (the a1111-sd-webui-lycoris extension's tag, still common in shared prompts) is read
+exactly like ``<lora:…>``: A1111's built-in Lora extension now loads LyCORIS files under both.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from dataclasses import dataclass
 
 from .errors import GenerationError
 
-_TAG = re.compile(r"<lora:([^>]*)>")
+_TAG = re.compile(r"<(?:lora|lyco):([^>]*)>", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -21,11 +25,12 @@ class LoraTag:
 def parse_prompt(prompt: str) -> tuple[str, list[LoraTag]]:
     """Split a prompt into the text the encoder sees and its ``<lora:…>`` tags."""
     tags = []
-    for body in _TAG.findall(prompt):
+    for match in _TAG.finditer(prompt):
+        body, tag = match.group(1), match.group(0)
         parts = body.split(":")
         name, rest = parts[0].strip(), parts[1:]
         if not name:
-            raise GenerationError(f"empty adapter name in <lora:{body}>; write <lora:NAME:WEIGHT>")
+            raise GenerationError(f"empty adapter name in {tag}; write <lora:NAME:WEIGHT>")
         positional, named = [], {}
         for p in rest:
             if "=" in p:
@@ -39,9 +44,9 @@ def parse_prompt(prompt: str) -> tuple[str, list[LoraTag]]:
             te = float(values.get("te", 1.0))
             unet = float(values.get("unet", te))
         except ValueError:
-            raise GenerationError(f"bad weight in <lora:{body}>; weights are numbers, e.g. <lora:{name}:0.8>") from None
+            raise GenerationError(f"bad weight in {tag}; weights are numbers, e.g. <lora:{name}:0.8>") from None
         if "dyn" in values:
-            warnings.warn(f"<lora:{body}>: DYN (rank limit) is not supported and is ignored", stacklevel=2)
+            warnings.warn(f"{tag}: DYN (rank limit) is not supported and is ignored", stacklevel=2)
         tags.append(LoraTag(name, te, unet))
     text = re.sub(r"\s{2,}", " ", _TAG.sub("", prompt)).strip(" ,")
     return text, tags

@@ -7,6 +7,7 @@ per-image generator, then at every step ask the composer for an optional latent 
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -167,11 +168,17 @@ def denoise(
     on_step: StepCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
     progress: bool = True,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """The loop: guide, predict, step. Latents are kept in fp32 between steps."""
+    """The loop: guide, predict, step. Latents are kept in fp32 between steps.
+
+    ``generator`` feeds the noise of ancestral / SDE samplers (Euler a, DPM++ 2M SDE), so those
+    images are reproducible from the seed too.
+    """
     start = time.perf_counter()
     timesteps = scheduler.timesteps
     ctx.scheduler = scheduler
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for i, t in enumerate(tqdm(timesteps, desc=composer.name, disable=not progress, leave=False)):
         if should_stop is not None and should_stop():
             raise GenerationCancelled("generation stopped by the user")
@@ -179,7 +186,7 @@ def denoise(
         with torch.no_grad():
             x_in = scheduler.scale_model_input(latents, t)
             eps = composer.predict(x_in, t, i)
-            latents = scheduler.step(eps.float(), t, latents, return_dict=False)[0]
+            latents = scheduler.step(eps.float(), t, latents, return_dict=False, **step_kwargs)[0]
         if on_step is not None:
             on_step(i, len(timesteps), latents)
     ctx.counters.seconds += time.perf_counter() - start

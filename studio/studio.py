@@ -15,14 +15,15 @@ from typing import Callable, Sequence, Union
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from . import __version__
 from .adapters.activation import AdapterRig
 from .adapters.adapter import Adapter
 from .adapters.library import AdapterLibrary
 from .base import (
-    SCHEDULERS, TOY_MODEL_DIR, build_tiny_pipeline, detect_arch, load_pipeline, make_scheduler,
-    module_shapes, pick_device, sampler_label,
+    build_tiny_pipeline, detect_arch, load_pipeline, make_scheduler,
+    model_hash, module_shapes, pick_device, resolve_sampler, sampler_label,
 )
 from .errors import GenerationError, ModelLoadError
 from .metadata import AdapterUse, Recipe, attach, read_recipe
@@ -42,9 +43,12 @@ class GenerationResult:
 class Studio:
     """A base pipeline, its adapter library, and generation with composition methods."""
 
-    def __init__(self, pipe, model_id: str, arch: str | None = None, note: str | None = None):
+    def __init__(self, pipe, model_id: str, arch: str | None = None, note: str | None = None,
+                 source: str | Path | None = None):
         self.pipe = pipe
         self.model_id = model_id
+        self.source = source  # the file or folder loaded, for the A1111 ``Model hash``
+        self._model_hash: str | None = None
         self.arch = arch or detect_arch(pipe)
         self.note = note  # shown by the app, e.g. "placeholder model"
         self.device = pipe.unet.device
@@ -60,28 +64,35 @@ class Studio:
     # ---- loading -------------------------------------------------------------------------
     @classmethod
     def load(cls, source: str | None = None, device=None, dtype=None) -> "Studio":
-        """The bundled toy model (no argument), or an SD1.x/2.x/SDXL folder, file or hub id."""
+        """The bundled toy model (no argument), or an SD1.x/2.x/SDXL folder, file or hub id.
+
+        ``"tiny-random-sd1"`` / ``"tiny-random-sdxl"`` build random-weight pipelines (seed 0) for
+        tests and demos; they are never used in place of a missing toy model.
+        """
         if source is None:
             return cls._load_toy(device, dtype)
+        if str(source) in ("tiny-random-sd1", "tiny-random-sdxl"):
+            arch = str(source).rsplit("-", 1)[1]
+            pipe = build_tiny_pipeline(arch).to(device or pick_device()[0])
+            return cls(pipe, str(source), arch=arch, note="random weights: a test model, images are noise")
         pipe = load_pipeline(source, device, dtype)
-        return cls(pipe, str(source))
+        return cls(pipe, str(source), source=source if Path(str(source)).exists() else None)
 
     @classmethod
     def _load_toy(cls, device=None, dtype=None) -> "Studio":
+        """The bundled toy model, or a ModelLoadError naming the fix (never a random model in its place)."""
+        from .resources import TOY_MODEL_FIX, toy_model_dir
+
         default_device, _ = pick_device()
         device = device or default_device
-        if TOY_MODEL_DIR.is_dir():
-            try:
-                pipe = load_pipeline(TOY_MODEL_DIR, device, dtype or torch.float32)
-            except Exception as e:  # corrupt or partial folder
-                raise ModelLoadError(
-                    f"the bundled toy model in {TOY_MODEL_DIR} is missing or corrupt ({e}); "
-                    "rebuild it with: python -m training.toyworld --out assets/models"
-                ) from e
-            return cls(pipe, "toy-sd", arch="toy")
-        pipe = build_tiny_pipeline("sd1").to(device)
-        return cls(pipe, "tiny-random-sd1", arch="sd1",
-                   note="placeholder: random weights (the toy model is not built; run python -m training.toyworld)")
+        folder = toy_model_dir()
+        if not (folder / "model_index.json").is_file():
+            raise ModelLoadError(f"the bundled toy model is missing (looked in {folder}); {TOY_MODEL_FIX}")
+        try:
+            pipe = load_pipeline(folder, device, dtype or torch.float32)
+        except Exception as e:  # corrupt or partial folder
+            raise ModelLoadError(f"the bundled toy model in {folder} is corrupt ({e}); {TOY_MODEL_FIX}") from e
+        return cls(pipe, "toy-sd", arch="toy", source=folder)
 
     @classmethod
     def from_pipeline(cls, pipe, model_id: str | None = None) -> "Studio":
@@ -92,6 +103,13 @@ class Studio:
             raise ModelLoadError(f"{type(pipe).__name__} is not supported; pass a StableDiffusionPipeline or StableDiffusionXLPipeline")
         name = model_id or getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path") or type(pipe).__name__
         return cls(pipe, str(name))
+
+    @property
+    def model_hash(self) -> str:
+        """A1111's 10-hex ``Model hash`` of the base (computed once, on first use)."""
+        if self._model_hash is None:
+            self._model_hash = model_hash(self.pipe, self.source)
+        return self._model_hash
 
     @property
     def default_guidance(self) -> float:
@@ -147,7 +165,8 @@ class Studio:
         sampler = from_preset.get("sampler", "ddim" if sampler is None else sampler)
         negative_prompt = from_preset.get("negative_prompt", "" if negative_prompt is None else negative_prompt)
         width, height = width or self.default_size, height or self.default_size
-        _check_params(steps, guidance, width, height, num_images, sampler)
+        _check_params(steps, guidance, width, height, num_images)
+        sampler = resolve_sampler(sampler)  # A1111 labels ("DPM++ 2M Karras") become our short names
         text, tags = parse_prompt(prompt)
         if tags and adapters:
             raise GenerationError("adapters given both as <lora:…> tags and as a list; use one or the other")
@@ -173,7 +192,8 @@ class Studio:
             )
             with torch.enable_grad():  # composers that guide latents (CLoRA) need autograd in prepare
                 composer.prepare(ctx)
-            for i in range(num_images):
+            counter = tqdm(range(num_images), desc="images", unit="image", disable=not progress or num_images == 1)
+            for i in counter:  # the image counter with its ETA; each image's step bar runs below it
                 scheduler = make_scheduler(self.pipe, sampler)
                 scheduler.set_timesteps(steps, device=self.device)
                 ctx.timesteps = scheduler.timesteps
@@ -181,7 +201,8 @@ class Studio:
                 image_seed = (seed + i) % 2**32
                 latents = initial_latents(ctx, image_seed, scheduler)
                 with torch.enable_grad():
-                    latents = denoise(ctx, composer, latents, scheduler, on_step, should_stop, progress)
+                    latents = denoise(ctx, composer, latents, scheduler, on_step, should_stop, progress,
+                                      generator=torch.Generator("cpu").manual_seed(image_seed))
                 image = decode(self.pipe, latents)
                 recipe = Recipe(
                     prompt=display_prompt, negative_prompt=negative_prompt, steps=int(steps),
@@ -190,7 +211,7 @@ class Studio:
                     method_params=dict(method_params or {}), effective=composer.effective(),
                     from_preset=dict(from_preset),
                     adapters=[AdapterUse(a.name, a.unet, a.te, a.adapter.sha256, a.adapter.path, a.adapter.kind) for a in chosen],
-                    version=__version__, packages=packages,
+                    version=__version__, packages=packages, model_hash=self.model_hash,
                 )
                 images.append(attach(image, recipe, sampler_label(sampler)))
                 recipes.append(recipe)
@@ -269,7 +290,7 @@ def _weightless(spec: AdapterSpec) -> bool:
     return isinstance(spec, (str, Adapter))
 
 
-def _check_params(steps, guidance, width, height, num_images, sampler) -> None:
+def _check_params(steps, guidance, width, height, num_images) -> None:
     if not isinstance(steps, int) or steps <= 0:
         raise GenerationError(f"steps must be a positive whole number, got {steps!r}; try 25")
     if guidance < 0:
@@ -279,8 +300,6 @@ def _check_params(steps, guidance, width, height, num_images, sampler) -> None:
             raise GenerationError(f"{label} {v} is not a positive multiple of 8; try {max(8, round(v / 8) * 8)}")
     if num_images < 1:
         raise GenerationError(f"num_images must be ≥ 1, got {num_images}")
-    if sampler not in SCHEDULERS:
-        raise GenerationError(f"unknown sampler {sampler!r}; choose one of {', '.join(SCHEDULERS)}")
 
 
 def _versions() -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from PIL import Image
 
 from studio.cli import main
 
@@ -67,3 +68,64 @@ def test_generate_with_a_model_folder_and_a_lora_file(tmp_path, capsys, sd1, sd1
     assert main(args + ["--lora", str(pickle), "--out", str(tmp_path / "p.png")]) == 2
     assert "allow-pickle" in capsys.readouterr().err
     assert not (tmp_path / "p.png").exists()
+
+
+# ---- Python CLI conventions: --version, python -m studio, help, one-line user errors ---------
+
+
+def test_version_and_python_dash_m(capsys):
+    import subprocess
+    import sys
+
+    import studio
+
+    assert main(["--version"]) == 0
+    assert studio.__version__ in capsys.readouterr().out
+    done = subprocess.run([sys.executable, "-m", "studio", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and studio.__version__ in done.stdout
+
+
+def test_every_option_has_help_with_defaults_and_choices(capsys):
+    import argparse
+
+    from studio.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {a.option_strings or a.dest}" for name, p in sub.choices.items() for a in p._actions if not a.help]
+    assert not missing
+    assert main(["generate", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: -1)" in text and "(default: merge)" in text and "{merge,switch,composite,cmlora,clora,lego}" in text
+    assert "DPM++ 2M Karras" in text and "Euler a" in text
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["serve", "--port", "99999999"], "1 to 65535"),
+        (["generate", "--prompt", "x", "--sampler", "DPM++ 9M", "--out", "o.png"], "DPM++ 2M Karras"),
+        (["generate", "--prompt", "x", "--num-images", "0", "--out", "o.png"], "≥ 1"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_unwritable_out_exits_2_with_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["generate", "--prompt", "a red circle", "--steps", "1", "--out", str(blocker / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "output folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a1111_sampler_and_image_counter(tmp_path, capsys):
+    out = tmp_path / "many"
+    assert main(["generate", "--prompt", "a red circle", "--steps", "2", "--seed", "1", "--num-images", "2",
+                 "--sampler", "DPM++ 2M Karras", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == ["image-00.png", "image-01.png"]
+    assert "images" in captured.err and "2/2" in captured.err  # the tqdm counter (with its ETA)
+    assert "Sampler: DPM++ 2M Karras" in Image.open(out / "image-00.png").text["parameters"]

@@ -356,7 +356,7 @@ def _assert_same(a, b, exact=True):
             assert torch.equal(d.delta(), e.delta()), path
         else:
             torch.testing.assert_close(d.delta(), e.delta(), rtol=1e-6, atol=1e-7)
-        if isinstance(d, LoraDelta):
+        if isinstance(d, LoraDelta) and exact:
             assert torch.equal(d.down, e.down) and torch.equal(d.up, e.up) and d.scale == e.scale
     for field in ("trigger", "concept", "concept_kind", "weight", "arch", "kind"):
         assert getattr(a, field) == getattr(b, field), field
@@ -371,7 +371,7 @@ def test_lora_round_trips(tmp_path, sd1_shapes, fmt):
     assert b.format == ("kohya" if fmt == "lokr" else fmt)  # LoRA layers in a LyCORIS file are kohya LoRA
     assert b.name == "rt" and b.metadata["note"] == "hi" and b.metadata["ss_training_comment"] == "kept"
     assert b.metadata["ss_output_name"] == "rt" and b.metadata["studio_kind"] == "lora"
-    _assert_same(a, b)
+    _assert_same(a, b, exact=fmt != "diffusers")  # diffusers files carry alpha folded into the up weights
     validate_adapter(b, sd1_shapes, "sd1")
 
 
@@ -607,8 +607,11 @@ def test_loha_rank_mismatch_and_incomplete(tmp_path):
     save_file({f"{name}.hada_w1_a": torch.zeros(32, 2), f"{name}.hada_w1_b": torch.zeros(2, 32),
                f"{name}.hada_w2_a": torch.zeros(32, 2), f"{name}.hada_w2_b": torch.zeros(2, 32)},
               tmp_path / "loha.safetensors")
-    with pytest.raises(AdapterFileError, match="LoHa.*not supported yet"):
-        read_adapter(tmp_path / "loha.safetensors")
+    assert describe(read_adapter(tmp_path / "loha.safetensors"))["type"] == "LoHa (Hadamard)"  # read since issue 19
+    save_file({f"{name}.hada_w1_a": torch.zeros(32, 2), f"{name}.hada_w1_b": torch.zeros(2, 32),
+               f"{name}.hada_w2_a": torch.zeros(32, 2)}, tmp_path / "loha_half.safetensors")
+    with pytest.raises(AdapterFileError, match="lacks hada_w2_b"):
+        read_adapter(tmp_path / "loha_half.safetensors")
     save_file({f"{name}.lora_down.weight": torch.zeros(4, 32), f"{name}.lora_up.weight": torch.zeros(32, 2)},
               tmp_path / "rank.safetensors")
     with pytest.raises(AdapterFileError, match="inconsistent LoRA ranks"):

@@ -54,7 +54,7 @@ SD_SHAPES = [(320, 320), (320, 768), (640, 640), (640, 2048), (1280, 1280), (128
 
 
 @pytest.mark.parametrize("d_out,d_in", SD_SHAPES)
-@pytest.mark.parametrize("factors", ["krona-paper", "krona-ibm"])
+@pytest.mark.parametrize("factors", ["krona-paper", "krona-64x8"])
 def test_vec_trick_matches_dense_on_sd_shapes(d_out, d_in, factors):
     a1, a2 = K.parse_factors(factors)
     g = torch.Generator().manual_seed(d_out + d_in)
@@ -89,7 +89,7 @@ def test_bad_factors_name_the_layer_and_valid_factors(tiny_unet):
     assert not K.kron_layers(unet)  # nothing was replaced
     with pytest.raises(K.KronFactorError):
         K.parse_factors("sixteen")
-    assert K.parse_factors("krona-ibm") == (64, 8) and K.parse_factors("16x8") == (16, 8)
+    assert K.parse_factors("krona-64x8") == (64, 8) and K.parse_factors("16x8") == (16, 8)
 
 
 def _meta_unet(**cfg):
@@ -109,11 +109,11 @@ def test_parameter_counts_match_the_spec():
         addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, cross_attention_dim=2048,
     )
     assert K.param_count(sdxl, "krona-paper") == 3_874_560
-    assert K.param_count(sdxl, "krona-ibm") == 2_152_320
+    assert K.param_count(sdxl, "krona-64x8") == 2_152_320
     assert K.param_count(sdxl, "8x8") == 14_960_640
     assert K.param_count(sdxl, rank=4) == 5_806_080
     assert K.param_count(sd15, "krona-paper") == 398_048
-    assert K.param_count(sd15, "krona-ibm") == 248_176
+    assert K.param_count(sd15, "krona-64x8") == 248_176
     assert K.param_count(sd15, rank=4) == 797_184
 
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -66,8 +67,26 @@ def test_min_snr_weights_for_both_prediction_types():
     ac = torch.linspace(0.999, 0.01, 1000)
     t = torch.tensor([0, 500, 999])
     snr = ac[t] / (1 - ac[t])
-    torch.testing.assert_close(snr_weights(t, ac, 5.0, "epsilon"), torch.clamp(snr, max=5) / snr)
-    torch.testing.assert_close(snr_weights(t, ac, 5.0, "v_prediction"), torch.clamp(snr, max=5) / (snr + 1))
+    sched = SimpleNamespace(alphas_cumprod=ac)  # diffusers' compute_snr reads only this
+    torch.testing.assert_close(snr_weights(sched, t, 5.0, "epsilon"), torch.clamp(snr, max=5) / snr)
+    torch.testing.assert_close(snr_weights(sched, t, 5.0, "v_prediction"), torch.clamp(snr, max=5) / (snr + 1))
+
+
+def test_warmup_uses_diffusers_get_scheduler_and_resumes_mid_warmup():
+    """lr = base·s/W during warm-up (diffusers' constant_with_warmup), continued from the current step."""
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    fake = SimpleNamespace(optimizer=opt, base_lrs=[1e-3], cfg=SimpleNamespace(warmup_steps=4), lr_scheduler=None, step=0)
+    sched = DreamBoothTrainer._lr_schedule(fake)
+    seen = []
+    for _ in range(6):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    resumed = SimpleNamespace(optimizer=torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3), base_lrs=[1e-3],
+                              cfg=SimpleNamespace(warmup_steps=4), lr_scheduler=None, step=2)
+    DreamBoothTrainer._lr_schedule(resumed)
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
 
 
 # ---- training runs -------------------------------------------------------------------------------
@@ -227,7 +246,7 @@ def test_kron_text_encoder_trains_writes_te_lokr_and_applies_at_inference(images
     with safe_open(str(out), "pt") as f:
         keys = list(f.keys())
     te_keys = [k for k in keys if k.startswith("lora_te_")]
-    assert len(te_keys) == 2 * len(te_layers) and all(k.endswith((".lokr_w1", ".lokr_w2")) for k in te_keys)
+    assert len(te_keys) == 3 * len(te_layers) and all(k.endswith((".lokr_w1", ".lokr_w2", ".alpha")) for k in te_keys)
     loaded = read_adapter(out)
     assert loaded.kind == "kron" and set(loaded.layers) == set(adapter.layers)
     for k, d in te_layers.items():

@@ -348,7 +348,7 @@ def main(argv=None) -> int:
                 entry.setdefault("selection_checks", {})[str(args.eval_seed)] = check
         log.info("%s: %s", name, json.dumps(entry))
         index[name] = entry
-        from training.dreambooth import _write_text_atomic
+        from studio.atomic import write_atomic as _write_text_atomic
 
         _write_text_atomic(index_path, json.dumps(index, indent=2, sort_keys=True))
         _write_text_atomic(out / "README.md", readme(index))

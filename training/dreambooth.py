@@ -40,6 +40,7 @@ from PIL import Image
 
 from studio.adapters.adapter import Adapter, LoraDelta
 from studio.adapters import kron as kronlib
+from studio.atomic import atomic_dir, atomic_path, write_atomic
 from studio.errors import StudioError
 
 log = logging.getLogger("studio.training")
@@ -225,10 +226,12 @@ def trigger_pieces(tokenizer, trigger: str) -> dict[str, list[str]]:
 
 # ---- loss -------------------------------------------------------------------------------------
 
-def snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Min-SNR-γ weights: min(SNR, γ)/SNR (epsilon) or min(SNR, γ)/(SNR + 1) (v-prediction)."""
-    ac = alphas_cumprod.to(timesteps.device)[timesteps].float()
-    snr = ac / (1 - ac)
+def snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-γ weights: min(SNR, γ)/SNR (epsilon) or min(SNR, γ)/(SNR + 1) (v-prediction); the SNR
+    is diffusers' ``training_utils.compute_snr`` (what its training examples use)."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps).float()
     clipped = torch.clamp(snr, max=gamma)
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
@@ -252,52 +255,40 @@ def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, n_instance: int, p
 # ---- the trainer ------------------------------------------------------------------------------
 
 def _make_accelerator(cfg: TrainConfig, cpu: bool):
+    """An Accelerator for this run, and whether the run does its own mixed precision.
+
+    accelerate's state (mixed precision included) is process-wide and can be set only once; a
+    second run in the same process (the app, tests) with another precision would need its private
+    ``_reset_state``. So the Accelerator is made without a precision, and the run applies its own
+    (``torch.autocast`` + a GradScaler for fp16), unless ``accelerate launch`` already set one,
+    which must then match.
+    """
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
-    kwargs = dict(mixed_precision=cfg.mixed_precision, cpu=cpu)
     try:
-        return Accelerator(**kwargs)
+        acc = Accelerator(cpu=cpu)
     except ValueError as e:
-        if "already been initialized" in str(e):  # an earlier run in this process used other settings
-            AcceleratorState._reset_state()
-            return Accelerator(**kwargs)
-        if cfg.mixed_precision == "fp16":
-            raise TrainingError(f"fp16 mixed precision is not available here ({e}); use --mixed-precision bf16 or no") from e
-        raise
+        raise TrainingError(f"accelerate cannot be set up for this run ({_first_line(e)}); start a new process") from e
+    if acc.mixed_precision not in ("no", None):
+        if acc.mixed_precision != cfg.mixed_precision:
+            raise TrainingError(f"accelerate launch set mixed precision {acc.mixed_precision!r}, but this run asks for "
+                                f"{cfg.mixed_precision!r}; pass --mixed-precision {acc.mixed_precision}")
+        return acc, False
+    if cfg.mixed_precision == "fp16" and acc.device.type == "cpu":
+        raise TrainingError("fp16 mixed precision is not available on the CPU; use --mixed-precision bf16 or no")
+    return acc, cfg.mixed_precision != "no"
 
 
-def _atomic_dir(final: Path):
-    """Context: yields a temp folder beside ``final`` and renames it into place on success."""
-
-    @contextlib.contextmanager
-    def cm():
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
-        try:
-            yield tmp
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-
-    return cm()
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
 
 
 def _save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 class DreamBoothTrainer:
@@ -323,8 +314,10 @@ class DreamBoothTrainer:
     # -- setup --------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, pipe = self.cfg, self.pipe
-        self.accelerator = _make_accelerator(cfg, cpu=self.studio.device.type == "cpu")
+        self.accelerator, own_amp = _make_accelerator(cfg, cpu=self.studio.device.type == "cpu")
         acc = self.accelerator
+        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision) if own_amp else None
+        self.grad_scaler = torch.amp.GradScaler(acc.device.type) if self.amp_dtype is torch.float16 else None
         self.device = acc.device
         if self.device != self.studio.device:
             for comp in ("unet", "vae", "text_encoder", "text_encoder_2"):
@@ -376,6 +369,7 @@ class DreamBoothTrainer:
         if emb:  # no weight decay: shrinking an input embedding towards 0 has no meaning
             groups.append({"params": emb, "lr": cfg.token_embedding_lr, "weight_decay": 0.0})
         self.base_lrs = [g["lr"] for g in groups]
+        self.lr_scheduler = None  # built on the first step (after a resume), see _lr_schedule
         self.optimizer = acc.prepare_optimizer(torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay))
         self.model = acc.prepare_model(self.unet) if acc.num_processes > 1 else self.unet
         if cfg.gradient_checkpointing:
@@ -652,20 +646,20 @@ class DreamBoothTrainer:
                                     device=self.device, dtype=torch.float32)
             added = {"text_embeds": torch.cat([p for _, p in enc]), "time_ids": time_ids}
         unet_dtype = self.unet.dtype
-        with self.accelerator.autocast():
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else self.accelerator.autocast()
+        with autocast:
             pred = self.model(xt.to(unet_dtype), t, encoder_hidden_states=embeds.to(unet_dtype),
                               added_cond_kwargs=None if added is None else {k: v.to(unet_dtype) for k, v in added.items()},
                               return_dict=False)[0]
         weights = None
         if cfg.snr_gamma:
-            weights = snr_weights(t, self.alphas_cumprod, cfg.snr_gamma, self.prediction_type)
+            weights = snr_weights(self.noise_scheduler, t, cfg.snr_gamma, self.prediction_type)
         return dreambooth_loss(pred, target, cfg.batch_size, cfg.prior_loss_weight, weights)
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step: ``grad_accum`` micro-steps, clip, AdamW. Returns the mean losses."""
         cfg, acc = self.cfg, self.accelerator
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * min(1.0, (self.step + 1) / cfg.warmup_steps) if cfg.warmup_steps else base
+        lr_schedule = self._lr_schedule()
         totals: dict[str, float] = {}
         for k in range(cfg.grad_accum):
             micro = self.step * cfg.grad_accum + k
@@ -673,7 +667,10 @@ class DreamBoothTrainer:
             ctx = contextlib.nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(self.model)
             with ctx:
                 loss, parts = self.compute_loss(micro)
-                acc.backward(loss / cfg.grad_accum)
+                if self.grad_scaler is not None:
+                    self.grad_scaler.scale(loss / cfg.grad_accum).backward()
+                else:
+                    acc.backward(loss / cfg.grad_accum)
             parts["loss"] = float(loss.detach())
             for key, v in parts.items():
                 totals[key] = totals.get(key, 0.0) + v / cfg.grad_accum
@@ -681,13 +678,37 @@ class DreamBoothTrainer:
             for p in self.token_params.values():
                 if p.grad is not None:
                     p.grad = acc.reduce(p.grad, reduction="mean")
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)
         if cfg.max_grad_norm:
             acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-        self.optimizer.step()
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        lr_schedule.step()
         self.step += 1
         self.history.append({"step": self.step, **totals})
         return totals
+
+    def _scaler(self):
+        """The fp16 GradScaler in use: this run's own, or accelerate's under ``accelerate launch``."""
+        return self.grad_scaler if self.grad_scaler is not None else getattr(self.accelerator, "scaler", None)
+
+    def _lr_schedule(self):
+        """diffusers' ``get_scheduler``: constant, or linear warm-up over ``warmup_steps`` (lr 0 at step 0,
+        as in diffusers' and kohya's scripts). Built at the current step, so a resumed run continues it."""
+        if self.lr_scheduler is None:
+            from diffusers.optimization import get_scheduler
+
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = group["initial_lr"] = base
+            name = "constant_with_warmup" if self.cfg.warmup_steps else "constant"
+            self.lr_scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=self.cfg.warmup_steps or None,
+                                              last_epoch=self.step - 1)
+        return self.lr_scheduler
 
     # -- checkpoints ----------------------------------------------------------------------------
     def checkpoint_dir(self) -> Path:
@@ -707,10 +728,10 @@ class DreamBoothTrainer:
                         tensors[f"optim.{idx}.{key}"] = v
                     else:
                         scalars[f"{idx}.{key}"] = v
-            scaler = acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None
+            scaler = self._scaler().state_dict() if self._scaler() is not None else None
             state = {"step": self.step, "param_groups": opt["param_groups"], "scalars": scalars, "scaler": scaler,
                      "history": self.history, "config": self.cfg.to_json()}
-            with _atomic_dir(final) as tmp:
+            with atomic_dir(final) as tmp:
                 _save_safetensors_atomic(tensors, tmp / "state.safetensors", {"format": "pt"})
                 (tmp / "state.json").write_text(json.dumps(state, default=str))
             done = sorted(p for p in self.checkpoint_dir().glob("step-*") if p.is_dir())
@@ -757,8 +778,8 @@ class DreamBoothTrainer:
             idx, name = key.split(".", 1)
             opt_state.setdefault(int(idx), {})[name] = v
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-        if state.get("scaler") and getattr(self.accelerator, "scaler", None) is not None:
-            self.accelerator.scaler.load_state_dict(state["scaler"])
+        if state.get("scaler") and self._scaler() is not None:
+            self._scaler().load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
         log.info("resumed from %s at step %d", path, self.step)
@@ -981,16 +1002,7 @@ def _slug(text: str) -> str:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, text)
 
 
 def _tqdm(it, desc: str, enabled: bool, **kw):
@@ -1052,50 +1064,50 @@ def add_cli(subparsers) -> None:
     """Register ``studio train``."""
     t = subparsers.add_parser("train", help="DreamBooth-train a LoRA or Kronecker adapter")
     t.add_argument("--images", required=True, help="folder of instance images (optional NAME.txt captions)")
-    t.add_argument("--trigger", default="sks")
+    t.add_argument("--trigger", default="sks", help="rare token that names the concept in prompts")
     t.add_argument("--class-word", default="object", help="what the trigger is: shape, dog, style…")
     t.add_argument("--instance-prompt", default=None, help="default: 'a TRIGGER CLASS-WORD'")
-    t.add_argument("--kind", default="object", choices=["object", "style", "background", "character"])
-    t.add_argument("--name", default=None)
-    t.add_argument("--adapter", default="lora", choices=["lora", "kron"])
-    t.add_argument("--rank", type=int, default=4)
-    t.add_argument("--alpha", type=float, default=None)
+    t.add_argument("--kind", default="object", choices=["object", "style", "background", "character"], help="what kind of concept (composers use it)")
+    t.add_argument("--name", default=None, help="adapter name (default: the --out file stem)")
+    t.add_argument("--adapter", default="lora", choices=["lora", "kron"], help="LoRA or Kronecker (LoKr) adapter")
+    t.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    t.add_argument("--alpha", type=float, default=None, help="LoRA alpha; scale = alpha/rank (default: alpha = rank)")
     t.add_argument("--factors", default=None, help=f"kron: A1xA2 or {'/'.join(kronlib.PRESETS)} (default krona-paper)")
     t.add_argument("--train-text-encoder", action="store_true",
                    help="train the adapter on the text encoder(s) too (LoRA of --rank or Kronecker of --factors, "
                         "at --text-encoder-lr); binds the trigger more firmly but changes how every prompt is encoded")
-    t.add_argument("--text-encoder-lr", type=float, default=5e-6)
+    t.add_argument("--text-encoder-lr", type=float, default=5e-6, help="learning rate of the text-encoder side")
     t.add_argument("--train-token-embedding", action="store_true",
                    help="pivotal tuning: also learn the trigger's input embedding (stored in the adapter; trigger must be one token)")
-    t.add_argument("--token-embedding-lr", type=float, default=5e-3)
-    t.add_argument("--steps", type=int, default=500)
+    t.add_argument("--token-embedding-lr", type=float, default=5e-3, help="learning rate of the trigger's embedding")
+    t.add_argument("--steps", type=int, default=500, help="optimizer steps")
     t.add_argument("--lr", type=float, default=None, help="default 1e-4 (lora) / 1e-3 (kron)")
-    t.add_argument("--warmup-steps", type=int, default=0)
-    t.add_argument("--batch-size", type=int, default=1)
-    t.add_argument("--grad-accum", type=int, default=4)
-    t.add_argument("--resolution", type=int, default=None)
-    t.add_argument("--prior-preservation", action="store_true")
+    t.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps")
+    t.add_argument("--batch-size", type=int, default=1, help="examples per forward pass")
+    t.add_argument("--grad-accum", type=int, default=4, help="gradient-accumulation passes per optimizer step")
+    t.add_argument("--resolution", type=int, default=None, help="training image size (default: the model's native size)")
+    t.add_argument("--prior-preservation", action="store_true", help="also train on class images to keep the class word's meaning")
     t.add_argument("--class-prompt", action="append", help="repeatable; default 'a CLASS-WORD'")
-    t.add_argument("--class-dir", default=None)
-    t.add_argument("--num-class-images", type=int, default=100)
-    t.add_argument("--prior-loss-weight", type=float, default=1.0)
-    t.add_argument("--snr-gamma", type=float, default=None)
+    t.add_argument("--class-dir", default=None, help="folder of class images (default: generated into OUTPUT-DIR/class)")
+    t.add_argument("--num-class-images", type=int, default=100, help="class images to use or generate")
+    t.add_argument("--prior-loss-weight", type=float, default=1.0, help="weight of the class images' loss")
+    t.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR loss weighting gamma, e.g. 5 (default: off)")
     t.add_argument("--caption-dropout", type=float, default=0.0, help="share of examples trained with the empty caption")
     t.add_argument("--caption-dropout-scope", default="all", choices=["all", "prior"],
                    help="prior: drop only the class images' captions (keeps the unconditional branch)")
-    t.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
-    t.add_argument("--gradient-checkpointing", action="store_true")
-    t.add_argument("--checkpoint-every", type=int, default=0)
+    t.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="accelerate mixed precision")
+    t.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    t.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps (0 = never)")
     t.add_argument("--resume", nargs="?", const="latest", default=None, help="latest (default) or a checkpoint folder")
-    t.add_argument("--validate-every", type=int, default=0)
-    t.add_argument("--validation-prompt", action="append")
-    t.add_argument("--num-validation-images", type=int, default=4)
-    t.add_argument("--sample-steps", type=int, default=25)
+    t.add_argument("--validate-every", type=int, default=0, help="render validation samples every N steps (0 = never)")
+    t.add_argument("--validation-prompt", action="append", help="prompt of the validation samples, repeatable (default: the instance prompt)")
+    t.add_argument("--num-validation-images", type=int, default=4, help="validation images per prompt")
+    t.add_argument("--sample-steps", type=int, default=25, help="denoising steps of validation samples")
     t.add_argument("--output-dir", default=None, help="checkpoints and samples (default OUT-train/)")
     t.add_argument("--format", default=None, choices=["kohya", "diffusers", "lokr"], help="default kohya (lora) / lokr (kron)")
-    t.add_argument("--save-dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    t.add_argument("--save-dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="dtype of the written adapter")
     t.add_argument("--svd-lora-rank", type=int, default=0, help="kron: also write an SVD-converted plain LoRA of this rank")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="training seed")
     t.add_argument("--strict-images", action="store_true", help="stop at an unreadable image instead of skipping it")
     t.add_argument("--model", default=None, help="base model folder or hub id (default: bundled toy model)")
     t.add_argument("--out", required=True, help="adapter file to write (.safetensors)")

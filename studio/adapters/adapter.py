@@ -82,6 +82,7 @@ class KronDelta:
     w2_a: torch.Tensor | None = None
     w2_b: torch.Tensor | None = None
     scale: float = 1.0
+    t2: torch.Tensor | None = None  # LyCORIS Tucker core (r, r, kh, kw): w2 = t2 ×₁ w2_aᵀ ×₂ w2_bᵀ
 
     def factor1(self) -> torch.Tensor:
         return self.w1 if self.w1 is not None else self.w1_a @ self.w1_b
@@ -89,6 +90,8 @@ class KronDelta:
     def factor2(self) -> torch.Tensor:
         if self.w2 is not None:
             return self.w2
+        if self.t2 is not None:  # LyCORIS rebuild_tucker: w2_a (r, out/a1), w2_b (r, in/a2)
+            return torch.einsum("i j ..., i p, j r -> p r ...", self.t2, self.w2_a, self.w2_b).contiguous()
         if self.w2_b.dim() == 4:  # conv Tucker-free form: (r, in/a2, kh, kw)
             return (self.w2_a @ self.w2_b.flatten(1)).reshape(self.w2_a.shape[0], *self.w2_b.shape[1:])
         return self.w2_a @ self.w2_b
@@ -103,7 +106,8 @@ class KronDelta:
         return (a.shape[0] * b.shape[0], a.shape[1] * b.shape[1], *b.shape[2:])
 
     def num_params(self) -> int:
-        return sum(t.numel() for t in (self.w1, self.w2, self.w1_a, self.w1_b, self.w2_a, self.w2_b) if t is not None)
+        return sum(t.numel() for t in (self.w1, self.w2, self.w1_a, self.w1_b, self.w2_a, self.w2_b, self.t2)
+                   if t is not None)
 
     def delta(self) -> torch.Tensor:
         a, b = self.factor1().float(), self.factor2().float()
@@ -127,10 +131,130 @@ class KronDelta:
 
     def to(self, device=None, dtype=None) -> "KronDelta":
         mv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-        return KronDelta(mv(self.w1), mv(self.w2), mv(self.w1_a), mv(self.w1_b), mv(self.w2_a), mv(self.w2_b), self.scale)
+        return KronDelta(mv(self.w1), mv(self.w2), mv(self.w1_a), mv(self.w1_b), mv(self.w2_a), mv(self.w2_b),
+                         self.scale, mv(self.t2))
 
 
-LayerDelta = Union[LoraDelta, KronDelta]
+def _apply(delta_w: torch.Tensor, x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    """ΔW·x with the module's own op (linear, or conv with its stride/padding)."""
+    delta_w = delta_w.to(x.dtype)
+    if delta_w.dim() == 4:
+        return F.conv2d(x, delta_w, None, module.stride, module.padding, module.dilation, module.groups)
+    return F.linear(x, delta_w)
+
+
+@dataclass
+class HadaDelta:
+    """LyCORIS LoHa: ΔW = scale · (w1_a @ w1_b) ⊙ (w2_a @ w2_b), the Hadamard product of two low-rank
+    matrices (rank up to r², from 2r(out + in) parameters).
+
+    Conv layers store w·_b flattened (r, in·kh·kw), reshaped to ``shape``; with Tucker cores
+    (``t1``/``t2``, (r, r, kh, kw)) each factor is LyCORIS's ``einsum("i j ..., j r, i p -> p r ...",
+    t, w_b, w_a)`` with w_a (r, out) and w_b (r, in). ``scale`` = alpha / r, r = w1_b's first dim.
+    """
+
+    w1_a: torch.Tensor
+    w1_b: torch.Tensor
+    w2_a: torch.Tensor
+    w2_b: torch.Tensor
+    shape: tuple[int, ...]  # the base weight's shape
+    scale: float = 1.0
+    t1: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.w1_b.shape[0]
+
+    @property
+    def is_conv(self) -> bool:
+        return len(self.shape) == 4
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape)
+
+    def num_params(self) -> int:
+        return sum(t.numel() for t in (self.w1_a, self.w1_b, self.w2_a, self.w2_b, self.t1, self.t2) if t is not None)
+
+    @staticmethod
+    def _part(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        if t is not None:
+            return torch.einsum("i j ..., j r, i p -> p r ...", t.float(), b.float(), a.float())
+        return a.float() @ b.float().flatten(1)
+
+    def delta(self) -> torch.Tensor:
+        p1 = self._part(self.w1_a, self.w1_b, self.t1)
+        p2 = self._part(self.w2_a, self.w2_b, self.t2)
+        return (self.scale * p1 * p2).reshape(self.shape)
+
+    def forward(self, x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+        return _apply(self.delta(), x, module)
+
+    def to(self, device=None, dtype=None) -> "HadaDelta":
+        mv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+        return HadaDelta(mv(self.w1_a), mv(self.w1_b), mv(self.w2_a), mv(self.w2_b), self.shape, self.scale,
+                         mv(self.t1), mv(self.t2))
+
+
+@dataclass
+class DoraDelta:
+    """DoRA (weight-decomposed LoRA, or LoHa/LoKr with ``dora_scale``): the base weight's direction
+    moves by ``inner``'s ΔW and each output row (``on_out``; LyCORIS may also norm input columns)
+    gets the trained magnitude: W' = m · (W + ΔW) / ‖W + ΔW‖, so ΔW_eff = W' − W.
+
+    ΔW_eff depends on the base weight, which ``forward`` takes from the module; an adapter weight w
+    scales ΔW_eff (A1111's rule; PEFT puts w inside the norm instead; the two agree at w = 1).
+    Weight-space merges cannot fold it without the base weights and say so.
+    """
+
+    inner: "LayerDelta"
+    magnitude: torch.Tensor  # PEFT lora_magnitude_vector (out,), LyCORIS dora_scale (out, 1[, 1, 1]) or (1, in…)
+    on_out: bool = True
+
+    @property
+    def rank(self) -> int:
+        return getattr(self.inner, "rank", 0)
+
+    @property
+    def scale(self) -> float:
+        return self.inner.scale
+
+    @property
+    def is_conv(self) -> bool:
+        return self.inner.is_conv
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return self.inner.weight_shape
+
+    def num_params(self) -> int:
+        return self.inner.num_params() + self.magnitude.numel()
+
+    def delta(self, base: torch.Tensor | None = None) -> torch.Tensor:
+        if base is None:
+            from ..errors import StudioError
+
+            raise StudioError("DoRA layers change the base weight's magnitude, so their ΔW needs the base model's "
+                              "weights: weight-space merges cannot fold DoRA adapters; compose them with a "
+                              "method that applies adapters on the model (merge, switch, composite, cmlora, clora)")
+        base = base.float()
+        w = base + self.inner.delta().reshape(base.shape)
+        if self.on_out:
+            norm = w.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1))
+        else:
+            norm = w.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *[1] * (w.dim() - 2))
+        m = self.magnitude.float().reshape(norm.shape)
+        return w * (m / (norm + torch.finfo(w.dtype).eps)) - base
+
+    def forward(self, x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+        return _apply(self.delta(module.weight.detach()), x, module)
+
+    def to(self, device=None, dtype=None) -> "DoraDelta":
+        return DoraDelta(self.inner.to(device, dtype), self.magnitude.to(device=device, dtype=dtype), self.on_out)
+
+
+LayerDelta = Union[LoraDelta, KronDelta, HadaDelta, DoraDelta]
 
 # The reshaped matmul pays off when it saves at least this factor of multiply-adds over building
 # kron(A, B) and one F.linear (below it, its two small GEMMs and reshapes cost more; measured on CPU

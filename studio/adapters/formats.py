@@ -6,14 +6,20 @@ Formats (detected from the tensor names, never from the file name):
   ``lora_B.weight`` (alphas in the ``lora_adapter_metadata`` header entry, a LoraConfig dict per
   component), and the older ``<module>.lora.down/up.weight``, ``lora_linear_layer.down/up`` and
   attention-processor ``to_q_lora.down`` spellings.
+  Written so that ComfyUI maps every module too (``_build_diffusers``: attention-processor
+  spelling for UNet attention, alpha folded into the up weights).
 * ``peft``: ``get_peft_model_state_dict`` output, ``[base_model.model.]<module>.lora_A.weight``,
   one model per file (UNet unless the names are a text encoder's), alphas from a sibling
-  ``adapter_config.json``.
+  ``adapter_config.json``. Written as ``PeftModel.from_pretrained`` reads it (a folder with
+  ``adapter_config.json``); diffusers' ``load_lora_weights`` does not read it (no ``unet.`` keys).
 * ``kohya``: A1111 / sd-scripts, ``lora_unet_<module_with_underscores>.lora_down.weight`` /
   ``lora_up.weight`` / ``.alpha``, ``lora_te_`` / ``lora_te1_`` / ``lora_te2_``, SDXL's SGM block
   names (``input_blocks_4_1_…``), conv LoRA with 4-D weights.
 * ``lokr``: LyCORIS LoKr, ``<kohya name>.lokr_w1`` / ``lokr_w2`` or the ``_a``/``_b`` low-rank
-  pieces, and ``.alpha``.
+  pieces (Tucker ``lokr_t2`` too), and ``.alpha``.
+* ``loha`` (read only): LyCORIS LoHa, ``hada_w1_a/_b``, ``hada_w2_a/_b`` (Tucker ``hada_t1/_t2``).
+* DoRA (read only, in any of the above): ``dora_scale`` (LyCORIS) or ``lora_magnitude_vector`` (PEFT)
+  wraps the module's layer in a ``DoraDelta``.
 
 Trained token embeddings (pivotal tuning) travel in kohya and LoKr files as A1111's bundled
 embeddings: ``bundle_emb.<token>.string_to_param.*`` (one text encoder: SD1/SD2) or
@@ -49,7 +55,7 @@ import torch
 
 from ..atomic import atomic_path, write_atomic
 from ..errors import AdapterFileError, AdapterMismatchError
-from .adapter import COMPONENTS, Adapter, KronDelta, LoraDelta
+from .adapter import COMPONENTS, Adapter, DoraDelta, HadaDelta, KronDelta, LoraDelta
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +71,8 @@ KOHYA_PREFIXES = (
 )
 _TE_TOP = ("embeddings", "encoder", "final_layer_norm")  # children of CLIP's text_model
 _SGM = ("input_blocks", "middle_block", "output_blocks")
-_LOKR_PIECES = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")
+_LOKR_PIECES = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")
+_HADA_PIECES = ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")
 _EMB_PARTS = {"string_to_param": "text_encoder", "clip_l": "text_encoder", "clip_g": "text_encoder_2"}
 _DIR_CANDIDATES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors")
 _OLD_PROJ = {  # attention-processor era names -> module names, per component family
@@ -85,16 +92,13 @@ _KEY_RULES = [
     (re.compile(r"^(?P<m>.+)\.lora(?:_linear_layer)?\.up\.weight$"), "up"),
     (re.compile(r"^(?P<m>.+?)(?:\.processor)?\.(?P<p>to_q|to_k|to_v|to_out)_lora\.down\.weight$"), "down"),
     (re.compile(r"^(?P<m>.+?)(?:\.processor)?\.(?P<p>to_q|to_k|to_v|to_out)_lora\.up\.weight$"), "up"),
-    (re.compile(r"^(?P<m>.+)\.lokr_(?P<k>w1|w1_a|w1_b|w2|w2_a|w2_b)$"), "lokr"),
+    (re.compile(r"^(?P<m>.+)\.lokr_(?P<k>w1|w1_a|w1_b|w2|w2_a|w2_b|t2)$"), "lokr"),
+    (re.compile(r"^(?P<m>.+)\.hada_(?P<k>w1_a|w1_b|w2_a|w2_b|t1|t2)$"), "loha"),
+    (re.compile(r"^(?P<m>.+)\.dora_scale$"), "dora"),
+    (re.compile(r"^(?P<m>.+)\.lora_magnitude_vector(?:\.[\w-]+)?(?:\.weight)?$"), "dora"),
     (re.compile(r"^(?P<m>.+)\.alpha$"), "alpha"),
 ]
 _UNSUPPORTED = [
-    (re.compile(r"\.hada_(w1|w2|t1|t2)"), "is a LyCORIS LoHa adapter (hada_* tensors), which is not supported yet; "
-     "use a LoRA or LoKr version of it, or re-extract it as LoRA"),
-    (re.compile(r"\.lokr_t[12]$"), "is a LoKr with Tucker factors (lokr_t2), which is not supported yet; "
-     "retrain without use_tucker or use a LoRA version"),
-    (re.compile(r"(dora_scale|lora_magnitude_vector)"), "is a DoRA adapter (dora_scale / lora_magnitude_vector), "
-     "which is not supported yet; use a plain LoRA version of it"),
     (re.compile(r"\.lora_mid\.weight$"), "is a LoCon with Tucker factors (lora_mid), which is not supported yet; "
      "retrain without use_tucker or use a plain LoRA"),
     (re.compile(r"\.(lora_B(\.[\w-]+)?|lora_up)\.bias$"), "has LoRA bias tensors, which are not supported; "
@@ -253,6 +257,14 @@ def write_adapter(
         )
     if not adapter.is_finite():
         raise AdapterFileError(f"adapter {adapter.name!r} contains NaN or inf values; retrain or fix it before saving")
+    other = [(m, d) for m, d in adapter.layers.items() if isinstance(d, (HadaDelta, DoraDelta))]
+    if other:
+        what = "LoHa" if isinstance(other[0][1], HadaDelta) else "DoRA"
+        raise AdapterFileError(
+            f"adapter {adapter.name!r} has {what} layers (e.g. {other[0][0]}), which the studio reads but does not "
+            "write; keep the original file, or merge it into a plain LoRA with `studio merge --method svd` "
+            "(LoHa; DoRA needs the base weights)"
+        )
     kron = [m for m, d in adapter.layers.items() if isinstance(d, KronDelta)]
     if kron and format != "lokr":
         raise AdapterFileError(
@@ -282,9 +294,17 @@ def write_adapter(
 
 def describe(adapter: Adapter) -> dict:
     """What ``studio info FILE`` prints: format, type, ranks/factors, targets, arch, triggers, hash, metadata."""
-    loras = [d for d in adapter.layers.values() if isinstance(d, LoraDelta)]
-    krons = [d for d in adapter.layers.values() if isinstance(d, KronDelta)]
-    kind = "LoRA" if not krons else "LoKr (Kronecker)" if not loras else "LoRA + LoKr"
+    plain = [d.inner if isinstance(d, DoraDelta) else d for d in adapter.layers.values()]
+    loras = [d for d in plain if isinstance(d, LoraDelta)]
+    krons = [d for d in plain if isinstance(d, KronDelta)]
+    hadas = [d for d in plain if isinstance(d, HadaDelta)]
+    doras = sum(isinstance(d, DoraDelta) for d in adapter.layers.values())
+    names = [n for n, group in (("LoRA", loras), ("LoKr (Kronecker)", krons), ("LoHa (Hadamard)", hadas)) if group]
+    if any(d.t2 is not None for d in krons) or any(d.t1 is not None for d in hadas):
+        names = [n + " with Tucker factors" if n.startswith(("LoKr", "LoHa")) else n for n in names]
+    kind = " + ".join(names) or "none"
+    if doras:
+        kind = f"DoRA ({kind})" if doras == len(plain) else f"{kind}, {doras} modules DoRA"
     per_comp = Counter(m.split(".", 1)[0] for m in adapter.layers)
     info: dict = {
         "name": adapter.name,
@@ -295,6 +315,8 @@ def describe(adapter: Adapter) -> dict:
     if loras:
         info["ranks"] = sorted({d.rank for d in loras})
         info["alphas"] = sorted({float(d.alpha) if d.alpha is not None else float(d.rank) for d in loras})
+    if hadas:
+        info["loha_ranks"] = sorted({d.rank for d in hadas})
     if krons:
         info["kron_factors"] = [list(f) for f in adapter.kron_factors()]
         low = sorted({t.shape[0] for d in krons for t in (d.w1_b, d.w2_b) if t is not None})
@@ -347,6 +369,8 @@ def detect_format(keys: Iterable[str]) -> str | None:
     keys = list(keys)
     if any(".lokr_" in k for k in keys):
         return "lokr"
+    if any(".hada_" in k for k in keys):
+        return "loha"
     parsed = [(k, _split_key(k)) for k in keys]
     mods = [p[0] for k, p in parsed if p and p[1] != "alpha"]
     if not mods:
@@ -633,11 +657,11 @@ def _parse(file: Path, tensors: dict, header: dict, names: _Names):
         if role in ("down", "up") and piece:  # attention-processor era name: fold the projection in
             module = f"{module.replace('.processor', '')}.@{piece}"
         g = groups.setdefault(module, {})
-        slot = f"lokr_{piece}" if role == "lokr" else role
+        slot = f"{role}_{piece}" if role in ("lokr", "loha") else role
         g[slot] = key
     if ignored:
         log.warning("%s: ignoring %d bundled embedding tensors (bundle_emb.*)", file.name, len(ignored))
-    real = {m: g for m, g in groups.items() if set(g) != {"alpha"}}
+    real = {m: g for m, g in groups.items() if set(g) - {"alpha", "dora"}}
     if not real or unknown:
         sample = ", ".join((unknown or list(tensors))[:5])
         if not real:
@@ -675,11 +699,17 @@ def _parse(file: Path, tensors: dict, header: dict, names: _Names):
         get = lambda slot: tensors[g[slot]] if slot in g else None  # noqa: E731
         alpha_t = get("alpha")
         alpha = float(alpha_t.float().item()) if alpha_t is not None else None
-        if any(s.startswith("lokr_") for s in g):
-            if "down" in g or "up" in g:
-                raise AdapterFileError(f"{file.name}: module {module} mixes LoRA and LoKr tensors; re-export the adapter")
-            layers[path] = _lokr_layer(file, module, path, {p: get(f"lokr_{p}") for p in _LOKR_PIECES},
-                                       alpha, names, kernels)
+        algos = {slot.split("_", 1)[0] for slot in g if slot.startswith(("lokr_", "loha_"))} | (
+            {"lora"} if "down" in g or "up" in g else set())
+        if len(algos) > 1:
+            raise AdapterFileError(f"{file.name}: module {module} mixes {' and '.join(sorted(algos))} tensors; "
+                                   "re-export the adapter")
+        if algos & {"lokr", "loha"}:
+            if "lokr" in algos:
+                delta = _lokr_layer(file, module, path, {p: get(f"lokr_{p}") for p in _LOKR_PIECES}, alpha, names, kernels)
+            else:
+                delta = _loha_layer(file, module, path, {p: get(f"loha_{p}") for p in _HADA_PIECES}, alpha, names, kernels)
+            layers[path] = _with_dora(delta, get("dora"))
             continue
         down, up = get("down"), get("up")
         if down is None or up is None:
@@ -701,8 +731,48 @@ def _parse(file: Path, tensors: dict, header: dict, names: _Names):
                 rels = _te_variants(rel_for_pattern) if comp != "unet" else [rel_for_pattern]
                 alpha = _peft_alpha(cfg, rels, down.shape[0])
         down, up = _fit_lora_layout(down, up, names.shapes.get(path) if names.shapes else None)
-        layers[path] = LoraDelta(down=down, up=up, alpha=alpha)
+        layers[path] = _with_dora(LoraDelta(down=down, up=up, alpha=alpha), get("dora"))
     return fmt, layers
+
+
+def _with_dora(delta, magnitude: torch.Tensor | None):
+    """Wrap a layer in DoRA when the file has its magnitude: PEFT's ``lora_magnitude_vector`` (out,)
+    or LyCORIS's ``dora_scale``, (out, 1…) per output row or (1, in…) per input column."""
+    if magnitude is None:
+        return delta
+    out = delta.weight_shape[0]
+    on_out = magnitude.dim() <= 1 or (magnitude.shape[0] == out and magnitude[0].numel() == 1)
+    return DoraDelta(inner=delta, magnitude=magnitude.float(), on_out=on_out)
+
+
+def _loha_layer(file, module, path, p, alpha, names: "_Names", kernels: dict) -> HadaDelta:
+    """A LyCORIS LoHa module (``hada_w1_a/b``, ``hada_w2_a/b``, optional Tucker ``hada_t1/t2``)."""
+    missing = [k for k in ("w1_a", "w1_b", "w2_a", "w2_b") if p[k] is None]
+    if missing:
+        raise AdapterFileError(f"{file.name}: LoHa module {module} lacks hada_{', hada_'.join(missing)}; "
+                               "the file is incomplete, re-export it")
+    tucker = p["t1"] is not None
+    if tucker != (p["t2"] is not None):
+        raise AdapterFileError(f"{file.name}: LoHa module {module} has only one of hada_t1/hada_t2; re-export it")
+    rank = p["w1_b"].shape[0]
+    if tucker:  # w_a (r, out), w_b (r, in), t (r, r, kh, kw)
+        shape = (p["w1_a"].shape[1], p["w1_b"].shape[1], *p["t1"].shape[2:])
+        ok = p["w1_a"].shape[0] == p["t1"].shape[0] and p["w1_b"].shape[0] == p["t1"].shape[1]
+    else:  # w_a (out, r), w_b (r, in·kh·kw)
+        ok = p["w1_a"].shape[1] == rank and p["w2_a"].shape[1] == p["w2_b"].shape[0]
+        out, flat = p["w1_a"].shape[0], p["w1_b"].flatten(1).shape[1]
+        want = names.shapes.get(path) if names.shapes else None
+        if want is not None and want[0] == out and math.prod(want[1:]) == flat:
+            shape = tuple(want)
+        else:
+            kernel = _conv_kernel(path, names, kernels) if p["w1_b"].dim() == 2 else tuple(p["w1_b"].shape[2:])
+            kh, kw = kernel or (1, 1)
+            shape = (out, flat // (kh * kw), kh, kw) if kernel and flat % (kh * kw) == 0 else (out, flat)
+    if not ok:
+        raise AdapterFileError(f"{file.name}: LoHa module {module} has inconsistent hada_* ranks; the file is corrupt")
+    scale = alpha / rank if alpha is not None else 1.0
+    return HadaDelta(w1_a=p["w1_a"], w1_b=p["w1_b"], w2_a=p["w2_a"], w2_b=p["w2_b"], shape=tuple(shape), scale=scale,
+                     t1=p["t1"], t2=p["t2"])
 
 
 def _read_bundle_embeddings(file: Path, tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -733,17 +803,24 @@ def _lokr_layer(file, module, path, p, alpha, names: _Names, kernels: dict) -> K
     need(p["w2"], p["w2_a"], p["w2_b"], "w2")
     for f in ("w1", "w2"):
         a, b = p[f"{f}_a"], p[f"{f}_b"]
+        if f == "w2" and p["t2"] is not None:  # Tucker: w2_a (r, out/a1), w2_b (r, in/a2), t2 (r, r, kh, kw)
+            if p["w2"] is not None or not (a.shape[0] == b.shape[0] == p["t2"].shape[0] == p["t2"].shape[1]):
+                raise AdapterFileError(f"{file.name}: LoKr module {module} has inconsistent Tucker factors "
+                                       "(lokr_t2, lokr_w2_a/_b); the file is corrupt")
+            continue
         if p[f] is None and (a.dim() != 2 or a.shape[1] != b.shape[0]):
             raise AdapterFileError(f"{file.name}: LoKr module {module} has inconsistent lokr_{f}_a/_b ranks "
                                    f"({_fmt_shape(a.shape)} @ {_fmt_shape(b.shape)}); the file is corrupt")
-    rank = p["w2_b"].shape[0] if p["w2_b"] is not None else p["w1_b"].shape[0] if p["w1_b"] is not None else None
+    # LyCORIS's rank: w1's when w1 is low-rank, else w2's (LokrModule.make_module_from_state_dict)
+    rank = p["w1_b"].shape[0] if p["w1_b"] is not None else p["w2_b"].shape[0] if p["w2_b"] is not None else None
     scale = alpha / rank if (alpha is not None and rank) else 1.0
     w2_b = p["w2_b"]
-    if w2_b is not None and w2_b.dim() == 2:  # LyCORIS stores a conv w2_b flattened: (r, in/a2 * kh * kw)
+    if w2_b is not None and w2_b.dim() == 2 and p["t2"] is None:  # LyCORIS stores a conv w2_b flattened: (r, in/a2 * kh * kw)
         kernel = _conv_kernel(path, names, kernels)
         if kernel and w2_b.shape[1] % (kernel[0] * kernel[1]) == 0:
             w2_b = w2_b.reshape(w2_b.shape[0], -1, *kernel)
-    return KronDelta(w1=p["w1"], w2=p["w2"], w1_a=p["w1_a"], w1_b=p["w1_b"], w2_a=p["w2_a"], w2_b=w2_b, scale=scale)
+    return KronDelta(w1=p["w1"], w2=p["w2"], w1_a=p["w1_a"], w1_b=p["w1_b"], w2_a=p["w2_a"], w2_b=w2_b, scale=scale,
+                     t2=p["t2"])
 
 
 def _conv_kernel(path: str, names: _Names, kernels: dict) -> tuple[int, int] | None:
@@ -886,14 +963,34 @@ def _alpha_of(d: LoraDelta) -> float:
     return float(d.alpha) if d.alpha is not None else float(d.rank)
 
 
+_ATTN_PROJ = re.compile(r"^(?P<m>.+)\.(?P<p>to_q|to_k|to_v|to_out)(?:\.0)?$")
+
+
 def _build_diffusers(adapter: Adapter):
+    """diffusers LoRA tensors in the spelling both diffusers and ComfyUI read, alpha folded into up.
+
+    UNet attention projections use the attention-processor names ``….processor.to_q_lora.down`` /
+    ``to_out_lora.up`` and other UNet modules ``….lora.down/up``: ComfyUI's key map knows UNet
+    attention only as ``….processor.to_q`` (``model_lora_keys_unet``), and diffusers converts this
+    older spelling itself (``convert_unet_state_dict_to_peft``: ``.processor.`` dropped, ``to_q_lora.down``
+    -> ``to_q.lora_A``). Text-encoder modules keep ``lora_A/lora_B`` (both read them). ComfyUI
+    ignores the ``lora_adapter_metadata`` alphas, so each module's alpha / rank is multiplied into its
+    up weight and the metadata says alpha = rank: the same ΔW in every reader.
+    """
     tensors, entries = {}, {}
     for path, d in adapter.layers.items():
         comp, rel = _split_path(path)
         ext = _external_rel(comp, rel)
-        tensors[f"{comp}.{ext}.lora_A.weight"] = d.down
-        tensors[f"{comp}.{ext}.lora_B.weight"] = _conv_up(d)
-        entries.setdefault(comp, []).append((_pattern(comp, rel), d.rank, _alpha_of(d)))
+        up = _conv_up(d) * (_alpha_of(d) / d.rank)
+        if comp == "unet":
+            m = _ATTN_PROJ.match(ext)
+            base = f"unet.{m['m']}.processor.{m['p']}_lora" if m else f"unet.{ext}.lora"
+            tensors[f"{base}.down.weight"] = d.down
+            tensors[f"{base}.up.weight"] = up
+        else:
+            tensors[f"{comp}.{ext}.lora_A.weight"] = d.down
+            tensors[f"{comp}.{ext}.lora_B.weight"] = up
+        entries.setdefault(comp, []).append((_pattern(comp, rel), d.rank, float(d.rank)))
     return tensors, {c: _lora_config(e) for c, e in entries.items()}
 
 
@@ -915,7 +1012,7 @@ def _build_peft(adapter: Adapter):
 def _build_kohya(adapter: Adapter):
     te1 = "lora_te1_" if "text_encoder_2" in adapter.components() else "lora_te_"
     prefix = {"unet": "lora_unet_", "text_encoder": te1, "text_encoder_2": "lora_te2_"}
-    tensors, kernels = {}, {}
+    tensors, kernels, unfit = {}, {}, []
     for path, d in adapter.layers.items():
         comp, rel = _split_path(path)
         name = prefix[comp] + _external_rel(comp, rel).replace(".", "_")
@@ -926,10 +1023,17 @@ def _build_kohya(adapter: Adapter):
             continue
         pieces, alpha, kernel = _lokr_pieces(d)
         tensors.update({f"{name}.lokr_{k}": v for k, v in pieces.items()})
-        if alpha is not None:
-            tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        problem = lycoris_layout_problem(d)
+        if problem:
+            unfit.append((path, problem))
         if kernel:
             kernels[path] = list(kernel)
+    if unfit:
+        log.warning("adapter %r: %d of %d LoKr modules cannot be rebuilt by LyCORIS (e.g. %s: %s); the studio, "
+                    "and A1111/ComfyUI (which compute kron(w1, w2) directly), still read them. For LyCORIS use "
+                    "Kronecker factors like krona-paper (16x16) on SD widths, or convert with kron_to_lora",
+                    adapter.name, len(unfit), sum(isinstance(d, KronDelta) for d in adapter.layers.values()), *unfit[0])
     return tensors, kernels
 
 
@@ -951,20 +1055,81 @@ def _bundle_embeddings(adapter: Adapter) -> dict[str, torch.Tensor]:
 
 
 def _lokr_pieces(d: KronDelta):
-    """LyCORIS tensors for a Kronecker layer, the alpha that carries its scale, and a flattened conv kernel."""
+    """LyCORIS tensors for a Kronecker layer, its alpha, and a flattened conv kernel.
+
+    Every module gets an ``.alpha``: LyCORIS's ``create_network_from_weights`` calls
+    ``float(alpha)`` and fails without one. With a low-rank factor LyCORIS scales by alpha / rank
+    (rank: w1's if low-rank, else w2's); with both factors full it applies no scale at all, so the
+    scale is folded into w1 and alpha = 1 is written.
+    """
     pieces = {k: getattr(d, k) for k in _LOKR_PIECES if getattr(d, k) is not None}
-    ranks = {t.shape[0] for t in (d.w1_b, d.w2_b) if t is not None}
-    alpha = None
-    if len(ranks) == 1:  # LyCORIS: scale = alpha / rank when a factor is low-rank
-        alpha = d.scale * next(iter(ranks))
-    elif d.scale != 1.0:  # both factors full (LyCORIS applies no alpha) or two ranks: fold the scale into w1
-        key = "w1" if d.w1 is not None else "w1_a"
-        pieces[key] = pieces[key] * d.scale
+    rank = d.w1_b.shape[0] if d.w1_b is not None else d.w2_b.shape[0] if d.w2_b is not None else None
+    if rank:
+        alpha = d.scale * rank
+    else:
+        alpha = 1.0
+        if d.scale != 1.0:
+            pieces["w1"] = pieces["w1"] * d.scale
     kernel = None
-    if d.w2_b is not None and d.w2_b.dim() == 4:
+    if d.w2_b is not None and d.w2_b.dim() == 4 and d.t2 is None:
         kernel = tuple(d.w2_b.shape[2:])
         pieces["w2_b"] = d.w2_b.flatten(1)
     return pieces, alpha, kernel
+
+
+def _factorization(dim: int, factor: int = -1) -> tuple[int, int]:
+    """LyCORIS's ``factorization``: dim = m·n with m ≤ n, m = factor when it divides dim, else the
+    most balanced split with m ≤ factor."""
+    if factor > 0 and dim % factor == 0:
+        m, n = factor, dim // factor
+        return (n, m) if m > n else (m, n)
+    factor = dim if factor < 0 else factor
+    m, n = 1, dim
+    while m < n:
+        new_m = m + 1
+        while dim % new_m:
+            new_m += 1
+        new_n = dim // new_m
+        if new_m + new_n > m + n or new_m > factor:
+            break
+        m, n = new_m, new_n
+    return (n, m) if m > n else (m, n)
+
+
+def lycoris_layout_problem(d: KronDelta) -> str | None:
+    """Why LyCORIS's ``create_network_from_weights`` cannot rebuild this LoKr layer, or None.
+
+    LyCORIS guesses one ``factor`` from the tensor shapes (as ``LokrModule.make_module_from_state_dict``
+    does), builds w1 = (out_m, in_m) and w2 = (out_n, in_n) from ``factorization(dim, factor)``
+    (m ≤ n: w1 is the smaller factor on both axes), decomposes a factor only when its rank is below
+    half its larger side, and copies the tensors in: any other layout fails there.
+    """
+    if d.t2 is not None:
+        return None  # Tucker LoKr: left to LyCORIS (not checked here)
+    a = d.w1.shape if d.w1 is not None else (d.w1_a.shape[0], d.w1_b.shape[1])
+    b = tuple(d.factor2().shape[:2])
+    out_dim, in_dim = a[0] * b[0], a[1] * b[1]
+    if tuple(a) == (_factorization(out_dim)[0], _factorization(in_dim)[0]):
+        factor = -1
+    else:
+        f1, f2 = max(a), max(b)
+        fits = lambda f: not out_dim % f and not in_dim % f and f in (a[0], b[0]) and f in (a[1], b[1])  # noqa: E731
+        factor = f1 if fits(f1) else f2 if fits(f2) else min(f1, f2)
+    (ol, ok), (im, in_) = _factorization(out_dim, factor), _factorization(in_dim, factor)
+    if (tuple(a), tuple(b)) != ((ol, im), (ok, in_)):
+        return (f"LyCORIS would rebuild {out_dim}x{in_dim} as w1 {ol}x{im} ⊗ w2 {ok}x{in_}, not {a[0]}x{a[1]} ⊗ "
+                f"{b[0]}x{b[1]} (w1 must be the smaller factor on both axes, split by one factor)")
+    if d.w1 is None:
+        rank = d.w1_a.shape[1]
+        if not rank < max(a) / 2:
+            return f"its w1 rank {rank} is not below half of {max(a)}, so LyCORIS would make w1 full"
+    if d.w2 is None:
+        rank = d.w2_a.shape[1]
+        if not rank < max(b) / 2:
+            return f"its w2 rank {rank} is not below half of {max(b)}, so LyCORIS would make w2 full"
+    if d.w1 is None and d.w2 is None and d.w1_a.shape[1] != d.w2_a.shape[1]:
+        return "its two factors have different ranks, and LyCORIS keeps one rank per module"
+    return None
 
 
 def _header_for(adapter: Adapter, fmt: str, extra: dict, metadata) -> dict[str, str]:

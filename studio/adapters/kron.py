@@ -13,6 +13,7 @@ a Kronecker product (the singular triplets of A ⊗ B are products of those of A
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
@@ -24,9 +25,13 @@ from .adapter import Adapter, KronDelta, LoraDelta, divisors, use_vec_trick
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
-# name -> (a1, a2). ``krona-paper`` is the paper's 3.8M-parameter SDXL setting; ``krona-ibm`` the
-# official scripts' default.
-PRESETS: dict[str, tuple[int, int]] = {"krona-paper": (16, 16), "krona-ibm": (64, 8)}
+# name -> (a1, a2). ``krona-paper`` is the paper's 3.8M-parameter SDXL setting, and a layout LyCORIS
+# rebuilds at every SD1.5/SDXL width. ``krona-64x8`` (the official scripts' default, formerly
+# ``krona-ibm``) is studio-only: LyCORIS needs w1 to be the smaller factor on both axes, split by one
+# factor, which 64x8 never is at SD widths, so its LoKr files load in the studio, A1111 and ComfyUI
+# but not in LyCORIS (``formats.lycoris_layout_problem`` says why; ``kron_to_lora`` converts).
+PRESETS: dict[str, tuple[int, int]] = {"krona-paper": (16, 16), "krona-64x8": (64, 8)}
+RENAMED = {"krona-ibm": "krona-64x8"}
 
 # KronLinear (training) compares the reshaped matmul with ΔW folded into the base weight (one GEMM
 # instead of two), so the reshape must save more to win than at inference; measured on CPU.
@@ -45,6 +50,10 @@ def parse_factors(spec: str | tuple[int, int] | list[int]) -> tuple[int, int]:
         a1, a2 = int(spec[0]), int(spec[1])
     elif spec in PRESETS:
         a1, a2 = PRESETS[spec]
+    elif spec in RENAMED:
+        warnings.warn(f"Kronecker preset {spec!r} is now {RENAMED[spec]!r} (LyCORIS cannot load its LoKr files; "
+                      "krona-paper it can)", DeprecationWarning, stacklevel=2)
+        a1, a2 = PRESETS[RENAMED[spec]]
     else:
         try:
             a1, a2 = (int(v) for v in str(spec).lower().split("x"))

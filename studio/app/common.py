@@ -11,9 +11,11 @@ import gradio as gr
 from PIL import Image
 
 from composers import COMPOSERS
+from studio.base import SAMPLERS as _SAMPLER_TABLE
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
-SAMPLERS = ("ddim", "dpm++2m", "euler")
+SAMPLERS = tuple(_SAMPLER_TABLE)
+SAMPLER_CHOICES = [(label, key) for key, (label, _, _) in _SAMPLER_TABLE.items()]  # (A1111 label shown, value)
 XY_AXES = ("Nothing", "Seed", "Steps", "CFG scale", "Method", "Prompt S/R")
 XY_MAX_CELLS = 64
 ACK_TIMEOUT_S = 30.0  # a step not passed on to the request within this long: the request is gone, stop

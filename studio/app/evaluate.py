@@ -11,6 +11,7 @@ from typing import Iterator
 import gradio as gr
 
 from studio.errors import StudioError
+from studio.resources import workflows_dir
 
 from .common import as_int, optional
 
@@ -26,7 +27,7 @@ class EvaluateTab:
         return self.runs.stop(request, "evaluate")
 
     def suites(self) -> list[str]:
-        root = Path(__file__).resolve().parents[2] / "workflows"
+        root = workflows_dir()
         return sorted(str(p) for p in root.glob("*.y*ml"))
 
     def evaluate(

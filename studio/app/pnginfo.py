@@ -10,6 +10,7 @@ import gradio as gr
 from PIL import Image
 
 from composers import COMPOSERS
+from studio.base import resolve_sampler
 from studio.errors import StudioError
 from studio.metadata import RECIPE_KEY, parse_infotext, read_recipe
 from studio.prompts import parse_prompt
@@ -48,7 +49,7 @@ class PngInfoTab:
             fields = {k: v for k, v in dict(
                 prompt=p.get("Prompt"), negative_prompt=p.get("Negative prompt", ""),
                 method=p.get("Composition"), params=try_json(p.get("Composition params")),
-                sampler={"DDIM": "ddim", "DPM++ 2M": "dpm++2m", "Euler": "euler"}.get(p.get("Sampler")),
+                sampler=_sampler_or_none(p.get("Sampler"), p.get("Schedule type")),
                 seed=int_or_none(p.get("Seed")), steps=int_or_none(p.get("Steps")),
                 guidance=float_or_none(p.get("CFG scale")),
                 width=int_or_none(size[0]) if len(size) == 2 else None,
@@ -73,3 +74,11 @@ class PngInfoTab:
             f.get("seed", gr.skip()), f.get("steps", gr.skip()), f.get("guidance", gr.skip()),
             f.get("width", gr.skip()), f.get("height", gr.skip()), 1,  # batch count 1: this image again
         )
+
+
+def _sampler_or_none(label, schedule) -> str | None:
+    """Our sampler name for an A1111 ``Sampler`` (+ ``Schedule type``), None when unknown."""
+    try:
+        return resolve_sampler(label, schedule) if label else None
+    except StudioError:
+        return None
