@@ -52,24 +52,21 @@ TOKEN_LENGTH = 32
 # ----------------------------------------------------------------------------- configuration
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
-    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-    block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8,
-    mid_block_add_attention=False,  # 10% of a training step; smooth 16x16 latents do not need it
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 16, 32, 64), layers_per_block=1, norm_num_groups=8,
 )
 TEXT_CONFIG = dict(
     vocab_size=49408, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
     num_attention_heads=4, max_position_embeddings=TOKEN_LENGTH, hidden_act="quick_gelu",
     bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, projection_dim=128,
 )
-# Factor-4 VAE: 64x64 images, 16x16 latents. The UNet's first level (16x16) has no attention,
-# which keeps one 25-step image near world v1's cost (cross-attention runs at 8x8 and 4x4).
 UNET_CONFIG = dict(
-    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-    block_out_channels=(32, 64, 128),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(64, 128),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     mid_block_type="UNetMidBlock2DCrossAttn",
-    cross_attention_dim=128, attention_head_dim=8, norm_num_groups=16,
+    cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32,
 )
 SCHED_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                     beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False)
@@ -83,7 +80,7 @@ FULL = dict(vae_steps=6000, vae_batch=16, vae_images=16000, oracle_steps=3500, o
             oracle_images=12000, unet_steps=5000, unet_batch=32, unet_images=24000,
             clip_steps=800, clip_batch=128, clip_images=12000, eval_images=600,
             decoder_steps=3000, decoder_batch=32, decoder_images=9000,
-            vae_minutes=14, oracle_minutes=5, unet_minutes=20, clip_minutes=6, decoder_minutes=10)
+            vae_minutes=10.5, oracle_minutes=5, unet_minutes=20, clip_minutes=6, decoder_minutes=10)
 QUICK = dict(vae_steps=20, vae_batch=16, vae_images=400, oracle_steps=20, oracle_batch=32,
              oracle_images=400, unet_steps=20, unet_batch=16, unet_images=400, clip_steps=10,
              clip_batch=32, clip_images=300, eval_images=60,
@@ -259,18 +256,9 @@ def generic_image(rng: np.random.Generator) -> Image.Image:
             c, s = math.cos(a), math.sin(a)
             md.polygon([(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts], fill=255)
         img.paste(col, (0, 0), m)
-        u = rng.random()
-        if u < 0.45:  # textured or smooth (radial, linear, split) fill
+        if rng.random() < 0.35:  # textured fill
             t = Image.new("L", (n, n), 0)
-            if u < 0.25:
-                _texture(ImageDraw.Draw(t), rng, n, 255)
-            else:
-                yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
-                a = rng.uniform(0, 2 * math.pi)
-                proj = ((xx - cx) * math.cos(a) + (yy - cy) * math.sin(a)) / r
-                f = [np.clip(1 - np.hypot(xx - cx, yy - cy) / r, 0, 1), np.clip(0.5 + proj / 2, 0, 1),
-                     (proj < 0).astype(np.float32)][int(rng.integers(3))]
-                t = Image.fromarray((f * 255).astype(np.uint8))
+            _texture(ImageDraw.Draw(t), rng, n, 255)
             tm = Image.fromarray((np.asarray(t, np.uint16) * np.asarray(m, np.uint16) // 255).astype(np.uint8))
             img.paste(_rand_color(rng) if rng.random() < 0.5 else (245, 245, 245), (0, 0), tm)
     return img.resize((64, 64), Image.BOX)
@@ -359,36 +347,32 @@ def vae_roundtrip(vae, data_u8: torch.Tensor, device, bs=256) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- oracle
-# How often each kind of image (studio/toyworld/corrupt.py) appears in the oracle's training set.
-ORACLE_MIX = {"clean": 0.5, "noised": 0.06, "blend": 0.08, "tint": 0.08, "erased": 0.1, "blob": 0.08,
-              "noise": 0.05, "wash": 0.05}
+def train_oracle(cfg, out: Path, rng, device, report):
+    from studio.toyworld.oracle import OracleNet, save_oracle, scene_targets, split_logits
 
+    t0 = time.time()
+    vae = load_vae(out, device)
+    n = cfg["oracle_images"]
+    scenes = [sample_any_scene(rng) for _ in range(n)]
+    data = to_tensor([render(s, rng) for s in tqdm(scenes, desc="oracle data", mininterval=5)])
+    half = n // 2  # the first half is also seen through the VAE
+    recon = vae_roundtrip(vae, data[:half], device)
+    data = torch.cat([data, recon])
+    tg = [scene_targets(s) for s in scenes]
+    tg = tg + tg[:half]
+    T = {k: torch.tensor([t[k] for t in tg]) for k in ("bg", "shape", "color", "pattern")}
+    log(f"oracle data: {len(data)} images in {time.time() - t0:.1f}s")
+    if cfg.get("oracle_from"):  # extend an earlier oracle: it stays the yardstick of earlier measurements
+        from studio.toyworld.oracle import extend_oracle
 
-def _oracle_data(n: int, vae, rng, device):
-    """n images of every kind in ORACLE_MIX with their targets; half go through a VAE round trip
-    (the decoder the model ships), since judged images are always decodes."""
-    from studio.toyworld.corrupt import sample
-    from studio.toyworld.oracle import scene_targets
-
-    kinds = list(ORACLE_MIX)
-    picks = rng.choice(len(kinds), n, p=[ORACLE_MIX[k] for k in kinds])
-    imgs, tg = [], []
-    for k in tqdm(picks, desc="oracle data", mininterval=5):
-        im, truth = sample(rng, kinds[int(k)])
-        imgs.append(im)
-        tg.append(scene_targets(truth))
-    data = to_tensor(imgs)
-    half = n // 2
-    data = torch.cat([vae_roundtrip(vae, data[:half], device), data[half:]])
-    return data, {k: torch.tensor([t[k] for t in tg]) for k in ("bg", "shape", "color", "pattern")}
-
-
-def _fit_oracle(net, data, T, bud: "Budget", bs: int, lr: float, seed: int, device):
-    from studio.toyworld.oracle import split_logits
-
+        net, lr = extend_oracle(cfg["oracle_from"]).to(device), 5e-4
+    else:
+        net, lr = OracleNet(width=16).to(device), 2e-3
+    steps, bs = cfg["oracle_steps"], cfg["oracle_batch"]
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    bud = Budget("oracle", steps, 100, cfg["oracle_minutes"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: bud.lr(s, 0.02))
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(2)
     net.train()
     for step, bar in bud.loop():
         idx = torch.randint(0, len(data), (bs,), generator=g)
@@ -405,37 +389,20 @@ def _fit_oracle(net, data, T, bud: "Budget", bs: int, lr: float, seed: int, devi
         sched.step()
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    return net.eval()
-
-
-def train_oracle(cfg, out: Path, rng, device, report):
-    """Train both oracles, each on its own data draw: ``oracle`` (OracleNet) and ``oracle-b``
-    (OracleNetB, another seed), then measure them on fresh renders and round trips."""
-    from studio.toyworld.oracle import OracleNet, OracleNetB, _CACHE, load_oracle, save_oracle
-
-    vae = load_vae(out, device)
-    for name, make, lr, seed in (("oracle", lambda: OracleNet(width=16), 2e-3, 2),
-                                 ("oracle-b", lambda: OracleNetB(width=24), 1.5e-3, 12)):
-        t0 = time.time()
-        torch.manual_seed(seed)
-        data, T = _oracle_data(cfg["oracle_images"], vae, rng, device)
-        log(f"{name} data: {len(data)} images in {time.time() - t0:.1f}s")
-        net = make().to(device)
-        bud = Budget(name, cfg["oracle_steps"], 100, cfg["oracle_minutes"])
-        net = _fit_oracle(net, data, T, bud, cfg["oracle_batch"], lr, seed, device)
-        width = 16 if isinstance(net, OracleNet) else 24
-        save_oracle(net.cpu(), out / name, {"width": width, "steps": bud.total, "images": len(data),
-                                            "mix": ORACLE_MIX})
-        _CACHE.clear()
-        oracle = load_oracle(out / name)  # evaluate exactly what was saved (fp16 weights)
-        ev_rng = np.random.default_rng(777)
-        acc = oracle_accuracy(oracle, ev_rng, cfg["eval_images"])
-        rec_acc = novel_reconstruction_rates(oracle, vae, ev_rng, max(40, cfg["eval_images"] // 5), device)
-        dt = time.time() - t0
-        log(f"{name}: rendered {acc}")
-        log(f"{name}: reserved concepts on VAE round trips {rec_acc}")
-        report[name] = dict(arch=type(net).__name__, params=sum(p.numel() for p in net.parameters()),
-                            steps=bud.total, rendered_accuracy=acc, novel_reconstruction_rate=rec_acc,
+    net.eval()
+    steps = bud.total
+    save_oracle(net.cpu(), out / "oracle", {"width": 16, "steps": steps, "images": len(data)})
+    from studio.toyworld.oracle import load_oracle, _CACHE
+    _CACHE.clear()
+    oracle = load_oracle(out / "oracle")  # evaluate exactly what was saved (fp16 weights)
+    ev_rng = np.random.default_rng(777)
+    acc = oracle_accuracy(oracle, ev_rng, cfg["eval_images"])
+    rec_acc = novel_reconstruction_rates(oracle, vae, ev_rng, max(40, cfg["eval_images"] // 5), device)
+    dt = time.time() - t0
+    log(f"oracle: rendered {acc}")
+    log(f"oracle: novel concepts on VAE reconstructions {rec_acc}")
+    report["oracle"] = dict(params=sum(p.numel() for p in net.parameters()), steps=steps,
+                            rendered_accuracy=acc, novel_reconstruction_rate=rec_acc,
                             minutes=round(dt / 60, 2))
 
 
@@ -756,6 +723,9 @@ def main(argv=None) -> int:
                     help="ignore the per-stage wall-clock budgets (*_minutes): exact step counts")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: robust on a shared machine; 0: torch default)")
+    ap.add_argument("--oracle-from", default=None, metavar="FOLDER",
+                    help="oracle stage: fine-tune this earlier oracle, extended to the current vocabulary, "
+                         "instead of training one from scratch (keeps earlier measurements comparable)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=INT",
                     help="override a step/batch/size setting, e.g. --set unet_steps=3000")
     args = ap.parse_args(argv)
@@ -765,6 +735,8 @@ def main(argv=None) -> int:
         if k not in cfg:
             ap.error(f"unknown setting {k}; known: {', '.join(cfg)}")
         cfg[k] = float(v) if k.endswith("_minutes") else int(v)
+    if args.oracle_from:
+        cfg["oracle_from"] = str(Path(args.oracle_from).resolve())
     if args.no_budget:
         for k in cfg:
             if k.endswith("_minutes"):
