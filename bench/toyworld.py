@@ -24,6 +24,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--model", default=None, help="toy pipeline folder (default assets/models/toy-sd)")
     args = ap.parse_args(argv)
 
     import torch
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t = time.perf_counter()
-    pipe = load_pipeline()
+    pipe = load_pipeline(args.model)
     load_s = time.perf_counter() - t
     g = torch.Generator().manual_seed(0)
     pipe("a red circle", num_inference_steps=args.steps, guidance_scale=7.5, generator=g)  # warm-up
@@ -51,7 +52,8 @@ def main(argv=None) -> int:
         ids = tok(["", "a red circle"], padding="max_length", max_length=tok.model_max_length,
                   return_tensors="pt").input_ids
         emb = te(ids)[0]
-        x = torch.randn(2, 4, 8, 8)
+        side = pipe.unet.config.sample_size
+        x = torch.randn(2, pipe.unet.config.in_channels, side, side)
         base = []
         for _ in range(3):
             t = time.perf_counter()

@@ -223,6 +223,9 @@ def validate_adapter(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]], ar
     if adapter.arch and arch and adapter.arch != arch:
         fix = (f"the adapter was made for {adapter.arch} but the base model is {arch}: load {_an(adapter.arch)} "
                f"base model or use an adapter made for {arch}")
+    elif "toy" in (adapter.arch, arch):
+        fix = ("it was made for another build of the toy world: rebuild the demo adapters with "
+               "`python -m training.demo_adapters`, or retrain yours on this model (`studio train`)")
     else:
         fix = f"use an adapter trained for this base model ({arch})"
     raise AdapterMismatchError(f"{problem} ({count}); {fix}")
