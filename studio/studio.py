@@ -144,6 +144,7 @@ class Studio:
         progress: bool = True,
         on_image: Callable[[int, Image.Image, Recipe], None] | None = None,
         batch_size: int | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> GenerationResult:
         """Like ``generate``, also returning each image's recipe and the composer's report.
 
@@ -156,7 +157,8 @@ class Studio:
 
         The ``num_images`` images go through every UNet call together, ``batch_size`` at a time
         (None: ``auto_batch_size``); each keeps its own seed (``seed + i``) and equals the image a
-        one-image request with that seed gives (within float rounding, tested).
+        one-image request with that seed gives (within float rounding, tested). ``seeds`` gives
+        every image's seed explicitly instead (``num_images`` is then its length).
         """
         from composers import make_composer
 
@@ -170,6 +172,9 @@ class Studio:
         sampler = from_preset.get("sampler", "ddim" if sampler is None else sampler)
         negative_prompt = from_preset.get("negative_prompt", "" if negative_prompt is None else negative_prompt)
         width, height = width or self.default_size, height or self.default_size
+        if seeds is not None:
+            seeds = [int(s) % 2**32 for s in seeds]
+            num_images = len(seeds)
         _check_params(steps, guidance, width, height, num_images, batch_size)
         sampler = resolve_sampler(sampler)  # A1111 labels ("DPM++ 2M Karras") become our short names
         text, tags = parse_prompt(prompt)
@@ -198,7 +203,7 @@ class Studio:
             with torch.enable_grad():  # composers that guide latents (CLoRA) need autograd in prepare
                 composer.prepare(ctx)
             size = batch_size or auto_batch_size(self.device, int(width), int(height), self.pipe.vae_scale_factor)
-            seeds = [(seed + i) % 2**32 for i in range(num_images)]
+            seeds = seeds or [(seed + i) % 2**32 for i in range(num_images)]
             counter = tqdm(total=num_images, desc="images", unit="image", disable=not progress or num_images == 1)
             for start in range(0, num_images, size):  # the image counter with its ETA; step bars run below it
                 chunk = seeds[start:start + size]
