@@ -82,6 +82,7 @@ from studio.prompts import BranchPrompts, branch_prompts
 from studio.sampling import ComposeContext, Conditioning
 
 from .base import Composer, Preset, switch_param
+from .composite import branch_rows
 
 # The spec's presets (§1.4) plus ``fast``. A preset's schedule is given for its own step count and
 # scaled to T. ``spec`` (the default) is the spec's "ours (default preset)" column, the published
@@ -137,7 +138,7 @@ class _Branch:
 @dataclass
 class _Pass:
     eps: tuple[torch.Tensor, torch.Tensor] | None  # (uncond, cond), detached; None for a truncated pass
-    maps: torch.Tensor  # (h, w, tokens) fp32
+    maps: torch.Tensor  # (images, h, w, tokens) fp32
 
 
 # From this many latent pixels (32×32, a 256² SD image) ``auto`` turns activation checkpointing on and
@@ -267,8 +268,9 @@ class CLoRAComposer(Composer):
         scale = ctx.pipe.vae_scale_factor
         large = (ctx.height // scale) * (ctx.width // scale) >= CHECKPOINT_MIN_LATENT
         style_rows = [(s.adapter, s.unet) for s in self.styles]
-        self.rows = (RowAdapters(unet, [[]] + [[(a.adapter, a.unet)] + style_rows for a in self.concepts])
-                     if switch_param(self.name, p, "batch_branches", not large) else None)
+        self.row_groups = [[]] + [[(a.adapter, a.unet)] + style_rows for a in self.concepts]
+        self.batch_branches = switch_param(self.name, p, "batch_branches", not large)
+        self._row_adapters: dict[int, RowAdapters] = {}  # per rows per branch (2 × images)
         self.ckpt_blocks = self._checkpoint_blocks(unet, large)
         self.split_rows = switch_param(self.name, p, "split_rows", large)
         self.max_iter, self.iterative, self.inner = self._schedule(ctx.steps)
@@ -373,58 +375,69 @@ class CLoRAComposer(Composer):
         return z if sched is None else sched.scale_model_input(z, t)
 
     def _pass(self, x_in: torch.Tensor, t, b: int, truncate: bool) -> _Pass:
-        """One batch-2 CFG forward of branch b with capture; ``truncate`` stops after the maps."""
-        ctx, br = self.ctx, self.branches[b]
+        """One CFG forward of branch b on every image with capture; ``truncate`` stops after the maps."""
+        ctx, br, images = self.ctx, self.branches[b], x_in.shape[0]
+        cond = br.cond.rows(images)
         out = None
         ctx.rig.set(unet=br.unet)
         try:
-            with self.capture.record(truncate) as rec:
+            with self.capture.record(truncate, images=images) as rec:
                 out = ctx.pipe.unet(
-                    torch.cat([x_in, x_in]).to(ctx.dtype), t, encoder_hidden_states=br.cond.embeds,
-                    added_cond_kwargs=br.cond.added, return_dict=False,
+                    torch.cat([x_in, x_in]).to(ctx.dtype), t, encoder_hidden_states=cond.embeds,
+                    added_cond_kwargs=cond.added, return_dict=False,
                 )[0]
         finally:
             ctx.rig.set(unet={})
         if truncate:
-            ctx.counters.shallow_calls += 1
+            ctx.counters.shallow_calls += images
             eps = None
         else:
-            ctx.counters.unet_calls += 1
+            ctx.counters.unet_calls += images
             eu, ec = out.detach().chunk(2)
             eps = (eu, ec)
-        return _Pass(eps, rec.maps())
+        return _Pass(eps, rec.image_maps()[0])
 
     def _batched(self, x_in: torch.Tensor, t, truncate: bool) -> list[_Pass]:
-        """All branches as one UNet call of 2N rows (per-row adapters); same results as ``_pass`` each."""
-        ctx, n = self.ctx, len(self.branches)
-        embeds = torch.cat([br.cond.embeds for br in self.branches])
-        added = None
-        if self.branches[0].cond.added is not None:
-            added = {k: torch.cat([br.cond.added[k] for br in self.branches]) for k in self.branches[0].cond.added}
+        """All branches as one UNet call of 2N rows per image (per-row adapters); same results as ``_pass`` each."""
+        ctx, n, images = self.ctx, len(self.branches), x_in.shape[0]
+        rows = 2 * images
+        if rows not in self._row_adapters:
+            self._row_adapters[rows] = RowAdapters(ctx.pipe.unet, self.row_groups, rows)
+        embeds, added = branch_rows([br.cond for br in self.branches], images)
         out = None
         ctx.rig.set(unet={})
-        with self.rows.active(), self.capture.record(truncate, groups=n) as rec:
+        with self._row_adapters[rows].active(), self.capture.record(truncate, groups=n, images=images) as rec:
             out = ctx.pipe.unet(
-                x_in.to(ctx.dtype).expand(2 * n, *x_in.shape[1:]), t, encoder_hidden_states=embeds,
-                added_cond_kwargs=added, return_dict=False,
+                torch.cat([x_in, x_in]).to(ctx.dtype).repeat(n, *[1] * (x_in.dim() - 1)), t,
+                encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False,
             )[0]
-        maps = rec.maps()
+        maps = rec.image_maps()
         self.stats["batched_calls"] += 1
         if truncate:
-            ctx.counters.shallow_calls += n
+            ctx.counters.shallow_calls += n * images
             return [_Pass(None, maps[b]) for b in range(n)]
-        ctx.counters.unet_calls += n
+        ctx.counters.unet_calls += n * images
         eps = out.detach().chunk(n)
         return [_Pass(tuple(e.chunk(2)), maps[b]) for b, e in enumerate(eps)]
 
     def _all(self, x_in: torch.Tensor, t, truncate: bool) -> list[_Pass]:
-        if self.rows is not None and x_in.shape[0] == 1:
+        if self.batch_branches:
             return self._batched(x_in, t, truncate)
         return [self._pass(x_in, t, b, truncate) for b in range(len(self.branches))]
 
     # ---- loss ----------------------------------------------------------------------------
     def loss(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        """NT-Xent over min-max-normalised concept-token maps of every branch (fp32)."""
+        """NT-Xent over min-max-normalised concept-token maps of every branch (fp32), summed over
+        images: ``maps[b]`` is ``(h, w, tokens)`` or ``(images, h, w, tokens)``."""
+        return self.image_losses(maps).sum()
+
+    def image_losses(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """The NT-Xent loss of every image, ``(images,)``; images are independent, so the gradient
+        of their sum with respect to one image's latent is that image's own gradient."""
+        maps = [m if m.dim() == 4 else m[None] for m in maps]
+        return torch.stack([self._image_loss([m[i] for m in maps]) for i in range(maps[0].shape[0])])
+
+    def _image_loss(self, maps: list[torch.Tensor]) -> torch.Tensor:
         emb, labels = [], []
         for b, groups in enumerate(self.plan.tokens):
             for g, toks in enumerate(groups):
@@ -436,65 +449,69 @@ class CLoRAComposer(Composer):
         return nt_xent(torch.stack(emb), torch.tensor(labels, device=maps[0].device), self.params["tau"])
 
     def latent_grad(self, z: torch.Tensor, t, full: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[_Pass]]:
-        """(loss, dL/dz, the passes at z) for the fp32 latent z at timestep t.
+        """(loss per image, dL/dz, the passes at z) for the fp32 latents z (one row per image) at t.
 
         Branchwise: maps without a graph, dL/dmaps, then one VJP per branch (one graph alive).
         ``full`` makes the graph-free passes complete UNet calls (their eps are then reused).
         """
         z = master(z)
-        n = len(self.branches)
+        n, images = len(self.branches), z.shape[0]
         if self.params["backprop"] == "joint":
             zz = z.clone().requires_grad_(True)
             with torch.enable_grad():
                 passes = self._all(self._scale(zz, t), t, truncate=not full)
-                loss = self.loss([ps.maps for ps in passes])
+                losses = self.image_losses([ps.maps for ps in passes])
+                loss = losses.sum()
                 grad = torch.autograd.grad(loss, zz)[0] if loss.requires_grad else torch.zeros_like(z)
-            self.stats["grad_forwards"] += n
-            self.stats["backward_passes"] += 1
-            return loss.detach(), grad, [_Pass(ps.eps, ps.maps.detach()) for ps in passes]
+            self.stats["grad_forwards"] += n * images
+            self.stats["backward_passes"] += images
+            return losses.detach(), grad, [_Pass(ps.eps, ps.maps.detach()) for ps in passes]
         with torch.no_grad():
             passes = self._all(self._scale(z, t), t, truncate=not full)
         leaves = [master(ps.maps).requires_grad_(True) for ps in passes]
         with torch.enable_grad():
-            loss = self.loss(leaves)
+            losses = self.image_losses(leaves)
+            loss = losses.sum()
             gmaps = torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else [None] * n
         grad = torch.zeros_like(z)
         for b, g in enumerate(gmaps):
             if g is None or not torch.any(g):
                 continue
             grad += self._vjp(z, t, b, g)
-            self.stats["grad_forwards"] += 1
-            self.stats["backward_passes"] += 1
-        return loss.detach(), grad, passes
+            self.stats["grad_forwards"] += images
+            self.stats["backward_passes"] += images
+        return losses.detach(), grad, passes
 
     def _vjp(self, z: torch.Tensor, t, b: int, gmap: torch.Tensor) -> torch.Tensor:
         """(dmaps_b/dz)ᵀ · gmap: branch b's truncated pass with a graph, back-propagated at once.
 
         The branch's adapters stay set through the backward, which recomputes the checkpointed
         blocks (``grad_checkpoint``): the graph then holds only their inputs, not their insides.
+        ``z`` and ``gmap`` hold one row per image; all images run in one graph pass.
         """
-        ctx, br = self.ctx, self.branches[b]
-        # rows of the [uncond, cond] pair whose maps feed the loss, run together or one at a time
-        rows = [1] if self.capture.source == "cond" else [0, 1]
-        groups = [rows] if not self.split_rows else [[r] for r in rows]
+        ctx, br, images = self.ctx, self.branches[b], z.shape[0]
+        cond = br.cond.rows(images)
+        # halves of the [uncond, cond] pair whose maps feed the loss, run together or one at a time
+        halves = [1] if self.capture.source == "cond" else [0, 1]
+        groups = [halves] if not self.split_rows else [[h] for h in halves]
         grad = torch.zeros_like(z)
         ctx.rig.set(unet=br.unet)
         try:
             for group in groups:
                 zz = z.clone().requires_grad_(True)
-                sel = slice(group[0], group[-1] + 1)
-                added = None if br.cond.added is None else {k: v[sel] for k, v in br.cond.added.items()}
+                sel = slice(group[0] * images, (group[-1] + 1) * images)
+                added = None if cond.added is None else {k: v[sel] for k, v in cond.added.items()}
                 with torch.enable_grad(), _checkpointed(self.ckpt_blocks):
                     x_in = self._scale(zz, t).to(ctx.dtype)
-                    with self.capture.record(True) as rec:
+                    with self.capture.record(True, images=images, halves=len(group)) as rec:
                         ctx.pipe.unet(
-                            x_in.expand(2, *x_in.shape[1:]) if len(group) == 2 else x_in, t,
-                            encoder_hidden_states=br.cond.embeds[sel], added_cond_kwargs=added, return_dict=False,
+                            torch.cat([x_in] * len(group)), t,
+                            encoder_hidden_states=cond.embeds[sel], added_cond_kwargs=added, return_dict=False,
                         )
-                    # the map is a mean over rows: each row-group's share of it
-                    share = len(group) / len(rows)
-                    grad += share * torch.autograd.grad(rec.maps(), zz, grad_outputs=gmap)[0]
-            ctx.counters.shallow_calls += 1
+                    # the map is a mean over halves: each half-group's share of it
+                    share = len(group) / len(halves)
+                    grad += share * torch.autograd.grad(rec.image_maps()[0], zz, grad_outputs=gmap)[0]
+            ctx.counters.shallow_calls += images
             return grad
         finally:
             ctx.rig.set(unet={})
@@ -512,17 +529,18 @@ class CLoRAComposer(Composer):
         z = master(x)
         rounds = 1 + (self.inner if step in self.iterative else 0)
         for r in range(rounds):
-            loss, grad, passes = self.latent_grad(z, t, full=(r == rounds - 1))
-            if p["grad_clip"] > 0:
-                norm = grad.norm()
-                if norm > p["grad_clip"]:
-                    grad = grad * (p["grad_clip"] / norm)
-            if torch.isfinite(grad).all():
-                z = z - float(p["step_size"]) * grad
-                self.stats["latent_updates"] += 1
-            else:
-                self.stats["skipped_updates"] += 1
-            self.history["losses"].append((step, float(loss)))
+            losses, grad, passes = self.latent_grad(z, t, full=(r == rounds - 1))
+            per_image = grad.flatten(1)
+            if p["grad_clip"] > 0:  # per image, as each image's own update
+                norm = per_image.norm(dim=1)
+                clip = torch.where(norm > p["grad_clip"], p["grad_clip"] / norm, torch.ones_like(norm))
+                grad = grad * clip.view(-1, *[1] * (grad.dim() - 1))
+            finite = torch.isfinite(per_image).all(dim=1)
+            step_size = float(p["step_size"]) * finite.to(z.dtype).view(-1, *[1] * (z.dim() - 1))
+            z = z - step_size * torch.nan_to_num(grad)
+            self.stats["latent_updates"] += int(finite.sum())
+            self.stats["skipped_updates"] += int((~finite).sum())
+            self.history["losses"].append((step, float(losses[-1])))  # the last image's, as for one image
         self._cache = (step, passes)
         return z.to(x.dtype)
 
@@ -532,14 +550,16 @@ class CLoRAComposer(Composer):
         else:
             passes = self._all(x, t, truncate=False)
         self._cache = None
-        maps = [ps.maps for ps in passes]
-        masks = self.masks(maps, step)
-        self._record(maps, masks)
-        lat = F.interpolate(masks.float()[:, None], size=x.shape[-2:], mode="nearest")  # (N, 1, h, w)
-        self.final_masks = lat
-        den = lat.sum(0)
-        eu = sum(m * ps.eps[0].float() for m, ps in zip(lat, passes)) / den
-        ec = sum(m * ps.eps[1].float() for m, ps in zip(lat, passes)) / den
+        maps = [ps.maps for ps in passes]  # (images, h, w, tokens) per branch
+        images, n = x.shape[0], len(passes)
+        masks = torch.stack([self.masks([m[i] for m in maps], step) for i in range(images)])  # (images, N, h, w)
+        self._record([m[-1] for m in maps], masks[-1])
+        lat = F.interpolate(masks.flatten(0, 1).float()[:, None], size=x.shape[-2:], mode="nearest")
+        lat = lat.view(images, n, 1, *x.shape[-2:])  # (images, N, 1, h, w)
+        self.final_masks = lat[-1]
+        den = lat.sum(1)
+        eu = sum(lat[:, b] * ps.eps[0].float() for b, ps in enumerate(passes)) / den
+        ec = sum(lat[:, b] * ps.eps[1].float() for b, ps in enumerate(passes)) / den
         return self.ctx.cfg(eu, ec)
 
     def masks(self, maps: list[torch.Tensor], step: int) -> torch.Tensor:

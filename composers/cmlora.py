@@ -43,7 +43,7 @@ from studio.sampling import ComposeContext, Counters, decode, initial_latents
 from studio.unet_cache import full_pass, shallow_pass
 
 from .base import Composer, Preset, switch_param
-from .composite import branch_conditioning, mix
+from .composite import branch_conditioning, branch_rows, mix
 
 HIGH_KINDS = ("character", "clothing", "style", "object")  # combination order; background is low
 LOW_KINDS = ("background",)
@@ -232,19 +232,20 @@ class CMLoRAComposer(Composer):
             ctx.rig.set(unet=weights)
             try:
                 xx = torch.cat([x, x]).to(ctx.dtype)
+                rc = cond.rows(x.shape[0])
                 if need_full:
-                    out, self.slots[i] = full_pass(ctx.pipe.unet, xx, t, cond.embeds, cond.added)
+                    out, self.slots[i] = full_pass(ctx.pipe.unet, xx, t, rc.embeds, rc.added)
                 else:
-                    out = shallow_pass(ctx.pipe.unet, xx, t, cond.embeds, self.slots[i], cond.added)
+                    out = shallow_pass(ctx.pipe.unet, xx, t, rc.embeds, self.slots[i], rc.added)
             finally:
                 ctx.rig.set(unet={})
             if need_full:
-                ctx.counters.unet_calls += 1
+                ctx.counters.unet_calls += x.shape[0]
                 full += 1
                 refreshed = a.name if step > 0 else refreshed
             else:
-                ctx.counters.shallow_calls += 1
-                ctx.counters.cache_hits += 1
+                ctx.counters.shallow_calls += x.shape[0]
+                ctx.counters.cache_hits += x.shape[0]
                 shallow += 1
             outs.append(out.chunk(2))
         self.log.append((step, self.adapters[dom].name, refreshed, full, shallow))
@@ -269,10 +270,7 @@ class CMLoRAComposer(Composer):
             if key not in self._row_adapters:
                 self._row_adapters[key] = RowAdapters(
                     ctx.pipe.unet, [[(self.adapters[i].adapter, self.adapters[i].unet)] for i in idx], rows)
-            embeds = torch.cat([self.conds[i].embeds for i in idx])
-            added = self.conds[idx[0]].added
-            if added is not None:
-                added = {k: torch.cat([self.conds[i].added[k] for i in idx]) for k in added}
+            embeds, added = branch_rows([self.conds[i] for i in idx], x.shape[0])
             sample = xx.repeat(len(idx), *[1] * (xx.dim() - 1))
             ctx.rig.set(unet={})
             with self._row_adapters[key].active():
@@ -285,9 +283,9 @@ class CMLoRAComposer(Composer):
                 outs[i] = out[j * rows:(j + 1) * rows].chunk(2)
                 if is_full:
                     self.slots[i] = h[j * rows:(j + 1) * rows]
-        ctx.counters.unet_calls += len(full)
-        ctx.counters.shallow_calls += len(shallow)
-        ctx.counters.cache_hits += len(shallow)
+        ctx.counters.unet_calls += len(full) * x.shape[0]
+        ctx.counters.shallow_calls += len(shallow) * x.shape[0]
+        ctx.counters.cache_hits += len(shallow) * x.shape[0]
         refreshed = self.adapters[dom].name if step > 0 and dom in full else None
         self.log.append((step, self.adapters[dom].name, refreshed, len(full), len(shallow)))
         pi_dom, pi_other = self.step_shares[step]

@@ -113,36 +113,46 @@ class _Recorder:
     """Running mean of attention probabilities over (layer, batch half, head) rows, per branch.
 
     A batched call holds ``groups`` branches of [uncond, cond] rows each (branch-major); each
-    branch gets its own map.
+    branch gets its own map. With ``images`` > 1 a branch's rows are [uncond × images; cond ×
+    images] (``halves`` = 1: one half only) and every image gets its own map (``image_maps``).
     """
 
-    def __init__(self, capture: "AttentionCapture", truncate: bool, groups: int = 1):
+    def __init__(self, capture: "AttentionCapture", truncate: bool, groups: int = 1, images: int = 1, halves: int = 2):
         self.capture, self.truncate, self.groups = capture, truncate, groups
+        self.images, self.halves = images, halves
         self.total: torch.Tensor | None = None
         self.rows = 0
         self.calls = 0
 
     def add(self, probs: torch.Tensor, heads: int) -> None:
         batch = probs.shape[0] // heads
-        if batch % self.groups:
-            raise RuntimeError(f"capture saw a batch of {batch}, not a multiple of {self.groups} branches")
-        p = probs.reshape(self.groups, batch // self.groups, heads, *probs.shape[1:])
+        if self.images == 1 and self.halves == 2 and batch % self.groups == 0:
+            halves = batch // self.groups  # [uncond, cond] pairs, or one row when a call ran one half
+        elif batch == self.groups * self.images * self.halves:
+            halves = self.halves
+        else:
+            raise RuntimeError(f"capture saw a batch of {batch}, not {self.groups} branches × {self.images} images")
+        p = probs.reshape(self.groups, halves, self.images, heads, *probs.shape[1:])
         if self.capture.source == "cond":
             p = p[:, p.shape[1] // 2:]
-        s = p.to(torch.promote_types(p.dtype, torch.float32)).sum(dim=(1, 2))  # fp32 (fp64 stays)
+        s = p.to(torch.promote_types(p.dtype, torch.float32)).sum(dim=(1, 3))  # fp32 (fp64 stays)
         self.total = s if self.total is None else self.total + s
-        self.rows += p.shape[1] * p.shape[2]
+        self.rows += p.shape[1] * p.shape[3]
         self.calls += 1
         if self.truncate and self.calls == len(self.capture.spec.layers):
             raise StopForward
 
     def maps(self) -> torch.Tensor:
         """``(h, w, tokens)``; ``(groups, h, w, tokens)`` for a batched call of several branches."""
+        out = self.image_maps()[:, 0]
+        return out[0] if self.groups == 1 else out
+
+    def image_maps(self) -> torch.Tensor:
+        """``(groups, images, h, w, tokens)``: one map per branch and image."""
         if self.calls != len(self.capture.spec.layers):
             raise RuntimeError(f"captured {self.calls} of {len(self.capture.spec.layers)} cross-attention layers")
         h, w = self.capture.spec.size
-        out = (self.total / self.rows).reshape(self.groups, h, w, -1)
-        return out[0] if self.groups == 1 else out
+        return (self.total / self.rows).reshape(self.groups, self.images, h, w, -1)
 
 
 class CaptureProcessor:
@@ -206,14 +216,14 @@ class AttentionCapture:
         self.modules = [unet.get_submodule(n) for n in spec.layers]
 
     @contextmanager
-    def record(self, truncate: bool = False, groups: int = 1):
+    def record(self, truncate: bool = False, groups: int = 1, images: int = 1, halves: int = 2):
         """Swap in capture processors for one call; ``truncate`` stops the UNet after the last one.
 
         Yields the recorder; ``recorder.maps()`` is the ``(h, w, tokens)`` map (fp32, with a graph
         when grad is enabled), or one per branch when the call batches ``groups`` branches. A
         truncated call's ``StopForward`` is swallowed here.
         """
-        rec = _Recorder(self, truncate, groups)
+        rec = _Recorder(self, truncate, groups, images, halves)
         h, w = self.spec.size
         saved = [m.processor for m in self.modules]
         for m in self.modules:

@@ -596,8 +596,18 @@ class Evaluator:
 
     def run_job(self, job: Job):
         """Generate one image; return (image, row)."""
+        return self.run_jobs([job])[0]
+
+    def run_jobs(self, jobs: list[Job]) -> list[tuple]:
+        """Generate jobs that differ only in their seed as one batched request; [(image, row)].
+
+        Each image equals its one-job twin within 1/255 per pixel (``Studio.run``); a row's
+        ``seconds`` is the batch's time divided by its images (``batch`` says how many shared it)."""
         import torch
 
+        job = jobs[0]
+        if any(batch_key(j) != batch_key(job) for j in jobs):
+            raise StudioError("run_jobs batches jobs that differ only in their seed")
         names = [a["name"] for a in job.adapters]
         start = time.perf_counter()
         if torch.cuda.is_available():
@@ -605,27 +615,30 @@ class Evaluator:
         result = self.studio.run(
             job.prompt, [(a["name"], a["weight"]) for a in job.adapters], method=job.method,
             method_params=job.method_params, steps=job.steps, guidance=job.guidance, width=job.width,
-            height=job.height, seed=job.seed, negative_prompt=job.negative_prompt, num_images=1,
-            sampler=job.sampler, progress=False,
+            height=job.height, seeds=[j.seed for j in jobs], negative_prompt=job.negative_prompt,
+            sampler=job.sampler, progress=False, batch_size=len(jobs),
         )
-        seconds = time.perf_counter() - start
-        image = result.images[0]
+        seconds = (time.perf_counter() - start) / len(jobs)
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-        row = {
-            "job_id": job.job_id, "method": job.method, "method_label": job.method_label,
-            "method_params": job.method_params, "effective": result.recipes[0].effective,
-            "from_preset": result.recipes[0].from_preset, "loraset_id": job.loraset_id, "n_adapters": len(names),
-            "loras": [{"name": a["name"], "type": self.studio.adapters.get(a["name"]).kind, "weight": a["weight"],
-                       "sha256": a["sha256"], "shorthash": a["sha256"][:12]} for a in job.adapters],
-            "weight_id": job.weight_id, "prompt_id": job.prompt_id, "prompt": job.prompt,
-            "negative_prompt": job.negative_prompt, "sample_idx": job.sample_idx, "seed": job.seed,
-            "generator_device": "cpu", "steps": job.steps, "cfg": job.guidance, "scheduler": job.sampler,
-            "size": [job.width, job.height], "model": job.model, "image": f"images/{job.job_id}.png",
-            "timing": {"seconds": round(seconds, 4), "peak_vram_gb": None if peak is None else round(peak, 3),
-                       "unet_calls": result.report.get("unet_calls")},
-            "metrics": self.score(image, job, names),
-        }
-        return image, row
+        out = []
+        for job, image, recipe in zip(jobs, result.images, result.recipes):
+            row = {
+                "job_id": job.job_id, "method": job.method, "method_label": job.method_label,
+                "method_params": job.method_params, "effective": recipe.effective,
+                "from_preset": recipe.from_preset, "loraset_id": job.loraset_id, "n_adapters": len(names),
+                "loras": [{"name": a["name"], "type": self.studio.adapters.get(a["name"]).kind, "weight": a["weight"],
+                           "sha256": a["sha256"], "shorthash": a["sha256"][:12]} for a in job.adapters],
+                "weight_id": job.weight_id, "prompt_id": job.prompt_id, "prompt": job.prompt,
+                "negative_prompt": job.negative_prompt, "sample_idx": job.sample_idx, "seed": job.seed,
+                "generator_device": "cpu", "steps": job.steps, "cfg": job.guidance, "scheduler": job.sampler,
+                "size": [job.width, job.height], "model": job.model, "image": f"images/{job.job_id}.png",
+                "timing": {"seconds": round(seconds, 4), "batch": len(jobs),
+                           "peak_vram_gb": None if peak is None else round(peak, 3),
+                           "unet_calls": result.report.get("unet_calls", 0) // len(jobs)},
+                "metrics": self.score(image, job, names),
+            }
+            out.append((image, row))
+        return out
 
     def score(self, image, job: Job, names: list[str]) -> dict:
         from .metrics import compat_text
@@ -651,6 +664,21 @@ class Evaluator:
         if self.oracle is not None and names:
             out["oracle"] = oracle_presence(self.oracle, image, {n: s.adapters[n].concept for n in names})
         return out
+
+
+def batch_key(job: Job) -> tuple:
+    """What jobs must share to be drawn as one batched request: everything but the seed."""
+    return (job.model, job.method, json.dumps(job.method_params, sort_keys=True, default=str),
+            tuple((a["name"], a["weight"]) for a in job.adapters), job.prompt, job.negative_prompt,
+            job.steps, job.guidance, job.sampler, job.width, job.height)
+
+
+def batch_jobs(jobs: list[Job], size: int) -> list[list[Job]]:
+    """Jobs grouped by ``batch_key`` (first-seen order), in batches of at most ``size``."""
+    groups: dict[tuple, list[Job]] = {}
+    for j in jobs:
+        groups.setdefault(batch_key(j), []).append(j)
+    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), max(1, size))]
 
 
 def oracle_presence(oracle, image, concepts: dict[str, str | None]) -> dict:
@@ -690,6 +718,7 @@ def run_suite(
     dry_run: bool = False,
     on_job: Callable[[Job, dict], None] | None = None,
     log: Callable[[str], None] = print,
+    batch_size: int | None = None,
 ) -> RunSummary:
     """Run (or count) a suite into a run folder; see the module docstring for the layout."""
     suite = load_suite(suite_path)
@@ -736,17 +765,21 @@ def run_suite(
             device = suite.device or str(state.device)
             evaluator = Evaluator(suite, device)
             rank_file = out / f"results.rank{state.process_index}.jsonl"
-            for job in mine:
-                image, row = evaluator.run_job(job)
-                with _disk_guard(f"images/{job.job_id}.png"):
-                    save_png(image, out / "images" / f"{job.job_id}.png")
-                append_row(rank_file, row)
-                generated += 1
-                if on_job is not None:
-                    on_job(job, row)
-                if state.is_main_process:
-                    log(f"[{done_before + generated}/{len(jobs)}] {job.job_id} {job.method_label} {job.loraset_id} "
-                        f"seed {job.seed}: {row['timing']['seconds']:.2f}s")
+            from .studio import auto_batch_size
+
+            size = batch_size or auto_batch_size(device, suite.width, suite.height,
+                                                 evaluator.studio.pipe.vae_scale_factor)
+            for batch in batch_jobs(mine, size):
+                for job, (image, row) in zip(batch, evaluator.run_jobs(batch)):
+                    with _disk_guard(f"images/{job.job_id}.png"):
+                        save_png(image, out / "images" / f"{job.job_id}.png")
+                    append_row(rank_file, row)
+                    generated += 1
+                    if on_job is not None:
+                        on_job(job, row)
+                    if state.is_main_process:
+                        log(f"[{done_before + generated}/{len(jobs)}] {job.job_id} {job.method_label} {job.loraset_id} "
+                            f"seed {job.seed}: {row['timing']['seconds']:.2f}s (batch of {len(batch)})")
     state.wait_for_everyone()
     rows = []
     if state.is_main_process:
@@ -895,16 +928,19 @@ use it as a sanity metric only.</p>{table}<h2>Grids (rows: methods, columns: sam
 # CLI
 # ---------------------------------------------------------------------------------------------
 def cmd_eval(args) -> int:
-    run_suite(args.suite, args.out, resume=args.resume, limit=args.limit, dry_run=args.dry_run)
+    run_suite(args.suite, args.out, resume=args.resume, limit=args.limit, dry_run=args.dry_run,
+              batch_size=args.batch_size)
     return 0
 
 
 def add_cli(subparsers) -> None:
-    """``studio eval SUITE.yaml --out RUNDIR [--resume] [--limit N] [--dry-run]``."""
+    """``studio eval SUITE.yaml --out RUNDIR [--resume] [--limit N] [--dry-run] [--batch-size N]``."""
     p = subparsers.add_parser("eval", help="run an evaluation suite (resumable; accelerate launch for several processes)")
     p.add_argument("suite", help="suite YAML (see workflows/)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue a run folder, skipping finished jobs")
     p.add_argument("--limit", type=int, default=None, help="run only the first N jobs")
     p.add_argument("--dry-run", action="store_true", help="print the job count and exit")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="jobs that differ only in their seed drawn together, at most this many (default: auto; 1: one by one)")
     p.set_defaults(func=cmd_eval)

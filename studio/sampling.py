@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -31,6 +31,14 @@ class Conditioning:
     embeds: torch.Tensor
     added: dict[str, torch.Tensor] | None = None  # SDXL: text_embeds, time_ids
 
+    def rows(self, images: int) -> "Conditioning":
+        """The same conditioning for ``images`` latents at once: [uncond × images; cond × images],
+        the row order of ``torch.cat([x, x])`` on a batch of images (``x.chunk(2)`` splits it)."""
+        if images == 1:
+            return self
+        added = None if self.added is None else {k: v.repeat_interleave(images, 0) for k, v in self.added.items()}
+        return Conditioning(self.embeds.repeat_interleave(images, 0), added)
+
 
 @dataclass
 class AdapterWeight:
@@ -47,7 +55,7 @@ class AdapterWeight:
 
 @dataclass
 class Counters:
-    unet_calls: int = 0  # full UNet forwards (one per branch per step; uncond+cond batched)
+    unet_calls: int = 0  # full UNet forwards (one per branch per step per image; uncond+cond batched)
     shallow_calls: int = 0  # partial UNet forwards (feature caching)
     cache_hits: int = 0
     text_encodes: int = 0
@@ -111,9 +119,12 @@ class ComposeContext:
     def eps(self, x: torch.Tensor, t, cond: Conditioning, weights: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
         """One UNet call on [x, x] with these UNet adapter weights: (eps_uncond, eps_cond).
 
-        At guidance ≤ 1 only the conditional row runs and (eps_cond, eps_cond) comes back, so
-        ``cfg`` returns eps_cond exactly, as the released pipelines do."""
-        rows = slice(None) if self.uses_cfg else slice(1, 2)
+        ``x`` may hold several images (rows); each gets the same conditioning. At guidance ≤ 1
+        only the conditional rows run and (eps_cond, eps_cond) comes back, so ``cfg`` returns
+        eps_cond exactly, as the released pipelines do."""
+        images = x.shape[0]
+        cond = cond.rows(images)
+        rows = slice(None) if self.uses_cfg else slice(images, 2 * images)
         added = cond.added if cond.added is None or self.uses_cfg else {k: v[rows] for k, v in cond.added.items()}
         self.rig.set(unet=weights)
         try:
@@ -123,7 +134,7 @@ class ComposeContext:
             )[0]
         finally:
             self.rig.set(unet={})
-        self.counters.unet_calls += 1
+        self.counters.unet_calls += images
         if not self.uses_cfg:
             return out, out
         eu, ec = out.chunk(2)
@@ -151,12 +162,14 @@ class ComposeContext:
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
-def initial_latents(ctx: ComposeContext, seed: int, scheduler) -> torch.Tensor:
-    """Noise from a fresh CPU generator for this image alone (device-independent)."""
+def initial_latents(ctx: ComposeContext, seed: int | Sequence[int], scheduler) -> torch.Tensor:
+    """Noise from a fresh CPU generator per image (device-independent): one row per seed, each
+    row what that seed alone gives, so a batch of images starts where its serial twins do."""
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]
     factor = ctx.pipe.vae_scale_factor
     shape = (1, ctx.pipe.unet.config.in_channels, ctx.height // factor, ctx.width // factor)
-    generator = torch.Generator("cpu").manual_seed(int(seed))
-    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    noise = torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s)), dtype=torch.float32)
+                       for s in seeds])
     return (noise * scheduler.init_noise_sigma).to(ctx.device)
 
 
@@ -188,7 +201,8 @@ def denoise(
             eps = composer.predict(x_in, t, i)
             latents = scheduler.step(eps.float(), t, latents, return_dict=False, **step_kwargs)[0]
         if on_step is not None:
-            on_step(i, len(timesteps), latents)
+            for row in latents.split(1):  # one call per image, as serial generation makes
+                on_step(i, len(timesteps), row)
     ctx.counters.seconds += time.perf_counter() - start
     return latents
 
@@ -196,6 +210,12 @@ def denoise(
 @torch.no_grad()
 def decode(pipe, latents: torch.Tensor):
     """Latents to a PIL image with the VAE (upcast when the VAE asks for it in fp16)."""
+    return decode_all(pipe, latents)[0]
+
+
+@torch.no_grad()
+def decode_all(pipe, latents: torch.Tensor) -> list:
+    """A batch of latents to PIL images, one VAE call (upcast when the VAE asks for it in fp16)."""
     vae = pipe.vae
     upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
     if upcast:
@@ -206,7 +226,7 @@ def decode(pipe, latents: torch.Tensor):
     finally:
         if upcast:
             vae.to(torch.float16)
-    return pipe.image_processor.postprocess(image.float(), output_type="pil")[0]
+    return pipe.image_processor.postprocess(image.float(), output_type="pil")
 
 
 def latent_preview(latents: torch.Tensor):

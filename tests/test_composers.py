@@ -211,9 +211,13 @@ def test_composite_with_one_adapter_equals_merge(sd1):
 def test_composite_with_copies_equals_single_adapter(sd1):
     studio, ads = sd1
     twin = Adapter("hero_copy", dict(ads[1].layers))
-    zc, _, rep = gen(studio, [ads[1], twin], "composite")
     zm, _, _ = gen(studio, [ads[1]], "merge")
+    zc, _, rep = gen(studio, [ads[1], twin], "composite", {"batch": "off"})
     assert close(zc, zm)
+    assert rep["unet_calls"] == 2 * STEPS
+    # both branches in one call of per-row adapters: the same to float rounding
+    zb, _, rep = gen(studio, [ads[1], twin], "composite", {"batch": "on"})
+    assert close(zb, zm, tol=1e-5 * float(zm.abs().max()))
     assert rep["unet_calls"] == 2 * STEPS
 
 

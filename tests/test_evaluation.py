@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
@@ -72,6 +73,7 @@ def strip_timing(rows: list[dict]) -> list[dict]:
     rows = copy.deepcopy(rows)
     for r in rows:
         r["timing"].pop("seconds")
+        r["timing"].pop("batch", None)
     return rows
 
 
@@ -274,6 +276,21 @@ def test_full_run_writes_everything(full_run):
     html = (out / "report.html").read_text()
     assert "grids/" in html and "composite" in html
     assert not list(out.glob("results.rank*.jsonl"))
+
+
+def test_batched_jobs_equal_one_by_one(tmp_path, full_run):
+    """Jobs differing only in their seed are drawn as one batch; each image equals its one-job twin."""
+    path, ref_out = full_run
+    s = run_suite(path, tmp_path / "serial", batch_size=1, log=lambda s: None)
+    assert s.generated == 4
+    want = {r["job_id"]: r for r in read_rows(ref_out / "results.jsonl")}
+    got = {r["job_id"]: r for r in read_rows(tmp_path / "serial" / "results.jsonl")}
+    assert set(got) == set(want) and all(r["timing"]["batch"] == 2 for r in want.values())
+    for job_id, r in got.items():
+        assert r["timing"]["batch"] == 1 and r["seed"] == want[job_id]["seed"]
+        a = np.asarray(Image.open(tmp_path / "serial" / r["image"]), np.int16)
+        b = np.asarray(Image.open(ref_out / r["image"]), np.int16)
+        assert np.abs(a - b).max() <= 1
 
 
 def test_rerun_without_resume_refuses(full_run):

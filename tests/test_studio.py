@@ -53,10 +53,12 @@ def test_a1111_tag_forms():
 
 
 def test_num_images_use_consecutive_seeds_and_fresh_generators(sd1):
-    result = sd1.run("a blue star", num_images=2, **FAST)
+    result = sd1.run("a blue star", num_images=2, **FAST)  # one batch: equal within float rounding
     assert [r.seed for r in result.recipes] == [7, 8]
     second = sd1.generate("a blue star", steps=3, seed=8, progress=False)[0]
-    assert np.array_equal(arr(result.images[1]), arr(second))
+    assert np.abs(arr(result.images[1]) - arr(second)).max() <= 1
+    serial = sd1.run("a blue star", num_images=2, batch_size=1, **FAST)  # one at a time: bit-identical
+    assert np.array_equal(arr(serial.images[1]), arr(second))
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++2m", "euler"])
