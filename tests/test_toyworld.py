@@ -186,6 +186,26 @@ def test_toy_pipeline_loads_and_generates():
     assert img.size == (64, 64)
 
 
+@pytest.mark.skipif(not HAVE_MODEL, reason=NO_ASSETS)
+def test_an_adapter_for_another_toy_world_build_is_refused_with_the_fix():
+    """An adapter whose modules this toy model does not have (made for another build of the
+    world) is refused, never applied, and the error names the rebuild command."""
+    import torch
+
+    from studio import Studio
+    from studio.adapters.adapter import Adapter, LoraDelta
+    from studio.errors import AdapterMismatchError
+
+    studio = Studio.load()
+    other = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q"
+    shape = studio.adapters.shapes[other]
+    ad = Adapter("other-build", {other: LoraDelta(torch.zeros(4, shape[1] + 8), torch.zeros(shape[0], 4), 4.0)},
+                 arch="toy")
+    with pytest.raises(AdapterMismatchError, match="python -m training.demo_adapters"):
+        studio.adapters.add(ad)
+    assert "other-build" not in studio.adapters
+
+
 @pytest.mark.skipif(not HAVE_CLIP, reason=NO_ASSETS)
 def test_toy_clip_loads_offline():
     import torch
