@@ -412,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--outputs", default=str(Path.cwd() / "outputs" / "app"), help="where generated PNGs are written")
     p.add_argument("--library", default=os.environ.get("STUDIO_LIBRARY", str(Path.cwd() / "outputs" / "library")),
                    help="adapter library folder, scanned at start (default outputs/library, or $STUDIO_LIBRARY)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images of one request drawn together (default: auto, 8 on CPU); 1 shows each image "
+                        "as it finishes and lets Stop keep every finished one")
     p.add_argument("--max-file-size", default="512mb", help="upload size limit, e.g. 512mb")
     p.add_argument("--queue-size", type=int, default=32, help="most jobs waiting in the queue")
     args = p.parse_args(argv)
@@ -420,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     except StudioError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    handlers = AppHandlers(studio, args.outputs, library_dir=args.library, demo_dir=args.adapters)
+    handlers = AppHandlers(studio, args.outputs, library_dir=args.library, demo_dir=args.adapters,
+                           batch_size=args.batch_size)
     startup = handlers.open_library()
     for line in startup:
         print(line)

@@ -758,18 +758,22 @@ def run_suite(
         log(f"{len(jobs)} jobs, {done_before} already done, {len(pending)} to run on {state.num_processes} process(es)")
 
     generated = 0
-    with state.split_between_processes(pending, apply_padding=False) as mine:
+    evaluator, batches = None, []
+    if pending:
+        from .studio import auto_batch_size
+
+        device = suite.device or str(state.device)
+        evaluator = Evaluator(suite, device)
+        size = batch_size or auto_batch_size(device, suite.width, suite.height, evaluator.studio.pipe.vae_scale_factor)
+        # batches are formed before the jobs are shared out, so an image is drawn in the same
+        # batch (and so to the same bits) whatever the number of processes
+        batches = batch_jobs(pending, size)
+    with state.split_between_processes(batches, apply_padding=False) as mine:
         if mine:
             from .metadata import save_png
 
-            device = suite.device or str(state.device)
-            evaluator = Evaluator(suite, device)
             rank_file = out / f"results.rank{state.process_index}.jsonl"
-            from .studio import auto_batch_size
-
-            size = batch_size or auto_batch_size(device, suite.width, suite.height,
-                                                 evaluator.studio.pipe.vae_scale_factor)
-            for batch in batch_jobs(mine, size):
+            for batch in mine:
                 for job, (image, row) in zip(batch, evaluator.run_jobs(batch)):
                     with _disk_guard(f"images/{job.job_id}.png"):
                         save_png(image, out / "images" / f"{job.job_id}.png")

@@ -143,6 +143,7 @@ def test_prompt_without_trigger_is_warned(h):
 
 def test_stop_keeps_the_finished_images(h):
     h.preview_every = 1
+    h.batch_size = 1  # one image at a time, so Stop lands between finished images
     gen = h.generate("a red circle <lora:a:1>", **GEN, seed=1, steps=6, batch_count=3)
     for out in gen:
         if isinstance(out[0], list) and out[0]:  # the first image is done

@@ -46,7 +46,7 @@ def _serve(pipe, out: Path, library: Path):
     adapter = random_lora(studio, "a", seed=1, scale=0.5)
     adapter.trigger = "sksa"
     studio.adapters.add(adapter)
-    handlers = AppHandlers(studio, out, library_dir=library)
+    handlers = AppHandlers(studio, out, library_dir=library, batch_size=1)  # images appear one by one
     startup = handlers.open_library()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

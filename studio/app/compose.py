@@ -134,6 +134,7 @@ class ComposeTab:
                 guidance=float(guidance),
                 width=as_int(width, "width") if width else None, height=as_int(height, "height") if height else None,
                 num_images=as_int(batch_count, "batch count"), negative_prompt=negative_prompt or "",
+                batch_size=self.batch_size,
             )
             warned = "".join(f"  \n{message(w, 'warning')}" for w in
                              trigger_warnings(prompt, self.studio.adapters, self.phrase_of))

@@ -43,8 +43,12 @@ class AppHandlers(ComposeTab, LibraryTab, PngInfoTab, XYTab, TrainTab, EvaluateT
     """The app's actions over one shared Studio; per-request state is passed in explicitly."""
 
     def __init__(self, studio: Studio, out_dir: str | os.PathLike | None = None, preview_every: int | None = None,
-                 library_dir: str | os.PathLike | None = None, demo_dir: str | os.PathLike | None = None):
+                 library_dir: str | os.PathLike | None = None, demo_dir: str | os.PathLike | None = None,
+                 batch_size: int | None = None):
         self.studio = studio
+        # images of one request drawn together (None: the studio's auto size); 1 shows each image
+        # as it finishes and lets Stop keep every finished one
+        self.batch_size = batch_size
         self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="lora-studio-app-"))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.store = AdapterStore(studio.adapters, library_dir or self.out_dir / "library")
