@@ -184,11 +184,7 @@ def table(results: dict) -> str:
             continue
         base = r["methods"].get("single@1", {}).get("seconds")
         for key, m in r["methods"].items():
-            if "error" in m:
-                lines.append(f"{arch:6} {key:22} {'error':>9}")
-                continue
-            ratio = f"{m['seconds'] / base:7.2f}" if base else "      -"
-            lines.append(f"{arch:6} {key:22} {m['seconds']:9.3f} {ratio} {m['peak_gib'] if m['peak_gib'] is not None else '-':>9}")
+            lines.append(_timed_row(arch, key, m, base))
         for key, m in r["batch"].items():
             if "error" in m:
                 lines.append(f"{arch:6} {key:22} {'error':>9}")
@@ -198,12 +194,17 @@ def table(results: dict) -> str:
                          f"{b['peak_gib'] if b['peak_gib'] is not None else '-':>9}")
         lora = r["train"].get("lora", {}).get("seconds")
         for key, m in r["train"].items():
-            if "error" in m:
-                lines.append(f"{arch:6} {'train ' + key:22} {'error':>9}")
-                continue
-            ratio = f"{m['seconds'] / lora:7.2f}" if lora else "      -"
-            lines.append(f"{arch:6} {'train ' + key:22} {m['seconds']:9.3f} {ratio} {m['peak_gib'] if m['peak_gib'] is not None else '-':>9}")
+            lines.append(_timed_row(arch, "train " + key, m, lora))
     return "\n".join(lines)
+
+
+def _timed_row(arch: str, label: str, m: dict, base: float | None) -> str:
+    """One table row: seconds, the ratio to ``base`` (measured in the same run) and peak memory."""
+    if "error" in m:
+        return f"{arch:6} {label:22} {'error':>9}"
+    ratio = f"{m['seconds'] / base:7.2f}" if base else "      -"
+    peak = m["peak_gib"] if m["peak_gib"] is not None else "-"
+    return f"{arch:6} {label:22} {m['seconds']:9.3f} {ratio} {peak:>9}"
 
 
 def main(argv=None) -> int:

@@ -42,7 +42,7 @@ def _lycoris_kron(shape, rank: int | None = None, scale: float = 1.0) -> KronDel
 
 
 def test_studio_lokr_loads_in_lycoris_with_the_same_forward(pipe, tmp_path, monkeypatch):
-    from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
+    from lycoris.kohya import LycorisNetworkKohya
 
     # lycoris-lora 4.1.3's default targets name time_embedding.linear_1 both by class (TimestepEmbedding)
     # and by name, so the throwaway default network it builds first asserts on any diffusers UNet
@@ -61,8 +61,15 @@ def test_studio_lokr_loads_in_lycoris_with_the_same_forward(pipe, tmp_path, monk
     modules = {k.split(".")[0] for k in raw}
     assert all(f"{m}.alpha" in raw for m in modules)  # LyCORIS calls float(alpha) on every module
 
-    unet = copy.deepcopy(pipe.unet)
-    te = copy.deepcopy(pipe.text_encoder)
+    _lycoris_matches(pipe, file, layers)
+
+
+def _lycoris_matches(pipe, file, layers) -> None:
+    """LyCORIS builds a network from ``file`` with one module per studio layer, and each wrapped
+    module's forward equals the base plus the studio layer's."""
+    from lycoris.kohya import create_network_from_weights
+
+    unet, te = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
     network, _ = create_network_from_weights(1.0, str(file), None, te, unet)
     assert len(network.unet_loras) == len(layers)
     network.apply_to(te, unet, apply_text_encoder=False, apply_unet=True)
@@ -84,7 +91,7 @@ def _same_forward(mod: torch.nn.Module, delta) -> None:
 
 
 def test_studio_kohya_lora_and_locon_load_in_lycoris_with_the_same_forward(pipe, tmp_path, monkeypatch):
-    from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
+    from lycoris.kohya import LycorisNetworkKohya
 
     monkeypatch.setattr(LycorisNetworkKohya, "UNET_TARGET_REPLACE_NAME", [])  # see the LoKr test above
     shapes = module_shapes(pipe)
@@ -96,13 +103,7 @@ def test_studio_kohya_lora_and_locon_load_in_lycoris_with_the_same_forward(pipe,
             layers[path] = LoraDelta(down, up, alpha=1.5)
     assert any(len(shapes[p]) == 4 and shapes[p][-1] == 3 for p in layers)  # LoCon: 3×3 convs too
     file = write_adapter(Adapter(name="lc", layers=layers, arch="sd1"), tmp_path / "lc.safetensors", format="kohya")
-    unet, te = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
-    network, _ = create_network_from_weights(1.0, str(file), None, te, unet)
-    assert len(network.unet_loras) == len(layers)
-    network.apply_to(te, unet, apply_text_encoder=False, apply_unet=True)
-    by_name = dict(unet.named_modules())
-    for path, d in layers.items():
-        _same_forward(by_name[path[len("unet."):]], d)
+    _lycoris_matches(pipe, file, layers)
 
 
 def test_krona_paper_is_lycoris_rebuildable_at_sd_widths_and_the_old_ibm_layout_is_not():
