@@ -392,6 +392,15 @@ def launch_options(handlers: AppHandlers, max_file_size: str | int = "512mb") ->
 
 # ``?tab=Library`` opens that tab: links to a tab, and headless screenshots of each one.
 OPEN_TAB_JS = """() => {
+  // Ctrl+Enter (Cmd+Enter) generates, Esc stops, from anywhere on the page, as in A1111
+  document.addEventListener("keydown", (e) => {
+    if ((e.ctrlKey || e.metaKey) && e.key === "Enter") {
+      e.preventDefault();
+      document.querySelector("#generate")?.click();
+    } else if (e.key === "Escape") {
+      document.querySelector("#stop")?.click();
+    }
+  });
   const want = new URLSearchParams(window.location.search).get("tab");
   if (!want) return;
   const click = () => {

@@ -114,12 +114,12 @@ def test_generate_stop_and_png_info_round_trip(sd1_pipe, tmp_path, browser):
         _shot(page, "1-generated")
         original = max((tmp_path / "out").rglob("*-7.png"), key=lambda p: p.stat().st_mtime)
 
-        # Stop mid-batch: the finished images stay, the status says so
+        # Stop mid-batch: the finished images stay, the status says so (Ctrl+Enter generates, Esc stops)
         _set(page, "steps", 150)
         _set(page, "batch", 6)
-        page.click("#generate")
+        page.locator("#prompt textarea").press("Control+Enter")
         page.wait_for_function("document.querySelector('#status').innerText.includes('image 2/6')")
-        page.click("#stop")
+        page.keyboard.press("Escape")
         page.wait_for_function("document.querySelector('#status').innerText.includes('Stopped')")
         kept = page.locator("#gallery .thumbnail-item, #gallery button img").count()
         status = page.locator("#status").inner_text()
