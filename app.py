@@ -27,6 +27,9 @@ REPO = Path(__file__).resolve().parent
 CSS = """
 .card {border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 6px;}
 .note {color: #b45309; font-weight: 600;}
+/* small images stay small and crisp: thumbnails at most 192 px, no blurry upscaling */
+#gallery .thumbnail-item, #history .thumbnail-item {max-width: 192px; max-height: 192px;}
+#gallery img, #history img {image-rendering: pixelated;}
 """
 GPU = dict(concurrency_id="gpu", concurrency_limit=1)  # generate / merge share one GPU queue
 LIGHT = dict(concurrency_limit=None)
