@@ -342,3 +342,16 @@ def test_diffusers_files_load_in_sdxl_pipelines_with_the_same_delta(tmp_path):
     assert set(got) == set(layers)
     for path, delta in got.items():
         torch.testing.assert_close(delta, layers[path].delta(), atol=1e-5, rtol=1e-5)
+
+
+def test_shipped_kronecker_demos_carry_an_alpha_on_every_module():
+    """LyCORIS calls float(alpha) on every LoKr module; the demo files were re-exported with it."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "assets" / "adapters"
+    files = sorted(folder.glob("*-kron.safetensors"))
+    assert files
+    for file in files:
+        raw = load_file(file)
+        modules = {k.rsplit(".", 1)[0] for k in raw if ".lokr_" in k}
+        assert modules and all(f"{m}.alpha" in raw for m in modules), file.name
