@@ -55,8 +55,11 @@ class Recipe:
         return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Recipe":
-        data = json.loads(text)
+    def from_json(cls, text: str, where: str = "the recipe") -> "Recipe":
+        """Parse and validate (``schema.RecipeModel``): a RecipeError names the bad field."""
+        from .schema import parse_recipe_json
+
+        data = parse_recipe_json(text, where, SCHEMA)
         data["adapters"] = [AdapterUse(**a) for a in data.get("adapters", [])]
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
@@ -156,9 +159,53 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
 
 
 def read_recipe(path_or_image) -> Recipe:
-    """The recipe stored in a PNG written by the studio."""
-    image = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
-    text = image.info.get(RECIPE_KEY) or getattr(image, "text", {}).get(RECIPE_KEY)
+    """The recipe stored in a PNG written by the studio, validated.
+
+    A missing or non-PNG file, text chunks over ``max_recipe_bytes``, an image over
+    ``max_png_pixels`` (decompression bombs) and a malformed recipe raise a one-line RecipeError;
+    the pixels are never decoded.
+    """
+    from .schema import Limits, RecipeError
+
+    limits = Limits.from_env()
+    if isinstance(path_or_image, Image.Image):
+        image, where = path_or_image, getattr(path_or_image, "filename", "") or "the image"
+        text = image.info.get(RECIPE_KEY) or getattr(image, "text", {}).get(RECIPE_KEY)
+    else:
+        where = os.fsdecode(path_or_image)
+        path = Path(where)
+        if not path.is_file():
+            raise RecipeError(f"{where} not found (or not a file); check the path to the PNG")
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                raise RecipeError(f"{where} is not a PNG file; only PNGs saved by the studio carry a recipe")
+        text = _png_recipe_text(path, limits, where)
     if not text:
-        raise StudioError(f"{getattr(image, 'filename', 'image')} has no lora_studio recipe; only PNGs saved by the studio can be reproduced")
-    return Recipe.from_json(text)
+        raise RecipeError(f"{where} has no lora_studio recipe; only PNGs saved by the studio can be reproduced")
+    return Recipe.from_json(text, where)
+
+
+def _png_recipe_text(path: Path, limits, where: str) -> str | None:
+    """The ``lora_studio`` chunk, read with PIL's chunk limits set from ``limits`` (no pixel decode)."""
+    import warnings
+    import zlib
+
+    from .schema import RecipeError, env_name
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                w, h = image.size
+                if w * h > limits.max_png_pixels:
+                    raise RecipeError(f"{where} is {w}×{h} pixels, over the bound of {limits.max_png_pixels} "
+                                      f"({env_name('max_png_pixels')}); it is not an image the studio wrote")
+                text = image.info.get(RECIPE_KEY)  # chunks before IDAT, where save_png writes them
+    except RecipeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise RecipeError(f"{where} is a decompression bomb (too many pixels); it is not an image the studio wrote") from None
+    except (OSError, ValueError, SyntaxError, zlib.error, EOFError) as e:
+        raise RecipeError(f"{where} is not a readable PNG ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__}); "
+                          "pass a PNG saved by the studio") from None
+    return text

@@ -6,6 +6,7 @@ exactly like ``<lora:…>``: A1111's built-in Lora extension now loads LyCORIS f
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ def parse_prompt(prompt: str) -> tuple[str, list[LoraTag]]:
             unet = float(values.get("unet", te))
         except ValueError:
             raise GenerationError(f"bad weight in {tag}; weights are numbers, e.g. <lora:{name}:0.8>") from None
+        if not (math.isfinite(te) and math.isfinite(unet)):
+            raise GenerationError(f"weight in {tag} is not a finite number; write e.g. <lora:{name}:0.8>")
         if "dyn" in values:
             warnings.warn(f"{tag}: DYN (rank limit) is not supported and is ignored", stacklevel=2)
         tags.append(LoraTag(name, te, unet))

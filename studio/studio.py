@@ -26,6 +26,7 @@ from .base import (
     model_hash, module_shapes, pick_device, resolve_sampler, sampler_label,
 )
 from .errors import GenerationError, ModelLoadError
+from .schema import Limits, check_method_params, check_request, check_weights, finite, whole
 from .metadata import AdapterUse, Recipe, attach, read_recipe
 from .prompts import format_tag, parse_prompt
 from .sampling import AdapterWeight, ComposeContext, StepCallback, decode_all, denoise, initial_latents
@@ -60,6 +61,7 @@ class Studio:
         self.adapters = AdapterLibrary(module_shapes(pipe), self.arch)
         self._lock = threading.RLock()  # one generation owns the UNet's adapter hooks at a time
         self._composer_cache: dict = {}  # e.g. LEGO merges, keyed by a hash of their inputs
+        self.limits: Limits = Limits.from_env()  # resource bounds (README "Limits and bad input")
 
     # ---- loading -------------------------------------------------------------------------
     @classmethod
@@ -162,6 +164,13 @@ class Studio:
         """
         from composers import make_composer
 
+        limits = self.limits.for_model(self.default_size)  # validation boundary: refuse before any work
+        if isinstance(adapters, (str, Adapter, AdapterWeight)) or not isinstance(adapters, Sequence):
+            raise GenerationError(f"adapters must be a list (of names, (name, weight) pairs or Adapters), got "
+                                  f"{type(adapters).__name__}; write e.g. adapters=[\"{adapters}\"]"[:300])
+        method_params = check_method_params(method_params)
+        if not isinstance(method, str):
+            raise GenerationError(f"method must be a method name, got {method!r}"[:200])
         composer = make_composer(method, method_params)
         preset = composer.named_preset()
         run = preset.run_settings() if preset is not None else {}
@@ -173,8 +182,11 @@ class Studio:
         negative_prompt = from_preset.get("negative_prompt", "" if negative_prompt is None else negative_prompt)
         width, height = width or self.default_size, height or self.default_size
         if seeds is not None:
-            seeds = [int(s) % 2**32 for s in seeds]
+            seeds = [whole(f"seeds[{i}]", s) % 2**32 for i, s in enumerate(seeds)]
             num_images = len(seeds)
+        check_request(limits, prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                      width=width, height=height, seed=-1 if seed is None else seed, num_images=num_images,
+                      sampler=sampler, method=method)
         _check_params(steps, guidance, width, height, num_images, batch_size)
         sampler = resolve_sampler(sampler)  # A1111 labels ("DPM++ 2M Karras") become our short names
         text, tags = parse_prompt(prompt)
@@ -185,6 +197,7 @@ class Studio:
             from_preset["weight"] = weight
         chosen = [AdapterWeight(self.adapters.get(t.name), t.unet, t.te) for t in tags] or \
             [self._resolve(a, weight if _weightless(a) else None) for a in adapters]
+        check_weights(limits, [(a.name, a.unet, a.te) for a in chosen])
         names = [a.name for a in chosen]
         if len(set(names)) != len(names):
             raise GenerationError(f"adapter listed twice in {names}; give each adapter once")
@@ -273,6 +286,9 @@ class Studio:
                     raise GenerationError(
                         f"adapter {use.name!r} of the recipe is not loaded and its file {use.path!r} is missing; load it first"
                     )
+                if Path(use.path).suffix.lower() != ".safetensors":  # a recipe never makes us open a pickle
+                    raise GenerationError(f"adapter {use.name!r} of the recipe points at {use.path!r}, not a .safetensors "
+                                          "file; load the adapter yourself first")
                 self.adapters.load(use.path, name=use.name)
             loaded = self.adapters.get(use.name)
             if use.sha256 and loaded.sha256 and use.sha256 != loaded.sha256:
@@ -296,11 +312,11 @@ class Studio:
             adapter = self.adapters.get(spec)
             w = adapter.weight if weight is None else weight
             return AdapterWeight(adapter, w, w)
-        if isinstance(spec, tuple) and len(spec) in (2, 3):
+        if isinstance(spec, (tuple, list)) and len(spec) in (2, 3) and isinstance(spec[0], (str, Adapter)):
             adapter = spec[0] if isinstance(spec[0], Adapter) else self.adapters.get(spec[0])
-            unet = float(spec[1])
-            return AdapterWeight(adapter, unet, float(spec[2]) if len(spec) == 3 else unet)
-        raise GenerationError(f"cannot use {spec!r} as an adapter; pass a library name, (name, weight) or an Adapter")
+            unet = finite(f"weight of adapter {adapter.name!r}", spec[1])
+            return AdapterWeight(adapter, unet, finite(f"weight of adapter {adapter.name!r}", spec[2]) if len(spec) == 3 else unet)
+        raise GenerationError(f"cannot use {spec!r} as an adapter; pass a library name, (name, weight) or an Adapter"[:300])
 
 
 def _weightless(spec: AdapterSpec) -> bool:
