@@ -79,22 +79,59 @@ def _positive_int(text: str) -> int:
 
 
 def check_writable(out: str | os.PathLike, folder: bool = False) -> None:
-    """Fail before any work when an output cannot be written (its folder made or written to)."""
+    """Fail before any work when an output cannot be written: its folder cannot be made or written to,
+    a parent is a file, or a file output is an existing folder. A probe file is made and removed,
+    so the check holds for root and on read-only mounts too."""
+    import tempfile
+
     path = Path(out)
-    parent = path if folder or path.suffix == "" else path.parent
+    folder = folder or path.suffix == ""
+    parent = path if folder else path.parent
     parent = parent if str(parent) else Path(".")
+    if not folder and path.is_dir():
+        raise StudioError(f"--out {path} is an existing folder, not a file; give a file path such as {path / 'out'}{path.suffix}")
+    if folder and path.exists() and not path.is_dir():
+        raise StudioError(f"--out {path} is an existing file, not a folder; choose a folder path")
+    for above in [parent, *parent.parents]:
+        if above.exists() and not above.is_dir():
+            raise StudioError(f"cannot create the output folder {parent} ({above} is a file); choose a writable --out")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise StudioError(f"cannot create the output folder {parent} ({e.strerror}); choose a writable --out") from None
     if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not path.is_dir() and not os.access(path, os.W_OK)):
         raise StudioError(f"cannot write to {path if path.exists() else parent} (permission denied); choose a writable --out")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".studio-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise StudioError(f"cannot write to {parent} ({e.strerror}); choose a writable --out") from None
 
 
 def _lora_arg(text: str) -> tuple[str, float | None]:
-    """``PATH[:WEIGHT]`` -> (path, weight); no weight: None (the preset's, else the adapter's preferred)."""
+    """``PATH[:WEIGHT]`` -> (path, weight); no weight: None (the preset's, else the adapter's preferred).
+    A weight that is not finite or over ``max_weight`` is refused here, before any model is loaded."""
+    from .schema import Limits, finite
+
     path, _, weight = text.rpartition(":")
-    return (path, float(weight)) if path and _is_float(weight) else (text, None)
+    if not (path and _is_float(weight)):
+        return text, None
+    limit = Limits.from_env().max_weight
+    return path, finite(f"--lora {text}: weight", float(weight), -limit, limit, "weights between -2 and 2 are typical")
+
+
+def _finite_arg(text: str) -> float:
+    """An argparse type: a finite number (NaN and inf are refused)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number, e.g. 7.5")
+    return value
 
 
 def _is_float(s: str) -> bool:
@@ -108,9 +145,12 @@ def _is_float(s: str) -> bool:
 def _size_arg(text: str) -> tuple[int, int]:
     try:
         w, h = text.lower().split("x")
-        return int(w), int(h)
+        w, h = int(w), int(h)
     except ValueError:
         raise argparse.ArgumentTypeError(f"size {text!r} is not WxH, e.g. 64x64") from None
+    if w <= 0 or h <= 0 or w % 8 or h % 8:
+        raise argparse.ArgumentTypeError(f"size {text!r}: width and height must each be a positive multiple of 8, e.g. 64x64")
+    return w, h
 
 
 def _method_params(items: list[str]) -> dict:
@@ -120,7 +160,9 @@ def _method_params(items: list[str]) -> dict:
             raise StudioError(f"{item!r} is not KEY=VALUE; write e.g. tau=3")
         k, v = item.split("=", 1)
         params[k] = v
-    return params
+    from .schema import check_method_params
+
+    return check_method_params(params, "--method-param")
 
 
 def _output_paths(out: str, n: int, stem: str = "image") -> list[Path]:
@@ -136,22 +178,29 @@ def cmd_generate(args) -> int:
     from .metadata import read_recipe, save_png
     from .studio import Studio
 
+    from .schema import recipe_model_problem
+
     check_writable(args.out, folder=Path(args.out).suffix.lower() != ".png")
+    method_params = _method_params(args.method_param)
+    loras = list(map(_lora_arg, args.lora or []))
     if args.from_image:
         recipe = read_recipe(args.from_image)
-        studio = Studio.load(None if recipe.model == "toy-sd" else (args.model or recipe.model))
+        problem = recipe_model_problem(recipe.model) if args.model is None else None
+        if problem:  # a PNG never makes us load an odd model name
+            raise StudioError(f"{args.from_image}: {problem}; pass --model with the model to reproduce it on")
+        studio = Studio.load(None if recipe.model == "toy-sd" and args.model is None else (args.model or recipe.model))
         result = studio.reproduce(recipe)
     else:
         if not args.prompt:
             raise StudioError("--prompt is required (or --from-image X.png to reproduce an image)")
         studio = Studio.load(args.model)
         adapters = []
-        for path, weight in map(_lora_arg, args.lora or []):
+        for path, weight in loras:
             name = studio.adapters.load(path, allow_pickle=args.allow_pickle).name
             adapters.append(name if weight is None else (name, weight))
         width, height = args.size or (None, None)
         result = studio.run(
-            args.prompt, adapters, method=args.method, method_params=_method_params(args.method_param),
+            args.prompt, adapters, method=args.method, method_params=method_params,
             steps=args.steps, guidance=args.guidance, width=width, height=height, seed=args.seed,
             negative_prompt=args.negative_prompt, num_images=args.num_images, sampler=args.sampler,
         )
@@ -180,7 +229,6 @@ def cmd_merge(args) -> int:
     from .adapters.formats import read_adapter, write_adapter
     from .adapters.merge import merge_adapters
 
-    sources = [read_adapter(p, allow_pickle=args.allow_pickle) for p in args.adapters]
     weights = None
     if args.weights:
         try:
@@ -191,14 +239,28 @@ def cmd_merge(args) -> int:
     for key, value in options.items():
         try:
             options[key] = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             pass
+    from .schema import check_method_params, finite
+
+    check_method_params(options, "--option")
+    if "dtype" in options and options["dtype"] not in MERGE_DTYPES:
+        raise StudioError(f"--option dtype={options['dtype']} is not a dtype adapters are written in; "
+                          f"choose one of {', '.join(MERGE_DTYPES)}")
+    for w in weights or []:
+        finite("--weights: weight", w, -100, 100, "weights between -2 and 2 are typical")
+    if Path(args.out).suffix.lower() != ".safetensors":
+        raise StudioError(f"--out {args.out} must end in .safetensors; e.g. --out {Path(args.out).with_suffix('.safetensors')}")
     check_writable(args.out)
+    sources = [read_adapter(p, allow_pickle=args.allow_pickle) for p in args.adapters]
     merged = merge_adapters(sources, weights, args.method, args.rank, seed=args.seed,
                             name=Path(args.out).stem, **options)
     path = write_adapter(merged, args.out, format=args.format)
     print(f"{path}  ({args.method}, {len(merged.layers)} modules, ranks {merged.ranks()})")
     return 0
+
+
+MERGE_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def cmd_serve(args) -> int:
@@ -235,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="composition method")
     g.add_argument("--method-param", action="append", metavar="KEY=VALUE", help="method parameter, repeatable, e.g. tau=3")
     g.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: 25, or the named preset's)")
-    g.add_argument("--guidance", type=float, default=None, help="CFG scale (default: 7.5; 3 on the toy model; or the named preset's)")
+    g.add_argument("--guidance", type=_finite_arg, default=None, help="CFG scale (default: 7.5; 3 on the toy model; or the named preset's)")
     g.add_argument("--seed", type=int, default=-1, help="seed of the first image (the next get seed+1, …); -1 = random")
     g.add_argument("--size", type=_size_arg, default=None, metavar="WxH", help="image size (default: the model's native size)")
     g.add_argument("--num-images", type=_positive_int, default=1, help="how many images (shows a counter and ETA)")
@@ -309,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except StudioError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
         return 2
     except OSError as e:  # the disk or the network refused: the user's to fix, not a bug
         where = f" ({e.filename})" if e.filename else ""
@@ -318,6 +380,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug: one line here, the traceback in a log file
+        print(f"error: internal error (a bug, please report it): {type(e).__name__}: {_first_line(e)}; "
+              f"traceback in {log_bug(e)}", file=sys.stderr)
+        return 1
+
+
+def log_bug(e: BaseException) -> str:
+    """Write ``e``'s traceback to a log file (``$STUDIO_LOG_DIR`` or the temp folder); its path."""
+    import tempfile
+    import time
+    import traceback
+
+    folder = Path(os.environ.get("STUDIO_LOG_DIR") or Path(tempfile.gettempdir()) / "lora-studio-logs")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        path.write_text("".join(traceback.format_exception(e)), encoding="utf-8")
+        return str(path)
+    except OSError:
+        return "(no log: the log folder is not writable; set STUDIO_LOG_DIR)"
 
 
 def _first_line(e: BaseException) -> str:

@@ -240,7 +240,17 @@ def check_weights(limits: Limits, weights: list[tuple[str, float, float]]) -> No
 _Text = Field(max_length=10_000)
 _Short = Field(max_length=512)
 _SAFE_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95})?$")
-AUTO_MODELS = ("toy-sd", "tiny-random-sd1", "tiny-random-sdxl")  # models a recipe may load by itself
+AUTO_MODELS = ("toy-sd", "tiny-random-sd1", "tiny-random-sdxl")  # built-in models a recipe may name
+
+
+def recipe_model_problem(model: str) -> str | None:
+    """Why a model named in a recipe must not be loaded automatically (None: it may be): only the
+    built-in models, an existing local folder/file, or a plain hub id ``owner/name``."""
+    if model in AUTO_MODELS or (os.path.exists(model) and not model.startswith("-")):
+        return None
+    if _SAFE_MODEL.match(model) and ".." not in model:
+        return None
+    return f"model {_show(model)} is neither a local model nor a plain hub id"
 
 
 def _finite_float(v):
@@ -329,8 +339,8 @@ def parse_recipe_json(text, where: str = "the PNG", schema_version: int = 1, lim
         if getattr(model, label) > side or getattr(model, label) % 8:
             raise RecipeError(f"{where}: bad recipe: {label} {getattr(model, label)} is not a multiple of 8 up to {side} "
                               f"({env_name('max_side')}); {fix}")
-    if not (_SAFE_MODEL.match(model.model) or model.model in AUTO_MODELS):
-        raise RecipeError(f"{where}: bad recipe: model {_show(model.model)} is not a model name or hub id; {fix}")
+    if any(ord(c) < 32 for c in model.model + model.prompt + model.negative_prompt + model.sampler + model.method):
+        raise RecipeError(f"{where}: bad recipe: a text field holds control characters; {fix}")
     out = model.model_dump(by_alias=True)
     return out
 

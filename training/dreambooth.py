@@ -128,6 +128,15 @@ class TrainConfig:
             raise TrainingError(f"caption_dropout_scope {self.caption_dropout_scope!r} is unknown; use all or prior")
         if self.train_token_embedding and not self.token_embedding_lr > 0:
             raise TrainingError(f"token_embedding_lr must be > 0, got {self.token_embedding_lr}")
+        for label in ("lr", "alpha", "text_encoder_lr", "token_embedding_lr", "snr_gamma"):
+            v = getattr(self, label, None)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
+                raise TrainingError(f"{label} must be a finite number ≥ 0, got {v!r}")
+        if self.out and Path(self.out).suffix.lower() != ".safetensors":  # refused before training, not after
+            raise TrainingError(f"--out {self.out} must end in .safetensors (adapters are written as safetensors); "
+                                f"e.g. --out {Path(self.out).with_suffix('.safetensors')}")
+        if self.out and Path(self.out).is_dir():
+            raise TrainingError(f"--out {self.out} is an existing folder; give a .safetensors file path")
         if self.adapter == "kron":
             kronlib.parse_factors(self.factors)
         if isinstance(self.class_prompts, str):
@@ -1049,6 +1058,9 @@ def _cmd_train(args) -> int:
         sample_steps=args.sample_steps, output_dir=args.output_dir, format=args.format, seed=args.seed,
         skip_bad_images=not args.strict_images, save_dtype=args.save_dtype, svd_lora_rank=args.svd_lora_rank,
     )
+    from studio.cli import check_writable
+
+    check_writable(cfg.out)  # before the base model is loaded or a step is trained
     studio = Studio.load(args.model)
     adapter = train_adapter(studio, cfg)
     from accelerate.state import PartialState

@@ -136,6 +136,11 @@ def read_adapter(
                 f"{file.name}: tensor {key} contains NaN or infinite values; the adapter is broken "
                 "(diverged training or a corrupt file): use an earlier checkpoint or retrain"
             )
+        if t.numel() and not key.endswith(".alpha") and float(t.detach().abs().max()) > MAX_ABS_WEIGHT:
+            raise AdapterFileError(
+                f"{file.name}: tensor {key} has values up to {float(t.detach().abs().max()):.3g} (|w| > {MAX_ABS_WEIGHT:g}); "
+                "the adapter is broken or hostile: use an earlier checkpoint or retrain"
+            )
     names = _Names(module_names)
     embeddings = _read_bundle_embeddings(file, tensors)
     rest = {k: v for k, v in tensors.items() if not k.startswith("bundle_emb.")}
@@ -425,9 +430,13 @@ def _load_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tenso
             if not isinstance(hdr, dict):
                 raise ValueError("header is not a JSON object")
             end = max((int(v["data_offsets"][1]) for k, v in hdr.items() if k != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+            dtypes = {k: str(v["dtype"]) for k, v in hdr.items() if k != "__metadata__"}
+        except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError, RecursionError) as e:
             raise AdapterFileError(f"{path.name} is corrupt: its safetensors header cannot be read ({_first_line(e)}); "
                                    "re-download or re-export it") from None
+    _check_counts(path, len(dtypes), size)
+    for key, dtype in dtypes.items():
+        _check_dtype(path, key, dtype)
     if 8 + n + end > size:
         raise AdapterFileError(f"{path.name} is truncated: the header promises {end} bytes of tensors but only "
                                f"{size - 8 - n} are there; re-download or re-export it")
@@ -463,7 +472,43 @@ def _load_pickle(path: Path, allow_pickle: bool):
         raise AdapterFileError(f"{path.name} holds a {type(obj).__name__}, not a dict of tensors; "
                                "re-export the adapter as .safetensors")
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    _check_counts(path, len(tensors), path.stat().st_size)
+    for key, t in tensors.items():
+        _check_dtype(path, key, _ST_DTYPE.get(t.dtype, str(t.dtype).replace("torch.", "")))
     return tensors, {}, addnet_hash(path)
+
+
+# tensor dtypes an adapter may hold: floats; integer scalars only for ``alpha`` (some tools write it so)
+_FLOAT_DTYPES = ("F16", "BF16", "F32")
+_ST_DTYPE = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+MAX_ABS_WEIGHT = 1e4  # |w| above this is a broken or hostile adapter, not a trained one
+MAX_ALPHA_PER_RANK = 1e3
+
+
+def _check_counts(path: Path, count: int, size: int) -> None:
+    """Refuse files over the tensor-count and size bounds before reading any tensor."""
+    from ..schema import Limits, env_name
+
+    limits = Limits.from_env()
+    if count > limits.max_adapter_tensors:
+        raise AdapterFileError(f"{path.name} holds {count} tensors, over the bound of {limits.max_adapter_tensors} "
+                               f"({env_name('max_adapter_tensors')}=N raises it); an adapter has far fewer")
+    if size > limits.max_adapter_bytes:
+        raise AdapterFileError(f"{path.name} is {size} bytes, over the bound of {limits.max_adapter_bytes} "
+                               f"({env_name('max_adapter_bytes')}=N raises it); is it a full model rather than an adapter?")
+
+
+def _check_dtype(path: Path, key: str, dtype: str) -> None:
+    """float16/bfloat16/float32 tensors (integer scalars for alpha); anything else is refused by name."""
+    if dtype in _FLOAT_DTYPES or (key.endswith(".alpha") and dtype in ("I64", "I32", "I16", "F64")):
+        return
+    if dtype.startswith("F8"):
+        raise AdapterFileError(f"{path.name}: tensor {key} is fp8 ({dtype}), which adapters are not read in; "
+                               "convert the adapter to float16 or bfloat16 and load that")
+    raise AdapterFileError(f"{path.name}: tensor {key} has dtype {dtype}; adapters hold float16, bfloat16 or "
+                           "float32 tensors: re-export it in one of those")
 
 
 def _read_card(file: Path) -> dict:
@@ -709,6 +754,7 @@ def _parse(file: Path, tensors: dict, header: dict, names: _Names):
                 delta = _lokr_layer(file, module, path, {p: get(f"lokr_{p}") for p in _LOKR_PIECES}, alpha, names, kernels)
             else:
                 delta = _loha_layer(file, module, path, {p: get(f"loha_{p}") for p in _HADA_PIECES}, alpha, names, kernels)
+            _once(file, layers, path, module)
             layers[path] = _with_dora(delta, get("dora"))
             continue
         down, up = get("down"), get("up")
@@ -730,9 +776,23 @@ def _parse(file: Path, tensors: dict, header: dict, names: _Names):
             if cfg:
                 rels = _te_variants(rel_for_pattern) if comp != "unet" else [rel_for_pattern]
                 alpha = _peft_alpha(cfg, rels, down.shape[0])
+        if down.shape[0] == 0 or 0 in down.shape or 0 in up.shape:
+            raise AdapterFileError(f"{file.name}: module {module} has rank 0 or an empty tensor (down "
+                                   f"{_fmt_shape(down.shape)}, up {_fmt_shape(up.shape)}); the file is corrupt, re-export it")
+        if alpha is not None and (not math.isfinite(alpha) or abs(alpha) / down.shape[0] > MAX_ALPHA_PER_RANK):
+            raise AdapterFileError(f"{file.name}: module {module} has alpha {alpha:g} for rank {down.shape[0]} "
+                                   f"(alpha/rank over {MAX_ALPHA_PER_RANK:g}); the file is broken, re-export it")
         down, up = _fit_lora_layout(down, up, names.shapes.get(path) if names.shapes else None)
+        _once(file, layers, path, module)
         layers[path] = _with_dora(LoraDelta(down=down, up=up, alpha=alpha), get("dora"))
     return fmt, layers
+
+
+def _once(file: Path, layers: dict, path: str, module: str) -> None:
+    """Two spellings of one module (e.g. a kohya and a diffusers key) in one file: refuse, never pick one."""
+    if path in layers:
+        raise AdapterFileError(f"{file.name}: module {path} is given twice (also as {module}), e.g. by a kohya and "
+                               "a diffusers key; keep one spelling and re-export the adapter")
 
 
 def _with_dora(delta, magnitude: torch.Tensor | None):
@@ -751,6 +811,11 @@ def _loha_layer(file, module, path, p, alpha, names: "_Names", kernels: dict) ->
     if missing:
         raise AdapterFileError(f"{file.name}: LoHa module {module} lacks hada_{', hada_'.join(missing)}; "
                                "the file is incomplete, re-export it")
+    for piece in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2"):
+        t = p[piece]
+        if t is not None and (t.dim() < 2 or 0 in t.shape):
+            raise AdapterFileError(f"{file.name}: LoHa module {module} has a malformed hada_{piece} of shape "
+                                   f"{_fmt_shape(t.shape)} (expected ≥ 2-D, no empty axis); the file is corrupt, re-export it")
     tucker = p["t1"] is not None
     if tucker != (p["t2"] is not None):
         raise AdapterFileError(f"{file.name}: LoHa module {module} has only one of hada_t1/hada_t2; re-export it")
@@ -801,6 +866,15 @@ def _lokr_layer(file, module, path, p, alpha, names: _Names, kernels: dict) -> K
                                    f"lokr_{label}_a/_b); the file is incomplete, re-export it")
     need(p["w1"], p["w1_a"], p["w1_b"], "w1")
     need(p["w2"], p["w2_a"], p["w2_b"], "w2")
+    allowed = {"w1": (2,), "w1_a": (2,), "w1_b": (2,), "w2": (2, 4), "w2_a": (2,), "w2_b": (2, 4), "t2": (4,)}
+    for piece, dims in allowed.items():
+        t = p.get(piece)
+        if t is not None and (t.dim() not in dims or 0 in t.shape):
+            raise AdapterFileError(f"{file.name}: LoKr module {module} has a malformed lokr_{piece} of shape "
+                                   f"{_fmt_shape(t.shape)} (expected {' or '.join(f'{d}-D' for d in dims)}, no empty "
+                                   "axis); the file is corrupt, re-export it")
+    if alpha is not None and not math.isfinite(alpha):
+        raise AdapterFileError(f"{file.name}: LoKr module {module} has a non-finite alpha; re-export it")
     for f in ("w1", "w2"):
         a, b = p[f"{f}_a"], p[f"{f}_b"]
         if f == "w2" and p["t2"] is not None:  # Tucker: w2_a (r, out/a1), w2_b (r, in/a2), t2 (r, r, kh, kw)
@@ -887,6 +961,18 @@ def _read_peft_config(path: Path) -> dict:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise AdapterFileError(f"{path} cannot be read ({_first_line(e)}); fix or delete it") from None
+    if not isinstance(cfg, dict):
+        raise AdapterFileError(f"{path} holds a JSON {type(cfg).__name__}, not an object; it is not a PEFT "
+                               "adapter_config.json: fix or delete it")
+    for key in ("r", "lora_alpha"):
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+            raise AdapterFileError(f"{path}: {key} is {v!r}, not a positive number; fix adapter_config.json")
+    for key in ("rank_pattern", "alpha_pattern"):
+        v = cfg.get(key)
+        if v is not None and (not isinstance(v, dict) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in v.values())):
+            raise AdapterFileError(f"{path}: {key} must map module patterns to positive numbers; fix adapter_config.json")
     if cfg.get("peft_type", "LORA") not in ("LORA", None):
         raise AdapterFileError(f"{path} describes a {cfg.get('peft_type')} adapter; only LoRA PEFT adapters are supported")
     return cfg

@@ -516,7 +516,14 @@ def _lora(b: torch.Tensor, a: torch.Tensor, shape: tuple[int, ...], dtype) -> Lo
 
 def _out_dtype(adapters, requested):
     if requested is not None:
-        return getattr(torch, requested) if isinstance(requested, str) else requested
+        allowed = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+        dt = allowed.get(requested) if isinstance(requested, str) else requested
+        if dt not in allowed.values():
+            from ..errors import StudioError
+
+            raise StudioError(f"dtype {requested!r} is not a dtype adapters are written in; choose one of "
+                              f"{', '.join(allowed)}")
+        return dt
     dts = {t.dtype for a in adapters for d in a.layers.values() for t in vars(d).values()
            if isinstance(t, torch.Tensor) and t.is_floating_point()}
     return dts.pop() if len(dts) == 1 else torch.float32
