@@ -139,7 +139,7 @@ class Job:
         return f"{self.loraset_id}__{self.weight_id}__{self.prompt_id}"
 
 
-def derive_seed(base_seed: int, loraset_id: str, prompt_id: str, sample_idx: int) -> int:
+def derive_seed(base_seed: int, loraset_id: str, prompt_id: str, sample_idx: int | str) -> int:
     """uint32 from the first 4 bytes (big-endian) of SHA-256 of "{base}|{set}|{prompt}|{sample}"."""
     digest = hashlib.sha256(f"{base_seed}|{loraset_id}|{prompt_id}|{sample_idx}".encode()).digest()
     return int.from_bytes(digest[:4], "big")
@@ -159,13 +159,26 @@ def read_yaml(path: str | os.PathLike) -> dict:
     """Parse a suite file; syntax errors name the line and column."""
     import yaml
 
-    path = str(path)
+    from .schema import Limits, env_name
+
+    limits = Limits.from_env()
+    path = os.fsdecode(path)
     try:
-        text = Path(path).read_text()
+        if Path(path).stat().st_size > limits.max_suite_bytes:
+            _fail(path, f"the suite file is over {limits.max_suite_bytes} bytes ({env_name('max_suite_bytes')}); "
+                        "is it the right file?")
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise SuiteError(f"cannot read suite {path} ({e.strerror}); check the path") from None
+    except UnicodeDecodeError:
+        raise SuiteError(f"{path}: not UTF-8 text; save the suite as UTF-8 YAML") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_bounded_loader(limits.max_yaml_aliases))
+    except _TooManyAliases:
+        raise SuiteError(f"{path}: more than {limits.max_yaml_aliases} YAML aliases (*name), e.g. an alias bomb; "
+                         f"write the suite out, or raise {env_name('max_yaml_aliases')}") from None
+    except RecursionError:
+        raise SuiteError(f"{path}: the YAML is nested too deeply; flatten it") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
@@ -174,6 +187,28 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         _fail(path, "a suite must be a YAML mapping (name:, methods:, adapters:, prompts: …)")
     return data
+
+
+class _TooManyAliases(Exception):
+    pass
+
+
+def _bounded_loader(max_aliases: int):
+    """A SafeLoader that refuses more than ``max_aliases`` alias uses: an alias bomb
+    (``a: &a [x, x]``, ``b: &b [*a, *a]``, …) is refused while it is parsed, before it expands."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        aliases = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                self.aliases += 1
+                if self.aliases > max_aliases:
+                    raise _TooManyAliases()
+            return super().compose_node(parent, index)
+
+    return Loader
 
 
 def _resolve_path(base: Path, p: str) -> Path:
@@ -188,9 +223,19 @@ def load_suite(path: str | os.PathLike) -> Suite:
     path = str(path)
     data = read_yaml(path)
     base = Path(path).resolve().parent
-    unknown = sorted(set(data) - SUITE_KEYS)
+    unknown = sorted(map(str, set(data) - SUITE_KEYS))
     if unknown:
         _fail(path, f"unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(SUITE_KEYS))}")
+    from .adapters.library import safe_name
+    from .schema import Limits, check_method_params, check_suite_scalars, env_name
+
+    limits = Limits.from_env()
+    check_suite_scalars(data, path, limits)
+    for key, kind in (("adapters", list), ("adapter_sets", list), ("prompts", list), ("methods", list),
+                      ("metrics", list), ("combinations", dict)):
+        if data.get(key) is not None and not isinstance(data[key], kind):
+            _fail(path, f"{key}: must be a {'list' if kind is list else 'mapping'}, got {type(data[key]).__name__} "
+                        f"{str(data[key])[:40]!r}")
     size = data.get("size", 64)
     width, height = (size, size) if isinstance(size, int) else tuple(size)
     suite = Suite(
@@ -215,7 +260,23 @@ def load_suite(path: str | os.PathLike) -> Suite:
         bad = sorted(set(raw) - ADAPTER_KEYS)
         if bad:
             _fail(path, f"adapters[{i}] has unknown key(s) {', '.join(bad)}; valid: {', '.join(sorted(ADAPTER_KEYS))}")
+        for key in ("name", "path", "trigger", "concept", "concept_prompt", "kind", "category"):
+            if raw.get(key) is not None and not isinstance(raw[key], str):
+                _fail(path, f"adapters[{i}].{key} must be text, got {raw[key]!r}"[:300])
+        if raw.get("weight") is not None:
+            try:
+                from .schema import finite
+
+                finite(f"adapters[{i}].weight", raw["weight"], -limits.max_weight, limits.max_weight)
+            except StudioError as e:
+                _fail(path, str(e))
+        if raw.get("references") is not None and (not isinstance(raw["references"], list)
+                                                   or not all(isinstance(r, str) for r in raw["references"])):
+            _fail(path, f"adapters[{i}].references must be a list of image paths")
         name = str(raw["name"])
+        if safe_name(name) != name:
+            _fail(path, f"adapters[{i}] name {name!r} is not a library name (letters, digits, - and _); "
+                        f"write name: {safe_name(name)}")
         if name in suite.adapters:
             _fail(path, f"adapter {name!r} is listed twice; give each adapter one entry")
         file = _resolve_path(base, raw["path"])
@@ -255,19 +316,34 @@ def load_suite(path: str | os.PathLike) -> Suite:
     # weights: a number (all adapters), null (preferred weights), or {name: weight}
     weights = data.get("weights", [None])
     suite.weights = weights if isinstance(weights, list) else [weights]
+    from .schema import finite
+
     for w in suite.weights:
         if isinstance(w, dict):
-            for n in w:
+            for n, v in w.items():
                 if n not in suite.adapters:
                     _fail(path, f"weights names unknown adapter {n!r}; valid: {valid}")
-        elif w is not None and not isinstance(w, (int, float)):
+                try:
+                    finite(f"weights: {n}", v, -limits.max_weight, limits.max_weight)
+                except StudioError as e:
+                    _fail(path, str(e))
+        elif w is not None and (isinstance(w, bool) or not isinstance(w, (int, float))):
             _fail(path, f"weight {w!r} is not a number, null or {{adapter: weight}}")
+        elif w is not None:
+            try:
+                finite("weight", w, -limits.max_weight, limits.max_weight)
+            except StudioError as e:
+                _fail(path, str(e))
 
     # prompts
     raw_prompts = data.get("prompts")
     if not raw_prompts:
         _fail(path, "no prompts: give a list of texts (\"{triggers}\" inserts the set's trigger phrases)")
     for i, p in enumerate(raw_prompts):
+        if not isinstance(p, (str, dict)) or (isinstance(p, dict) and not isinstance(p.get("text"), str)):
+            _fail(path, f"prompts[{i}] must be text or {{id:, text:}} with text, got {p!r}"[:300])
+        if len(p if isinstance(p, str) else p["text"]) > limits.max_prompt_chars:
+            _fail(path, f"prompts[{i}] is over {limits.max_prompt_chars} characters; shorten it")
         if isinstance(p, dict):
             if "text" not in p:
                 _fail(path, f"prompts[{i}] needs text:")
@@ -291,7 +367,13 @@ def load_suite(path: str | os.PathLike) -> Suite:
     # methods
     raw_methods = data.get("methods") or ["merge"]
     for i, m in enumerate(raw_methods):
+        if not isinstance(m, (str, dict)) or (isinstance(m, dict) and not isinstance(m.get("params") or {}, dict)):
+            _fail(path, f"methods[{i}] must be a method name or {{name:, params: {{…}}}}, got {m!r}"[:300])
         spec = MethodSpec(str(m)) if not isinstance(m, dict) else MethodSpec(str(m.get("name")), dict(m.get("params") or {}))
+        try:
+            check_method_params(spec.params, f"methods[{i}].params")
+        except StudioError as e:
+            _fail(path, str(e))
         if spec.name not in COMPOSERS:
             _fail(path, f"unknown method {spec.name!r}; valid methods: {', '.join(COMPOSERS)}")
         try:
@@ -301,7 +383,7 @@ def load_suite(path: str | os.PathLike) -> Suite:
         suite.methods.append(spec)
 
     metrics = data.get("metrics", list(METRICS))
-    bad = [m for m in metrics if m not in METRICS]
+    bad = [m for m in metrics if not isinstance(m, str) or m not in METRICS]
     if bad:
         _fail(path, f"unknown metric(s) {', '.join(map(str, bad))}; valid: {', '.join(METRICS)}")
     suite.metrics = list(metrics)
@@ -315,6 +397,10 @@ def load_suite(path: str | os.PathLike) -> Suite:
         _fail(path, str(e))
     if suite.steps < 1 or suite.width % 8 or suite.height % 8:
         _fail(path, "steps must be ≥ 1 and size a multiple of 8")
+    count = len(suite.sets) * len(suite.weights) * len(suite.prompts) * suite.samples * len(suite.methods)
+    if count > limits.max_jobs:
+        _fail(path, f"the suite expands to up to {count} jobs, over the bound of {limits.max_jobs}; lower samples, "
+                    f"prompts or methods, or raise {env_name('max_jobs')}")
     return suite
 
 
@@ -326,6 +412,10 @@ def _combinations(path: str, spec: dict) -> list[tuple[str, list[str]]]:
         _fail(path, "combinations: needs categories: {category: [adapter, …]}")
     sizes = spec.get("n", [2])
     sizes = sizes if isinstance(sizes, list) else [sizes]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= len(cats) for n in sizes):
+        _fail(path, f"combinations: n must be whole numbers from 1 to {len(cats)}, got {sizes!r}"[:300])
+    if not all(isinstance(v, list) for v in cats.values()):
+        _fail(path, "combinations: categories: each category is a list of adapter names")
     require = spec.get("require") or []
     for r in require:
         if r not in cats:
@@ -375,13 +465,22 @@ def expand_jobs(suite: Suite, hashes: dict[str, str] | None = None) -> list[Job]
         hashes = hash_adapters(suite)
     jobs: list[Job] = []
     seen: dict[str, str] = {}
+    seeds_used: set = set()
+    seed_of: dict = {}
     for (set_id, names), w, (pid, ptext), sample in itertools.product(
         suite.sets, suite.weights, suite.prompts, range(suite.samples)
     ):
         if set_id not in suite.prompt_sets.get(pid, [set_id]):
             continue
         prompt = fill_prompt(ptext, trigger_phrases(suite, names))
-        seed = derive_seed(suite.base_seed, set_id, pid, sample)
+        seed = seed_of.get((set_id, pid, sample))
+        if seed is None:
+            seed, salt = derive_seed(suite.base_seed, set_id, pid, sample), 0
+            while (set_id, pid, seed) in seeds_used:  # a 32-bit collision between samples: rehash, not a false duplicate
+                salt += 1
+                seed = derive_seed(suite.base_seed, set_id, pid, f"{sample}#{salt}")
+            seeds_used.add((set_id, pid, seed))
+            seed_of[(set_id, pid, sample)] = seed
         adapters = [{"name": n, "weight": _weight_for(w, suite.adapters[n]), "sha256": hashes[n]} for n in names]
         for m in suite.methods:
             resolved = {
@@ -710,6 +809,20 @@ def process_state():
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
 
 
+def check_run_inputs(suite: Suite, out: Path) -> None:
+    """Before a run folder is made: it can be written, and every adapter the jobs use reads cleanly
+    (format, dtypes, finite values); method parameters were checked by ``load_suite``."""
+    from .adapters.formats import read_adapter
+    from .cli import check_writable
+
+    check_writable(out, folder=True)
+    for name in sorted({n for _, names in suite.sets for n in names}):
+        try:
+            read_adapter(suite.adapters[name].path, name=name)
+        except StudioError as e:
+            raise SuiteError(f"{suite.path}: adapter {name!r}: {e}") from None
+
+
 def run_suite(
     suite_path: str | os.PathLike,
     out: str | os.PathLike,
@@ -737,6 +850,7 @@ def run_suite(
             + (", each prompt only with the sets its sets: names)" if suite.prompt_sets else ")"))
         return RunSummary(str(out), len(jobs), 0, 0, 0)
 
+    check_run_inputs(suite, out)  # the run folder is written only once everything it needs is known good
     state = process_state()
     has_results = (out / "results.jsonl").exists() or any(out.glob("results.rank*.jsonl"))
     if has_results and not resume:
