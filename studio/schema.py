@@ -162,6 +162,11 @@ def _check_value(name: str, value, depth: int) -> None:
     if isinstance(value, str):
         if len(value) > 1000:
             raise GenerationError(f"{name} is a string of {len(value)} characters (at most 1000); shorten it")
+        try:
+            number = float(value)  # CLI values arrive as text: "nan" and "inf" are refused like the numbers
+        except ValueError:
+            return
+        finite(name, number, -1e6, 1e6)
         return
     if depth >= 2:
         raise GenerationError(f"{name} is nested too deeply; parameters are numbers, strings or short lists")

@@ -360,8 +360,16 @@ def addnet_hash(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         if path.suffix.lower() == ".safetensors":
-            n = struct.unpack("<Q", f.read(8))[0]
-            override = (json.loads(f.read(n) or b"{}").get("__metadata__") or {}).get("sshs_model_hash")
+            try:
+                n = struct.unpack("<Q", f.read(8))[0]
+                if n > path.stat().st_size - 8:
+                    raise ValueError(f"header of {n} bytes")
+                header = json.loads(f.read(n) or b"{}")
+                meta = header.get("__metadata__") if isinstance(header, dict) else None
+                override = meta.get("sshs_model_hash") if isinstance(meta, dict) else None
+            except (ValueError, struct.error, UnicodeDecodeError, RecursionError) as e:
+                raise AdapterFileError(f"{path.name} is truncated or not a safetensors file ({_first_line(e)}); "
+                                       "re-download or re-export it") from None
             if override:
                 return str(override).lower()
         for block in iter(lambda: f.read(1 << 20), b""):
