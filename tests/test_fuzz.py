@@ -545,3 +545,34 @@ def _refused(tmp: Path, capsys, argv: list[str], message: str | None = None, kee
     after = {p for p in tmp.rglob("*") if p.is_file()}
     assert after <= before | {p for p in after if p.name in keep}, sorted(map(str, after - before))
     assert not list(tmp.rglob(MARKER)) and not Path(MARKER).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The app: a request over the bounds is refused in its handler, before any worker starts
+# ---------------------------------------------------------------------------------------------
+APP = {
+    "steps-huge": dict(steps=10**6),
+    "size-huge": dict(width=100_000, height=64),
+    "batch-huge": dict(batch_count=10**6),
+    "guidance-nan": dict(guidance=math.nan),
+    "sliders-maxima": dict(steps=500, width=2048, height=2048, batch_count=64),
+}
+
+
+@pytest.mark.parametrize("case", list(APP))
+def test_app_refuses_over_bounds_before_the_queue(sd1_pipe, tmp_path, monkeypatch, case):
+    pytest.importorskip("gradio")
+    from studio.app import AppHandlers
+    from studio.studio import Studio
+
+    h = AppHandlers(Studio.from_pipeline(sd1_pipe, "tiny"), tmp_path / "out")
+    started = []
+    monkeypatch.setattr(h.runs, "start_worker", lambda fn: started.append(fn))
+    args = dict(prompt="a red circle", negative_prompt="", method="merge", params_json="{}", sampler="ddim",
+                guidance=7.5, width=64, height=64, steps=2) | APP[case]
+    outputs = list(h.generate(**args))
+    assert not started and len(outputs) == 1
+    status = str(outputs[0][-1])
+    assert "error" in status.lower(), status
+    assert case == "guidance-nan" or "STUDIO_MAX_" in status, status  # the bound and its override are named
+    assert not any(p.suffix == ".png" for p in tmp_path.rglob("*"))

@@ -136,6 +136,13 @@ class ComposeTab:
                 num_images=as_int(batch_count, "batch count"), negative_prompt=negative_prompt or "",
                 batch_size=self.batch_size,
             )
+            from studio.schema import check_request
+
+            size = self.studio.default_size  # over the bounds: refused here, never handed to a worker
+            check_request(self.studio.limits.for_model(size), prompt=prompt, negative_prompt=kwargs["negative_prompt"],
+                          steps=kwargs["steps"], guidance=kwargs["guidance"], width=kwargs["width"] or size,
+                          height=kwargs["height"] or size, seed=kwargs["seed"], num_images=kwargs["num_images"],
+                          sampler=sampler, method=method)
             warned = "".join(f"  \n{message(w, 'warning')}" for w in
                              trigger_warnings(prompt, self.studio.adapters, self.phrase_of))
         except (gr.Error, StudioError, ValueError) as e:
@@ -210,8 +217,12 @@ class ComposeTab:
                        message(f"Stopped: {kept}.", "info"))
                 return
             if error is not None:
-                if not isinstance(error, (StudioError, gr.Error)):
-                    raise error
+                if not isinstance(error, (StudioError, gr.Error)):  # a bug: one line here, the traceback in a log
+                    from studio.cli import log_bug
+
+                    error = StudioError(f"internal error (a bug, please report it): {type(error).__name__}: "
+                                        f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}; "
+                                        f"traceback in {log_bug(error)}")
                 partial = f" ({len(gallery)} image(s) finished before it are shown)" if gallery else ""
                 yield (list(gallery) if gallery else gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(),
                        message(error_text(error) + partial))

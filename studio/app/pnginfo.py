@@ -25,9 +25,13 @@ class PngInfoTab:
         """(image path, infotext, recipe JSON, status, fields for Compose) of a dropped PNG."""
         if not path:
             return None, "", {}, "", {}
+        from studio.schema import Limits
+
         try:
             image = Image.open(path)
-            image.load()
+            if image.size[0] * image.size[1] > Limits.from_env().max_png_pixels:  # a decompression bomb: never decoded
+                return None, "", {}, f"Error: {Path(path).name} has too many pixels (bound: STUDIO_MAX_PNG_PIXELS).", {}
+            image.load()  # text chunks after IDAT (A1111 writes some there) are read with the pixels
         except Exception:
             return None, "", {}, f"Error: {Path(path).name} is not an image file.", {}
         text = image.info.get("parameters") or ""
