@@ -52,7 +52,12 @@ class Recipe:
     schema: int = SCHEMA
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
+        text = json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a non-UTF-8 file name (surrogate escapes): JSON escapes keep it exactly
+            text = json.dumps(asdict(self), ensure_ascii=True, sort_keys=True)
+        return text
 
     @classmethod
     def from_json(cls, text: str, where: str = "the recipe") -> "Recipe":
@@ -205,7 +210,12 @@ def _png_recipe_text(path: Path, limits, where: str) -> str | None:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise RecipeError(f"{where} is a decompression bomb (too many pixels); it is not an image the studio wrote") from None
-    except (OSError, ValueError, SyntaxError, zlib.error, EOFError) as e:
+    except ValueError as e:
+        if "too large" not in str(e):
+            raise RecipeError(f"{where} is not a readable PNG ({str(e).splitlines()[0][:100]}); pass a PNG saved by the studio") from None
+        raise RecipeError(f"{where}: its text chunks are over the size bound (about {limits.max_recipe_bytes} bytes, "
+                          f"{env_name('max_recipe_bytes')}); it is not an image the studio wrote") from None
+    except (OSError, SyntaxError, zlib.error, EOFError) as e:
         raise RecipeError(f"{where} is not a readable PNG ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__}); "
                           "pass a PNG saved by the studio") from None
     return text

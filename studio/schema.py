@@ -260,7 +260,7 @@ def recipe_model_problem(model: str) -> str | None:
 
 def _finite_float(v):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
-        raise ValueError(f"must be a finite number, got {_show(v)}")
+        raise ValueError("must be a finite number")
     return float(v)
 
 
@@ -272,10 +272,17 @@ class AdapterUseModel(BaseModel):
     weight: float
     te_weight: float
     sha256: str | None = Field(default=None, max_length=128)
-    path: str | None = Field(default=None, max_length=4096)
+    path: Any = None  # a file path: any str, non-UTF-8 names (surrogate escapes) included
     type: str = Field(default="lora", max_length=32)
 
     _w = field_validator("weight", "te_weight", mode="before")(classmethod(lambda cls, v: _finite_float(v)))
+
+    @field_validator("path", mode="plain")
+    @classmethod
+    def _path(cls, v):
+        if v is not None and (not isinstance(v, str) or len(v) > 4096):
+            raise ValueError("must be a file path (text of at most 4096 characters) or null")
+        return v
 
 
 class RecipeModel(BaseModel):

@@ -576,3 +576,15 @@ def test_app_refuses_over_bounds_before_the_queue(sd1_pipe, tmp_path, monkeypatc
     assert "error" in status.lower(), status
     assert case == "guidance-nan" or "STUDIO_MAX_" in status, status  # the bound and its override are named
     assert not any(p.suffix == ".png" for p in tmp_path.rglob("*"))
+
+
+def test_a_non_utf8_file_name_is_a_legal_adapter(tmp_path, capsys):
+    """Not hostile, but it used to be refused: a file name that is not UTF-8 loads, generates and reproduces."""
+    import os
+
+    name = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/\xffink.safetensors"))
+    lora_file(name)
+    out, again = tmp_path / "o.png", tmp_path / "again.png"
+    assert main(GEN + ["--lora", f"{name}:0.5", "--out", str(out)]) == 0
+    assert main(["generate", "--from-image", str(out), "--out", str(again)]) == 0
+    assert out.read_bytes() == again.read_bytes()

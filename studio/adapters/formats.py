@@ -451,9 +451,13 @@ def _load_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tenso
     meta = hdr.get("__metadata__") or {}
     meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
     try:
-        from safetensors.torch import load_file
+        from safetensors.torch import load, load_file
 
-        tensors = load_file(str(path), device="cpu")
+        try:
+            str(path).encode("utf-8")
+            tensors = load_file(str(path), device="cpu")
+        except UnicodeEncodeError:  # a legal file name that is not UTF-8: safetensors takes only UTF-8 paths
+            tensors = load(path.read_bytes())
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise AdapterFileError(f"{path.name} is corrupt and safetensors cannot read it ({_first_line(e)}); "
                                "re-download or re-export it") from None
@@ -799,8 +803,8 @@ def _parse(file: Path, tensors: dict, header: dict, names: _Names):
 def _once(file: Path, layers: dict, path: str, module: str) -> None:
     """Two spellings of one module (e.g. a kohya and a diffusers key) in one file: refuse, never pick one."""
     if path in layers:
-        raise AdapterFileError(f"{file.name}: module {path} is given twice (also as {module}), e.g. by a kohya and "
-                               "a diffusers key; keep one spelling and re-export the adapter")
+        raise AdapterFileError(f"{file.name}: module {path} is given twice, under two spellings of its keys (e.g. "
+                               f"a kohya and a diffusers key, one of them {module}); keep one spelling and re-export")
 
 
 def _with_dora(delta, magnitude: torch.Tensor | None):
