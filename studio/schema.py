@@ -140,7 +140,8 @@ _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 def check_method_params(params, where: str = "method_params") -> dict:
     """A dict of ``name: value``; values are None, bools, finite numbers (|x| ≤ 1e6), strings
-    (≤ 1000 chars), or lists/dicts of those (≤ 256 items, nested at most twice)."""
+    (≤ 1000 chars), or lists/dicts of those (≤ 256 items, nested at most three deep: CLoRA's
+    token_indices is a list of groups of lists of positions)."""
     if params is None:
         return {}
     if not isinstance(params, dict):
@@ -168,7 +169,7 @@ def _check_value(name: str, value, depth: int) -> None:
             return
         finite(name, number, -1e6, 1e6)
         return
-    if depth >= 2:
+    if depth >= 3:
         raise GenerationError(f"{name} is nested too deeply; parameters are numbers, strings or short lists")
     if isinstance(value, (list, tuple)):
         if len(value) > 256:
