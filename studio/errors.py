@@ -8,6 +8,10 @@ class StudioError(ValueError):
 class AdapterFileError(StudioError):
     """An adapter file is missing, unreadable, of unknown format, or unsafe to load."""
 
+    def __init__(self, message: str = ""):
+        # names inside a file (tensor keys, module paths) may hold line breaks; a message stays one line
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+
 
 class AdapterMismatchError(StudioError):
     """An adapter does not fit the loaded base model (architecture, module, shape)."""

@@ -133,12 +133,12 @@ def read_adapter(
     for key, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise AdapterFileError(
-                f"{file.name}: tensor {key} contains NaN or infinite values; the adapter is broken "
+                f"{file.name}: tensor {_key(key)} contains NaN or infinite values; the adapter is broken "
                 "(diverged training or a corrupt file): use an earlier checkpoint or retrain"
             )
         if t.numel() and not key.endswith(".alpha") and float(t.detach().abs().max()) > MAX_ABS_WEIGHT:
             raise AdapterFileError(
-                f"{file.name}: tensor {key} has values up to {float(t.detach().abs().max()):.3g} (|w| > {MAX_ABS_WEIGHT:g}); "
+                f"{file.name}: tensor {_key(key)} has values up to {float(t.detach().abs().max()):.3g} (|w| > {MAX_ABS_WEIGHT:g}); "
                 "the adapter is broken or hostile: use an earlier checkpoint or retrain"
             )
     names = _Names(module_names)
@@ -517,9 +517,9 @@ def _check_dtype(path: Path, key: str, dtype: str) -> None:
     if dtype in _FLOAT_DTYPES or (key.endswith(".alpha") and dtype in ("I64", "I32", "I16", "F64")):
         return
     if dtype.startswith("F8"):
-        raise AdapterFileError(f"{path.name}: tensor {key} is fp8 ({dtype}), which adapters are not read in; "
+        raise AdapterFileError(f"{path.name}: tensor {_key(key)} is fp8 ({dtype}), which adapters are not read in; "
                                "convert the adapter to float16 or bfloat16 and load that")
-    raise AdapterFileError(f"{path.name}: tensor {key} has dtype {dtype}; adapters hold float16, bfloat16 or "
+    raise AdapterFileError(f"{path.name}: tensor {_key(key)} has dtype {dtype}; adapters hold float16, bfloat16 or "
                            "float32 tensors: re-export it in one of those")
 
 
@@ -1368,6 +1368,12 @@ def _an(word: str) -> str:
 
 def _fmt_shape(shape) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+def _key(key: str) -> str:
+    """A tensor name as an error shows it: printable names as they are, others escaped, so a
+    message stays one line whatever a file calls its tensors."""
+    return key if key.isprintable() else ascii(key)
 
 
 def _first_line(e: BaseException) -> str:
