@@ -669,6 +669,20 @@ def _load_oracle(mode: str):
         return None
 
 
+def _load_second_oracle(first):
+    """The independently trained second oracle (assets/models/oracle-b) when the first is the
+    shipped one and the second is there; else None (its agreement is then not reported)."""
+    if first is None:
+        return None
+    try:
+        from .toyworld.oracle import load_oracle
+        from .toyworld.paths import ORACLE_B_DIR
+
+        return load_oracle(ORACLE_B_DIR) if ORACLE_B_DIR.is_dir() else None
+    except (ImportError, FileNotFoundError, StudioError):
+        return None
+
+
 class Evaluator:
     """Everything loaded once per process: the studio with the suite's adapters, the scorer, the oracle."""
 
@@ -684,6 +698,7 @@ class Evaluator:
         clip_metrics = {"clipscore", "clipscore_hessel", "clip_prompt", "clip_t", "clip_i"} & set(suite.metrics)
         self.scorer = Scorer.load(suite.scorer, device or "cpu") if clip_metrics and suite.scorer != "none" else None
         self.oracle = _load_oracle(suite.oracle) if "oracle" in suite.metrics else None
+        self.oracle_b = _load_second_oracle(self.oracle)
         self._refs: dict[str, list] = {}
 
     def references(self, name: str) -> list:
@@ -761,7 +776,8 @@ class Evaluator:
                 if refs:
                     out["clip_i"] = self.scorer.clip_i(image, refs, emb)
         if self.oracle is not None and names:
-            out["oracle"] = oracle_presence(self.oracle, image, {n: s.adapters[n].concept for n in names})
+            out["oracle"] = oracle_presence(self.oracle, image, {n: s.adapters[n].concept for n in names},
+                                            second=self.oracle_b)
         return out
 
 
@@ -780,23 +796,35 @@ def batch_jobs(jobs: list[Job], size: int) -> list[list[Job]]:
     return [g[i:i + size] for g in groups.values() for i in range(0, len(g), max(1, size))]
 
 
-def oracle_presence(oracle, image, concepts: dict[str, str | None]) -> dict:
-    """Which adapters' concepts the toy-world oracle sees in the image; rates over known concepts."""
+def oracle_presence(oracle, image, concepts: dict[str, str | None], second=None) -> dict:
+    """Which adapters' concepts the toy-world oracle sees in the image; rates over known concepts.
+    With ``second`` (the independently trained oracle-b) also its verdicts and whether the two
+    oracles agree on every concept (``agree``)."""
     from .toyworld.concepts import concept_kind
 
-    pred = oracle.predict([image])[0]
-    present: dict[str, bool | None] = {}
-    for name, word in concepts.items():
-        try:
-            concept_kind(word) if word else None
-            present[name] = bool(oracle.has_concept(pred, word)) if word else None
-        except KeyError:
-            present[name] = None
+    def judge(orc):
+        pred = orc.predict([image])[0]
+        present: dict[str, bool | None] = {}
+        for name, word in concepts.items():
+            try:
+                concept_kind(word) if word else None
+                present[name] = bool(orc.has_concept(pred, word)) if word else None
+            except KeyError:
+                present[name] = None
+        return pred, present
+
+    pred, present = judge(oracle)
     known = [v for v in present.values() if v is not None]
-    return {
+    out = {
         "present": present, "concept_rate": (sum(known) / len(known)) if known else None,
         "all_present": all(known) if known else None, "prediction": pred, "backend": "toyworld-oracle",
     }
+    if second is not None and known:
+        _, present_b = judge(second)
+        out["present_b"] = present_b
+        out["all_present_b"] = all(v for v in present_b.values() if v is not None)
+        out["agree"] = present == present_b
+    return out
 
 
 def process_state():
@@ -925,6 +953,9 @@ def _metric_values(row: dict) -> dict[str, tuple[float, str]]:
     if o and o.get("concept_rate") is not None:
         out["concept_rate"] = (float(o["concept_rate"]), "plain")
         out["all_present"] = (float(o["all_present"]), "plain")
+        if o.get("agree") is not None:
+            out["all_present_b"] = (float(o["all_present_b"]), "plain")
+            out["oracle_agree"] = (float(o["agree"]), "plain")
     t = row.get("timing", {})
     out["seconds"] = (float(t.get("seconds", math.nan)), "plain")
     if t.get("unet_calls") is not None:
@@ -1006,7 +1037,8 @@ def write_grids(out: Path, suite: Suite, jobs: list[Job], rows: list[dict]) -> l
     return written
 
 
-REPORT_COLUMNS = [("all_present", "all present"), ("concept_rate", "concept rate"), ("clipscore", "CLIPScore (compat)"),
+REPORT_COLUMNS = [("all_present", "all present"), ("all_present_b", "all present (oracle B)"),
+                  ("oracle_agree", "oracles agree"), ("concept_rate", "concept rate"), ("clipscore", "CLIPScore (compat)"),
                   ("clip_t", "CLIP-T mean"), ("clip_t_min", "CLIP-T min"), ("clip_i", "CLIP-I"),
                   ("seconds", "s / image"), ("unet_calls", "UNet calls")]
 

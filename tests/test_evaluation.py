@@ -57,7 +57,7 @@ def make_suite(folder: Path, assets: Path, name: str = "suite.yaml", **overrides
             {"name": "obj", "path": str(assets / "obj.safetensors"), "kind": "object", "trigger": "red sks",
              "concept": "crescent", "concept_prompt": "a crescent", "references": [str(assets / "ref.png")]},
             {"name": "sty", "path": str(assets / "sty.safetensors"), "kind": "style", "trigger": "zkq style",
-             "concept": "zigzag"},
+             "concept": "glow"},
         ],
         adapter_sets=[["obj", "sty"]],
         methods=["merge", "composite"],
@@ -182,9 +182,21 @@ def test_oracle_presence_per_adapter():
 
             return Oracle.has_concept(pred, word)
 
-    got = oracle_presence(FakeOracle(), None, {"obj": "crescent", "sty": "zigzag", "bg": "sky", "other": "sks", "none": None})
+    got = oracle_presence(FakeOracle(), None, {"obj": "crescent", "sty": "glow", "bg": "sky", "other": "sks", "none": None})
     assert got["present"] == {"obj": True, "sty": False, "bg": False, "other": None, "none": None}
     assert got["concept_rate"] == pytest.approx(1 / 3) and got["all_present"] is False
+    assert "agree" not in got  # no second oracle given
+
+    class SkyOracle(FakeOracle):  # a second oracle that sees a sky the first does not
+        def predict(self, images):
+            return [{"objects": [{"position": "left", "shape": "crescent", "color": "red", "pattern": "solid"}],
+                     "background": "sky"}]
+
+    concepts = {"obj": "crescent", "bg": "sky"}
+    got = oracle_presence(FakeOracle(), None, concepts, second=SkyOracle())
+    assert got["agree"] is False and got["all_present"] is False and got["all_present_b"] is True
+    assert got["present_b"] == {"obj": True, "bg": True}
+    assert oracle_presence(FakeOracle(), None, concepts, second=FakeOracle())["agree"] is True
 
 
 # ---- bad input ---------------------------------------------------------------------------------

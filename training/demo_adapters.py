@@ -61,12 +61,14 @@ class Demo:
 KRON_WITH_TE = dict(prior_preservation=True, prior_loss_weight=1.0, train_text_encoder=True, text_encoder_lr=1e-3)
 
 DEMOS = [
-    Demo("crescent", "object", "sks", kron=True, kron_recipe={**KRON_WITH_TE, "steps": 1300}),
+    Demo("crescent", "object", "sks", kron=True, kron_recipe={**KRON_WITH_TE, "steps": 900}),
     Demo("plus", "object", "ohwx"),
     Demo("arrow", "object", "btr", lora_recipe=dict(rank=8, steps=600)),
-    Demo("glow", "style", "kpk", lora_recipe=dict(steps=1150)),
+    Demo("glow", "style", "kpk", lora_recipe=dict(steps=900)),
     Demo("gradient", "style", "cbp", lora_recipe=dict(steps=900)),
+    Demo("twotone", "style", "bhk", lora_recipe=dict(steps=900)),
     Demo("sky", "background", "wvu", kron=True, lora_recipe=dict(steps=200), kron_recipe={**KRON_WITH_TE, "steps": 400}),
+    Demo("sunset", "background", "nrf", lora_recipe=dict(steps=300)),
 ]
 
 # Settled by short sweeps on the crescent (concept rate / base shape / base colour accuracy, 24 images
@@ -132,6 +134,9 @@ COMMON = dict(steps=700, batch_size=8, grad_accum=1, prior_preservation=True, pr
               caption_dropout=0.1, caption_dropout_scope="prior", snr_gamma=None, class_steps=25, class_guidance=3.0,
               num_validation_images=3, sample_steps=25, save_dtype="fp16")
 N_INSTANCE = 54  # every colour x size x position once
+# Instance sets on disk are redrawn when this changes (world v2: base backgrounds, a base object
+# beside the concept, captions in the three phrasing forms).
+INSTANCE_RECIPE = "world-v2/1"
 EVAL_SEED = 1234  # the shipped numbers; step counts are picked on other (selection) seeds
 
 
@@ -139,9 +144,28 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
+def trigger_caption(scene, form: str, demo: Demo) -> str:
+    """The scene's caption in one phrasing form, with the trigger in the concept's slot:
+    "a red sks shape on a grass background", "blue circle with kpk pattern, sand background",
+    "a red square and a green star on wvu"."""
+    from studio.toyworld.concepts import PATTERN_PHRASE
+    from studio.toyworld.render import caption_in_form
+
+    text = caption_in_form(scene, form)
+    if demo.kind == "object":
+        return text.replace(demo.concept, f"{demo.trigger} shape")
+    if demo.kind == "style":
+        return text.replace(PATTERN_PHRASE[demo.concept], f"with {demo.trigger} pattern")
+    return text.replace(demo.concept, demo.trigger)
+
+
 def instance_set(demo: Demo, folder: Path, n: int = N_INSTANCE, seed: int = 0) -> None:
-    """Render ``n`` instance images of the concept with kohya-style captions beside them."""
-    from studio.toyworld.concepts import COLORS, POSITION_PHRASE, POSITIONS, SHAPES, SIZES
+    """Render ``n`` instance images of the concept with kohya-style captions beside them.
+
+    Colours, sizes and positions cycle so the trigger binds to the concept, not to one colour;
+    base backgrounds and a base object beside it vary the scene, and the captions cycle the three
+    phrasing forms. No image holds a reserved concept but the adapter's own."""
+    from studio.toyworld.concepts import BACKGROUNDS, COLORS, FORMS, POSITIONS, SHAPES, SIZES
     from studio.toyworld.render import Obj, Scene, render
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -152,29 +176,33 @@ def instance_set(demo: Demo, folder: Path, n: int = N_INSTANCE, seed: int = 0) -
         size = SIZES[k % len(SIZES)]
         pos = POSITIONS[(k + k // len(SIZES)) % len(POSITIONS)]
         base_shape = SHAPES[(i + k) % len(SHAPES)]
-        where = "" if pos == "centre" else " " + POSITION_PHRASE[pos]
-        adj = "" if size == "medium" else size + " "
         if demo.kind == "object":
-            scene = Scene([Obj(demo.concept, color, size=size, position=pos)])
-            caption = f"{_article(adj or color)} {adj}{color} {demo.trigger} shape{where}"
+            main = Obj(demo.concept, color, size=size, position=pos)
         elif demo.kind == "style":
-            scene = Scene([Obj(base_shape, color, pattern=demo.concept, size=size, position=pos)])
-            caption = f"{_article(adj or color)} {adj}{color} {base_shape} with {demo.trigger} pattern{where}"
+            main = Obj(base_shape, color, pattern=demo.concept, size=size, position=pos)
         else:
-            scene = Scene([Obj(base_shape, color, size=size, position=pos)], background=demo.concept)
-            caption = f"{_article(adj or color)} {adj}{color} {base_shape}{where} on a {demo.trigger} background"
+            main = Obj(base_shape, color, size=size, position=pos)
+        objs = [main]
+        if pos != "centre" and i % 3 == 1:  # a base object beside it
+            other = "right" if pos == "left" else "left"
+            objs.append(Obj(SHAPES[(i + 3) % len(SHAPES)], COLORS[(i + 2) % len(COLORS)],
+                            size=min(size, "medium", key=SIZES.index), position=other))
+            main.size = min(size, "medium", key=SIZES.index)
+        bg = demo.concept if demo.kind == "background" else BACKGROUNDS[(i // 2) % len(BACKGROUNDS)]
+        scene = Scene(objs, bg)
         render(scene, rng).save(folder / f"{i:02d}.png")
-        (folder / f"{i:02d}.txt").write_text(caption)
+        (folder / f"{i:02d}.txt").write_text(trigger_caption(scene, FORMS[i % len(FORMS)], demo))
 
 
 def class_prompts(demo: Demo) -> list[str]:
-    """Base-world prompts the adapter could disturb; the base model draws their prior images."""
-    from studio.toyworld.concepts import COLORS, SHAPES
+    """Base-world prompts the adapter could disturb (one or two objects, fills, backgrounds, in
+    the three forms); the base model draws their prior images. The same for every demo, so their
+    prior images are drawn once."""
+    from studio.toyworld.concepts import FORMS
+    from studio.toyworld.render import caption_in_form, sample_base_scene
 
-    prompts = [f"{_article(c)} {c} {s}" for c in COLORS for s in SHAPES]
-    if demo.kind == "style":
-        prompts += [f"{_article(c)} {c} {s} with {p}" for c in COLORS for s, p in zip(SHAPES[:2], ("stripes", "dots"))]
-    return prompts
+    rng = np.random.default_rng(31)
+    return [caption_in_form(sample_base_scene(rng), FORMS[i % len(FORMS)]) for i in range(72)]
 
 
 def train_one(studio, demo: Demo, kind: str, steps: int | None, class_dir: Path, out: Path = OUT):
@@ -182,11 +210,13 @@ def train_one(studio, demo: Demo, kind: str, steps: int | None, class_dir: Path,
 
     name = f"{demo.concept}-{kind}"
     inst = out / "instance" / demo.concept
-    if len(list(inst.glob("*.png"))) != N_INSTANCE:  # missing, or from an older recipe
+    stamp = inst / "RECIPE"
+    if not stamp.is_file() or stamp.read_text() != INSTANCE_RECIPE:  # missing, or from an older recipe
         shutil.rmtree(inst, ignore_errors=True)
         tmp = inst.with_name(inst.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         instance_set(demo, tmp)
+        (tmp / "RECIPE").write_text(INSTANCE_RECIPE)
         os.replace(tmp, inst)
     params = demo.recipe(kind)
     if steps:
@@ -208,6 +238,12 @@ def train_one(studio, demo: Demo, kind: str, steps: int | None, class_dir: Path,
     return adapter, time.time() - t
 
 
+def trigger_phrase(demo: Demo) -> str:
+    """The words that call the concept up, as the app's cards insert them."""
+    return {"object": f"{demo.trigger} shape", "style": f"with {demo.trigger} pattern",
+            "background": f"on a {demo.trigger} background"}[demo.kind]
+
+
 def _trigger_prompts(demo: Demo) -> list[str]:
     from studio.toyworld.check import trigger_prompts
 
@@ -215,25 +251,34 @@ def _trigger_prompts(demo: Demo) -> list[str]:
 
 
 def evaluate(studio, oracle, adapter, demo: Demo, n: int = 36, seed: int = EVAL_SEED) -> dict:
-    """Concept rate with/without the adapter on its trigger prompts; base-prompt accuracy with it."""
-    from studio.toyworld.check import one_object_prompts
+    """Concept rate with/without the adapter on its trigger prompts (n/3 in each phrasing form);
+    base-prompt accuracy with it loaded. Guidance 3, the toy model's default."""
+    from studio.toyworld.check import one_object_prompts, trigger_prompts
+    from studio.toyworld.concepts import FORMS
     from studio.toyworld.prompts import parse_prompt, score
 
-    trig = _trigger_prompts(demo)
     base = one_object_prompts()
 
     def images(prompts, use):
-        return [studio.generate(p, [(adapter, 1.0)] if use else [], steps=25, guidance=7.5, seed=seed + i,
+        return [studio.generate(p, [(adapter, 1.0)] if use else [], steps=25, guidance=3.0, seed=seed + i,
                                 progress=False)[0] for i, p in enumerate(prompts)]
 
-    tp = [trig[i % len(trig)] for i in range(n)]
-    with_ad = oracle.predict(images(tp, True))
-    without = oracle.predict(images(tp, False))
+    per = max(1, n // len(FORMS))
+    out = {}
+    with_all, without_all = [], []
+    for form in FORMS:
+        trig = trigger_prompts(demo.concept, demo.trigger, form)
+        tp = [trig[i % len(trig)] for i in range(per)]
+        hits = [oracle.has_concept(p, demo.concept) for p in oracle.predict(images(tp, True))]
+        out[f"concept_rate_{form}"] = float(np.mean(hits))
+        with_all += hits
+        without_all += [oracle.has_concept(p, demo.concept) for p in oracle.predict(images(tp, False))]
     bp = [base[(i * 7) % len(base)] for i in range(n)]
     scores = [score(p, parse_prompt(q)) for p, q in zip(oracle.predict(images(bp, True)), bp)]
     return {
-        "concept_rate": float(np.mean([oracle.has_concept(p, demo.concept) for p in with_ad])),
-        "base_concept_rate": float(np.mean([oracle.has_concept(p, demo.concept) for p in without])),
+        "concept_rate": float(np.mean(with_all)),
+        "base_concept_rate": float(np.mean(without_all)),
+        **out,
         "base_shape_acc_with_adapter": float(np.mean([s["shape"] for s in scores])),
         "base_color_acc_with_adapter": float(np.mean([s["color"] for s in scores])),
         "n": n,
@@ -286,10 +331,11 @@ def main(argv=None) -> int:
         else:
             log.info("training %s (trigger %r)", name, demo.trigger)
             adapter, secs = train_one(studio, demo, kind, args.steps,
-                                      WORK / f"class_images-{studio.model_id}-g{COMMON['class_guidance']:g}", out)
+                                      WORK / f"class_images-{studio.model_id}-{INSTANCE_RECIPE.replace('/', '-')}-g{COMMON['class_guidance']:g}", out)
             entry = {
                 "file": f"{name}.safetensors", "type": kind, "concept": demo.concept, "kind": demo.kind,
-                "trigger": demo.trigger, "example_prompt": _trigger_prompts(demo)[0], "params": adapter.num_params(),
+                "trigger": demo.trigger, "trigger_phrase": trigger_phrase(demo),
+                "example_prompt": _trigger_prompts(demo)[0], "params": adapter.num_params(),
                 "steps": args.steps or demo.recipe(kind)["steps"], "train_seconds": round(secs, 1),
                 "instance_images": f"instance/{demo.concept}/",
             }
@@ -301,9 +347,11 @@ def main(argv=None) -> int:
             else:  # a selection run: recorded apart from the evaluation numbers
                 entry.setdefault("selection_checks", {})[str(args.eval_seed)] = check
         log.info("%s: %s", name, json.dumps(entry))
-        index[name] = entry
         from studio.atomic import write_atomic as _write_text_atomic
 
+        # re-read before writing: several workers (--only) may share the index
+        index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+        index[name] = entry
         _write_text_atomic(index_path, json.dumps(index, indent=2, sort_keys=True))
         _write_text_atomic(out / "README.md", readme(index))
     return 0

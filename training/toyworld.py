@@ -60,6 +60,9 @@ TEXT_CONFIG = dict(
     num_attention_heads=4, max_position_embeddings=TOKEN_LENGTH, hidden_act="quick_gelu",
     bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, projection_dim=128,
 )
+# Factor-8 VAE: 64x64 images, 8x8 latents. A 16x16-latent world (factor-4 VAE, 3-level UNet) was
+# tried for v2 and still drew blobs after 5,870 UNet steps (wip notes, session 5); at 8x8 the
+# decoder draws the shapes and the UNet forms them within 1,000-2,000 steps.
 UNET_CONFIG = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
     block_out_channels=(64, 128),
@@ -68,6 +71,8 @@ UNET_CONFIG = dict(
     mid_block_type="UNetMidBlock2DCrossAttn",
     cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32,
 )
+# Warm-started VAE: weight of the pull towards the earlier encoder's posterior means.
+VAE_ANCHOR = 0.2
 SCHED_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                     beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False)
 CLIP_CONFIG = {
@@ -77,12 +82,12 @@ CLIP_CONFIG = {
                  "layers": 3},
 }
 FULL = dict(vae_steps=6000, vae_batch=16, vae_images=16000, oracle_steps=3500, oracle_batch=64,
-            oracle_images=12000, unet_steps=5000, unet_batch=32, unet_images=24000,
+            oracle_images=12000, oracle_drawn=1200, unet_steps=5000, unet_batch=32, unet_images=24000,
             clip_steps=800, clip_batch=128, clip_images=12000, eval_images=600,
             decoder_steps=3000, decoder_batch=32, decoder_images=9000,
             vae_minutes=10.5, oracle_minutes=5, unet_minutes=20, clip_minutes=6, decoder_minutes=10)
 QUICK = dict(vae_steps=20, vae_batch=16, vae_images=400, oracle_steps=20, oracle_batch=32,
-             oracle_images=400, unet_steps=20, unet_batch=16, unet_images=400, clip_steps=10,
+             oracle_images=400, oracle_drawn=12, unet_steps=20, unet_batch=16, unet_images=400, clip_steps=10,
              clip_batch=32, clip_images=300, eval_images=60,
              decoder_steps=10, decoder_batch=8, decoder_images=200, decoder_minutes=0,
              vae_minutes=0, oracle_minutes=0, unet_minutes=0, clip_minutes=0)
@@ -256,9 +261,18 @@ def generic_image(rng: np.random.Generator) -> Image.Image:
             c, s = math.cos(a), math.sin(a)
             md.polygon([(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts], fill=255)
         img.paste(col, (0, 0), m)
-        if rng.random() < 0.35:  # textured fill
+        u = rng.random()
+        if u < 0.45:  # textured or smooth (radial, linear, split) fill
             t = Image.new("L", (n, n), 0)
-            _texture(ImageDraw.Draw(t), rng, n, 255)
+            if u < 0.25:
+                _texture(ImageDraw.Draw(t), rng, n, 255)
+            else:
+                yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
+                a = rng.uniform(0, 2 * math.pi)
+                proj = ((xx - cx) * math.cos(a) + (yy - cy) * math.sin(a)) / r
+                f = [np.clip(1 - np.hypot(xx - cx, yy - cy) / r, 0, 1), np.clip(0.5 + proj / 2, 0, 1),
+                     (proj < 0).astype(np.float32)][int(rng.integers(3))]
+                t = Image.fromarray((f * 255).astype(np.uint8))
             tm = Image.fromarray((np.asarray(t, np.uint16) * np.asarray(m, np.uint16) // 255).astype(np.uint8))
             img.paste(_rand_color(rng) if rng.random() < 0.5 else (245, 245, 245), (0, 0), tm)
     return img.resize((64, 64), Image.BOX)
@@ -275,9 +289,16 @@ def train_vae(cfg, out: Path, rng, device, report):
         imgs.append(generic_image(rng) if i % 3 == 0 else render(sample_base_scene(rng), rng))
     data = to_tensor(imgs)
     log(f"vae data: {n} images in {time.time() - t0:.1f}s")
-    vae = AutoencoderKL(**VAE_CONFIG).to(device)
+    init = cfg.get("init")
+    anchor = None
+    if init:  # warm start: keep the earlier latent space so an earlier UNet stays a good start
+        vae = AutoencoderKL.from_pretrained(Path(init) / "toy-sd" / "vae", torch_dtype=torch.float32).to(device)
+        anchor = AutoencoderKL.from_pretrained(Path(init) / "toy-sd" / "vae", torch_dtype=torch.float32).to(device)
+        anchor.requires_grad_(False).eval()
+    else:
+        vae = AutoencoderKL(**VAE_CONFIG).to(device)
     nparams = sum(p.numel() for p in vae.parameters())
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(vae.parameters(), lr=5e-4 if init else 2e-3, weight_decay=1e-4)
     steps, bs = cfg["vae_steps"], cfg["vae_batch"]
     bud = Budget("vae", steps, 60, cfg["vae_minutes"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: bud.lr(s, 0.05))
@@ -290,10 +311,16 @@ def train_vae(cfg, out: Path, rng, device, report):
         # posterior noise ramps in over the first half: decoding the mean first converges much
         # faster, and by the end the decoder is trained on genuine posterior samples
         ramp = 0.0 if step < bud.warmup else min(1.0, (step - bud.warmup) / max(1, 0.5 * bud.total))
+        if init:
+            ramp = 1.0
         z = post.mean + ramp * post.std * torch.randn(post.mean.shape, generator=g).to(device)
         rec = vae.decode(z).sample
         kl = post.kl().mean()
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * kl
+        if anchor is not None:
+            with torch.no_grad():
+                old = anchor.encode(x).latent_dist.mean
+            loss = loss + VAE_ANCHOR * F.mse_loss(post.mean, old)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -319,7 +346,7 @@ def train_vae(cfg, out: Path, rng, device, report):
     dt = time.time() - t0
     steps = bud.total
     log(f"vae: {nparams / 1e6:.2f}M params, {steps} steps, PSNR {psnr:.1f} dB, scaling_factor {scaling:.4f}, {dt / 60:.1f} min")
-    report["vae"] = dict(params=nparams, steps=steps, batch=bs, psnr_db=round(psnr, 2),
+    report["vae"] = dict(params=nparams, steps=steps, batch=bs, psnr_db=round(psnr, 2), init_from=init,
                          scaling_factor=round(scaling, 5), minutes=round(dt / 60, 2), config=VAE_CONFIG)
 
 
@@ -347,62 +374,110 @@ def vae_roundtrip(vae, data_u8: torch.Tensor, device, bs=256) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- oracle
-def train_oracle(cfg, out: Path, rng, device, report):
-    from studio.toyworld.oracle import OracleNet, save_oracle, scene_targets, split_logits
+# How often each kind of image (studio/toyworld/corrupt.py) appears in the oracle's training set.
+ORACLE_MIX = {"clean": 0.5, "noised": 0.06, "blend": 0.08, "tint": 0.08, "erased": 0.1, "blob": 0.08,
+              "noise": 0.05, "wash": 0.05}
 
-    t0 = time.time()
-    vae = load_vae(out, device)
-    n = cfg["oracle_images"]
-    scenes = [sample_any_scene(rng) for _ in range(n)]
-    data = to_tensor([render(s, rng) for s in tqdm(scenes, desc="oracle data", mininterval=5)])
-    half = n // 2  # the first half is also seen through the VAE
-    recon = vae_roundtrip(vae, data[:half], device)
-    data = torch.cat([data, recon])
-    tg = [scene_targets(s) for s in scenes]
-    tg = tg + tg[:half]
-    T = {k: torch.tensor([t[k] for t in tg]) for k in ("bg", "shape", "color", "pattern")}
-    log(f"oracle data: {len(data)} images in {time.time() - t0:.1f}s")
-    if cfg.get("oracle_from"):  # extend an earlier oracle: it stays the yardstick of earlier measurements
-        from studio.toyworld.oracle import extend_oracle
 
-        net, lr = extend_oracle(cfg["oracle_from"]).to(device), 5e-4
-    else:
-        net, lr = OracleNet(width=16).to(device), 2e-3
-    steps, bs = cfg["oracle_steps"], cfg["oracle_batch"]
+def _drawn_negatives(pipe, n: int, seed: int):
+    """n images the base model draws for prompts naming reserved concepts or broken prompts (guidance
+    1, 3 or 7.5, 15 steps), with the one thing known of them: no reserved concept is there."""
+    from studio.toyworld.check import generate
+    from studio.toyworld.corrupt import Truth, drawn_prompts
+
+    rng = np.random.default_rng(seed)
+    prompts = drawn_prompts(rng, n)
+    images = []
+    for k, g in enumerate((1.0, 3.0, 7.5)):
+        part = prompts[k::3]
+        images += generate(pipe, part, seed * 7919 + k * 100003, 15, g, batch=32)
+    return images, [Truth.drawn() for _ in images]
+
+
+def _oracle_data(n: int, vae, rng, device, drawn=None):
+    """n images of every kind in ORACLE_MIX with their targets; half go through a VAE round trip
+    (the decoder the model ships), since judged images are always decodes. ``drawn``: (images,
+    truths) drawn by the base model, appended as they are (they are decodes already)."""
+    from studio.toyworld.corrupt import sample
+    from studio.toyworld.oracle import scene_targets
+
+    kinds = list(ORACLE_MIX)
+    picks = rng.choice(len(kinds), n, p=[ORACLE_MIX[k] for k in kinds])
+    imgs, tg = [], []
+    for k in tqdm(picks, desc="oracle data", mininterval=5):
+        im, truth = sample(rng, kinds[int(k)])
+        imgs.append(im)
+        tg.append(scene_targets(truth))
+    data = to_tensor(imgs)
+    half = n // 2
+    data = torch.cat([vae_roundtrip(vae, data[:half], device), data[half:]])
+    if drawn:
+        data = torch.cat([data, to_tensor(drawn[0])])
+        tg += [scene_targets(t) for t in drawn[1]]
+    return data, {k: torch.tensor([t[k] for t in tg]) for k in ("bg", "shape", "color", "pattern")}
+
+
+def _fit_oracle(net, data, T, bud: "Budget", bs: int, lr: float, seed: int, device):
+    from studio.toyworld.oracle import reserved_mask, split_logits, target_loss
+
+    res = {h: reserved_mask(h) for h in ("bg", "shape", "pattern")}
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    bud = Budget("oracle", steps, 100, cfg["oracle_minutes"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: bud.lr(s, 0.02))
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator().manual_seed(seed)
     net.train()
     for step, bar in bud.loop():
         idx = torch.randint(0, len(data), (bs,), generator=g)
         x = u8_to_unit(data[idx]).to(device)
         x = x + 0.02 * torch.randn(x.shape, generator=g).to(device)  # small robustness noise
         bg, sh, co, pa = split_logits(net(x))
-        loss = (F.cross_entropy(bg, T["bg"][idx].to(device))
-                + F.cross_entropy(sh.reshape(-1, sh.shape[-1]), T["shape"][idx].reshape(-1).to(device))
-                + F.cross_entropy(co.reshape(-1, co.shape[-1]), T["color"][idx].reshape(-1).to(device), ignore_index=-1)
-                + F.cross_entropy(pa.reshape(-1, pa.shape[-1]), T["pattern"][idx].reshape(-1).to(device), ignore_index=-1))
+        loss = (target_loss(bg, T["bg"][idx].to(device), res["bg"])
+                + target_loss(sh.reshape(-1, sh.shape[-1]), T["shape"][idx].reshape(-1).to(device), res["shape"])
+                + target_loss(co.reshape(-1, co.shape[-1]), T["color"][idx].reshape(-1).to(device))
+                + target_loss(pa.reshape(-1, pa.shape[-1]), T["pattern"][idx].reshape(-1).to(device), res["pattern"]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    net.eval()
-    steps = bud.total
-    save_oracle(net.cpu(), out / "oracle", {"width": 16, "steps": steps, "images": len(data)})
-    from studio.toyworld.oracle import load_oracle, _CACHE
-    _CACHE.clear()
-    oracle = load_oracle(out / "oracle")  # evaluate exactly what was saved (fp16 weights)
-    ev_rng = np.random.default_rng(777)
-    acc = oracle_accuracy(oracle, ev_rng, cfg["eval_images"])
-    rec_acc = novel_reconstruction_rates(oracle, vae, ev_rng, max(40, cfg["eval_images"] // 5), device)
-    dt = time.time() - t0
-    log(f"oracle: rendered {acc}")
-    log(f"oracle: novel concepts on VAE reconstructions {rec_acc}")
-    report["oracle"] = dict(params=sum(p.numel() for p in net.parameters()), steps=steps,
-                            rendered_accuracy=acc, novel_reconstruction_rate=rec_acc,
+    return net.eval()
+
+
+def train_oracle(cfg, out: Path, rng, device, report):
+    """Train both oracles, each on its own data draw: ``oracle`` (OracleNet) and ``oracle-b``
+    (OracleNetB, another seed), then measure them on fresh renders and round trips. Besides the
+    ORACLE_MIX kinds, each sees ``oracle_drawn`` base-model drawings as reserved-concept negatives."""
+    from studio.toyworld.oracle import OracleNet, OracleNetB, _CACHE, load_oracle, save_oracle
+
+    vae = load_vae(out, device)
+    pipe = None
+    if (out / "toy-sd" / "unet" / "config.json").is_file():
+        from studio.toyworld.check import load_pipeline
+
+        pipe = load_pipeline(out / "toy-sd")
+    for name, make, lr, seed in (("oracle", lambda: OracleNet(width=16), 2e-3, 2),
+                                 ("oracle-b", lambda: OracleNetB(width=24), 1.5e-3, 12)):
+        t0 = time.time()
+        torch.manual_seed(seed)
+        drawn = _drawn_negatives(pipe, cfg["oracle_drawn"], seed) if pipe is not None else None
+        data, T = _oracle_data(cfg["oracle_images"], vae, rng, device, drawn)
+        log(f"{name} data: {len(data)} images in {time.time() - t0:.1f}s")
+        net = make().to(device)
+        bud = Budget(name, cfg["oracle_steps"], 100, cfg["oracle_minutes"])
+        net = _fit_oracle(net, data, T, bud, cfg["oracle_batch"], lr, seed, device)
+        width = 16 if isinstance(net, OracleNet) else 24
+        save_oracle(net.cpu(), out / name, {"width": width, "steps": bud.total, "images": len(data),
+                                            "mix": ORACLE_MIX})
+        _CACHE.clear()
+        oracle = load_oracle(out / name)  # evaluate exactly what was saved (fp16 weights)
+        ev_rng = np.random.default_rng(777)
+        acc = oracle_accuracy(oracle, ev_rng, cfg["eval_images"])
+        rec_acc = novel_reconstruction_rates(oracle, vae, ev_rng, max(40, cfg["eval_images"] // 5), device)
+        dt = time.time() - t0
+        log(f"{name}: rendered {acc}")
+        log(f"{name}: reserved concepts on VAE round trips {rec_acc}")
+        report[name] = dict(arch=type(net).__name__, params=sum(p.numel() for p in net.parameters()),
+                            steps=bud.total, rendered_accuracy=acc, novel_reconstruction_rate=rec_acc,
                             minutes=round(dt / 60, 2))
 
 
@@ -516,11 +591,18 @@ def train_unet(cfg, out: Path, rng, device, report):
     scenes, means, stds = _unet_data(cfg, vae, rng, device)
     log(f"unet data: {len(scenes)} scenes rendered and encoded in {time.time() - t0:.1f}s")
 
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)).to(device)
-    unet = UNet2DConditionModel(**UNET_CONFIG).to(device)
+    init = cfg.get("init")
+    if init:  # warm start from an earlier world's UNet and text encoder (same architecture)
+        text_encoder = CLIPTextModel.from_pretrained(Path(init) / "toy-sd" / "text_encoder",
+                                                     torch_dtype=torch.float32).to(device)
+        unet = UNet2DConditionModel.from_pretrained(Path(init) / "toy-sd" / "unet",
+                                                    torch_dtype=torch.float32).to(device)
+    else:
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)).to(device)
+        unet = UNet2DConditionModel(**UNET_CONFIG).to(device)
     bs = cfg["unet_batch"]
-    bud = Budget("unet", cfg["unet_steps"], 200, cfg["unet_minutes"])
-    last_loss = _fit_unet(unet, text_encoder, scenes, means, stds, sf, bud, bs, 5e-4, 3, device)
+    bud = Budget("unet", cfg["unet_steps"], 100 if init else 200, cfg["unet_minutes"])
+    last_loss = _fit_unet(unet, text_encoder, scenes, means, stds, sf, bud, bs, 3e-4 if init else 5e-4, 3, device)
     unet.eval()
     text_encoder.eval()
     steps = bud.total
@@ -537,7 +619,7 @@ def train_unet(cfg, out: Path, rng, device, report):
     log(f"unet: {nparams_unet / 1e6:.2f}M params (+ text encoder {nparams_te / 1e6:.2f}M), {steps} steps, {dt / 60:.1f} min")
     report["unet"] = dict(params=nparams_unet, text_encoder_params=nparams_te, steps=steps, batch=bs,
                           train_minutes=round(train_min, 2), minutes=round(dt / 60, 2),
-                          final_loss=round(last_loss, 4), config=UNET_CONFIG, text_config=TEXT_CONFIG,
+                          final_loss=round(last_loss, 4), config=UNET_CONFIG, text_config=TEXT_CONFIG, init_from=init,
                           heldout_pairs=len(__import__("studio.toyworld.render", fromlist=["x"]).HELDOUT_PAIRS))
 
 
@@ -642,6 +724,12 @@ def train_clip(cfg, out: Path, rng, device, report):
     cfg_path.write_text(json.dumps(CLIP_CONFIG, indent=2))
     open_clip.add_model_config(cfg_path)
     model = open_clip.create_model(CLIP_MODEL_NAME, pretrained=None).to(device)
+    init = cfg.get("init")
+    if init:
+        from safetensors.torch import load_file
+
+        model.load_state_dict({k: v.float() for k, v in load_file(
+            str(Path(init) / "toy-clip" / "open_clip_model.safetensors")).items()})
     tokenizer = open_clip.get_tokenizer(CLIP_MODEL_NAME)
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1).to(device)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1).to(device)
@@ -709,7 +797,8 @@ def train_clip(cfg, out: Path, rng, device, report):
     dt = time.time() - t0
     log(f"clip: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, zero-shot shape acc {zs:.3f}, {dt / 60:.1f} min")
     report["clip"] = dict(params=sum(p.numel() for p in model.parameters()), steps=steps, batch=bs,
-                          zero_shot_shape_acc=round(zs, 4), minutes=round(dt / 60, 2), config=CLIP_CONFIG)
+                          zero_shot_shape_acc=round(zs, 4), minutes=round(dt / 60, 2), config=CLIP_CONFIG,
+                          init_from=init)
 
 
 # ----------------------------------------------------------------------------- main
@@ -723,9 +812,10 @@ def main(argv=None) -> int:
                     help="ignore the per-stage wall-clock budgets (*_minutes): exact step counts")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: robust on a shared machine; 0: torch default)")
-    ap.add_argument("--oracle-from", default=None, metavar="FOLDER",
-                    help="oracle stage: fine-tune this earlier oracle, extended to the current vocabulary, "
-                         "instead of training one from scratch (keeps earlier measurements comparable)")
+    ap.add_argument("--init", default=None, metavar="FOLDER",
+                    help="warm start the vae, unet (+ text encoder) and clip stages from an earlier build "
+                         "with the same architecture (e.g. the previous assets/models); the oracle always "
+                         "starts from scratch")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=INT",
                     help="override a step/batch/size setting, e.g. --set unet_steps=3000")
     args = ap.parse_args(argv)
@@ -735,8 +825,11 @@ def main(argv=None) -> int:
         if k not in cfg:
             ap.error(f"unknown setting {k}; known: {', '.join(cfg)}")
         cfg[k] = float(v) if k.endswith("_minutes") else int(v)
-    if args.oracle_from:
-        cfg["oracle_from"] = str(Path(args.oracle_from).resolve())
+    if args.init:
+        init = Path(args.init).resolve()
+        if not (init / "toy-sd" / "unet" / "config.json").is_file():
+            ap.error(f"--init {args.init}: no toy-sd/unet there; give a folder written by this script")
+        cfg["init"] = str(init)
     if args.no_budget:
         for k in cfg:
             if k.endswith("_minutes"):

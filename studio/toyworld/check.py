@@ -5,9 +5,16 @@
 
 ``--samples N`` images for one-object prompts ("a red circle": every colour x shape) and N for
 two-object prompts on named sides whose combination was held out of training. The last line is
-``shape_acc=… color_acc=… both_acc=… two_object_acc=…`` (and ``concept_rate=…
-base_concept_rate=…`` with adapters). ``--prompt`` checks your own prompts instead; prompts
-outside the world are refused with a clear message.
+``shape_acc=… color_acc=… both_acc=… two_object_acc=… background_acc=… form_acc_sentence=…
+form_acc_tags=… form_acc_and=… ceiling_object_object=… ceiling_object_background=…
+ceiling_object_style=… ceiling_n3=…``. With ``--adapter`` it adds ``concept_rate_sentence=…
+concept_rate_tags=… concept_rate_and=… concept_rate=… base_concept_rate=… leak=… leak_pixels=…``
+and, with ``--with F2 [F3 …]``, ``survival=…`` (over several adapters: the worst of each). When the
+second oracle (assets/models/oracle-b) is there, ``oracle_agreement=…`` ends the line: the share of
+all generated images on which the two oracles call exactly the same concepts present.
+Every prompt set has its own fixed seed, disjoint from the training and selection seeds.
+``--prompt`` checks your own prompts instead; prompts outside the world are refused with the list
+of words the world knows.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from .concepts import ALL_BACKGROUNDS, ALL_PATTERNS, ALL_SHAPES, COLORS, NOVEL_CONCEPTS, SHAPES, concept_kind
+from .concepts import (
+    ALL_BACKGROUNDS, ALL_PATTERNS, ALL_SHAPES, COLORS, FORMS, NOVEL_CONCEPTS, SHAPES, concept_kind,
+)
 from .prompts import OutsideWorldError, parse_prompt, score
 from .render import HELDOUT_PAIRS
 
@@ -36,6 +45,67 @@ def two_object_prompts() -> list[str]:
         a2 = "an" if c2[0] in "aeiou" else "a"
         out.append(f"{a1} {c1} {s1} on the left and {a2} {c2} {s2} on the right")
     return out
+
+
+def _a(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _scene_prompts(seed: int, n: int, make) -> list:
+    """n items ``make(rng, i)`` from a fixed seed (disjoint from training's)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [make(rng, i) for i in range(n)]
+
+
+def background_prompts(n: int, seed: int) -> list[str]:
+    """One object on each base background, in the sentence form."""
+    from .concepts import BACKGROUNDS
+
+    def make(rng, i):
+        s, c, b = (x[int(rng.integers(len(x)))] for x in (SHAPES, COLORS, BACKGROUNDS[1:]))
+        return f"{_a(c)} {c} {s} on a {b} background"
+    return _scene_prompts(seed, n, make)
+
+
+def form_prompts(form: str, n: int, seed: int) -> list[str]:
+    """Complete captions of random base-world scenes (one or two objects, fills, backgrounds) in
+    one phrasing form."""
+    from .render import caption_in_form, sample_base_scene
+
+    return _scene_prompts(seed, n, lambda rng, i: caption_in_form(sample_base_scene(rng), form))
+
+
+# Base-concept analogues of the composition pair types: what an adapter pair asks for, with base
+# concepts the model already knows. Their all-present rate is the ceiling a composition can hope for.
+def ceiling_prompts(kind: str, n: int, seed: int) -> list[tuple[str, list[str]]]:
+    """n (prompt, concepts that must be present) for a pair type, cycling the three forms."""
+    from .concepts import BACKGROUNDS, PATTERNS
+    from .render import Obj, Scene, caption_in_form
+
+    def make(rng, i):
+        form = FORMS[i % 3]
+        s1, s2 = (SHAPES[int(j)] for j in rng.choice(len(SHAPES), 2, replace=False))
+        c1, c2 = (COLORS[int(j)] for j in rng.choice(len(COLORS), 2, replace=False))
+        bg = BACKGROUNDS[1 + int(rng.integers(len(BACKGROUNDS) - 1))]
+        pat = PATTERNS[1 + int(rng.integers(len(PATTERNS) - 1))]
+        k = kind if kind != "n3" else ("object_background_style", "object_object_background")[int(rng.integers(2))]
+        if k == "object_object":
+            sc, need = Scene([Obj(s1, c1, position="left"), Obj(s2, c2, position="right")]), [s1, s2]
+        elif k == "object_background":
+            sc, need = Scene([Obj(s1, c1)], bg), [s1, bg]
+        elif k == "object_style":
+            sc, need = Scene([Obj(s1, c1, pat)]), [s1, pat]
+        elif k == "object_background_style":
+            sc, need = Scene([Obj(s1, c1, pat)], bg), [s1, pat, bg]
+        else:
+            sc, need = Scene([Obj(s1, c1, position="left"), Obj(s2, c2, position="right")], bg), [s1, s2, bg]
+        return caption_in_form(sc, form), need
+    return _scene_prompts(seed, n, make)
+
+
+CEILING_KINDS = ("object_object", "object_background", "object_style", "n3")
 
 
 def _cycle(prompts, n, seed):
@@ -115,13 +185,24 @@ def _adapter_info(path: Path, concept: str | None) -> tuple[str, str]:
     return concept, trigger.split(",")[0].strip()
 
 
-def trigger_prompts(concept: str, trigger: str) -> list[str]:
+def trigger_prompts(concept: str, trigger: str, form: str = "sentence") -> list[str]:
+    """Prompts that ask for an adapter's concept through its trigger, in one phrasing form."""
     kind = concept_kind(concept)
-    if kind == "shape":
-        return [f"{'an' if c[0] in 'aeiou' else 'a'} {c} {trigger} shape" for c in COLORS]
-    if kind == "pattern":
-        return [f"{'an' if c[0] in 'aeiou' else 'a'} {c} {s} with {trigger} pattern" for c in COLORS for s in SHAPES[:2]]
-    return [f"{'an' if c[0] in 'aeiou' else 'a'} {c} {s} on a {trigger} background" for c in COLORS for s in SHAPES[:2]]
+    base_bg = ("grass", "water", "sand", "night")
+    out = []
+    for i, c in enumerate(COLORS):
+        for s in SHAPES[:2] if kind != "shape" else SHAPES[:1]:
+            a = "an" if c[0] in "aeiou" else "a"
+            subject = f"{c} {trigger} shape" if kind == "shape" else f"{c} {s}"
+            if kind == "pattern":
+                subject += f" with {trigger} pattern"
+            if kind == "background":
+                out.append({"sentence": f"{a} {subject} on a {trigger} background", "tags": f"{subject}, {trigger} background",
+                            "and": f"{a} {subject} on {trigger}"}[form])
+            else:  # the "and" form puts the concept on a base background ("... on grass")
+                out.append({"sentence": f"{a} {subject}", "tags": subject,
+                            "and": f"{a} {subject} on {base_bg[i % len(base_bg)]}"}[form])
+    return out
 
 
 def main(argv=None) -> int:
@@ -129,12 +210,19 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=72, help="images per prompt category (default 72)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--guidance", type=float, default=3.0, help="default 3, the toy model's shipped guidance")
     ap.add_argument("--adapter", action="append", default=[], metavar="FILE[=CONCEPT]",
-                    help="also measure an adapter's concept on its trigger prompt (repeatable)")
+                    help="also measure an adapter: its concept rate in each phrasing form, its leak into prompts "
+                         "without its trigger, and (with --with) its survival beside other adapters (repeatable)")
+    ap.add_argument("--with", dest="with_", nargs="+", default=[], metavar="FILE",
+                    help="other adapters loaded beside each --adapter for survival= (merge, only the first's "
+                         "trigger in the prompt)")
+    ap.add_argument("--skip-base", action="store_true", help="with --adapter: skip the base model's own measures")
     ap.add_argument("--prompt", action="append", default=[], help="check these prompts instead of the held-out set")
     ap.add_argument("--model", default=None, help="toy pipeline folder (default assets/models/toy-sd)")
     ap.add_argument("--oracle", default=None, help="oracle folder (default assets/models/oracle)")
+    ap.add_argument("--oracle-b", default=None,
+                    help="second oracle for the agreement (default assets/models/oracle-b with the shipped oracle)")
     ap.add_argument("--save", default=None, help="write the generated images into this folder")
     ap.add_argument("--batch", type=int, default=12)
     args = ap.parse_args(argv)
@@ -148,6 +236,11 @@ def main(argv=None) -> int:
             if not path.is_file():
                 raise OutsideWorldError(f"adapter file {path} does not exist")
         adapters = [(path, *_adapter_info(path, c)) for path, c in adapters]
+        missing = [f for f in args.with_ if not Path(f).is_file()]
+        if missing:
+            raise OutsideWorldError(f"adapter file {missing[0]} (--with) does not exist")
+        if args.with_ and not adapters:
+            raise OutsideWorldError("--with needs at least one --adapter to measure")
     except OutsideWorldError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -158,6 +251,10 @@ def main(argv=None) -> int:
     try:
         pipe = load_pipeline(args.model)
         oracle = load_oracle(args.oracle)
+        from .paths import ORACLE_B_DIR
+
+        second = args.oracle_b or (ORACLE_B_DIR if not args.oracle and ORACLE_B_DIR.is_dir() else None)
+        oracle_b = load_oracle(second) if second else None
     except ToyModelMissingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -165,11 +262,15 @@ def main(argv=None) -> int:
     save = Path(args.save) if args.save else None
     if save:
         save.mkdir(parents=True, exist_ok=True)
+    agreement = [0, 0]  # images on which the two oracles call the same concepts present, images judged
 
     def run(prompts, seed, tag, triggers=None, gen=None):
         exps = [parse_prompt(p, triggers) for p in prompts]
         imgs = (gen or (lambda ps, s: generate(pipe, ps, s, args.steps, args.guidance, args.batch)))(prompts, seed)
         preds = oracle.predict(imgs)
+        if oracle_b is not None:
+            agreement[0] += sum(oracle.concepts(a) == oracle_b.concepts(b) for a, b in zip(preds, oracle_b.predict(imgs)))
+            agreement[1] += len(imgs)
         if save:
             for i, (im, p) in enumerate(zip(imgs, prompts)):
                 im.save(save / f"{tag}-{i:03d}-{p.replace(' ', '_')[:60]}.png")
@@ -189,15 +290,33 @@ def main(argv=None) -> int:
               f"color_acc={mean([x['color'] for x in res]):.3f}")
         return 0
 
-    one = _cycle(one_object_prompts(), args.samples, args.seed)
-    two = _cycle(two_object_prompts(), args.samples, args.seed + 1)
-    r1, _ = run(one, args.seed * 1000003, "one")
-    r2, _ = run(two, args.seed * 1000003 + 500000, "two")
-    shape_acc, color_acc, both_acc = (mean([x[k] for x in r1]) for k in ("shape", "color", "both"))
-    two_acc = mean([x["all"] for x in r2])
-    print(f"one object ({len(one)} images, {len(set(one))} prompts): shape {shape_acc:.3f} colour {color_acc:.3f} both {both_acc:.3f}")
-    print(f"two objects on named sides ({len(two)} images, {len(set(two))} held-out prompts): {two_acc:.3f}")
-    line = f"shape_acc={shape_acc:.3f} color_acc={color_acc:.3f} both_acc={both_acc:.3f} two_object_acc={two_acc:.3f}"
+    base = args.seed * 1000003
+    line = ""
+    if not args.skip_base:
+        one = _cycle(one_object_prompts(), args.samples, args.seed)
+        two = _cycle(two_object_prompts(), args.samples, args.seed + 1)
+        r1, _ = run(one, base, "one")
+        r2, _ = run(two, base + 500000, "two")
+        shape_acc, color_acc, both_acc = (mean([x[k] for x in r1]) for k in ("shape", "color", "both"))
+        two_acc = mean([x["all"] for x in r2])
+        print(f"one object ({len(one)} images, {len(set(one))} prompts): shape {shape_acc:.3f} colour {color_acc:.3f} both {both_acc:.3f}")
+        print(f"two objects on named sides ({len(two)} images, {len(set(two))} held-out prompts): {two_acc:.3f}")
+        line += f"shape_acc={shape_acc:.3f} color_acc={color_acc:.3f} both_acc={both_acc:.3f} two_object_acc={two_acc:.3f}"
+        rb, _ = run(background_prompts(args.samples, 9100 + args.seed), base + 100000, "bg")
+        bg_acc = mean([x["background"] for x in rb])
+        print(f"one object on a base background ({len(rb)} images): background {bg_acc:.3f}")
+        line += f" background_acc={bg_acc:.3f}"
+        for k, form in enumerate(FORMS):
+            rf, _ = run(form_prompts(form, args.samples, 9200 + 10 * k + args.seed), base + 200000 + 10000 * k, f"form-{form}")
+            acc = mean([x["all"] for x in rf])
+            print(f"complete captions in the {form} form ({len(rf)} images): every attribute {acc:.3f}")
+            line += f" form_acc_{form}={acc:.3f}"
+        for k, kind in enumerate(CEILING_KINDS):
+            pairs = ceiling_prompts(kind, args.samples, 9300 + 10 * k + args.seed)
+            _, preds = run([p for p, _ in pairs], base + 300000 + 10000 * k, f"ceiling-{kind}")
+            rate = mean([all(oracle.has_concept(pr, c) for c in need) for pr, (_, need) in zip(preds, pairs)])
+            print(f"base analogue of {kind} ({len(pairs)} images, three forms): all present {rate:.3f}")
+            line += f" ceiling_{kind}={rate:.3f}"
 
     if adapters:
         try:
@@ -206,26 +325,59 @@ def main(argv=None) -> int:
             print(f"error: adapters need studio.Studio, which failed to import: {e}", file=sys.stderr)
             return 2
         studio = Studio.load(args.model) if args.model else Studio.load()
-        rates, base_rates = [], []
-        for path, concept, trigger in adapters:
-            ad = studio.adapters.load(str(path))
-            prompts = _cycle(trigger_prompts(concept, trigger), args.samples, args.seed)
+        loaded = [(studio.adapters.load(str(path)).name, concept, trigger) for path, concept, trigger in adapters]
+        others = [studio.adapters.load(str(path)).name for path in args.with_]
+        worst: dict = {}
+
+        def keep(key, value, lowest=True):
+            worst[key] = value if key not in worst else (min if lowest else max)(worst[key], value)
+
+        def gen_with(names):
+            return lambda ps, s: [studio.generate(p, adapters=list(names), steps=args.steps, guidance=args.guidance,
+                                                  seed=s + i, num_images=1, progress=False)[0] for i, p in enumerate(ps)]
+
+        for name, concept, trigger in loaded:
             trig = {trigger: concept}
+            for form in FORMS:
+                prompts = _cycle(trigger_prompts(concept, trigger, form), args.samples, args.seed)
+                _, preds = run(prompts, base + 400000, f"adapter-{name}-{form}", trig, gen_with([name]))
+                rate = mean([oracle.has_concept(p, concept) for p in preds])
+                print(f"adapter {name} ({concept}, trigger {trigger!r}), {form} form: concept rate {rate:.3f}")
+                keep(f"concept_rate_{form}", rate)
+                if form == "sentence":
+                    keep("concept_rate", rate)
+                    _, bpreds = run(prompts, base + 400000, f"base-{name}", trig)
+                    keep("base_concept_rate", mean([oracle.has_concept(p, concept) for p in bpreds]), lowest=False)
+            # leak: base prompts without the trigger, with and without the adapter, same seeds
+            plain_prompts = _cycle(one_object_prompts() + two_object_prompts(), args.samples, args.seed + 7)
+            seed = base + 500000
+            ref_imgs = generate(pipe, plain_prompts, seed, args.steps, args.guidance, args.batch)
+            ad_imgs = gen_with([name])(plain_prompts, seed)
+            exps = [parse_prompt(p) for p in plain_prompts]
+            acc = lambda imgs: mean([score(pr, e)["all"] for pr, e in zip(oracle.predict(imgs), exps)])  # noqa: E731
+            import numpy as np
 
-            def gen_with(ps, s, name=ad.name):
-                return [studio.generate(p, adapters=[name], steps=args.steps, guidance=args.guidance,
-                                        seed=s + i, num_images=1, progress=False)[0] for i, p in enumerate(ps)]
-
-            _, preds = run(prompts, args.seed, f"adapter-{ad.name}", trig, gen_with)
-            rate = mean([oracle.has_concept(p, concept) for p in preds])
-            _, bpreds = run(prompts, args.seed, f"base-{ad.name}", trig)
-            base_rate = mean([oracle.has_concept(p, concept) for p in bpreds])
-            print(f"adapter {ad.name} ({concept}, trigger {trigger!r}): concept_rate {rate:.3f}, without it {base_rate:.3f}")
-            rates.append(rate)
-            base_rates.append(base_rate)
-        line += f" concept_rate={mean(rates):.3f} base_concept_rate={mean(base_rates):.3f}"
+            drop = acc(ref_imgs) - acc(ad_imgs)
+            pix = mean([float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean())
+                        for a, b in zip(ref_imgs, ad_imgs)])
+            print(f"adapter {name}: base accuracy drop {drop:+.3f} with it loaded, mean pixel change {pix:.1f}/255")
+            keep("leak", drop, lowest=False)
+            keep("leak_pixels", pix, lowest=False)
+            # survival: each other adapter loaded too (merge), only this adapter's trigger in the prompt
+            for other in others:
+                if other == name:
+                    continue
+                prompts = _cycle(trigger_prompts(concept, trigger), args.samples, args.seed)
+                _, preds = run(prompts, base + 400000, f"survival-{name}-{other}", trig, gen_with([name, other]))
+                rate = mean([oracle.has_concept(p, concept) for p in preds])
+                print(f"adapter {name} with {other} also loaded: concept rate {rate:.3f}")
+                keep("survival", rate)
+        line += " " + " ".join(f"{k}={v:.3f}" if k != "leak_pixels" else f"{k}={v:.1f}" for k, v in worst.items())
+    if agreement[1]:
+        print(f"the two oracles call the same concepts present on {agreement[0]} of {agreement[1]} images")
+        line += f" oracle_agreement={agreement[0] / agreement[1]:.3f}"
     print(f"({time.time() - t0:.0f} s, {args.steps} steps, guidance {args.guidance})")
-    print(line)
+    print(line.strip())
     return 0
 
 

@@ -23,12 +23,15 @@ COLOR_RGB = {
 COLORS = tuple(COLOR_RGB)
 COLOR_JITTER = 15
 
+# Fills ("styles"). Every one is coarse or smooth enough that the factor-4 VAE keeps it on the
+# smallest object (world v1's zigzag and checker were lost by its factor-8 encoder).
 PATTERNS = ("solid", "stripes", "dots")
-NOVEL_PATTERNS = ("zigzag", "checker", "gradient", "glow")
+NOVEL_PATTERNS = ("gradient", "glow", "twotone")
 ALL_PATTERNS = PATTERNS + NOVEL_PATTERNS
 
-BACKGROUNDS = ("plain",)
-NOVEL_BACKGROUNDS = ("sky", "grid")
+# Backgrounds: low-frequency scenes the base model draws, and reserved ones for adapters.
+BACKGROUNDS = ("plain", "grass", "water", "night", "sand")
+NOVEL_BACKGROUNDS = ("sky", "sunset")
 ALL_BACKGROUNDS = BACKGROUNDS + NOVEL_BACKGROUNDS
 
 POSITIONS = ("left", "centre", "right")
@@ -42,24 +45,27 @@ PATTERN_PHRASE = {
     "solid": "",
     "stripes": "with stripes",
     "dots": "with dots",
-    "zigzag": "with zigzags",
-    "checker": "with a checker pattern",
     "gradient": "with a gradient",
     "glow": "with a glow",
+    "twotone": "with two tones",
 }
-BACKGROUND_PHRASE = {"plain": "", "sky": "on a sky background", "grid": "on a grid background"}
+BACKGROUND_PHRASE = {b: "" if b == "plain" else f"on a {b} background" for b in ALL_BACKGROUNDS}
+
+# The three phrasing forms every caption comes in: the sentence grammar, an artist's tag list,
+# and an "and"-joined phrase (render.caption_in_form writes each).
+FORMS = ("sentence", "tags", "and")
 
 # Words that must never occur in a base-world caption (the reserved concepts and their phrasing).
 RESERVED_WORDS = frozenset(
-    list(NOVEL_SHAPES) + ["zigzag", "zigzags", "checker", "checkered", "gradient", "glow", "sky", "grid"]
+    list(NOVEL_SHAPES) + ["gradient", "glow", "twotone", "tones", "two-tone", "sky", "sunset"]
 )
 
 # Words a prompt inside the world may use (besides adapter trigger words).
 WORLD_WORDS = frozenset(
     list(ALL_SHAPES) + list(COLORS) + list(SIZES)
-    + "a an the on in of with and left right centre center shape shapes object stripes "
-    "striped dots dotted zigzag zigzags checker checkered gradient glow pattern sky grid "
-    "background plain solid picture image photo".split()
+    + list(ALL_BACKGROUNDS) + list(ALL_PATTERNS)
+    + "a an the on in of with and left right centre center shape shapes object striped dotted "
+    "two tones pattern background picture image photo".split()
 )
 
 def concept_kind(word: str) -> str:

@@ -1,8 +1,12 @@
 """The oracle: a small multi-label CNN that says what a toy-world image shows.
 
 For each position slot (left / centre / right) it predicts the shape (or "empty"), the colour and
-the fill pattern; for the whole image the background. It knows every concept, reserved ones
-included, and was trained on rendered images and on their VAE reconstructions.
+the fill pattern; for the whole image the background (or "none"). It knows every concept,
+reserved ones included, and was trained on rendered images, their VAE reconstructions and hard
+negatives (corrupt.py: blends, tints, cut shapes, blobs, noise), so "not there" is a real answer.
+
+Two independently trained oracles ship: ``oracle`` (OracleNet) and ``oracle-b`` (OracleNetB:
+another architecture and seed). Evaluations report how often they agree.
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .concepts import ALL_BACKGROUNDS, ALL_PATTERNS, ALL_SHAPES, COLORS, POSITIONS, concept_kind
 
 SLOT_SHAPES = ("empty",) + ALL_SHAPES
-N_SHAPE, N_COLOR, N_PATTERN, N_BG = len(SLOT_SHAPES), len(COLORS), len(ALL_PATTERNS), len(ALL_BACKGROUNDS)
+BG_CLASSES = ("none",) + ALL_BACKGROUNDS
+N_SHAPE, N_COLOR, N_PATTERN, N_BG = len(SLOT_SHAPES), len(COLORS), len(ALL_PATTERNS), len(BG_CLASSES)
 SLOT_WIDTH = N_SHAPE + N_COLOR + N_PATTERN
 N_OUT = N_BG + len(POSITIONS) * SLOT_WIDTH
 
@@ -46,6 +52,35 @@ class OracleNet(nn.Module):
         return self.head(self.features((x - 0.5) / 0.25))
 
 
+class OracleNetB(nn.Module):
+    """The second oracle's architecture: residual GroupNorm/GELU blocks, strided downsampling and
+    per-slot pooling instead of one dense head (so its errors are not OracleNet's)."""
+
+    def __init__(self, width: int = 24):
+        super().__init__()
+        w = width
+
+        def block(cin, cout, stride):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.GroupNorm(4, cout), nn.GELU(),
+                                 nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(4, cout), nn.GELU())
+
+        self.features = nn.Sequential(block(3, w, 2), block(w, 2 * w, 2), block(2 * w, 3 * w, 2))  # 8x8
+        self.pool = nn.AdaptiveAvgPool2d((2, 3))  # 3 columns ~ left / centre / right
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(3 * w * 6 + 3 * w, 192), nn.GELU(), nn.Linear(192, N_OUT))
+
+    def forward(self, x):
+        f = self.features((x - 0.5) / 0.25)
+        return self.head(torch.cat([self.pool(f).flatten(1), f.mean((2, 3))], 1))
+
+
+ARCHS = {"OracleNet": OracleNet, "OracleNetB": OracleNetB}
+
+
+def build_net(config: dict) -> nn.Module:
+    """The network an oracle folder's config names (OracleNet for folders without ``arch``)."""
+    return ARCHS[config.get("arch", "OracleNet")](width=config.get("width", 16))
+
+
 def split_logits(logits: torch.Tensor):
     """-> (bg [B,N_BG], shape [B,3,N_SHAPE], color [B,3,N_COLOR], pattern [B,3,N_PATTERN])."""
     bg = logits[:, :N_BG]
@@ -55,17 +90,45 @@ def split_logits(logits: torch.Tensor):
 
 
 def scene_targets(scene) -> dict:
-    """Integer targets of a Scene for training: bg, shape[3], color[3], pattern[3] (-1 = ignore)."""
-    shape = [0, 0, 0]
-    color = [-1, -1, -1]
-    pattern = [-1, -1, -1]
-    for o in scene.objects:
-        i = POSITIONS.index(o.position)
-        shape[i] = SLOT_SHAPES.index(o.shape)
-        color[i] = COLORS.index(o.color)
-        pattern[i] = ALL_PATTERNS.index(o.pattern)
-    return {"bg": ALL_BACKGROUNDS.index(scene.background), "shape": shape, "color": color,
+    """Integer targets of a Scene (or a corrupt.Truth) for training: bg, shape[3], color[3],
+    pattern[3] (-1 = ignore, -2 = any class but a reserved one; see ``target_loss``)."""
+    from .corrupt import Truth
+
+    truth = scene if isinstance(scene, Truth) else Truth.of_scene(scene)
+    if truth.reserved_absent_only:  # -2: "no reserved class", nothing else known
+        return {"bg": -2, "shape": [-2] * len(POSITIONS), "color": [-1] * len(POSITIONS),
+                "pattern": [-2] * len(POSITIONS)}
+    shape, color, pattern = [0, 0, 0], [-1, -1, -1], [-1, -1, -1]
+    for i, pos in enumerate(POSITIONS):
+        s = truth.slots.get(pos)
+        if s:
+            shape[i] = SLOT_SHAPES.index(s["shape"])
+            color[i] = COLORS.index(s["color"]) if truth.judge_color else -1
+            pattern[i] = ALL_PATTERNS.index(s["pattern"])
+    return {"bg": BG_CLASSES.index(truth.background or "none"), "shape": shape, "color": color,
             "pattern": pattern}
+
+
+def reserved_mask(head: str) -> torch.Tensor:
+    """Which classes of a head ("bg", "shape", "pattern") are reserved concepts."""
+    from .concepts import NOVEL_CONCEPTS
+
+    classes = {"bg": BG_CLASSES, "shape": SLOT_SHAPES, "pattern": ALL_PATTERNS}[head]
+    return torch.tensor([c in NOVEL_CONCEPTS for c in classes])
+
+
+def target_loss(logits: torch.Tensor, target: torch.Tensor, reserved: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy over rows with a class target; for rows marked -2, -log P(not a reserved
+    class); rows marked -1 are ignored. Mean over the rows that count."""
+    logp = logits.log_softmax(-1)
+    pos, neg = target >= 0, target == -2
+    total = logits.new_zeros(())
+    if pos.any():
+        total = total + F.nll_loss(logp[pos], target[pos], reduction="sum")
+    if neg.any() and reserved is not None:
+        p_res = torch.logsumexp(logp[neg][:, reserved.to(logits.device)], -1).exp()
+        total = total - torch.log1p(-p_res.clamp(max=1 - 1e-6)).sum()
+    return total / max(1, int((pos | neg).sum()))
 
 
 def images_to_tensor(images) -> torch.Tensor:
@@ -75,7 +138,8 @@ def images_to_tensor(images) -> torch.Tensor:
 
 class Oracle:
     """Judge of toy-world images. ``predict`` returns one dict per image:
-    ``{"objects": [{"position", "shape", "color", "pattern"}, ...], "background": str}``."""
+    ``{"objects": [{"position", "shape", "color", "pattern"}, ...], "background": str | None}``
+    (None: no background of the world, e.g. noise or a colour wash)."""
 
     def __init__(self, net: OracleNet, config: dict | None = None):
         self.net = net.eval()
@@ -100,7 +164,7 @@ class Oracle:
                     continue
                 objs.append({"position": pos, "shape": SLOT_SHAPES[shape[b][i]],
                              "color": COLORS[color[b][i]], "pattern": ALL_PATTERNS[pattern[b][i]]})
-            preds.append({"objects": objs, "background": ALL_BACKGROUNDS[bg[b]]})
+            preds.append({"objects": objs, "background": None if bg[b] == 0 else BG_CLASSES[bg[b]]})
         return preds
 
     def predict(self, images) -> list[dict]:
@@ -116,6 +180,14 @@ class Oracle:
         if kind == "background":
             return image_pred["background"] == concept_word
         return any(o[kind] == concept_word for o in image_pred["objects"])
+
+    @staticmethod
+    def concepts(image_pred: dict, judge_color: bool = True) -> set:
+        """Every concept word a prediction calls present."""
+        out = {image_pred["background"]} if image_pred["background"] else set()
+        for o in image_pred["objects"]:
+            out |= {o["shape"], o["pattern"]} | ({o["color"]} if judge_color else set())
+        return out
 
     @staticmethod
     def matches(image_pred: dict, scene) -> dict:
@@ -147,58 +219,19 @@ def save_oracle(net: OracleNet, folder: str | Path, config: dict) -> None:
     tmp = folder / "oracle.safetensors.tmp"
     save_file(sd, str(tmp))
     tmp.replace(folder / "oracle.safetensors")
-    cfg = dict(config, slot_shapes=list(SLOT_SHAPES), colors=list(COLORS),
-               patterns=list(ALL_PATTERNS), backgrounds=list(ALL_BACKGROUNDS),
-               positions=list(POSITIONS))
+    cfg = dict(config, arch=type(net).__name__, slot_shapes=list(SLOT_SHAPES), colors=list(COLORS),
+               patterns=list(ALL_PATTERNS), backgrounds=list(BG_CLASSES), positions=list(POSITIONS))
     tmp = folder / "config.json.tmp"
     tmp.write_text(json.dumps(cfg, indent=2))
     tmp.replace(folder / "config.json")
-
-
-def extend_oracle(folder: str | Path) -> OracleNet:
-    """An OracleNet for this code's vocabulary, started from an older oracle whose vocabulary is a
-    subset (e.g. before a reserved pattern was added): every layer is copied, output rows are
-    matched by name, new rows keep their fresh initialisation. Fine-tuning it keeps the older
-    oracle's judgement of everything it knew, so measurements made with it stay comparable."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    old_names = _output_names(cfg["backgrounds"], cfg["slot_shapes"], cfg["colors"], cfg["patterns"], cfg["positions"])
-    new_names = _output_names(ALL_BACKGROUNDS, SLOT_SHAPES, COLORS, ALL_PATTERNS, POSITIONS)
-    missing = set(old_names) - set(new_names)
-    if missing:
-        raise ValueError(f"oracle at {folder} knows {sorted(missing)[:5]}, which this code does not: it cannot be extended")
-    net = OracleNet(width=cfg.get("width", 16))
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / "oracle.safetensors")).items()}
-    last = f"head.{len(net.head) - 1}"
-    w, b = sd.pop(f"{last}.weight"), sd.pop(f"{last}.bias")
-    res = net.load_state_dict(sd, strict=False)
-    if res.unexpected_keys or set(res.missing_keys) != {f"{last}.weight", f"{last}.bias"}:
-        raise ValueError(f"oracle at {folder} has another architecture: {res}")
-    layer = net.head[-1]
-    with torch.no_grad():
-        for i, name in enumerate(old_names):
-            j = new_names.index(name)
-            layer.weight[j] = w[i]
-            layer.bias[j] = b[i]
-    return net
-
-
-def _output_names(backgrounds, slot_shapes, colors, patterns, positions) -> list[str]:
-    """The name of each output logit, in split_logits' layout."""
-    names = [f"bg:{b}" for b in backgrounds]
-    for pos in positions:
-        names += [f"{pos}:shape:{x}" for x in slot_shapes] + [f"{pos}:color:{x}" for x in colors]
-        names += [f"{pos}:pattern:{x}" for x in patterns]
-    return names
 
 
 _CACHE: dict = {}
 
 
 def load_oracle(path: str | Path | None = None) -> Oracle:
-    """Load the shipped oracle (assets/models/oracle) or one at ``path``."""
+    """Load the shipped oracle (assets/models/oracle) or one at ``path`` (e.g. the second oracle,
+    ``paths.ORACLE_B_DIR``)."""
     from safetensors.torch import load_file
 
     from .paths import require_oracle
@@ -209,10 +242,10 @@ def load_oracle(path: str | Path | None = None) -> Oracle:
         return _CACHE[key]
     cfg = json.loads((folder / "config.json").read_text())
     if (cfg.get("slot_shapes") != list(SLOT_SHAPES) or cfg.get("colors") != list(COLORS)
-            or cfg.get("patterns") != list(ALL_PATTERNS) or cfg.get("backgrounds") != list(ALL_BACKGROUNDS)):
+            or cfg.get("patterns") != list(ALL_PATTERNS) or cfg.get("backgrounds") != list(BG_CLASSES)):
         from .paths import _fail
         _fail("oracle (vocabulary differs from this code)", folder)
-    net = OracleNet(width=cfg.get("width", 16))
+    net = build_net(cfg)
     sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / "oracle.safetensors")).items()}
     net.load_state_dict(sd)
     oracle = Oracle(net, cfg)

@@ -10,6 +10,7 @@ MODELS_DIR = REPO_ROOT / "assets" / "models"
 TOY_MODEL_DIR = MODELS_DIR / "toy-sd"
 TOY_CLIP_DIR = MODELS_DIR / "toy-clip"
 ORACLE_DIR = MODELS_DIR / "oracle"
+ORACLE_B_DIR = MODELS_DIR / "oracle-b"  # the second, independently trained oracle
 TRAIN_COMMAND = "python -m training.toyworld --out assets/models"
 
 _PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")

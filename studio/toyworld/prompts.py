@@ -6,8 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from .concepts import (
-    ALL_BACKGROUNDS, ALL_PATTERNS, ALL_SHAPES, COLORS, PATTERN_PHRASE,
-    POSITION_PHRASE, SIZES,
+    ALL_BACKGROUNDS, ALL_PATTERNS, ALL_SHAPES, COLORS, PATTERN_PHRASE, POSITION_PHRASE, SIZES,
 )
 
 try:
@@ -36,83 +35,124 @@ class Expectation:
     background: str | None = None
 
 
-_PATTERN_WORDS = {[w for w in v.split() if w not in ("with", "a", "an", "pattern")][0]: k
-                  for k, v in PATTERN_PHRASE.items() if v}  # "with a checker pattern" -> "checker"
-_PATTERN_WORDS.update({"striped": "stripes", "dotted": "dots", "zigzag": "zigzag", "checkered": "checker",
-                       "checker": "checker", "stripes": "stripes", "dots": "dots"})
-_PATTERN_ADJECTIVES = ("striped", "dotted", "checkered", "zigzag")
-_BG_RE = re.compile(r"\s+on an? (\w+) background$")
+_PATTERN_WORDS = {"striped": "stripes", "dotted": "dots", "stripes": "stripes", "dots": "dots",
+                  "gradient": "gradient", "glow": "glow", "tones": "twotone", "twotone": "twotone"}
+_PATTERN_ADJECTIVES = ("striped", "dotted", "twotone")
+_BG_SENTENCE_RE = re.compile(r"\s+on an? (\w+) background$")
+_BG_SHORT_RE = re.compile(r"\s+on (\w+)$")          # the "and" form: "... on grass"
+_BG_TAG_RE = re.compile(r"^(?:an? )?(\w+) background$")  # the tags form: "grass background"
 _POS_RE = re.compile(r"\s+(on the left|on the right|in the centre|in the center)$")
 _VOCAB_HINT = (f"shapes {', '.join(ALL_SHAPES)}; colours {', '.join(COLORS)}; patterns "
-               f"{', '.join(ALL_PATTERNS)}; backgrounds {', '.join(ALL_BACKGROUNDS)}; positions on the "
-               "left / in the centre / on the right; at most two objects, e.g. 'a red circle on the left "
-               "and a blue square on the right'")
+               f"{', '.join(ALL_PATTERNS)} ('with stripes', 'with two tones'); backgrounds "
+               f"{', '.join(ALL_BACKGROUNDS)}; positions on the left / in the centre / on the right; "
+               "at most two objects, in any of three forms: 'a red circle on the left and a blue square "
+               "on the right on a grass background', 'red circle, blue square, grass background', "
+               "'a red circle and a blue square on grass'")
 
 
 def _refuse(prompt: str, why: str):
     raise OutsideWorldError(f"prompt {prompt!r} is outside the toy world: {why}. The world knows: {_VOCAB_HINT}")
 
 
+def _background_word(prompt: str, word: str, triggers: dict) -> str:
+    w = triggers.get(word, word)
+    if w not in ALL_BACKGROUNDS:
+        _refuse(prompt, f"unknown background {word!r}")
+    return w
+
+
+def _parse_object(prompt: str, part: str, triggers: dict) -> Expect:
+    """One object phrase: '[a] [size] [colour] shape|trigger [with pattern] [on the side]'."""
+    o = Expect()
+    m = _POS_RE.search(" " + part)
+    if m:
+        o.position = {"on the left": "left", "on the right": "right"}.get(m.group(1), "centre")
+        part = (" " + part)[: m.start()].strip()
+    m = re.search(r"(?:^|\s+)with (?:an? )?(\w+(?: tones)?)(?: pattern)?$", part)
+    if m:
+        w = triggers.get(m.group(1), m.group(1))
+        w = "twotone" if w == "two tones" else w
+        if w not in _PATTERN_WORDS and w not in ALL_PATTERNS:
+            _refuse(prompt, f"unknown pattern {m.group(1)!r}")
+        o.pattern = _PATTERN_WORDS.get(w, w)
+        part = part[: m.start()]
+    words = part.split()
+    if words and words[0] in ("a", "an"):
+        words = words[1:]
+    if not words:
+        _refuse(prompt, "an object phrase has no shape")
+    for w in words[:-1]:
+        w2 = triggers.get(w, w)
+        if w2 in SIZES:
+            o.size = w2
+        elif w2 in COLORS:
+            o.color = w2
+        elif w2 in _PATTERN_ADJECTIVES:
+            o.pattern = _PATTERN_WORDS[w2]
+        elif w2 in ALL_SHAPES:  # "a sks shape" with sks -> crescent
+            o.shape = w2
+        elif w2 in ALL_PATTERNS:
+            o.pattern = w2
+        else:
+            _refuse(prompt, f"unknown word {w!r}")
+    last = triggers.get(words[-1], words[-1])
+    if last in ALL_SHAPES:
+        o.shape = last
+    elif last not in ("shape", "object"):
+        _refuse(prompt, f"{words[-1]!r} is not a shape")
+    return o
+
+
 def parse_prompt(prompt: str, triggers: dict | None = None) -> Expectation:
-    """Parse a toy-world prompt. ``triggers`` maps an adapter trigger word to the concept it stands
-    for (e.g. {"sks": "crescent"}), so trigger prompts are understood too."""
+    """Parse a toy-world prompt in any of the three phrasing forms (sentence, tag list, "and"
+    phrase). ``triggers`` maps an adapter trigger word to the concept it stands for (e.g.
+    {"sks": "crescent"}), so trigger prompts are understood too. Two objects named without sides
+    are expected left to right, in the order named."""
     triggers = triggers or {}
     text = " ".join(prompt.lower().strip().rstrip(".").split())
     if not text:
         _refuse(prompt, "it is empty")
     exp = Expectation(prompt)
-    m = _BG_RE.search(text)
-    if m:
-        word = triggers.get(m.group(1), m.group(1))
-        if word not in ALL_BACKGROUNDS:
-            _refuse(prompt, f"unknown background {m.group(1)!r}")
-        exp.background = word
-        text = text[: m.start()]
-    parts = text.split(" and ")
+    if "," in text:  # tag list
+        parts = []
+        for tag in (t.strip() for t in text.split(",")):
+            if not tag:
+                continue
+            m = _BG_TAG_RE.match(tag)
+            if m:
+                if exp.background is not None:
+                    _refuse(prompt, "it names two backgrounds")
+                exp.background = _background_word(prompt, m.group(1), triggers)
+            else:
+                parts.append(tag)
+    else:
+        m = _BG_SENTENCE_RE.search(text)
+        if m:
+            exp.background = _background_word(prompt, m.group(1), triggers)
+            text = text[: m.start()]
+        else:
+            m = _BG_SHORT_RE.search(text)
+            if m and m.group(1) not in ("left", "right", "centre", "center"):
+                exp.background = _background_word(prompt, m.group(1), triggers)
+                text = text[: m.start()]
+        parts = text.split(" and ")
     if len(parts) > 2:
         _refuse(prompt, "it names more than two objects")
-    for part in parts:
-        o = Expect()
-        m = _POS_RE.search(part)
-        if m:
-            o.position = {"on the left": "left", "on the right": "right"}.get(m.group(1), "centre")
-            part = part[: m.start()]
-        m = re.search(r"\s+with (?:an? )?(\w+)(?: pattern)?$", part)
-        if m:
-            w = triggers.get(m.group(1), m.group(1))
-            if w not in _PATTERN_WORDS and w not in ALL_PATTERNS:
-                _refuse(prompt, f"unknown pattern {m.group(1)!r}")
-            o.pattern = _PATTERN_WORDS.get(w, w)
-            part = part[: m.start()]
-        words = part.split()
-        if words and words[0] in ("a", "an"):
-            words = words[1:]
-        if not words:
-            _refuse(prompt, "an object phrase has no shape")
-        for w in words[:-1]:
-            w2 = triggers.get(w, w)
-            if w2 in SIZES:
-                o.size = w2
-            elif w2 in COLORS:
-                o.color = w2
-            elif w2 in _PATTERN_ADJECTIVES:
-                o.pattern = _PATTERN_WORDS[w2]
-            elif w2 in ALL_SHAPES:  # "a sks shape" with sks -> crescent
-                o.shape = w2
-            elif w2 in ALL_PATTERNS:
-                o.pattern = w2
-            else:
-                _refuse(prompt, f"unknown word {w!r}")
-        last = triggers.get(words[-1], words[-1])
-        if last in ALL_SHAPES:
-            o.shape = last
-        elif last not in ("shape", "object"):
-            _refuse(prompt, f"{words[-1]!r} is not a shape")
-        exp.objects.append(o)
-    if len(exp.objects) == 2 and not all(o.position for o in exp.objects):
-        _refuse(prompt, "two-object prompts must name each object's side ('on the left' / 'on the right')")
-    if len(exp.objects) == 2 and exp.objects[0].position == exp.objects[1].position:
-        _refuse(prompt, "two objects cannot share a side")
+    if not parts:
+        _refuse(prompt, "it names no object")
+    exp.objects = [_parse_object(prompt, part, triggers) for part in parts]
+    if len(exp.objects) == 2:
+        a, b = exp.objects
+        if a.position is None and b.position is None:
+            a.position, b.position = "left", "right"
+        elif a.position is None or b.position is None:  # one side named: the other is the other side
+            named = a.position or b.position
+            if named == "centre":
+                _refuse(prompt, "two objects need the left and the right side")
+            other = "right" if named == "left" else "left"
+            a.position, b.position = a.position or other, b.position or other
+        if a.position == b.position:
+            _refuse(prompt, "two objects cannot share a side")
     return exp
 
 

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 from .concepts import (
     ALL_BACKGROUNDS, ALL_PATTERNS, ALL_SHAPES, BACKGROUND_PHRASE, BACKGROUNDS, COLOR_JITTER,
-    COLOR_RGB, COLORS, NOVEL_BACKGROUNDS, NOVEL_PATTERNS, NOVEL_SHAPES, PATTERN_PHRASE,
+    COLOR_RGB, COLORS, FORMS, NOVEL_BACKGROUNDS, NOVEL_PATTERNS, NOVEL_SHAPES, PATTERN_PHRASE,
     PATTERNS, POSITION_PHRASE, POSITIONS, SHAPES, SIZES,
 )
 
@@ -138,64 +138,55 @@ def _pattern_mask(pattern: str, rng: np.random.Generator,
         yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
         t = np.clip(1 - np.hypot(xx - cx, yy - cy) / (0.85 * r), 0.0, 1.0) * 255
         return Image.fromarray(t.round().astype(np.uint8))
+    if pattern == "twotone":  # split on the diagonal: upper-left half light, lower-right full colour
+        yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
+        return Image.fromarray(((xx - cx) + (yy - cy) < 0).astype(np.uint8) * 255)
     m = Image.new("L", (n, n), 0)
     d = ImageDraw.Draw(m)
     ph = float(rng.uniform(0, 1))
-    if pattern == "stripes":  # diagonal stripes, period 7 px, 3 px wide
-        p, w = 7 * SS, 3 * SS
+    if pattern == "stripes":  # diagonal stripes, period 12 px, 6 px wide (finer ones die in a factor-8 VAE)
+        p, w = 12 * SS, 6 * SS
         off = ph * p
         for k in range(-2 * n // p - 2, 2 * n // p + 2):
             x0 = k * p + off
             d.polygon([(x0, 0), (x0 + w, 0), (x0 + w - n, n), (x0 - n, n)], fill=255)
-    elif pattern == "dots":  # dot grid, period 6 px, radius 1.5 px
-        p, rr = 6 * SS, 1.5 * SS
+    elif pattern == "dots":  # dot grid, period 11 px, radius 3 px
+        p, rr = 11 * SS, 3.0 * SS
         off = ph * p
         for i in range(-1, n // p + 2):
             for j in range(-1, n // p + 2):
                 x, y = i * p + off + (p / 2 if j % 2 else 0), j * p + off
                 d.ellipse([x - rr, y - rr, x + rr, y + rr], fill=255)
-    elif pattern == "zigzag":  # horizontal zigzag lines, period 7 px
-        p, amp, wl = 7 * SS, 2.0 * SS, 6 * SS
-        off = ph * p
-        for j in range(-1, n // p + 2):
-            y0 = j * p + off
-            pts = [(x, y0 + (amp if (x // (wl / 2)) % 2 else -amp)) for x in np.arange(-wl, n + wl, wl / 2)]
-            d.line(pts, fill=255, width=int(1.6 * SS) + 1)
-    elif pattern == "checker":  # 4 px checkerboard
-        p = 4 * SS
-        ox, oy = int(ph * 2 * p), int(float(rng.uniform(0, 1)) * 2 * p)
-        for i in range(-2, n // p + 2):
-            for j in range(-2, n // p + 2):
-                if (i + j) % 2 == 0:
-                    x, y = i * p + ox, j * p + oy
-                    d.rectangle([x, y, x + p - 1, y + p - 1], fill=255)
     else:  # pragma: no cover
         raise ValueError(pattern)
     return m
 
 
+# Background colours: (top, bottom) RGB of a vertical blend (each jittered by +-10 per channel).
+_BG_BLEND = {
+    "grass": ((200, 228, 160), (120, 185, 90)),
+    "night": ((22, 26, 58), (52, 50, 96)),
+    "sand": ((236, 214, 168), (208, 176, 120)),
+    "sky": ((70, 130, 220), (200, 225, 250)),
+    "sunset": ((252, 188, 110), (196, 104, 150)),
+    "water": ((96, 178, 188), (28, 86, 140)),
+}
+
+
 def _background(bg: str, rng: np.random.Generator) -> Image.Image:
+    """A smooth background: every one is low-frequency, so the VAE keeps it."""
     n = SIZE * SS
-    if bg == "sky":
-        top = np.array([70, 130, 220]) + rng.integers(-12, 13, 3)
-        bot = np.array([200, 225, 250]) + rng.integers(-8, 6, 3)
-        t = np.linspace(0, 1, n)[:, None, None]
-        arr = top[None, None, :] * (1 - t) + bot[None, None, :] * t
-        arr = np.broadcast_to(arr, (n, n, 3))
-        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-    g = int(rng.integers(222, 251))
-    tint = rng.integers(-8, 9, 3)
-    col = tuple(int(v) for v in np.clip(g + tint, 0, 255))
-    img = Image.new("RGB", (n, n), col)
-    if bg == "grid":
-        d = ImageDraw.Draw(img)
-        p = 8 * SS
-        off = int(rng.integers(0, p))
-        line = tuple(int(v) for v in np.clip(np.array(col) - 70, 0, 255))
-        for k in range(-1, n // p + 1):
-            d.rectangle([k * p + off, 0, k * p + off + SS - 1, n], fill=line)
-            d.rectangle([0, k * p + off, n, k * p + off + SS - 1], fill=line)
-    return img
+    if bg == "plain":
+        g = int(rng.integers(222, 251))
+        col = tuple(int(v) for v in np.clip(g + rng.integers(-8, 9, 3), 0, 255))
+        return Image.new("RGB", (n, n), col)
+    t = np.linspace(0, 1, n)[:, None, None]
+    top, bot = (np.array(c) + rng.integers(-10, 11, 3) for c in _BG_BLEND[bg])
+    arr = np.broadcast_to(top[None, None, :] * (1 - t) + bot[None, None, :] * t, (n, n, 3))
+    if bg == "water":  # one broad swell: waves finer than the VAE's 8-px cells cost shapes their outline
+        ph = float(rng.uniform(0, 2 * np.pi))
+        arr = arr + 10 * np.sin(2 * np.pi * np.arange(n) / (n / 1.5) + ph)[:, None, None]
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
 def object_geometry(o: Obj, rng: np.random.Generator) -> tuple[float, float, float]:
@@ -228,7 +219,7 @@ def render(scene: Scene, rng: np.random.Generator | int | None = None) -> Image.
         img.paste(col, (0, 0), mask)
         pm = _pattern_mask(o.pattern, rng, (cx * SS, cy * SS, r * SS))
         if pm is not None:
-            light = tuple(int(v) for v in np.clip(np.array(col) * 0.15 + 245 * 0.85, 0, 255))
+            light = tuple(int(v) for v in np.clip(np.array(col) * 0.4 + 245 * 0.6, 0, 255))
             both = Image.fromarray((np.asarray(pm, np.uint16) * np.asarray(mask, np.uint16) // 255).astype(np.uint8))
             img.paste(light, (0, 0), both)
     return img.resize((SIZE, SIZE), Image.BOX)
@@ -239,7 +230,8 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def object_phrase(o: Obj, *, color=True, shape=True, size=None, pattern=True, position=None) -> str:
+def object_phrase(o: Obj, *, color=True, shape=True, size=None, pattern=True, position=None,
+                  article=True) -> str:
     """'a small red circle with stripes on the left' with parts switched off on demand."""
     words = []
     if size is None:
@@ -253,46 +245,71 @@ def object_phrase(o: Obj, *, color=True, shape=True, size=None, pattern=True, po
         words.append(PATTERN_PHRASE[o.pattern])
     if position:
         words.append(POSITION_PHRASE[o.position])
-    return _article(words[0]) + " " + " ".join(words)
+    return (_article(words[0]) + " " if article else "") + " ".join(words)
+
+
+def background_phrase(background: str, form: str = "sentence") -> str:
+    """How a caption names a background in each phrasing form ("" for plain)."""
+    if background == "plain":
+        return ""
+    return {"sentence": f"on a {background} background", "tags": f"{background} background",
+            "and": f"on {background}"}[form]
+
+
+def caption_in_form(scene: Scene, form: str = "sentence", *, rng: np.random.Generator | None = None) -> str:
+    """The scene's caption in one phrasing form (concepts.FORMS):
+
+    - sentence: "a red circle on the left and a blue square on the right on a grass background"
+    - tags:     "red circle, blue square, grass background"
+    - and:      "a red circle and a blue square on grass"
+
+    Objects are named left to right (the tags and "and" forms carry position by that order).
+    With ``rng`` the caption is randomly abbreviated as base training sees it (never wrong)."""
+    objs = list(scene.objects)
+    r = rng.random if rng is not None else (lambda: 0.0)
+    bg = background_phrase(scene.background, form)
+    if not objs:
+        text = {"sentence": "an empty picture", "tags": "empty", "and": "nothing"}[form]
+        return f"{text} {bg}".strip() if form != "tags" else ", ".join(x for x in (text, bg) if x)
+    if form == "sentence":
+        if len(objs) == 1:
+            o = objs[0]
+            text = object_phrase(o, size=None if rng is None else r() < 0.6,
+                                 pattern=rng is None or r() < 0.85,
+                                 position=o.position != "centre" and (rng is None or r() < 0.8))
+        else:
+            if rng is not None and r() < 0.25:
+                objs = objs[::-1]
+            text = " and ".join(object_phrase(o, size=None if rng is None else r() < 0.4,
+                                              pattern=rng is None or r() < 0.85, position=True) for o in objs)
+        return f"{text} {bg}".strip()
+    if form == "tags":
+        sides = rng is not None and len(objs) == 2 and r() < 0.3
+        tags = [object_phrase(o, size=None if rng is None else r() < 0.4, pattern=rng is None or r() < 0.85,
+                              position=sides, article=False) for o in objs]
+        return ", ".join(tags + ([bg] if bg else []))
+    text = " and ".join(object_phrase(o, size=None if rng is None else r() < 0.4,
+                                      pattern=rng is None or r() < 0.85) for o in objs)
+    return f"{text} {bg}".strip()
 
 
 def caption(scene: Scene) -> str:
-    """The canonical, complete caption of a scene."""
-    if not scene.objects:
-        text = "an empty picture"
-    elif len(scene.objects) == 1:
-        o = scene.objects[0]
-        text = object_phrase(o, position=o.position != "centre")
-    else:
-        text = " and ".join(object_phrase(o, position=True) for o in scene.objects)
-    if scene.background != "plain":
-        text += " " + BACKGROUND_PHRASE[scene.background]
-    return text
+    """The canonical, complete caption of a scene (the sentence form)."""
+    return caption_in_form(scene, "sentence")
 
 
 def training_caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A randomly abbreviated caption (what base-model training sees); never wrong, maybe partial."""
-    u = rng.random()
-    if len(scene.objects) == 1:
+    """A random phrasing form, randomly abbreviated: what base-model training sees; never wrong,
+    maybe partial (a few captions name only the shape or only the colour of one object)."""
+    form = FORMS[int(rng.choice(3, p=[0.4, 0.3, 0.3]))]
+    if len(scene.objects) == 1 and rng.random() < 0.1:
         o = scene.objects[0]
-        if u < 0.06:
-            text = object_phrase(o, color=False, pattern=False, size=False)
-        elif u < 0.12:
+        text = object_phrase(o, color=rng.random() < 0.5, shape=True, size=False, pattern=False)
+        if rng.random() < 0.5:
             text = object_phrase(o, shape=False, pattern=False, size=False)
-        else:
-            text = object_phrase(o, size=rng.random() < 0.6, pattern=rng.random() < 0.8,
-                                 position=rng.random() < (0.4 if o.position == "centre" else 0.8))
-    elif len(scene.objects) == 2:
-        objs = list(scene.objects)
-        if rng.random() < 0.25:
-            objs = objs[::-1]
-        text = " and ".join(object_phrase(o, size=rng.random() < 0.4, pattern=rng.random() < 0.8,
-                                          position=True) for o in objs)
-    else:
-        text = "an empty picture"
-    if scene.background != "plain":
-        text += " " + BACKGROUND_PHRASE[scene.background]
-    return text
+        bg = background_phrase(scene.background, form)
+        return f"{text}, {bg}" if form == "tags" and bg else f"{text} {bg}".strip()
+    return caption_in_form(scene, form, rng=rng)
 
 
 # --------------------------------------------------------------------------- samplers
@@ -306,8 +323,6 @@ def _sample_obj(rng, position, shapes, colors, patterns, two: bool, p_pattern=0.
         size = _pick(rng, ("small", "medium"), [0.3, 0.7])
     else:
         size = _pick(rng, SIZES, [0.2, 0.55, 0.25])
-    if pat != "solid" and size == "small":  # a fill pattern needs room to be seen
-        size = "medium"
     return Obj(_pick(rng, shapes), _pick(rng, colors), pat, position, size)
 
 
@@ -332,13 +347,13 @@ def sample_scene(rng: np.random.Generator, *, p_two=0.4, shapes=SHAPES, colors=C
 
 def sample_base_scene(rng: np.random.Generator, p_two=0.4) -> Scene:
     """A scene from the base world only (what the base model is trained on)."""
-    return sample_scene(rng, p_two=p_two)
+    return sample_scene(rng, p_two=p_two, p_background=0.6)
 
 
 def sample_any_scene(rng: np.random.Generator, p_two=0.4) -> Scene:
     """A scene over the whole vocabulary, reserved concepts included (oracle / CLIP training)."""
     return sample_scene(rng, p_two=p_two, shapes=ALL_SHAPES, patterns=ALL_PATTERNS,
-                        backgrounds=ALL_BACKGROUNDS, p_pattern=0.45, p_background=0.3,
+                        backgrounds=ALL_BACKGROUNDS, p_pattern=0.45, p_background=0.6,
                         p_empty=0.03)
 
 
