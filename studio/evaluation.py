@@ -996,6 +996,11 @@ def write_reports(out: Path, suite: Suite, jobs: list[Job], rows: list[dict]) ->
     header, body = summary_table(summary)
     md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n" + "".join("| " + " | ".join(r) + " |\n" for r in body)
     atomic_write(out / "table.md", md)
+    judged = [r for r in rows if r.get("metrics", {}).get("oracle", {}).get("all_present") is not None]
+    if judged:  # per set and method, with 95 % intervals (studio/composition_report.py)
+        from .composition_report import markdown as composition_markdown
+
+        atomic_write(out / "composition.md", composition_markdown(judged))
     grids = write_grids(out, suite, jobs, rows) if suite.grids else []
     if suite.report:
         atomic_write(out / "report.html", report_html(suite, summary, grids, len(rows)))
