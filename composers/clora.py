@@ -220,7 +220,7 @@ class CLoRAComposer(Composer):
         "attention_source": "both",  # "both" CFG halves (CLoRA code) or "cond" only
         "attention_factor": 0,  # image pixels per map cell; 0 = auto (32, or 16 for tiny latents)
         "refresh_after_update": False,  # re-run the branches on the updated latent for fusion
-        "backprop": "branchwise",  # "branchwise" (one graph alive) or "joint" (all N graphs)
+        "backprop": "auto",  # "branchwise" (one graph alive), "joint" (all N graphs) or auto (joint below 32x32 latents)
         "batch_branches": "auto",  # graph-free passes of all branches as one batched UNet call: auto (latents < 32x32), on, off
         "grad_checkpoint": "auto",  # graph passes recompute blocks in backward: auto (fine from 32x32 latents), fine, all, off
         "split_rows": "auto",  # graph passes one CFG row at a time (half the graph memory): auto (latents >= 32x32), on, off
@@ -235,7 +235,7 @@ class CLoRAComposer(Composer):
     def prepare(self, ctx: ComposeContext) -> None:
         super().prepare(ctx)
         p = self.params
-        for key, allowed in (("backprop", ("branchwise", "joint")),):
+        for key, allowed in (("backprop", ("auto", "branchwise", "joint")),):
             if p[key] not in allowed:
                 raise GenerationError(f"clora {key} must be one of {', '.join(allowed)}; got {p[key]!r}")
         morphology(torch.zeros(1, 3, 3, dtype=torch.bool), p["mask_morphology"])  # rejects unknown ops now
@@ -273,6 +273,7 @@ class CLoRAComposer(Composer):
         self._row_adapters: dict[int, RowAdapters] = {}  # per rows per branch (2 × images)
         self.ckpt_blocks = self._checkpoint_blocks(unet, large)
         self.split_rows = switch_param(self.name, p, "split_rows", large)
+        self.large = large
         self.max_iter, self.iterative, self.inner = self._schedule(ctx.steps)
         self.stats = dict(latent_updates=0, grad_forwards=0, backward_passes=0, skipped_updates=0, batched_calls=0)
         self.reset()
@@ -381,7 +382,7 @@ class CLoRAComposer(Composer):
         out = None
         ctx.rig.set(unet=br.unet)
         try:
-            with self.capture.record(truncate, images=images) as rec:
+            with self.capture.record(truncate, images=images, tail_grad=False) as rec:
                 out = ctx.pipe.unet(
                     torch.cat([x_in, x_in]).to(ctx.dtype), t, encoder_hidden_states=cond.embeds,
                     added_cond_kwargs=cond.added, return_dict=False,
@@ -406,7 +407,8 @@ class CLoRAComposer(Composer):
         embeds, added = branch_rows([br.cond for br in self.branches], images)
         out = None
         ctx.rig.set(unet={})
-        with self._row_adapters[rows].active(), self.capture.record(truncate, groups=n, images=images) as rec:
+        with self._row_adapters[rows].active(), \
+                self.capture.record(truncate, groups=n, images=images, tail_grad=False) as rec:
             out = ctx.pipe.unet(
                 torch.cat([x_in, x_in]).to(ctx.dtype).repeat(n, *[1] * (x_in.dim() - 1)), t,
                 encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False,
@@ -452,11 +454,14 @@ class CLoRAComposer(Composer):
         """(loss per image, dL/dz, the passes at z) for the fp32 latents z (one row per image) at t.
 
         Branchwise: maps without a graph, dL/dmaps, then one VJP per branch (one graph alive).
-        ``full`` makes the graph-free passes complete UNet calls (their eps are then reused).
+        Joint (``backprop``; auto below 32×32 latents): one graph pass of all branches (one batched
+        call with ``batch_branches``) and one backward, no graph-free pass.
+        ``full`` makes the passes complete UNet calls whose eps feed the step's prediction; in a
+        joint graph pass the layers after the last captured one then run graph-free.
         """
         z = master(z)
         n, images = len(self.branches), z.shape[0]
-        if self.params["backprop"] == "joint":
+        if self.params["backprop"] == "joint" or (self.params["backprop"] == "auto" and not self.large):
             zz = z.clone().requires_grad_(True)
             with torch.enable_grad():
                 passes = self._all(self._scale(zz, t), t, truncate=not full)
