@@ -14,7 +14,9 @@ Memory: the loss couples all branches, but no two branch graphs are alive togeth
 computed without a graph, dL/dmaps is taken on them, then each branch is re-run with a graph and
 back-propagated alone (a vector-Jacobian product); the sum of the per-branch VJPs is dL/dz exactly.
 Graph passes stop right after the last captured layer (nothing later feeds the loss), which also
-cuts their cost. ``backprop="joint"`` keeps all graphs at once (fewer forwards, N× the memory).
+cuts their cost. ``backprop="joint"`` keeps all graphs at once (fewer forwards, N× the memory):
+one graph pass of all branches and one backward per update, no graph-free pass; ``auto`` (the
+default) picks it below 32×32 latents, where graphs are a few MiB and per-call overhead dominates.
 The latent and the loss are fp32; the UNet runs in its own dtype.
 
 Presets (``preset``; spec §1.4): ``spec`` (default) is the published schedule: updates with step
@@ -22,8 +24,9 @@ size 20 on the first T/2 steps plus K = 20 inner iterations at steps {0, 10, 20}
 ``notebook`` is the official demo as a whole recipe (100 DDIM steps, CFG 10, negative "nsfw"; its
 seed 53 is not applied, the seed stays per job). ``fast`` is a named **deviation**: no inner
 iterations (25 latent updates instead of 85 at T = 50, ≈ 70 % fewer), which is what brings CLoRA
-near issue 6's bound of 6× plain generation; the published schedule costs ≈ 12× plain on the toy
-model and ≈ 15× on SD1.5 at N = 2 (spec §1.5, docs/performance.md). A preset named explicitly
+near issue 6's bound of 6× plain generation; the published schedule cost ≈ 12× plain on the toy
+model before the joint pass (``backprop``; ≈ 2.2× faster since) and costs ≈ 11.6× on SD1.5 at
+256², N = 2, T = 4 (spec §1.5 predicts 15–17× at T = 50; docs/performance.md). A preset named explicitly
 also applies its run settings (steps, guidance, sampler, negative prompt) that the caller left unset.
 
 Style adapters (``style``: names of composed adapters, comma-separated): no branch of their own,
@@ -33,14 +36,20 @@ released code's ``style_lora``. They need no trigger or concept word.
 
 Cost options:
 
-- ``batch_branches`` (default ``auto``: on below 32×32 latents): the graph-free passes (noise prediction + maps, the maps that
+- ``backprop`` (default ``auto``: ``joint`` below 32×32 latents, else ``branchwise``): joint runs
+  one graph pass of all branches per update (one batched call with ``batch_branches``) and one
+  backward; in the last round at a step that pass runs on to the end for the step's noise
+  prediction, the layers after the last captured one without a graph. Toy model, T = 25, N = 2:
+  42 backwards instead of 126 and no graph-free maps passes, ≈ 2.2× faster than branchwise, for
+  ≈ 3× its peak memory (13 against 4.7 MiB). The latents are the same (tested within 1e-5).
+- ``batch_branches`` (default ``auto``: on below 32×32 latents): the passes (noise prediction + maps, the maps that
   feed the loss are the ones of the step's prediction pass) run all N branches as one UNet call
   of 2N rows, each branch's adapters hooked onto its own rows (``studio.adapters.rows``). The spec's
   pitfall 2 forbids this for diffusers/PEFT, which cannot switch adapters per row; our hooks can,
   and the result equals the sequential calls to float rounding. It saves per-call overhead on
   small models (toy, T = 25, N = 2: 4.4× plain instead of 5.3×); on large UNets it saves little and
   holds N branches' activations at once, so ``auto`` turns it off there (the peak-memory target).
-  Graph passes always stay one branch at a time.
+  Branchwise graph passes stay one branch at a time.
 - ``grad_checkpoint`` (default ``auto``: ``fine`` from 32×32 latents, else ``off``): graph passes
   recompute blocks in backward instead of keeping their insides. ``fine`` picks the ResNet,
   transformer and resampling blocks finer than the maps' level (SD1.5: the 32×32 and 16×16 blocks
