@@ -6,7 +6,9 @@ peak memory above the idle baseline (the lowest over repeats: one-time allocatio
 autograd engine's first backward are not the method's): ``torch.cuda.max_memory_allocated`` on
 CUDA, the sampled in-use heap on CPU (glibc ``mallinfo2``; sampled RSS, which also counts the
 allocator's cache, is printed beside it). Ratios are against plain generation (no adapter) and
-Composite with the same N, measured in the same run. Targets from issue 6: CLoRA
+Composite with the same N, measured in the same run; the median time over repeats and its ratio
+(``x_plain_median``, against plain's median) are printed beside the best, which is steadier on an
+idle machine, the median on a contended one. Targets from issue 6: CLoRA
 ≤ 6× plain time at N = 2, peak memory ≤ 1.5× Composite; the published schedule (the default since
 issue 18) exceeds the time bound, ``clora-fast`` is the cheaper named option (docs/performance.md).
 
@@ -14,7 +16,8 @@ Methods: ``plain``, ``composite``, ``clora`` (default ``spec`` preset, the publi
 update per step on the first T/2 steps plus 20·T/50 inner iterations at the steps matching
 {0, 10, 20} of 50; auto settings by latent size), ``clora-fast`` (the ``fast`` preset, a named
 deviation: no inner iterations), ``clora-seq`` (branches one call each),
-``clora-joint`` (all branch graphs kept at once: the memory the branchwise VJPs avoid),
+``clora-joint`` (all branch graphs kept at once: the memory the branchwise VJPs avoid; the default
+below 32×32 latents), ``clora-branchwise`` (one branch graph at a time: the default from 32×32),
 ``clora-lowmem`` (the large-latent memory settings forced on: ``grad_checkpoint=fine``,
 ``split_rows=on``), ``clora-nockpt`` / ``clora-ckptall`` / ``clora-nosplit`` / ``clora-cond`` (one
 setting changed) and ``clora-noupd`` (latent update off: the masked-fusion cost alone).
@@ -34,6 +37,7 @@ import argparse
 import ctypes
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -62,6 +66,7 @@ METHODS = {
     "clora-nosplit": ("clora", {"split_rows": False}),
     "clora-cond": ("clora", {"attention_source": "cond"}),
     "clora-joint": ("clora", {"backprop": "joint"}),
+    "clora-branchwise": ("clora", {"backprop": "branchwise"}),
     "clora-lowmem": ("clora", {"grad_checkpoint": "fine", "split_rows": True}),  # the large-latent defaults, forced
     "clora-noupd": ("clora", {"latent_update": False}),
 }
@@ -156,7 +161,8 @@ def prompt_for(n: int) -> str:
 
 
 def measure(studio, adapters, method: str, params: dict, prompt: str, size: int, steps: int, repeats: int):
-    best, peak, rss, report = float("inf"), float("inf"), float("inf"), {}
+    """(best seconds, peak bytes, RSS peak bytes, report, median seconds) over ``repeats`` runs."""
+    best, peak, rss, report, times = float("inf"), float("inf"), float("inf"), {}, []
     for _ in range(repeats):
         sync(studio.device)
         with PeakMemory(studio.device) as mem:
@@ -167,7 +173,8 @@ def measure(studio, adapters, method: str, params: dict, prompt: str, size: int,
             secs = time.perf_counter() - t0
         # steady state: no first-use allocations
         best, peak, rss, report = min(best, secs), min(peak, mem.peak), min(rss, mem.rss_peak), res.report
-    return best, peak, rss, report
+        times.append(secs)
+    return best, peak, rss, report, statistics.median(times)
 
 
 def load_model(name: str, device, dtype):
@@ -194,8 +201,9 @@ def bench_model(name: str, ns: list[int], steps: int, repeats: int, methods: lis
         a.trigger, a.concept = TRIGGERS[k], CONCEPTS[k]
         studio.adapters.add(a)
     measure(studio, [], "merge", {}, prompt_for(1), size, steps, 1)  # warm-up
-    plain_s, plain_mem, _, _ = measure(studio, [], "merge", {}, prompt_for(max(ns)), size, steps, repeats)
-    print(f"[{name}] {size}px T={steps} plain {plain_s:.3f}s peak {plain_mem / 2**20:.1f} MiB", file=sys.stderr)
+    plain_s, plain_mem, _, _, plain_med = measure(studio, [], "merge", {}, prompt_for(max(ns)), size, steps, repeats)
+    print(f"[{name}] {size}px T={steps} plain {plain_s:.3f}s (median {plain_med:.3f}s) peak {plain_mem / 2**20:.1f} MiB",
+          file=sys.stderr)
     rows = []
     for n in ns:
         prompt, comp = prompt_for(n), None
@@ -203,21 +211,22 @@ def bench_model(name: str, ns: list[int], steps: int, repeats: int, methods: lis
             if label == "plain":
                 continue
             method, params = METHODS[label]
-            secs, peak, rss, rep = measure(studio, adapters[:n], method, params, prompt, size, steps, repeats)
+            secs, peak, rss, rep, med = measure(studio, adapters[:n], method, params, prompt, size, steps, repeats)
             if label == "composite":
                 comp = (secs, peak)
             row = {"n": n, "method": label, "seconds": secs, "x_plain": secs / plain_s, "peak_mib": peak / 2**20,
+                   "median_seconds": med, "x_plain_median": med / plain_med,
                    "rss_peak_mib": rss / 2**20,
                    "mem_x_composite": peak / comp[1] if comp and comp[1] > 0 else None,
                    "x_composite": secs / comp[0] if comp else None,
                    **{k: rep.get(k) for k in ("unet_calls", "shallow_calls", "latent_updates", "backward_passes")}}
             rows.append(row)
             mx = f"{row['mem_x_composite']:.2f}" if row["mem_x_composite"] is not None else "-"
-            print(f"[{name}] N={n} {label:12s} {secs:8.3f}s ×plain {row['x_plain']:6.2f}  peak {row['peak_mib']:8.1f} MiB "
+            print(f"[{name}] N={n} {label:12s} {secs:8.3f}s ×plain {row['x_plain']:6.2f} (median {row['x_plain_median']:6.2f})  peak {row['peak_mib']:8.1f} MiB "
                   f"×composite(mem) {mx} (rss {row['rss_peak_mib']:.0f} MiB)  full={rep.get('unet_calls')} trunc={rep.get('shallow_calls')} "
                   f"updates={rep.get('latent_updates', '-')} backward={rep.get('backward_passes', '-')}", file=sys.stderr)
     return {"model": name, "size": size, "steps": steps, "device": str(device), "dtype": str(dtype),
-            "threads": torch.get_num_threads(), "plain_seconds": plain_s, "plain_peak_mib": plain_mem / 2**20, "rows": rows}
+            "threads": torch.get_num_threads(), "plain_seconds": plain_s, "plain_median_seconds": plain_med, "plain_peak_mib": plain_mem / 2**20, "rows": rows}
 
 
 def main(argv=None) -> None:

@@ -14,7 +14,9 @@ Memory: the loss couples all branches, but no two branch graphs are alive togeth
 computed without a graph, dL/dmaps is taken on them, then each branch is re-run with a graph and
 back-propagated alone (a vector-Jacobian product); the sum of the per-branch VJPs is dL/dz exactly.
 Graph passes stop right after the last captured layer (nothing later feeds the loss), which also
-cuts their cost. ``backprop="joint"`` keeps all graphs at once (fewer forwards, N× the memory).
+cuts their cost. ``backprop="joint"`` keeps all graphs at once (fewer forwards, N× the memory):
+one graph pass of all branches and one backward per update, no graph-free pass; ``auto`` (the
+default) picks it below 32×32 latents, where graphs are a few MiB and per-call overhead dominates.
 The latent and the loss are fp32; the UNet runs in its own dtype.
 
 Presets (``preset``; spec §1.4): ``spec`` (default) is the published schedule: updates with step
@@ -22,8 +24,9 @@ size 20 on the first T/2 steps plus K = 20 inner iterations at steps {0, 10, 20}
 ``notebook`` is the official demo as a whole recipe (100 DDIM steps, CFG 10, negative "nsfw"; its
 seed 53 is not applied, the seed stays per job). ``fast`` is a named **deviation**: no inner
 iterations (25 latent updates instead of 85 at T = 50, ≈ 70 % fewer), which is what brings CLoRA
-near issue 6's bound of 6× plain generation; the published schedule costs ≈ 12× plain on the toy
-model and ≈ 15× on SD1.5 at N = 2 (spec §1.5, docs/performance.md). A preset named explicitly
+near issue 6's bound of 6× plain generation; the published schedule cost ≈ 12× plain on the toy
+model before the joint pass (``backprop``; ≈ 2.2× faster since) and costs ≈ 11.6× on SD1.5 at
+256², N = 2, T = 4 (spec §1.5 predicts 15–17× at T = 50; docs/performance.md). A preset named explicitly
 also applies its run settings (steps, guidance, sampler, negative prompt) that the caller left unset.
 
 Style adapters (``style``: names of composed adapters, comma-separated): no branch of their own,
@@ -33,14 +36,20 @@ released code's ``style_lora``. They need no trigger or concept word.
 
 Cost options:
 
-- ``batch_branches`` (default ``auto``: on below 32×32 latents): the graph-free passes (noise prediction + maps, the maps that
+- ``backprop`` (default ``auto``: ``joint`` below 32×32 latents, else ``branchwise``): joint runs
+  one graph pass of all branches per update (one batched call with ``batch_branches``) and one
+  backward; in the last round at a step that pass runs on to the end for the step's noise
+  prediction, the layers after the last captured one without a graph. Toy model, T = 25, N = 2:
+  42 backwards instead of 126 and no graph-free maps passes, ≈ 2.2× faster than branchwise, for
+  ≈ 3× its peak memory (13 against 4.7 MiB). The latents are the same (tested within 1e-5).
+- ``batch_branches`` (default ``auto``: on below 32×32 latents): the passes (noise prediction + maps, the maps that
   feed the loss are the ones of the step's prediction pass) run all N branches as one UNet call
   of 2N rows, each branch's adapters hooked onto its own rows (``studio.adapters.rows``). The spec's
   pitfall 2 forbids this for diffusers/PEFT, which cannot switch adapters per row; our hooks can,
   and the result equals the sequential calls to float rounding. It saves per-call overhead on
   small models (toy, T = 25, N = 2: 4.4× plain instead of 5.3×); on large UNets it saves little and
   holds N branches' activations at once, so ``auto`` turns it off there (the peak-memory target).
-  Graph passes always stay one branch at a time.
+  Branchwise graph passes stay one branch at a time.
 - ``grad_checkpoint`` (default ``auto``: ``fine`` from 32×32 latents, else ``off``): graph passes
   recompute blocks in backward instead of keeping their insides. ``fine`` picks the ResNet,
   transformer and resampling blocks finer than the maps' level (SD1.5: the 32×32 and 16×16 blocks
@@ -220,7 +229,7 @@ class CLoRAComposer(Composer):
         "attention_source": "both",  # "both" CFG halves (CLoRA code) or "cond" only
         "attention_factor": 0,  # image pixels per map cell; 0 = auto (32, or 16 for tiny latents)
         "refresh_after_update": False,  # re-run the branches on the updated latent for fusion
-        "backprop": "branchwise",  # "branchwise" (one graph alive) or "joint" (all N graphs)
+        "backprop": "auto",  # "branchwise" (one graph alive), "joint" (all N graphs) or auto (joint below 32x32 latents)
         "batch_branches": "auto",  # graph-free passes of all branches as one batched UNet call: auto (latents < 32x32), on, off
         "grad_checkpoint": "auto",  # graph passes recompute blocks in backward: auto (fine from 32x32 latents), fine, all, off
         "split_rows": "auto",  # graph passes one CFG row at a time (half the graph memory): auto (latents >= 32x32), on, off
@@ -235,7 +244,7 @@ class CLoRAComposer(Composer):
     def prepare(self, ctx: ComposeContext) -> None:
         super().prepare(ctx)
         p = self.params
-        for key, allowed in (("backprop", ("branchwise", "joint")),):
+        for key, allowed in (("backprop", ("auto", "branchwise", "joint")),):
             if p[key] not in allowed:
                 raise GenerationError(f"clora {key} must be one of {', '.join(allowed)}; got {p[key]!r}")
         morphology(torch.zeros(1, 3, 3, dtype=torch.bool), p["mask_morphology"])  # rejects unknown ops now
@@ -273,6 +282,7 @@ class CLoRAComposer(Composer):
         self._row_adapters: dict[int, RowAdapters] = {}  # per rows per branch (2 × images)
         self.ckpt_blocks = self._checkpoint_blocks(unet, large)
         self.split_rows = switch_param(self.name, p, "split_rows", large)
+        self.large = large
         self.max_iter, self.iterative, self.inner = self._schedule(ctx.steps)
         self.stats = dict(latent_updates=0, grad_forwards=0, backward_passes=0, skipped_updates=0, batched_calls=0)
         self.reset()
@@ -381,7 +391,7 @@ class CLoRAComposer(Composer):
         out = None
         ctx.rig.set(unet=br.unet)
         try:
-            with self.capture.record(truncate, images=images) as rec:
+            with self.capture.record(truncate, images=images, tail_grad=False) as rec:
                 out = ctx.pipe.unet(
                     torch.cat([x_in, x_in]).to(ctx.dtype), t, encoder_hidden_states=cond.embeds,
                     added_cond_kwargs=cond.added, return_dict=False,
@@ -406,7 +416,8 @@ class CLoRAComposer(Composer):
         embeds, added = branch_rows([br.cond for br in self.branches], images)
         out = None
         ctx.rig.set(unet={})
-        with self._row_adapters[rows].active(), self.capture.record(truncate, groups=n, images=images) as rec:
+        with self._row_adapters[rows].active(), \
+                self.capture.record(truncate, groups=n, images=images, tail_grad=False) as rec:
             out = ctx.pipe.unet(
                 torch.cat([x_in, x_in]).to(ctx.dtype).repeat(n, *[1] * (x_in.dim() - 1)), t,
                 encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False,
@@ -452,11 +463,14 @@ class CLoRAComposer(Composer):
         """(loss per image, dL/dz, the passes at z) for the fp32 latents z (one row per image) at t.
 
         Branchwise: maps without a graph, dL/dmaps, then one VJP per branch (one graph alive).
-        ``full`` makes the graph-free passes complete UNet calls (their eps are then reused).
+        Joint (``backprop``; auto below 32×32 latents): one graph pass of all branches (one batched
+        call with ``batch_branches``) and one backward, no graph-free pass.
+        ``full`` makes the passes complete UNet calls whose eps feed the step's prediction; in a
+        joint graph pass the layers after the last captured one then run graph-free.
         """
         z = master(z)
         n, images = len(self.branches), z.shape[0]
-        if self.params["backprop"] == "joint":
+        if self.params["backprop"] == "joint" or (self.params["backprop"] == "auto" and not self.large):
             zz = z.clone().requires_grad_(True)
             with torch.enable_grad():
                 passes = self._all(self._scale(zz, t), t, truncate=not full)

@@ -117,12 +117,14 @@ class _Recorder:
     images] (``halves`` = 1: one half only) and every image gets its own map (``image_maps``).
     """
 
-    def __init__(self, capture: "AttentionCapture", truncate: bool, groups: int = 1, images: int = 1, halves: int = 2):
+    def __init__(self, capture: "AttentionCapture", truncate: bool, groups: int = 1, images: int = 1, halves: int = 2,
+                 tail_grad: bool = True):
         self.capture, self.truncate, self.groups = capture, truncate, groups
-        self.images, self.halves = images, halves
+        self.images, self.halves, self.tail_grad = images, halves, tail_grad
         self.total: torch.Tensor | None = None
         self.rows = 0
         self.calls = 0
+        self.grad_mode: bool | None = None  # the grad mode to restore when the tail ran graph-free
 
     def add(self, probs: torch.Tensor, heads: int) -> None:
         batch = probs.shape[0] // heads
@@ -139,8 +141,14 @@ class _Recorder:
         self.total = s if self.total is None else self.total + s
         self.rows += p.shape[1] * p.shape[3]
         self.calls += 1
-        if self.truncate and self.calls == len(self.capture.spec.layers):
-            raise StopForward
+        if self.calls == len(self.capture.spec.layers):
+            if self.truncate:
+                raise StopForward
+            if not self.tail_grad and torch.is_grad_enabled():
+                # nothing after the last captured layer feeds the maps: the rest of the call (the
+                # noise prediction) runs without recording a graph; ``record`` restores the mode
+                self.grad_mode = True
+                torch.set_grad_enabled(False)
 
     def maps(self) -> torch.Tensor:
         """``(h, w, tokens)``; ``(groups, h, w, tokens)`` for a batched call of several branches."""
@@ -189,6 +197,8 @@ class CaptureProcessor:
         key = attn.head_to_batch_dim(key)
         value = attn.head_to_batch_dim(value)
         probs = attn.get_attention_scores(query, key, attention_mask)
+        # before the layer's output: a truncated call stops here, a graph-free tail starts here
+        self.recorder.add(probs, attn.heads)
         hidden_states = torch.bmm(probs, value)
         hidden_states = attn.batch_to_head_dim(hidden_states)
         hidden_states = attn.to_out[0](hidden_states)
@@ -198,7 +208,6 @@ class CaptureProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         hidden_states = hidden_states / attn.rescale_output_factor
-        self.recorder.add(probs, attn.heads)  # may raise StopForward after the last layer
         return hidden_states
 
 
@@ -216,14 +225,18 @@ class AttentionCapture:
         self.modules = [unet.get_submodule(n) for n in spec.layers]
 
     @contextmanager
-    def record(self, truncate: bool = False, groups: int = 1, images: int = 1, halves: int = 2):
+    def record(self, truncate: bool = False, groups: int = 1, images: int = 1, halves: int = 2,
+               tail_grad: bool = True):
         """Swap in capture processors for one call; ``truncate`` stops the UNet after the last one.
 
         Yields the recorder; ``recorder.maps()`` is the ``(h, w, tokens)`` map (fp32, with a graph
         when grad is enabled), or one per branch when the call batches ``groups`` branches. A
-        truncated call's ``StopForward`` is swallowed here.
+        truncated call's ``StopForward`` is swallowed here. ``tail_grad=False``: in a call with
+        grad enabled, the layers after the last captured one run graph-free (the maps keep their
+        graph, the output has none), which saves the tail's graph when only the maps are
+        differentiated.
         """
-        rec = _Recorder(self, truncate, groups, images, halves)
+        rec = _Recorder(self, truncate, groups, images, halves, tail_grad)
         h, w = self.spec.size
         saved = [m.processor for m in self.modules]
         for m in self.modules:
@@ -233,6 +246,8 @@ class AttentionCapture:
         except StopForward:
             pass
         finally:
+            if rec.grad_mode is not None:
+                torch.set_grad_enabled(rec.grad_mode)
             for m, p in zip(self.modules, saved):
                 m.set_processor(p)
 

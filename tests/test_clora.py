@@ -217,7 +217,7 @@ def test_loss_gradient_matches_finite_differences():
 
 def test_branchwise_backprop_equals_full_graph_gradient(sd1):
     two_adapters(sd1)
-    with prepared(sd1, CLoRAComposer()) as (comp, ctx, sched):
+    with prepared(sd1, CLoRAComposer(backprop="branchwise")) as (comp, ctx, sched):
         t = sched.timesteps[0]
         z = initial_latents(ctx, 5, sched)
         loss_b, grad_b, _ = comp.latent_grad(z, t)
@@ -230,22 +230,55 @@ def test_branchwise_backprop_equals_full_graph_gradient(sd1):
     torch.testing.assert_close(grad_b, grad_j, rtol=1e-4, atol=1e-6 * float(grad_j.abs().max()))
     # activation checkpointing in the branch passes changes memory, not the gradient
     for mode in ("fine", "all"):
-        with prepared(sd1, CLoRAComposer(grad_checkpoint=mode)) as (comp, ctx, sched):
+        with prepared(sd1, CLoRAComposer(grad_checkpoint=mode, backprop="branchwise")) as (comp, ctx, sched):
             assert comp.ckpt_blocks
             _, grad_ck, _ = comp.latent_grad(initial_latents(ctx, 5, sched), sched.timesteps[0])
         torch.testing.assert_close(grad_ck, grad_b, rtol=1e-5, atol=1e-7 * float(grad_b.abs().max()))
     # graph passes one CFG row at a time: half the graph, the same gradient
-    with prepared(sd1, CLoRAComposer(split_rows="on")) as (comp, ctx, sched):
+    with prepared(sd1, CLoRAComposer(split_rows="on", backprop="branchwise")) as (comp, ctx, sched):
         assert comp.split_rows
         _, grad_rows, _ = comp.latent_grad(initial_latents(ctx, 5, sched), sched.timesteps[0])
     torch.testing.assert_close(grad_rows, grad_b, rtol=1e-4, atol=1e-6 * float(grad_b.abs().max()))
     # with maps from the cond half only, the graph pass runs the cond row alone
-    with prepared(sd1, CLoRAComposer(attention_source="cond")) as (comp, ctx, sched):
+    with prepared(sd1, CLoRAComposer(attention_source="cond", backprop="branchwise")) as (comp, ctx, sched):
         _, grad_c1, _ = comp.latent_grad(initial_latents(ctx, 5, sched), sched.timesteps[0])
-    with prepared(sd1, CLoRAComposer(attention_source="cond", split_rows="on")) as (comp, ctx, sched):
+    with prepared(sd1, CLoRAComposer(attention_source="cond", split_rows="on", backprop="branchwise")) as (comp, ctx, sched):
         _, grad_c2, _ = comp.latent_grad(initial_latents(ctx, 5, sched), sched.timesteps[0])
     assert grad_c1.abs().max() > 0
     torch.testing.assert_close(grad_c2, grad_c1, rtol=1e-5, atol=1e-7 * float(grad_c1.abs().max()))
+
+
+@pytest.mark.parametrize("params", [
+    {"backprop": "branchwise"},
+    {"backprop": "branchwise", "batch_branches": "off"},
+    {"backprop": "branchwise", "split_rows": "on", "grad_checkpoint": "fine"},  # the large-latent settings
+    {"backprop": "joint", "batch_branches": "off"},
+], ids=["branchwise", "branchwise-seq", "branchwise-large", "joint-seq"])
+def test_cost_settings_keep_the_default_trajectory(sd1, params):
+    """Every way of computing the published schedule gives the default's latents at every step
+    within 1e-5 (the default on this 8×8 latent is joint and batched, which tests/test_reference.py
+    pins to the released loop)."""
+    two_adapters(sd1)
+    runs = []
+    for p in ({}, params):
+        zs = []
+        res = sd1.run(PROMPT, ["a", "b"], method="clora", method_params=p, steps=5, seed=3, progress=False,
+                      on_step=lambda i, n, z: zs.append(z.clone()))
+        runs.append((zs, res.report))
+    (ref, rep_ref), (ours, rep) = runs
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        err = (a - b).abs().max().item()
+        assert err <= 1e-5 * max(1.0, b.abs().max().item()), f"step {i}: max |dz| = {err:.2e}"
+    n, steps, updates = 3, 5, rep_ref["latent_updates"]
+    assert rep["latent_updates"] == updates == 2 + 2 * 2  # T = 5: steps 0, 1 update, K = 2 at both
+    assert rep["grad_forwards"] == rep_ref["grad_forwards"] == n * updates
+    # each branch runs once per step in full: at an updating step, in its last round
+    assert rep["full_forwards"] == rep_ref["full_forwards"] == n * steps
+    if params["backprop"] == "branchwise":  # graph-free maps, then a graph pass and a backward per branch
+        assert rep["backward_passes"] == n * updates and rep["truncated_forwards"] == n * (2 * updates - 2)
+    else:  # one graph pass and one backward for all branches
+        assert rep["backward_passes"] == rep_ref["backward_passes"] == updates
+        assert rep["truncated_forwards"] == rep_ref["truncated_forwards"] == n * (updates - 2)
 
 
 def test_checkpointed_blocks_hold_no_capture_layer(sd1):
@@ -460,9 +493,16 @@ def test_call_counts_updates_and_determinism(sd1):
     n, steps, a_steps, k = 3, 4, 2, 2  # T=4: updates on steps 0, 1; both are iterative steps
     updates = a_steps + 2 * k
     assert rep["latent_updates"] == updates == len(rep["history"]["losses"])
+    # default on this 8x8 latent: joint, one graph pass of all branches and one backward per update,
+    # the last one at a step run to the end (its eps are the step's prediction)
     assert rep["full_forwards"] == n * steps
-    assert rep["grad_forwards"] == rep["backward_passes"] == n * updates
-    assert rep["truncated_forwards"] == n * (updates - a_steps) + n * updates
+    assert rep["grad_forwards"] == n * updates and rep["backward_passes"] == updates
+    assert rep["truncated_forwards"] == n * (updates - a_steps)
+    # branchwise (the default from 32x32 latents): graph-free maps, then one graph pass and backward per branch
+    bw = sd1.run(PROMPT, ["a", "b"], method="clora", method_params={**params, "backprop": "branchwise"}, **FAST).report
+    assert bw["full_forwards"] == n * steps
+    assert bw["grad_forwards"] == bw["backward_passes"] == n * updates
+    assert bw["truncated_forwards"] == n * (updates - a_steps) + n * updates
     r2 = sd1.run(PROMPT, ["a", "b"], method="clora", method_params=params, **FAST)
     assert np.array_equal(np.asarray(r1.images[0]), np.asarray(r2.images[0]))
     off = sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"latent_update": False}, **FAST)
