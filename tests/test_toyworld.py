@@ -396,3 +396,11 @@ def test_quick_training_run_builds_a_loadable_world(tmp_path):
     from studio.toyworld.oracle import load_oracle
 
     assert len(load_oracle(tmp_path / "oracle").predict(pipe("a red circle", num_inference_steps=2).images)) == 1
+
+    # a warm start from that build: same architecture, weights taken over, recorded in the report
+    warm = tmp_path / "warm"
+    assert main(["--out", str(warm), "--quick", "--stages", "vae,unet", "--init", str(tmp_path)]) == 0
+    report = json.loads((warm / "toyworld-train.json").read_text())
+    assert report["vae"]["init_from"] == str(tmp_path.resolve()) == report["unet"]["init_from"]
+    with pytest.raises(SystemExit):  # a folder without a build is refused up front
+        main(["--out", str(warm), "--quick", "--init", str(tmp_path / "nothing")])

@@ -457,6 +457,8 @@ def train_oracle(cfg, out: Path, rng, device, report):
         pipe = load_pipeline(out / "toy-sd")
     for name, make, lr, seed in (("oracle", lambda: OracleNet(width=16), 2e-3, 2),
                                  ("oracle-b", lambda: OracleNetB(width=24), 1.5e-3, 12)):
+        if name not in cfg.get("oracles", ("oracle", "oracle-b")):
+            continue
         t0 = time.time()
         torch.manual_seed(seed)
         drawn = _drawn_negatives(pipe, cfg["oracle_drawn"], seed) if pipe is not None else None
@@ -816,6 +818,9 @@ def main(argv=None) -> int:
                     help="warm start the vae, unet (+ text encoder) and clip stages from an earlier build "
                          "with the same architecture (e.g. the previous assets/models); the oracle always "
                          "starts from scratch")
+    ap.add_argument("--oracles", default="oracle,oracle-b",
+                    help="oracle stage: which of the two oracles to train (default both; two processes can "
+                         "train one each)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=INT",
                     help="override a step/batch/size setting, e.g. --set unet_steps=3000")
     args = ap.parse_args(argv)
@@ -830,6 +835,9 @@ def main(argv=None) -> int:
         if not (init / "toy-sd" / "unet" / "config.json").is_file():
             ap.error(f"--init {args.init}: no toy-sd/unet there; give a folder written by this script")
         cfg["init"] = str(init)
+    cfg["oracles"] = tuple(x.strip() for x in args.oracles.split(",") if x.strip())
+    if not cfg["oracles"] or set(cfg["oracles"]) - {"oracle", "oracle-b"}:
+        ap.error(f"--oracles {args.oracles!r}: give oracle, oracle-b or both")
     if args.no_budget:
         for k in cfg:
             if k.endswith("_minutes"):
