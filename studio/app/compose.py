@@ -186,9 +186,15 @@ class ComposeTab:
         started = time.perf_counter()
         folder = self.out_dir / time.strftime("%Y-%m-%d")
         gallery: list[tuple[str, str]] = []
+        seeds: list[int] = []
         worker, box = self.runs.start_worker(work)
+        stopping_shown = False
         try:
             while True:
+                if stop.is_set() and not stopping_shown and worker.is_alive():
+                    # the only writer of the status line is this run, so "Stopping…" never outlives it
+                    stopping_shown = True
+                    yield (*(gr.skip(),) * 6, message("Stopping… (the images finished so far are kept)", "info"))
                 try:
                     kind, payload = events.get(timeout=0.1)
                 except queue.Empty:
@@ -198,14 +204,19 @@ class ComposeTab:
                 if kind == "step":
                     image_index, step, preview = payload
                     yield (gr.skip(), gr.skip() if preview is None else preview, gr.skip(), gr.skip(), gr.skip(),
-                           gr.skip(), progress.line(image_index, step) + warned)
+                           gr.skip(), gr.skip() if stopping_shown else progress.line(image_index, step) + warned)
                     acked.release()
                     continue
                 if kind == "image":
                     image, recipe = payload
                     path = save_png(image, folder / f"{time.strftime('%H%M%S')}-{uuid.uuid4().hex[:8]}-{recipe.seed}.png")
                     gallery.append((str(path), f"seed {recipe.seed}"))
-                    yield (list(gallery), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(),
+                    seeds.append(recipe.seed)
+                    # the info line describes the images shown: the last run's report and maps go
+                    info = _partial_info(len(gallery), kwargs["num_images"], seeds, started, "so far")
+                    first = len(gallery) == 1
+                    yield (list(gallery), gr.skip(), info, {} if first else gr.skip(), [] if first else gr.skip(),
+                           gr.skip(), gr.skip() if stopping_shown else
                            progress.line(len(gallery) - 1, kwargs["steps"]) + warned)
                     continue
                 break  # the worker has ended: its result or error is in the box
@@ -213,8 +224,11 @@ class ComposeTab:
             if isinstance(error, GenerationCancelled):
                 kept = f"{len(gallery)} of {kwargs['num_images']} image(s) kept" if gallery else "no image was finished"
                 self._remember(gallery, f"{method} · stopped · {prompt[:60]}")
-                yield (list(gallery) if gallery else gr.skip(), None, gr.skip(), gr.skip(), gr.skip(), gr.skip(),
-                       message(f"Stopped: {kept}.", "info"))
+                if gallery:
+                    info = _partial_info(len(gallery), kwargs["num_images"], seeds, started, "kept (stopped)")
+                    yield (list(gallery), None, info, {}, [], seeds[0], message(f"Stopped: {kept}.", "info"))
+                else:  # the outputs still show the last good run, and its info
+                    yield (gr.skip(), None, gr.skip(), gr.skip(), gr.skip(), gr.skip(), message(f"Stopped: {kept}.", "info"))
                 return
             if error is not None:
                 if not isinstance(error, (StudioError, gr.Error)):  # a bug: one line here, the traceback in a log
@@ -304,6 +318,12 @@ class ComposeTab:
             out.append((str(save_png(image, path)), label))
         return out
 
+
+
+def _partial_info(done: int, total: int, seeds: list[int], started: float, state: str) -> str:
+    """The info line of a run still going or stopped: ``**2 of 4 image(s) kept (stopped)** · seed 7, 8 · 3.1 s``."""
+    return (f"**{done} of {total} image(s) {state}** · seed {', '.join(str(s) for s in seeds)} · "
+            f"{time.perf_counter() - started:.2f} s")
 
 
 def _is_map(value) -> bool:

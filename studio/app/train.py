@@ -93,7 +93,8 @@ class TrainTab:
             while worker.is_alive():
                 worker.join(0.5)
                 loss = trainer.history[-1].get("loss") if trainer.history else None
-                line = "training: " + progress.line(0, max(trainer.step, 0))
+                line = ("Stopping… (at the next optimizer step) · " if stop.is_set() else "training: ") + \
+                    progress.line(0, max(trainer.step, 0))
                 yield _loss_table(trainer.history), gr.skip(), line + (f" · loss {loss:.4f}" if loss is not None else "")
             error = box.get("error")
             if isinstance(error, TrainingCancelled):
