@@ -101,6 +101,7 @@ def test_generate_yields_previews_then_pngs_with_metadata(h):
     assert "Done" in status and any("image 2/2 · step" in str(o[6]) and "ETA" in str(o[6]) for o in outs)
     assert [c for _, c in gallery] == ["seed 5", "seed 6"] and last_seed == 5
     assert report["unet_calls"] == 8 and "8 UNet calls" in info and extras == []
+    assert report["adapters"] == {"a": 0.8} and "adapters **a** 0.8" in info  # which adapters, at which weight
     expected = h.studio.run("a red circle <lora:a:0.8>", seed=5, steps=4, width=64, height=64, num_images=2,
                             progress=False).images
     for (path, _), image in zip(gallery, expected):

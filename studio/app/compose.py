@@ -7,6 +7,7 @@ an error becomes a message beside the outputs, which keep the last good run.
 
 from __future__ import annotations
 
+import html
 import queue
 import re
 import threading
@@ -258,11 +259,14 @@ class ComposeTab:
         extras = self._report_images(report, folder, result.images[0].size if result.images else None)
         seeds = ", ".join(str(r.seed) for r in result.recipes)
         scores = self._scores(result)
+        used = {a.name: a.weight for a in result.recipes[0].adapters} if result.recipes else {}
         info = (f"**{len(gallery)} image(s)** · seed {seeds} · {time.perf_counter() - started:.2f} s in all "
                 f"({report.get('seconds', 0):.2f} s sampling) · {report.get('unet_calls', '?')} UNet calls · "
-                f"method {report.get('method', '?')}")
+                f"method {report.get('method', '?')} · adapters "
+                + (", ".join(f"**{html.escape(n)}** {w:g}" for n, w in used.items()) or "none"))
         info += _cmlora_timeline(report) + scores
-        return list(gallery), None, info, jsonable(report), extras, result.recipes[0].seed if result.recipes else None
+        shown = {"adapters": used, **jsonable(report)}  # which adapters at which weights, then the composer's own
+        return list(gallery), None, info, shown, extras, result.recipes[0].seed if result.recipes else None
 
     def _scores(self, result) -> str:
         """CLIPScore (compat: the adapters' trigger phrases, else the prompt) and per-concept CLIP-T per image."""
