@@ -28,14 +28,19 @@ CSS = """
 .card {border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 6px;}
 .note {color: #b45309; font-weight: 600;}
 /* small images stay small and crisp: thumbnails at most 192 px, no blurry upscaling */
-#gallery .thumbnail-item, #history .thumbnail-item {max-width: 192px; max-height: 192px;}
-#gallery img, #history img, #picked img, #edit_preview img {image-rendering: pixelated;}
+#gallery .thumbnail-item, #history .thumbnail-item, #xy_cells .thumbnail-item {max-width: 192px; max-height: 192px;}
+#gallery img, #history img, #xy_cells img, #picked img, #edit_preview img {image-rendering: pixelated;}
+/* the X/Y grid fills its box (small cells scaled up by whole pixels, big grids scaled down) */
+#xy_grid img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;}
 /* the Library: a grid of cards, each a button (preview, name, kind · type, trigger phrase) */
 #library_cards {display: grid !important; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 10px;}
 .lib-card {flex-direction: column !important; justify-content: flex-start !important; white-space: pre-line;
   height: 100%; padding: 8px !important; line-height: 1.35; font-weight: 400 !important;}
 .lib-card img {width: 128px !important; height: 128px !important; max-height: none !important; margin: 0 auto 6px !important;
   border-radius: 6px; object-fit: cover; image-rendering: pixelated;}
+.lib-card:not(:has(img))::before {content: "no preview"; display: flex; align-items: center; justify-content: center;
+  width: 128px; height: 128px; margin: 0 auto 6px; border-radius: 6px; border: 1px dashed var(--border-color-primary);
+  color: var(--body-text-color-subdued); font-size: 12px;}
 """
 GPU = dict(concurrency_id="gpu", concurrency_limit=1)  # generate / merge share one GPU queue
 LIGHT = dict(concurrency_limit=None)
@@ -47,7 +52,7 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
     size = studio.default_size
     train_defaults = h.train_defaults()
     with gr.Blocks(title="LoRA Composition Studio") as demo:
-        header = gr.Markdown(h.header())
+        header = gr.Markdown(h.header(), elem_id="header")
         if studio.note:
             gr.Markdown(f"⚠ {studio.note}", elem_classes=["note"])
         if startup:
@@ -134,7 +139,7 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                                             gr.Markdown(f"**{c['name']}** · {c['kind'] or '?'} · {c['type']}  \n"
                                                         f"“{c['phrase'] or c['trigger'] or '—'}” · w {c['weight']:g}")
                                             with gr.Row():
-                                                ins = gr.Button("insert", size="sm", min_width=60)
+                                                ins = gr.Button("insert", size="sm", min_width=60, elem_id=f"insert-{c['name']}")
                                                 opn = gr.Button("edit", size="sm", min_width=60)
                                             ins.click(lambda p, n=c["name"]: h.insert_tag(p, n), prompt, prompt,
                                                       api_visibility="private", **LIGHT)
@@ -149,7 +154,7 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                             preview = gr.Image(label="Step preview", height=128, width=128, interactive=False,
                                                buttons=[], scale=0, min_width=140)
                             info = gr.Markdown(elem_id="info")
-                        with gr.Group(elem_classes=["card"]):
+                        with gr.Column(elem_classes=["card"]):
                             with gr.Row(equal_height=True):
                                 picked_view = gr.Image(label="Selected", height=96, width=96, interactive=False,
                                                        buttons=[], scale=0, min_width=104, elem_id="picked")
@@ -159,16 +164,17 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                                         to_compose = gr.Button("Send to Compose", size="sm", elem_id="to_compose")
                                         to_pnginfo = gr.Button("PNG info", size="sm", elem_id="to_pnginfo")
                                         to_xy = gr.Button("Send to X/Y", size="sm", elem_id="to_xy")
-                                    with gr.Row():
-                                        preview_for = gr.Dropdown(h.adapter_names(), value=None, label="Adapter",
-                                                                  min_width=120, elem_id="preview_for", scale=2)
-                                        set_preview = gr.Button("Set as its preview", size="sm", elem_id="set_preview",
-                                                                scale=1)
+                                    with gr.Row(equal_height=True):
+                                        preview_for = gr.Dropdown(h.adapter_names(), value=None, show_label=False,
+                                                                  container=False, min_width=120, elem_id="preview_for",
+                                                                  scale=2, info=None, allow_custom_value=False)
+                                        set_preview = gr.Button("Set as this adapter's preview", size="sm",
+                                                                elem_id="set_preview", scale=1)
                             history_status = gr.Markdown(elem_id="history_status")
                         extras = gr.Gallery(label="Masks and attention maps (methods that report them)",
                                             format="png", type="filepath", columns=4, height=160, interactive=False)
                         with gr.Accordion("Composer report", open=False):
-                            report = gr.JSON(label="report")
+                            report = gr.JSON(label="report", elem_id="report")
                         with gr.Accordion("History: earlier runs", open=True):
                             history = gr.Gallery(h.history.items(), label="History", format="png", type="filepath",
                                                  columns=8, height=200, interactive=False, elem_id="history")
@@ -197,7 +203,7 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                                 for c in cards:  # the opened adapter's card is highlighted
                                     card = gr.Button(card_label(c), icon=c["preview"], elem_classes=["lib-card"],
                                                      variant="primary" if c["name"] == opened else "secondary",
-                                                     min_width=150)
+                                                     min_width=150, elem_id=f"card-{c['name']}")
                                     card.click(lambda n=c["name"]: gr.Dropdown(value=n), None, edit_name,
                                                api_visibility="private", **LIGHT)
                     with gr.Column(scale=2, elem_classes=["card"]):
@@ -260,18 +266,19 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                             "`Prompt S/R`: the first value is found in the prompt and replaced by each value "
                             "(e.g. `<lora:a:0.5>, <lora:a:1>` sweeps a weight).")
                 with gr.Row():
-                    x_type = gr.Dropdown(list(XY_AXES), value="Seed", label="X axis")
-                    x_values = gr.Textbox(label="X values (comma-separated)", placeholder="1, 2, 3")
+                    x_type = gr.Dropdown(list(XY_AXES), value="Seed", label="X axis", elem_id="x_type")
+                    x_values = gr.Textbox(label="X values (comma-separated)", placeholder="1, 2, 3", elem_id="x_values")
                     y_type = gr.Dropdown(list(XY_AXES), value="Nothing", label="Y axis")
                     y_values = gr.Textbox(label="Y values (comma-separated)")
                 with gr.Row():
-                    xy_btn = gr.Button("Make grid", variant="primary")
+                    xy_btn = gr.Button("Make grid", variant="primary", elem_id="xy_btn")
                     xy_stop = gr.Button("Stop", variant="stop")
-                xy_info = gr.Markdown()
+                xy_info = gr.Markdown(elem_id="xy_info")
                 xy_grid = gr.Image(label="Grid", type="filepath", format="png", interactive=False, height=400,
-                                   buttons=["download", "fullscreen"])
+                                   buttons=["download", "fullscreen"], elem_id="xy_grid")
                 xy_cells = gr.Gallery(label="Cells (PNG with metadata)", format="png", type="filepath", columns=8,
-                                      height=200, interactive=False, buttons=["download"])
+                                      height=200, interactive=False, buttons=["download"], object_fit="contain",
+                                      elem_id="xy_cells")
 
             # ---- Train ------------------------------------------------------------------
             with gr.Tab("Train", id="train"):
@@ -280,7 +287,8 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                         with gr.Column():
                             train_files = gr.File(label="Instance images (and optional .txt captions)",
                                                   file_count="multiple", type="filepath", height=120,
-                                                  file_types=[".png", ".jpg", ".jpeg", ".webp", ".bmp", ".txt"])
+                                                  file_types=[".png", ".jpg", ".jpeg", ".webp", ".bmp", ".txt"],
+                                                  elem_id="train_files")
                             train_thumbs = gr.Gallery(label="Instance images", columns=10, height=180,
                                                       interactive=False, show_label=True)
                             train_folder = gr.Textbox(label="…or a folder on the server")
@@ -288,22 +296,23 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                             with gr.Row():
                                 train_trigger = gr.Textbox("sks", label="Trigger word")
                                 train_class = gr.Textbox(train_defaults["class_word"], label="Class word",
-                                                         placeholder=train_defaults["class_word"] or "dog")
+                                                         placeholder=train_defaults["class_word"] or "dog",
+                                                         elem_id="train_class")
                                 train_kind = gr.Dropdown(list(CONCEPT_KINDS[1:]), value="object", label="Kind")
                             with gr.Row():
                                 train_type = gr.Radio(["lora", "kron"], value="lora", label="Adapter type")
-                                train_rank = gr.Number(4, precision=0, label="LoRA rank")
+                                train_rank = gr.Number(4, precision=0, label="LoRA rank", elem_id="train_rank")
                                 train_factors = gr.Textbox("krona-paper", label="Kronecker factors (A1xA2 or preset)",
                                                            visible=False)
                             with gr.Row():
                                 train_steps = gr.Slider(1, 5000, value=train_defaults["steps"], step=1, label="Steps",
-                                                        info=train_defaults["hint"])
+                                                        info=train_defaults["hint"], elem_id="train_steps")
                                 train_prior = gr.Checkbox(False, label="Prior preservation")
-                                train_name = gr.Textbox(label="Adapter name (default: trigger)")
+                                train_name = gr.Textbox(label="Adapter name (default: trigger)", elem_id="train_name")
                             with gr.Row():
-                                train_btn = gr.Button("Train", variant="primary")
+                                train_btn = gr.Button("Train", variant="primary", elem_id="train_btn")
                                 train_stop = gr.Button("Stop", variant="stop")
-                            train_status = gr.Markdown()
+                            train_status = gr.Markdown(elem_id="train_status")
                             train_loss = gr.LinePlot(x="step", y="loss", label="Loss", height=200)
                             train_samples = gr.Gallery(label="Samples", format="png", type="filepath",
                                                        interactive=False, height=160)

@@ -503,3 +503,11 @@ def test_cmlora_timeline_is_shown(h):
     assert "**CMLoRA timeline**" in info
     for step, dominant, _ in report["events"]:
         assert f"step {step}: **{dominant}** dominant" in info
+
+
+def test_loss_table_is_numeric_even_before_the_first_step():
+    from studio.app.train import _loss_table
+
+    # an empty first table of object columns made the plot read every later loss as a category
+    assert [str(t) for t in _loss_table([]).dtypes] == ["int64", "float64"]
+    assert _loss_table([{"step": 1, "loss": 0.5}, {"step": 2}]).to_dict("records") == [{"step": 1, "loss": 0.5}]

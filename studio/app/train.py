@@ -38,8 +38,9 @@ def train_defaults(arch: str, demo_folder: str | Path | None) -> dict:
 def _loss_table(history: list[dict]):
     import pandas as pd
 
-    rows = [{"step": h["step"], "loss": h["loss"]} for h in list(history) if "loss" in h]
-    return pd.DataFrame(rows, columns=["step", "loss"])
+    # plain ints and floats: a column of numpy or tensor scalars reaches the plot as categories
+    rows = [{"step": int(h["step"]), "loss": float(h["loss"])} for h in list(history) if "loss" in h]
+    return pd.DataFrame(rows, columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
 
 
 class TrainTab:
