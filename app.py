@@ -167,7 +167,7 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                                     with gr.Row(equal_height=True):
                                         preview_for = gr.Dropdown(h.adapter_names(), value=None, show_label=False,
                                                                   container=False, min_width=120, elem_id="preview_for",
-                                                                  scale=2, info=None, allow_custom_value=False)
+                                                                  scale=2)
                                         set_preview = gr.Button("Set as this adapter's preview", size="sm",
                                                                 elem_id="set_preview", scale=1)
                             history_status = gr.Markdown(elem_id="history_status")
