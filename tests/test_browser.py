@@ -7,6 +7,7 @@ training 20 steps and using the result, an X/Y grid sent from the history. Every
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -147,6 +148,8 @@ def test_generate_stop_and_png_info_round_trip(sd1_pipe, tmp_path, browser):
         _shot(page, "2-stopped")
         assert "kept" in status and "Stopping" not in status, status
         assert kept >= 1
+        info = page.locator("#info").inner_text()  # the info line describes the kept images, not the last run
+        assert re.search(r"\b[1-5] of 6 image\(s\) kept \(stopped\)", info), info
 
         # PNG info -> Send to Compose -> Generate reproduces the first image pixel for pixel
         _tab(page, "PNG info")
