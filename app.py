@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import gradio as gr  # noqa: E402
 
 from studio.app import (  # noqa: E402
-    CONCEPT_KINDS, LIBRARY_HEADERS, SAMPLER_CHOICES, XY_AXES, AppHandlers, prompt_weights, set_tag_weight,
+    CONCEPT_KINDS, SAMPLER_CHOICES, XY_AXES, AppHandlers, card_label, prompt_weights, seed_axis_from, set_tag_weight,
 )
 from studio.errors import StudioError  # noqa: E402
 from studio.resources import demo_adapters_dir  # noqa: E402
@@ -28,8 +28,19 @@ CSS = """
 .card {border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 6px;}
 .note {color: #b45309; font-weight: 600;}
 /* small images stay small and crisp: thumbnails at most 192 px, no blurry upscaling */
-#gallery .thumbnail-item, #history .thumbnail-item {max-width: 192px; max-height: 192px;}
-#gallery img, #history img {image-rendering: pixelated;}
+#gallery .thumbnail-item, #history .thumbnail-item, #xy_cells .thumbnail-item {max-width: 192px; max-height: 192px;}
+#gallery img, #history img, #xy_cells img, #picked img, #edit_preview img {image-rendering: pixelated;}
+/* the X/Y grid fills its box (small cells scaled up by whole pixels, big grids scaled down) */
+#xy_grid img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;}
+/* the Library: a grid of cards, each a button (preview, name, kind · type, trigger phrase) */
+#library_cards {display: grid !important; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 10px;}
+.lib-card {flex-direction: column !important; justify-content: flex-start !important; white-space: pre-line;
+  height: 100%; padding: 8px !important; line-height: 1.35; font-weight: 400 !important;}
+.lib-card img {width: 128px !important; height: 128px !important; max-height: none !important; margin: 0 auto 6px !important;
+  border-radius: 6px; object-fit: cover; image-rendering: pixelated;}
+.lib-card:not(:has(img))::before {content: "no preview"; display: flex; align-items: center; justify-content: center;
+  width: 128px; height: 128px; margin: 0 auto 6px; border-radius: 6px; border: 1px dashed var(--border-color-primary);
+  color: var(--body-text-color-subdued); font-size: 12px;}
 """
 GPU = dict(concurrency_id="gpu", concurrency_limit=1)  # generate / merge share one GPU queue
 LIGHT = dict(concurrency_limit=None)
@@ -41,7 +52,7 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
     size = studio.default_size
     train_defaults = h.train_defaults()
     with gr.Blocks(title="LoRA Composition Studio") as demo:
-        header = gr.Markdown(h.header())
+        header = gr.Markdown(h.header(), elem_id="header")
         if studio.note:
             gr.Markdown(f"⚠ {studio.note}", elem_classes=["note"])
         if startup:
@@ -51,6 +62,7 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
         last_seed = gr.State(None)
         png_fields = gr.State({})
         picked = gr.State(None)  # the gallery or history image this user selected last
+        stop_ack = gr.Textbox(visible=False)  # what /stop answers; the run itself writes its status line
 
         with gr.Tabs() as tabs:
             # ---- Compose ----------------------------------------------------------------
@@ -127,7 +139,7 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                                             gr.Markdown(f"**{c['name']}** · {c['kind'] or '?'} · {c['type']}  \n"
                                                         f"“{c['phrase'] or c['trigger'] or '—'}” · w {c['weight']:g}")
                                             with gr.Row():
-                                                ins = gr.Button("insert", size="sm", min_width=60)
+                                                ins = gr.Button("insert", size="sm", min_width=60, elem_id=f"insert-{c['name']}")
                                                 opn = gr.Button("edit", size="sm", min_width=60)
                                             ins.click(lambda p, n=c["name"]: h.insert_tag(p, n), prompt, prompt,
                                                       api_visibility="private", **LIGHT)
@@ -138,45 +150,81 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                         gallery = gr.Gallery(label="Images (PNG with metadata)", format="png", type="filepath",
                                              columns=4, height=280, object_fit="contain", elem_id="gallery",
                                              buttons=["download", "fullscreen"], interactive=False)
-                        preview = gr.Image(label="Step preview", height=128, width=128, interactive=False, buttons=[])
-                        info = gr.Markdown()
+                        with gr.Row():
+                            preview = gr.Image(label="Step preview", height=128, width=128, interactive=False,
+                                               buttons=[], scale=0, min_width=140)
+                            info = gr.Markdown(elem_id="info")
+                        with gr.Column(elem_classes=["card"]):
+                            with gr.Row(equal_height=True):
+                                picked_view = gr.Image(label="Selected", height=96, width=96, interactive=False,
+                                                       buttons=[], scale=0, min_width=104, elem_id="picked")
+                                with gr.Column():
+                                    gr.Markdown("**Selected image** (click one in Images or History)")
+                                    with gr.Row():
+                                        to_compose = gr.Button("Send to Compose", size="sm", elem_id="to_compose")
+                                        to_pnginfo = gr.Button("PNG info", size="sm", elem_id="to_pnginfo")
+                                        to_xy = gr.Button("Send to X/Y", size="sm", elem_id="to_xy")
+                                    with gr.Row(equal_height=True):
+                                        preview_for = gr.Dropdown(h.adapter_names(), value=None, show_label=False,
+                                                                  container=False, min_width=120, elem_id="preview_for",
+                                                                  scale=2)
+                                        set_preview = gr.Button("Set as this adapter's preview", size="sm",
+                                                                elem_id="set_preview", scale=1)
+                            history_status = gr.Markdown(elem_id="history_status")
                         extras = gr.Gallery(label="Masks and attention maps (methods that report them)",
                                             format="png", type="filepath", columns=4, height=160, interactive=False)
                         with gr.Accordion("Composer report", open=False):
-                            report = gr.JSON(label="report")
-                        with gr.Accordion("History: earlier runs (select an image)", open=True):
+                            report = gr.JSON(label="report", elem_id="report")
+                        with gr.Accordion("History: earlier runs", open=True):
                             history = gr.Gallery(h.history.items(), label="History", format="png", type="filepath",
                                                  columns=8, height=200, interactive=False, elem_id="history")
-                            with gr.Row():
-                                to_compose = gr.Button("Send to Compose", size="sm")
-                                to_pnginfo = gr.Button("PNG info", size="sm")
-                                preview_for = gr.Dropdown(h.adapter_names(), value=None, label="Adapter", min_width=120)
-                                set_preview = gr.Button("Set as its preview", size="sm")
-                            history_status = gr.Markdown()
 
             # ---- Library ----------------------------------------------------------------
             with gr.Tab("Library", id="library"):
                 lib_status = gr.Markdown(elem_id="lib_status")
+                # the opened adapter (placed in the edit form below; the card grid reads it first)
+                edit_name = gr.Dropdown(h.adapter_names(), label="Adapter", value=None, elem_id="edit_name", render=False)
                 with gr.Row():
                     with gr.Column(scale=3):
-                        table = gr.Dataframe(headers=LIBRARY_HEADERS, value=h.library_rows(), interactive=False,
-                                             label="Adapters (click a row to open it)", wrap=False, elem_id="library_table",
-                                             column_widths=["18%", "10%", "32%", "8%", "8%", "12%", "12%"])
-                    with gr.Column(scale=2):
-                        gr.Markdown("### Edit (saved in the library folder)")
-                        edit_name = gr.Dropdown(h.adapter_names(), label="Adapter", value=None)
                         with gr.Row():
-                            edit_preview = gr.Image(label="Preview", height=96, width=96, interactive=False, buttons=[])
+                            lib_search = gr.Textbox(label="Search", placeholder="name, phrase, concept", scale=3,
+                                                    elem_id="lib_search")
+                            lib_kind = gr.Dropdown(list(CONCEPT_KINDS), value="", label="Kind", scale=1,
+                                                   elem_id="lib_kind")
+
+                        @gr.render(inputs=[lib_search, lib_kind, edit_name],
+                                   triggers=[demo.load, lib_rev.change, lib_search.change, lib_kind.change,
+                                             edit_name.change])
+                        def _library_cards(search, kind, opened):
+                            cards = h.adapter_cards(search, kind)
+                            gr.Markdown(h.library_summary(len(cards)) + " · click a card to open it",
+                                        elem_id="lib_count")
+                            with gr.Row(elem_id="library_cards"):
+                                for c in cards:  # the opened adapter's card is highlighted
+                                    card = gr.Button(card_label(c), icon=c["preview"], elem_classes=["lib-card"],
+                                                     variant="primary" if c["name"] == opened else "secondary",
+                                                     min_width=150, elem_id=f"card-{c['name']}")
+                                    card.click(lambda n=c["name"]: gr.Dropdown(value=n), None, edit_name,
+                                               api_visibility="private", **LIGHT)
+                    with gr.Column(scale=2, elem_classes=["card"]):
+                        edit_title = gr.Markdown(h.adapter_details(None), elem_id="edit_title")
+                        edit_name.render()
+                        with gr.Row():
+                            edit_preview = gr.Image(label="Preview (drop an image to replace it)", type="filepath",
+                                                    height=160, width=160, sources=["upload"], buttons=[],
+                                                    elem_id="edit_preview", min_width=160)
                             with gr.Column():
                                 edit_trigger = gr.Textbox(label="Trigger word", elem_id="edit_trigger")
-                                edit_phrase = gr.Textbox(label="Trigger phrase (what insert writes)")
+                                edit_phrase = gr.Textbox(label="Trigger phrase (what insert writes)",
+                                                         elem_id="edit_phrase")
+                                use_picked = gr.Button("Use the selected Compose image as preview", size="sm")
                         with gr.Row():
-                            edit_concept = gr.Textbox(label="Concept (class word)")
-                            edit_kind = gr.Dropdown(list(CONCEPT_KINDS), value="", label="Kind")
-                            edit_weight = gr.Number(1.0, label="Preferred weight")
+                            edit_concept = gr.Textbox(label="Concept (class word)", elem_id="edit_concept")
+                            edit_kind = gr.Dropdown(list(CONCEPT_KINDS), value="", label="Kind", elem_id="edit_kind")
+                            edit_weight = gr.Number(1.0, label="Preferred weight", elem_id="edit_weight")
                         with gr.Row():
-                            save_btn = gr.Button("Save metadata", elem_id="save_meta")
-                            delete_btn = gr.Button("Delete (to trash)", variant="stop")
+                            save_btn = gr.Button("Save", variant="primary", elem_id="save_meta")
+                            delete_btn = gr.Button("Delete (to trash)", variant="stop", elem_id="delete_adapter")
                 with gr.Row():
                     with gr.Column():
                         gr.Markdown("### Upload")
@@ -218,18 +266,19 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                             "`Prompt S/R`: the first value is found in the prompt and replaced by each value "
                             "(e.g. `<lora:a:0.5>, <lora:a:1>` sweeps a weight).")
                 with gr.Row():
-                    x_type = gr.Dropdown(list(XY_AXES), value="Seed", label="X axis")
-                    x_values = gr.Textbox(label="X values (comma-separated)", placeholder="1, 2, 3")
+                    x_type = gr.Dropdown(list(XY_AXES), value="Seed", label="X axis", elem_id="x_type")
+                    x_values = gr.Textbox(label="X values (comma-separated)", placeholder="1, 2, 3", elem_id="x_values")
                     y_type = gr.Dropdown(list(XY_AXES), value="Nothing", label="Y axis")
                     y_values = gr.Textbox(label="Y values (comma-separated)")
                 with gr.Row():
-                    xy_btn = gr.Button("Make grid", variant="primary")
+                    xy_btn = gr.Button("Make grid", variant="primary", elem_id="xy_btn")
                     xy_stop = gr.Button("Stop", variant="stop")
-                xy_info = gr.Markdown()
+                xy_info = gr.Markdown(elem_id="xy_info")
                 xy_grid = gr.Image(label="Grid", type="filepath", format="png", interactive=False, height=400,
-                                   buttons=["download", "fullscreen"])
+                                   buttons=["download", "fullscreen"], elem_id="xy_grid")
                 xy_cells = gr.Gallery(label="Cells (PNG with metadata)", format="png", type="filepath", columns=8,
-                                      height=200, interactive=False, buttons=["download"])
+                                      height=200, interactive=False, buttons=["download"], object_fit="contain",
+                                      elem_id="xy_cells")
 
             # ---- Train ------------------------------------------------------------------
             with gr.Tab("Train", id="train"):
@@ -238,7 +287,8 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                         with gr.Column():
                             train_files = gr.File(label="Instance images (and optional .txt captions)",
                                                   file_count="multiple", type="filepath", height=120,
-                                                  file_types=[".png", ".jpg", ".jpeg", ".webp", ".bmp", ".txt"])
+                                                  file_types=[".png", ".jpg", ".jpeg", ".webp", ".bmp", ".txt"],
+                                                  elem_id="train_files")
                             train_thumbs = gr.Gallery(label="Instance images", columns=10, height=180,
                                                       interactive=False, show_label=True)
                             train_folder = gr.Textbox(label="…or a folder on the server")
@@ -246,22 +296,23 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                             with gr.Row():
                                 train_trigger = gr.Textbox("sks", label="Trigger word")
                                 train_class = gr.Textbox(train_defaults["class_word"], label="Class word",
-                                                         placeholder=train_defaults["class_word"] or "dog")
+                                                         placeholder=train_defaults["class_word"] or "dog",
+                                                         elem_id="train_class")
                                 train_kind = gr.Dropdown(list(CONCEPT_KINDS[1:]), value="object", label="Kind")
                             with gr.Row():
                                 train_type = gr.Radio(["lora", "kron"], value="lora", label="Adapter type")
-                                train_rank = gr.Number(4, precision=0, label="LoRA rank")
+                                train_rank = gr.Number(4, precision=0, label="LoRA rank", elem_id="train_rank")
                                 train_factors = gr.Textbox("krona-paper", label="Kronecker factors (A1xA2 or preset)",
                                                            visible=False)
                             with gr.Row():
                                 train_steps = gr.Slider(1, 5000, value=train_defaults["steps"], step=1, label="Steps",
-                                                        info=train_defaults["hint"])
+                                                        info=train_defaults["hint"], elem_id="train_steps")
                                 train_prior = gr.Checkbox(False, label="Prior preservation")
-                                train_name = gr.Textbox(label="Adapter name (default: trigger)")
+                                train_name = gr.Textbox(label="Adapter name (default: trigger)", elem_id="train_name")
                             with gr.Row():
-                                train_btn = gr.Button("Train", variant="primary")
+                                train_btn = gr.Button("Train", variant="primary", elem_id="train_btn")
                                 train_stop = gr.Button("Stop", variant="stop")
-                            train_status = gr.Markdown()
+                            train_status = gr.Markdown(elem_id="train_status")
                             train_loss = gr.LinePlot(x="step", y="loss", label="Loss", height=200)
                             train_samples = gr.Gallery(label="Samples", format="png", type="filepath",
                                                        interactive=False, height=160)
@@ -294,12 +345,13 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
             api_name="generate", show_progress="hidden", **GPU,
         )
         gen_event.then(lambda: h.history.items(), None, history, api_visibility="private", **LIGHT)
-        # Stop sets this session's flag; the run then returns its finished images (no cancel, so it can)
-        stop_btn.click(h.stop, None, status, api_name="stop", **LIGHT)
+        # Stop sets this session's flag; the run then says "Stopping…" and returns its finished images
+        # (no cancel, so it can). The run is the only writer of its status line, so nothing stale stays.
+        stop_btn.click(h.stop, None, stop_ack, api_name="stop", **LIGHT)
         xy_event = xy_btn.click(h.xy_grid, compose_inputs[:-1] + [x_type, x_values, y_type, y_values],
                                 [xy_grid, xy_cells, xy_info], api_name="xy_grid", show_progress="hidden", **GPU)
         xy_event.then(lambda: h.history.items(), None, history, api_visibility="private", **LIGHT)
-        xy_stop.click(h.stop_xy, None, xy_info, api_visibility="private", **LIGHT)
+        xy_stop.click(h.stop_xy, None, stop_ack, api_visibility="private", **LIGHT)
         reuse.click(h.reuse_seed, last_seed, seed, api_visibility="private", **LIGHT)
         method.input(h.method_params, method, params, api_visibility="private", **LIGHT)
         method.input(h.method_help, method, method_info, api_visibility="private", **LIGHT)
@@ -311,36 +363,51 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
 
         for g in (gallery, history):
             g.select(pick, None, picked, api_visibility="private", **LIGHT)
-        to_compose.click(h.read_png, picked, [png_image, png_text, png_recipe, png_status, png_fields],
-                         api_visibility="private", **LIGHT) \
+        picked.change(lambda p: p, picked, picked_view, api_visibility="private", **LIGHT)
+        png_outputs = [png_image, png_text, png_recipe, png_status, png_fields]
+        to_compose.click(h.read_png, picked, png_outputs, api_visibility="private", **LIGHT) \
             .then(h.send_to_compose, png_fields, compose_inputs, api_visibility="private", **LIGHT)
         to_pnginfo.click(lambda p: (p, gr.Tabs(selected="pnginfo")), picked, [png_file, tabs],
                          api_visibility="private", **LIGHT)
-        set_preview.click(h.set_preview, [preview_for, picked], history_status, api_visibility="private", **LIGHT) \
-            .then(lambda rev: rev + 1, lib_rev, lib_rev, api_visibility="private", **LIGHT)
+        to_xy.click(h.read_png, picked, png_outputs, api_visibility="private", **LIGHT) \
+            .then(h.send_to_compose, png_fields, compose_inputs, api_visibility="private", **LIGHT) \
+            .then(lambda f, t, v: (*seed_axis_from(f, t, v), gr.Tabs(selected="xy")), [png_fields, x_type, x_values],
+                  [x_type, x_values, tabs], api_visibility="private", **LIGHT)
 
-        def refresh(rev):
+        def refresh(rev, current):
+            """After a library change: lists, header count and (through lib_rev) every card grid redraw."""
             names = h.adapter_names()
-            outs = [h.library_rows(), gr.Dropdown(choices=names), gr.Dropdown(choices=names), rev + 1, h.header()]
+            keep = current if current in names else None
+            outs = [gr.Dropdown(choices=names, value=keep), gr.Dropdown(choices=names), rev + 1, h.header()]
             return outs + ([gr.Dropdown(choices=names, value=[])] if merge_names is not None else [])
 
-        refresh_outputs = [table, edit_name, preview_for, lib_rev, header] + ([merge_names] if merge_names is not None else [])
+        refresh_inputs = [lib_rev, edit_name]
+        refresh_outputs = [edit_name, preview_for, lib_rev, header] + ([merge_names] if merge_names is not None else [])
+        edit_outputs = [edit_trigger, edit_phrase, edit_concept, edit_kind, edit_weight, edit_preview]
+
+        def redraw(rev, name):  # after an edit of the opened adapter: the cards and its form
+            return rev + 1, *h.adapter_fields(name), h.adapter_details(name)
+
+        set_preview.click(h.set_preview, [preview_for, picked], history_status, api_visibility="private", **LIGHT) \
+            .then(redraw, [lib_rev, edit_name], [lib_rev, *edit_outputs, edit_title], api_visibility="private", **LIGHT)
         upload_btn.click(h.upload, [upload_file, upload_name], lib_status, api_name="upload_adapter", **LIGHT) \
-            .then(refresh, lib_rev, refresh_outputs, api_visibility="private", **LIGHT)
-        edit_name.change(h.adapter_fields, edit_name,
-                         [edit_trigger, edit_phrase, edit_concept, edit_kind, edit_weight, edit_preview],
-                         api_visibility="private", **LIGHT)
-        table.select(_row_name, None, edit_name, api_visibility="private", **LIGHT)
+            .then(refresh, refresh_inputs, refresh_outputs, api_visibility="private", **LIGHT)
+        edit_name.change(lambda n: (*h.adapter_fields(n), h.adapter_details(n)), edit_name,
+                         [*edit_outputs, edit_title], api_visibility="private", **LIGHT)
         save_btn.click(h.edit, [edit_name, edit_trigger, edit_concept, edit_kind, edit_weight, edit_phrase], lib_status,
                        api_name="edit_adapter", **LIGHT) \
-            .then(lambda rev: (h.library_rows(), rev + 1), lib_rev, [table, lib_rev], api_visibility="private", **LIGHT)
+            .then(redraw, [lib_rev, edit_name], [lib_rev, *edit_outputs, edit_title], api_visibility="private", **LIGHT)
+        edit_preview.upload(h.set_preview, [edit_name, edit_preview], lib_status, api_visibility="private", **LIGHT) \
+            .then(redraw, [lib_rev, edit_name], [lib_rev, *edit_outputs, edit_title], api_visibility="private", **LIGHT)
+        use_picked.click(h.set_preview, [edit_name, picked], lib_status, api_visibility="private", **LIGHT) \
+            .then(redraw, [lib_rev, edit_name], [lib_rev, *edit_outputs, edit_title], api_visibility="private", **LIGHT)
         delete_btn.click(h.delete, edit_name, lib_status, api_name="delete_adapter", **LIGHT,
                          js="(n) => (n && confirm(`Move ${n} to the library's trash?`)) ? n : null") \
-            .then(refresh, lib_rev, refresh_outputs, api_visibility="private", **LIGHT)
+            .then(refresh, refresh_inputs, refresh_outputs, api_visibility="private", **LIGHT)
         if merge_names is not None:
             merge_btn.click(h.merge, [merge_names, merge_method, merge_rank, merge_new], lib_status,
                             api_name="merge_adapters", **GPU) \
-                .then(refresh, lib_rev, refresh_outputs, api_visibility="private", **LIGHT)
+                .then(refresh, refresh_inputs, refresh_outputs, api_visibility="private", **LIGHT)
         if h.available("training.dreambooth", "DreamBoothTrainer"):
             train_files.change(h.instance_thumbnails, train_files, train_thumbs, api_visibility="private", **LIGHT)
             train_type.change(h.kind_fields, train_type, [train_rank, train_factors], api_visibility="private", **LIGHT)
@@ -348,14 +415,14 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                 h.train, [train_files, train_folder, train_trigger, train_class, train_kind, train_type, train_rank,
                           train_factors, train_steps, train_prior, train_name],
                 [train_loss, train_samples, train_status], api_name="train", show_progress="hidden", **GPU)
-            train_event.then(refresh, lib_rev, refresh_outputs, api_visibility="private", **LIGHT)
-            train_stop.click(h.stop_train, None, train_status, api_visibility="private", **LIGHT)
+            train_event.then(refresh, refresh_inputs, refresh_outputs, api_visibility="private", **LIGHT)
+            train_stop.click(h.stop_train, None, stop_ack, api_visibility="private", **LIGHT)
         if h.available("studio.evaluation", "run_suite"):
             eval_btn.click(h.evaluate, [eval_suite, eval_file, eval_limit, eval_dry],
                            [eval_log, eval_table, eval_grids, eval_zip], api_name="evaluate", **GPU)
             eval_stop.click(h.stop_evaluate, None, None, api_visibility="private", **LIGHT)
-        demo.load(lambda: (h.library_rows(), h.header(), h.history.items()), None, [table, header, history],
-                  api_visibility="private", **LIGHT)
+        demo.load(lambda: (h.header(), h.history.items(), *(gr.Dropdown(choices=h.adapter_names()),) * 2), None,
+                  [header, history, preview_for, edit_name], api_visibility="private", **LIGHT)
 
         png_file.change(h.read_png, png_file, [png_image, png_text, png_recipe, png_status, png_fields],
                         api_name="png_info", **LIGHT)
@@ -363,11 +430,6 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
             .then(lambda: gr.Tabs(selected="compose"), None, tabs, api_visibility="private", **LIGHT)
     return demo
 
-
-def _row_name(evt: gr.SelectData):
-    """The adapter name of a clicked Library row, for the edit form."""
-    row = getattr(evt, "row_value", None)
-    return gr.Dropdown(value=row[0]) if row else gr.skip()
 
 
 def set_param(params_json: str, key: str, value, default):

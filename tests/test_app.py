@@ -25,7 +25,7 @@ gradio_client = pytest.importorskip("gradio_client")
 from composers import COMPOSERS  # noqa: E402
 from studio import Studio  # noqa: E402
 from studio.adapters.formats import write_adapter  # noqa: E402
-from studio.app import AppHandlers, load_demo_adapters  # noqa: E402
+from studio.app import AppHandlers, card_label, load_demo_adapters, seed_axis_from  # noqa: E402
 from studio.metadata import read_recipe  # noqa: E402
 
 from conftest import random_lora  # noqa: E402
@@ -101,6 +101,7 @@ def test_generate_yields_previews_then_pngs_with_metadata(h):
     assert "Done" in status and any("image 2/2 · step" in str(o[6]) and "ETA" in str(o[6]) for o in outs)
     assert [c for _, c in gallery] == ["seed 5", "seed 6"] and last_seed == 5
     assert report["unet_calls"] == 8 and "8 UNet calls" in info and extras == []
+    assert report["adapters"] == {"a": 0.8} and "adapters **a** 0.8" in info  # which adapters, at which weight
     expected = h.studio.run("a red circle <lora:a:0.8>", seed=5, steps=4, width=64, height=64, num_images=2,
                             progress=False).images
     for (path, _), image in zip(gallery, expected):
@@ -150,8 +151,11 @@ def test_stop_keeps_the_finished_images(h):
             break
     assert h.stop(None) == "Stopping…"
     *_, last = gen
-    gallery, status = last[0], last[6]
+    gallery, info, status = last[0], last[2], last[6]
     assert len(gallery) in (1, 2) and "Stopped" in status and "kept" in status
+    # the info line describes the kept images, not the previous run; report and maps are cleared
+    assert f"{len(gallery)} of 3 image(s) kept (stopped)" in info and "seed 1" in info, info
+    assert last[3] == {} and last[4] == [] and "Stopping" not in status
     assert h.history.items()[0][0] == gallery[0][0]  # the run is in the history
 
 
@@ -199,17 +203,29 @@ def test_upload_validates_and_sanitises(h, tmp_path):
     assert h.upload(None).startswith("Error:")
 
 
-def test_edit_delete_and_rows(h):
+def test_edit_delete_and_cards(h):
     assert h.edit("a", "sks", "shape", "object", "0.6", "a red sks shape").startswith("Saved")
     assert h.adapter_fields("a")[:5] == ("sks", "a red sks shape", "shape", "object", 0.6)
-    row = next(r for r in h.library_rows() if r[0] == "a")
-    assert row[1:6] == ["object", "a red sks shape", 0.6, "lora", "r4"]
+    card = next(c for c in h.adapter_cards() if c["name"] == "a")
+    assert (card["kind"], card["phrase"], card["weight"], card["type"], card["shape"]) == \
+        ("object", "a red sks shape", 0.6, "lora", "rank 4")
+    assert card_label(card) == "a\nobject · lora · w 0.6\n“a red sks shape”"
+    assert [c["name"] for c in h.adapter_cards("red sks")] == ["a"]  # search: name, phrase, concept
+    assert [c["name"] for c in h.adapter_cards("", "object")] == ["a"]  # kind filter
+    assert h.library_summary(1) == "Showing 1 of 2 adapter(s)" and h.library_summary(2) == "2 adapter(s) in the library"
+    assert h.adapter_details("a").startswith("### a\nlora · rank 4")
     assert h.insert_tag("", "a") == "a red sks shape <lora:a:0.6>"
     assert h.edit("a", "", "", "weird", 1).startswith("Error:")
     assert h.edit("a", "", "", "", "heavy").startswith("Error:")
     assert h.delete("a").startswith("Deleted") and h.adapter_names() == ["b"]
     assert h.delete("a").startswith("Error:")
     assert h.delete(None) == "Nothing deleted."  # the browser's confirm() was cancelled
+
+
+def test_send_to_xy_sweeps_seeds_unless_the_axis_has_values():
+    assert seed_axis_from({"seed": 7}, "Steps", "") == ("Seed", "7, 8, 9, 10")
+    assert seed_axis_from({"seed": 7}, "Steps", "2, 4") == ("Steps", "2, 4")  # the artist's own axis stays
+    assert seed_axis_from({}, "Seed", "") == ("Seed", "")
 
 
 def test_merge_creates_a_library_adapter(h):
@@ -487,3 +503,11 @@ def test_cmlora_timeline_is_shown(h):
     assert "**CMLoRA timeline**" in info
     for step, dominant, _ in report["events"]:
         assert f"step {step}: **{dominant}** dominant" in info
+
+
+def test_loss_table_is_numeric_even_before_the_first_step():
+    from studio.app.train import _loss_table
+
+    # an empty first table of object columns made the plot read every later loss as a category
+    assert [str(t) for t in _loss_table([]).dtypes] == ["int64", "float64"]
+    assert _loss_table([{"step": 1, "loss": 0.5}, {"step": 2}]).to_dict("records") == [{"step": 1, "loss": 0.5}]

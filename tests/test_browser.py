@@ -1,10 +1,13 @@
 """End to end in a real browser (Playwright on the system Chromium): generate, Stop keeps the
 finished images, a duplicate upload is named, an uploaded adapter and its edits survive a restart,
-PNG info → Compose reproduces an image pixel for pixel. Screenshots go to test-output/browser/."""
+PNG info → Compose reproduces an image pixel for pixel, two adapters composed from their cards,
+training 20 steps and using the result, an X/Y grid sent from the history. Every run is tiny
+(64 px, 2–6 steps). Screenshots go to test-output/browser/."""
 
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -43,9 +46,10 @@ def _serve(pipe, out: Path, library: Path):
     """A fresh Studio and app over the same outputs and library folders: what a restart gives."""
     app = _app_module()
     studio = Studio.from_pipeline(pipe, "tiny-sd1")
-    adapter = random_lora(studio, "a", seed=1, scale=0.5)
-    adapter.trigger = "sksa"
-    studio.adapters.add(adapter)
+    for i, name in enumerate(("a", "b")):
+        adapter = random_lora(studio, name, seed=i + 1, scale=0.5)
+        adapter.trigger = f"sks{name}"
+        studio.adapters.add(adapter)
     handlers = AppHandlers(studio, out, library_dir=library, batch_size=1)  # images appear one by one
     startup = handlers.open_library()
     sock = socket.socket()
@@ -94,10 +98,28 @@ def _shot(page, name: str) -> None:
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=False)
 
 
-def _open_row(page, name: str) -> None:
-    """Click the Library table's cell holding ``name`` (opens the adapter in the edit form)."""
-    page.wait_for_function(f"document.querySelector('#library_table').innerText.includes('{name}')")
-    page.locator("#library_table").get_by_text(name, exact=True).filter(visible=True).first.click()
+def _open_card(page, name: str) -> None:
+    """Click the Library card of ``name`` (opens the adapter in the edit form)."""
+    _tab(page, "Library")
+    page.locator(f'[id="card-{name}"]').click()
+    page.wait_for_function(f"document.querySelector('#edit_title').innerText.startsWith('{name}')")
+
+
+def _wait_text(page, elem_id: str, text: str, timeout_ms: int = 60_000) -> None:
+    """Wait until ``#elem_id`` shows ``text``; on a timeout, a screenshot and what it showed instead."""
+    try:
+        page.wait_for_function(f"document.querySelector('#{elem_id}')?.innerText.includes({text!r})",
+                               timeout=timeout_ms)
+    except sync_api.TimeoutError:
+        _shot(page, f"failed-{elem_id}")
+        shown = page.locator(f"#{elem_id}").inner_text() if page.locator(f"#{elem_id}").count() else "(absent)"
+        raise AssertionError(f"#{elem_id} never showed {text!r}; it shows {shown!r}") from None
+
+
+def _choose(page, elem_id: str, option: str) -> None:
+    """Pick an option of a Gradio dropdown."""
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
 
 
 def test_generate_stop_and_png_info_round_trip(sd1_pipe, tmp_path, browser):
@@ -126,6 +148,8 @@ def test_generate_stop_and_png_info_round_trip(sd1_pipe, tmp_path, browser):
         _shot(page, "2-stopped")
         assert "kept" in status and "Stopping" not in status, status
         assert kept >= 1
+        info = page.locator("#info").inner_text()  # the info line describes the kept images, not the last run
+        assert re.search(r"\b[1-5] of 6 image\(s\) kept \(stopped\)", info), info
 
         # PNG info -> Send to Compose -> Generate reproduces the first image pixel for pixel
         _tab(page, "PNG info")
@@ -148,12 +172,13 @@ def test_generate_stop_and_png_info_round_trip(sd1_pipe, tmp_path, browser):
         demo.close()
 
 
-def test_upload_duplicate_edit_and_restart(sd1_pipe, tmp_path, browser):
+def test_upload_duplicate_edit_delete_and_restart(sd1_pipe, tmp_path, browser):
     studio = Studio.from_pipeline(sd1_pipe, "tiny-sd1")
     src = write_adapter(random_lora(studio, "mine", seed=5), tmp_path / "mine.safetensors")
     demo, _ = _serve(sd1_pipe, tmp_path / "out", tmp_path / "library")
     try:
         page = _page(browser, demo.local_url)
+        _wait_text(page, "header", "2 adapter(s)")  # a, b
         _tab(page, "Library")
         for name in ("mine", "twin"):
             if name == "twin":  # a fresh form: the file input is replaced by the uploaded file's row
@@ -164,16 +189,37 @@ def test_upload_duplicate_edit_and_restart(sd1_pipe, tmp_path, browser):
             page.locator("#upload_file input[type=file]").set_input_files(str(src))
             page.wait_for_timeout(500)
             page.click("#upload")
-            page.wait_for_function(f"document.querySelector('#lib_status').innerText.includes('{name}')")
+            _wait_text(page, "lib_status", name)
+            page.wait_for_selector(f'[id="card-{name}"]')  # its card appears without a reload
         assert "Duplicate" in page.locator("#lib_status").inner_text()
-        page.locator("#library_table").scroll_into_view_if_needed()
+        _wait_text(page, "header", "4 adapter(s)")  # the header's count follows
         _shot(page, "5-duplicate")
-        _open_row(page, "mine")
-        page.wait_for_function(  # the form is filled from the clicked row
+
+        _open_card(page, "mine")  # a click on a card fills the edit form
+        page.wait_for_function(
             "document.querySelector('#edit_trigger textarea, #edit_trigger input').value === 'mine'")
         _set(page, "edit_trigger", "zzq")
+        _set(page, "edit_phrase", "a zzq shape")
         page.click("#save_meta")
         page.wait_for_selector("text=Saved metadata of")
+        _wait_text(page, "card-mine", "a zzq shape")  # the card redraws with the new phrase
+        _tab(page, "Compose")
+        _wait_text(page, "insert-mine", "insert")
+        page.click('[id="insert-mine"]')  # the Compose cards know the edit too
+        page.wait_for_function("document.querySelector('#prompt textarea').value === 'a zzq shape <lora:mine:1>'")
+
+        _open_card(page, "twin")  # delete asks first, then moves the files to the trash
+        page.once("dialog", lambda d: d.dismiss())
+        page.click("#delete_adapter")
+        _wait_text(page, "lib_status", "Nothing deleted")
+        page.once("dialog", lambda d: d.accept())
+        page.click("#delete_adapter")
+        _wait_text(page, "lib_status", "Deleted")
+        page.wait_for_selector('[id="card-twin"]', state="detached")
+        _wait_text(page, "header", "3 adapter(s)")
+        assert list((tmp_path / "library" / ".trash").rglob("twin.safetensors"))
+        page.evaluate("window.scrollTo(0, 0)")
+        _shot(page, "6-edited")
         page.close()
     finally:
         demo.close()
@@ -182,12 +228,116 @@ def test_upload_duplicate_edit_and_restart(sd1_pipe, tmp_path, browser):
     try:
         assert handlers.studio.adapters.get("mine").trigger == "zzq"
         page = _page(browser, demo.local_url)
-        assert "3 adapter(s)" in page.locator(".prose").first.inner_text()  # a, mine, twin
-        _tab(page, "Library")
-        _open_row(page, "mine")
+        _wait_text(page, "header", "3 adapter(s)")  # a, b, mine
+        _open_card(page, "mine")
         page.wait_for_function(
             "document.querySelector('#edit_trigger textarea, #edit_trigger input').value === 'zzq'")
-        _shot(page, "6-after-restart")
+        _shot(page, "7-after-restart")
+        page.close()
+    finally:
+        demo.close()
+
+
+def test_compose_two_adapters_from_the_cards_and_set_a_preview(sd1_pipe, tmp_path, browser):
+    demo, _ = _serve(sd1_pipe, tmp_path / "out", tmp_path / "library")
+    try:
+        page = _page(browser, demo.local_url)
+        _set(page, "prompt", "a red circle")
+        for name in ("a", "b"):
+            page.click(f'[id="insert-{name}"]')
+            page.wait_for_function(f"document.querySelector('#prompt textarea').value.includes('<lora:{name}:1>')")
+        prompt = _field(page, "prompt").input_value()
+        assert prompt.startswith("a red circle") and "sksa" in prompt and "sksb" in prompt, prompt
+        page.get_by_text("b weight").wait_for()  # one weight slider per adapter in the prompt
+        _set(page, "seed", 3)
+        _set(page, "steps", 3)
+        _set(page, "batch", 2)
+        page.click("#generate")
+        _wait_text(page, "status", "Done")
+        page.wait_for_function("document.querySelectorAll('#gallery img').length >= 2")
+        info = page.locator("#info").inner_text()
+        assert "adapters a 1, b 1" in info, info
+        page.get_by_text("Composer report").click()
+        report = "".join(page.locator("#report").inner_text().split())
+        assert '"adapters":{"a":1,"b":1}' in report, report
+
+        # "set preview from this image": select a gallery image, pick the adapter, set it
+        page.locator("#gallery img").first.click()
+        page.wait_for_function("document.querySelector('#picked img') !== null")
+        _choose(page, "preview_for", "a")
+        page.click("#set_preview")
+        _wait_text(page, "history_status", "Preview of a set")
+        _shot(page, "8-composed")
+        _tab(page, "Library")
+        page.wait_for_selector('[id="card-a"] img')  # the card shows it without a reload
+        assert page.locator('[id="card-b"] img').count() == 0
+        _shot(page, "9-library-cards")
+        page.close()
+    finally:
+        demo.close()
+
+
+def _instance_images(folder: Path) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, colour in enumerate(((200, 30, 30), (30, 160, 40), (40, 60, 200))):
+        image = Image.new("RGB", (64, 64), (245, 245, 240))
+        image.paste(colour, (16 + 4 * i, 16, 44 + 4 * i, 48))
+        paths.append(str(folder / f"shape{i}.png"))
+        image.save(paths[-1])
+    return paths
+
+
+def test_train_20_steps_and_use_the_result(sd1_pipe, tmp_path, browser):
+    demo, handlers = _serve(sd1_pipe, tmp_path / "out", tmp_path / "library")
+    try:
+        page = _page(browser, demo.local_url)
+        _tab(page, "Train")
+        page.locator("#train_files input[type=file]").set_input_files(_instance_images(tmp_path / "imgs"))
+        page.get_by_text("shape2.png").first.wait_for()  # thumbnails of the uploads
+        _set(page, "train_class", "shape")  # the tiny random base has no class word of its own
+        _set(page, "train_steps", 20)
+        _set(page, "train_rank", 2)
+        _set(page, "train_name", "mine")
+        page.click("#train_btn")
+        _wait_text(page, "train_status", "Trained", timeout_ms=300_000)  # ~1 s a step, more on a busy machine
+        assert "20 steps" in page.locator("#train_status").inner_text()
+        _shot(page, "10-trained")
+        assert (tmp_path / "library" / "mine.safetensors").is_file()
+        _wait_text(page, "header", "3 adapter(s)")
+        _open_card(page, "mine")  # in the library, with the phrase it was taught
+        assert page.locator("#edit_phrase textarea, #edit_phrase input").first.input_value() == "a sks shape"
+        _tab(page, "Compose")
+        page.click('[id="insert-mine"]')
+        page.wait_for_function("document.querySelector('#prompt textarea').value === 'a sks shape <lora:mine:1>'")
+        _set(page, "steps", 2)
+        page.click("#generate")
+        _wait_text(page, "status", "Done")
+        assert "adapters mine 1" in page.locator("#info").inner_text()
+        page.close()
+    finally:
+        demo.close()
+
+
+def test_xy_grid_sent_from_the_history(sd1_pipe, tmp_path, browser):
+    demo, _ = _serve(sd1_pipe, tmp_path / "out", tmp_path / "library")
+    try:
+        page = _page(browser, demo.local_url)
+        _set(page, "prompt", "a red circle sksa <lora:a:0.8>")
+        _set(page, "seed", 5)
+        _set(page, "steps", 2)
+        page.click("#generate")
+        _wait_text(page, "status", "Done")
+        page.wait_for_selector("#history img")
+        page.locator("#history img").first.click()  # an earlier run: its recipe goes to X/Y
+        page.wait_for_function("document.querySelector('#picked img') !== null")
+        page.click("#to_xy")
+        page.wait_for_function("document.querySelector('#x_values textarea, #x_values input')?.value === '5, 6, 7, 8'")
+        assert page.get_by_role("tab", name="X/Y grid").get_attribute("aria-selected") == "true"
+        page.click("#xy_btn")
+        _wait_text(page, "xy_info", "4 cells")
+        page.wait_for_selector("#xy_grid img")
+        _shot(page, "11-xy-grid")
         page.close()
     finally:
         demo.close()

@@ -20,7 +20,6 @@ XY_AXES = ("Nothing", "Seed", "Steps", "CFG scale", "Method", "Prompt S/R")
 XY_MAX_CELLS = 64
 ACK_TIMEOUT_S = 30.0  # a step not passed on to the request within this long: the request is gone, stop
 CONCEPT_KINDS = ("", "object", "style", "background", "character")
-LIBRARY_HEADERS = ["name", "kind", "trigger phrase", "weight", "type", "shape", "source"]
 
 
 def optional(module: str, attr: str | None = None) -> Any:

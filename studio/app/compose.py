@@ -7,6 +7,7 @@ an error becomes a message beside the outputs, which keep the last good run.
 
 from __future__ import annotations
 
+import html
 import queue
 import re
 import threading
@@ -186,9 +187,15 @@ class ComposeTab:
         started = time.perf_counter()
         folder = self.out_dir / time.strftime("%Y-%m-%d")
         gallery: list[tuple[str, str]] = []
+        seeds: list[int] = []
         worker, box = self.runs.start_worker(work)
+        stopping_shown = False
         try:
             while True:
+                if stop.is_set() and not stopping_shown and worker.is_alive():
+                    # the only writer of the status line is this run, so "Stopping…" never outlives it
+                    stopping_shown = True
+                    yield (*(gr.skip(),) * 6, message("Stopping… (the images finished so far are kept)", "info"))
                 try:
                     kind, payload = events.get(timeout=0.1)
                 except queue.Empty:
@@ -198,14 +205,19 @@ class ComposeTab:
                 if kind == "step":
                     image_index, step, preview = payload
                     yield (gr.skip(), gr.skip() if preview is None else preview, gr.skip(), gr.skip(), gr.skip(),
-                           gr.skip(), progress.line(image_index, step) + warned)
+                           gr.skip(), gr.skip() if stopping_shown else progress.line(image_index, step) + warned)
                     acked.release()
                     continue
                 if kind == "image":
                     image, recipe = payload
                     path = save_png(image, folder / f"{time.strftime('%H%M%S')}-{uuid.uuid4().hex[:8]}-{recipe.seed}.png")
                     gallery.append((str(path), f"seed {recipe.seed}"))
-                    yield (list(gallery), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(),
+                    seeds.append(recipe.seed)
+                    # the info line describes the images shown: the last run's report and maps go
+                    info = _partial_info(len(gallery), kwargs["num_images"], seeds, started, "so far")
+                    first = len(gallery) == 1
+                    yield (list(gallery), gr.skip(), info, {} if first else gr.skip(), [] if first else gr.skip(),
+                           gr.skip(), gr.skip() if stopping_shown else
                            progress.line(len(gallery) - 1, kwargs["steps"]) + warned)
                     continue
                 break  # the worker has ended: its result or error is in the box
@@ -213,8 +225,11 @@ class ComposeTab:
             if isinstance(error, GenerationCancelled):
                 kept = f"{len(gallery)} of {kwargs['num_images']} image(s) kept" if gallery else "no image was finished"
                 self._remember(gallery, f"{method} · stopped · {prompt[:60]}")
-                yield (list(gallery) if gallery else gr.skip(), None, gr.skip(), gr.skip(), gr.skip(), gr.skip(),
-                       message(f"Stopped: {kept}.", "info"))
+                if gallery:
+                    info = _partial_info(len(gallery), kwargs["num_images"], seeds, started, "kept (stopped)")
+                    yield (list(gallery), None, info, {}, [], seeds[0], message(f"Stopped: {kept}.", "info"))
+                else:  # the outputs still show the last good run, and its info
+                    yield (gr.skip(), None, gr.skip(), gr.skip(), gr.skip(), gr.skip(), message(f"Stopped: {kept}.", "info"))
                 return
             if error is not None:
                 if not isinstance(error, (StudioError, gr.Error)):  # a bug: one line here, the traceback in a log
@@ -244,11 +259,14 @@ class ComposeTab:
         extras = self._report_images(report, folder, result.images[0].size if result.images else None)
         seeds = ", ".join(str(r.seed) for r in result.recipes)
         scores = self._scores(result)
+        used = {a.name: a.weight for a in result.recipes[0].adapters} if result.recipes else {}
         info = (f"**{len(gallery)} image(s)** · seed {seeds} · {time.perf_counter() - started:.2f} s in all "
                 f"({report.get('seconds', 0):.2f} s sampling) · {report.get('unet_calls', '?')} UNet calls · "
-                f"method {report.get('method', '?')}")
+                f"method {report.get('method', '?')} · adapters "
+                + (", ".join(f"**{html.escape(n)}** {w:g}" for n, w in used.items()) or "none"))
         info += _cmlora_timeline(report) + scores
-        return list(gallery), None, info, jsonable(report), extras, result.recipes[0].seed if result.recipes else None
+        shown = {"adapters": used, **jsonable(report)}  # which adapters at which weights, then the composer's own
+        return list(gallery), None, info, shown, extras, result.recipes[0].seed if result.recipes else None
 
     def _scores(self, result) -> str:
         """CLIPScore (compat: the adapters' trigger phrases, else the prompt) and per-concept CLIP-T per image."""
@@ -304,6 +322,12 @@ class ComposeTab:
             out.append((str(save_png(image, path)), label))
         return out
 
+
+
+def _partial_info(done: int, total: int, seeds: list[int], started: float, state: str) -> str:
+    """The info line of a run still going or stopped: ``**2 of 4 image(s) kept (stopped)** · seed 7, 8 · 3.1 s``."""
+    return (f"**{done} of {total} image(s) {state}** · seed {', '.join(str(s) for s in seeds)} · "
+            f"{time.perf_counter() - started:.2f} s")
 
 
 def _is_map(value) -> bool:

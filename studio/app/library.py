@@ -34,6 +34,13 @@ def prompt_weights(prompt: str) -> list[tuple[str, float]]:
         return []
 
 
+def card_label(card: dict) -> str:
+    """A Library card's text under its preview: name, then kind · type, then the trigger phrase."""
+    phrase = card["phrase"] or card["trigger"] or "no trigger"
+    weight = f" · w {card['weight']:g}" if card["weight"] != 1 else ""
+    return f"{card['name']}\n{card['kind'] or 'no kind'} · {card['type']}{weight}\n“{phrase}”"
+
+
 class LibraryTab:
     """Library actions; mixed into ``AppHandlers`` (needs ``studio`` and ``store``)."""
 
@@ -50,16 +57,6 @@ class LibraryTab:
             return self.store.meta(name).trigger_phrase
         except StudioError:
             return None
-
-    def library_rows(self) -> list[list]:
-        """One short row per adapter: name, kind, trigger phrase, weight, type, shape, source."""
-        rows = []
-        for a in self.studio.adapters.list():
-            side = self.store.meta(a.name)
-            shape = ", ".join(f"r{r}" for r in a.ranks()) or ", ".join(f"{x}×{y}" for x, y in a.kron_factors())
-            rows.append([a.name, a.concept_kind or "", side.trigger_phrase or a.trigger or "", a.weight, a.kind,
-                         shape, side.source])
-        return rows
 
     def adapter_names(self) -> list[str]:
         return [a.name for a in self.studio.adapters.list()]
@@ -83,6 +80,21 @@ class LibraryTab:
                 preview=self.store.preview_path(a.name),
             ))
         return cards
+
+    def library_summary(self, shown: int) -> str:
+        """``Showing 3 of 8 adapters`` above the Library's card grid."""
+        total = len(self.studio.adapters)
+        return f"{total} adapter(s) in the library" if shown == total else f"Showing {shown} of {total} adapter(s)"
+
+    def adapter_details(self, name: str | None) -> str:
+        """The heading of the edit form: name, type, shape, source and file of the opened adapter."""
+        if not name or name not in self.studio.adapters:
+            return "### Edit\nClick a card to open an adapter."
+        card = next((c for c in self.adapter_cards() if c["name"] == name), None)
+        a = self.studio.adapters.get(name)
+        where = f"`{a.path}`" if a.path else "in memory"
+        return (f"### {name}\n{card['type']} · {card['shape'] or '?'} · {card['arch']} · "
+                f"{card['source']} · {where}")
 
     def adapter_fields(self, name: str | None) -> tuple:
         """(trigger, trigger phrase, concept, kind, weight, preview) of one adapter, for the edit form."""

@@ -38,8 +38,9 @@ def train_defaults(arch: str, demo_folder: str | Path | None) -> dict:
 def _loss_table(history: list[dict]):
     import pandas as pd
 
-    rows = [{"step": h["step"], "loss": h["loss"]} for h in list(history) if "loss" in h]
-    return pd.DataFrame(rows, columns=["step", "loss"])
+    # plain ints and floats: a column of numpy or tensor scalars reaches the plot as categories
+    rows = [{"step": int(h["step"]), "loss": float(h["loss"])} for h in list(history) if "loss" in h]
+    return pd.DataFrame(rows, columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
 
 
 class TrainTab:
@@ -93,7 +94,8 @@ class TrainTab:
             while worker.is_alive():
                 worker.join(0.5)
                 loss = trainer.history[-1].get("loss") if trainer.history else None
-                line = "training: " + progress.line(0, max(trainer.step, 0))
+                line = ("Stopping… (at the next optimizer step) · " if stop.is_set() else "training: ") + \
+                    progress.line(0, max(trainer.step, 0))
                 yield _loss_table(trainer.history), gr.skip(), line + (f" · loss {loss:.4f}" if loss is not None else "")
             error = box.get("error")
             if isinstance(error, TrainingCancelled):

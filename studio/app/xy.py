@@ -128,3 +128,11 @@ def labelled_grid(images: list[Image.Image], x_labels: list[str], y_labels: list
     for r, label in enumerate(y_labels):
         draw.text((4, top + r * h + h // 2 - 6), label, fill="black")
     return grid
+
+
+def seed_axis_from(fields: dict | None, x_type: str, x_values: str) -> tuple[str, str]:
+    """The X axis after "Send to X/Y": the user's axis when it has values, else four seeds from the image's."""
+    seed = (fields or {}).get("seed")
+    if (x_values or "").strip() or not isinstance(seed, int) or seed < 0:
+        return x_type, x_values
+    return "Seed", ", ".join(str(seed + i) for i in range(4))
