@@ -359,18 +359,21 @@ def main(argv=None) -> int:
 
 def readme(index: dict) -> str:
     """A table of the shipped adapters and how they scored (written beside them)."""
-    lines = ["# Demo adapters for the toy world", "",
+    lines = ["# Demo adapters for the toy world (world v2)", "",
              "Rebuilt by `python -m training.demo_adapters` (DreamBooth with prior preservation on the bundled",
              "toy model). Instance images with their captions are in `instance/<concept>/`, final sample grids",
-             "in `samples/`. Check one with `python -m studio.toyworld.check --adapter FILE`.", "",
-             "| file | concept (kind) | trigger prompt | params | concept rate with / without | base shape / colour acc. with it |",
-             "|---|---|---|---|---|---|"]
+             "in `samples/`. Check one with `python -m studio.toyworld.check --adapter FILE`. The trigger phrase",
+             "is what the app's cards insert; the adapter learnt it in the three phrasing forms.", "",
+             "| file | concept (kind) | trigger phrase | params | steps | concept rate: sentence / tags / and | without it "
+             "| base shape / colour acc. with it |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, e in sorted(index.items()):
         c = e.get("check", {})
-        rate = f"{c['concept_rate']:.2f} / {c['base_concept_rate']:.2f}" if c else "–"
+        forms = " / ".join(f"{c[f'concept_rate_{f}']:.2f}" for f in ("sentence", "tags", "and")) if c else "–"
+        without = f"{c['base_concept_rate']:.2f}" if c else "–"
         acc = f"{c['base_shape_acc_with_adapter']:.2f} / {c['base_color_acc_with_adapter']:.2f}" if c else "–"
-        lines.append(f"| `{e['file']}` | {e['concept']} ({e['kind']}, {e['type']}) | {e['example_prompt']} | "
-                     f"{e['params']:,} | {rate} | {acc} |")
+        lines.append(f"| `{e['file']}` | {e['concept']} ({e['kind']}, {e['type']}) | {e.get('trigger_phrase', '')} | "
+                     f"{e['params']:,} | {e.get('steps', '')} | {forms} | {without} | {acc} |")
     return "\n".join(lines) + "\n"
 
 

@@ -461,15 +461,23 @@ def train_oracle(cfg, out: Path, rng, device, report):
             continue
         t0 = time.time()
         torch.manual_seed(seed)
-        drawn = _drawn_negatives(pipe, cfg["oracle_drawn"], seed) if pipe is not None else None
-        data, T = _oracle_data(cfg["oracle_images"], vae, rng, device, drawn)
+        more = bool(cfg.get("oracle_continue"))
+        dseed = seed + 100 if more else seed  # a continuation sees a fresh data draw
+        drawn = _drawn_negatives(pipe, cfg["oracle_drawn"], dseed) if pipe is not None else None
+        data, T = _oracle_data(cfg["oracle_images"], vae, np.random.default_rng(dseed) if more else rng, device, drawn)
         log(f"{name} data: {len(data)} images in {time.time() - t0:.1f}s")
         net = make().to(device)
+        before = 0
+        if cfg.get("oracle_continue"):  # more steps on an oracle this build already trained (new data draw)
+            prev = load_oracle(out / name)
+            net.load_state_dict(prev.net.state_dict())
+            before, lr, seed = int(prev.config.get("steps", 0)), lr / 3, dseed
+            _CACHE.clear()
         bud = Budget(name, cfg["oracle_steps"], 100, cfg["oracle_minutes"])
         net = _fit_oracle(net, data, T, bud, cfg["oracle_batch"], lr, seed, device)
         width = 16 if isinstance(net, OracleNet) else 24
-        save_oracle(net.cpu(), out / name, {"width": width, "steps": bud.total, "images": len(data),
-                                            "mix": ORACLE_MIX})
+        save_oracle(net.cpu(), out / name, {"width": width, "steps": before + bud.total, "images": len(data),
+                                            "mix": ORACLE_MIX, "continued_from_steps": before or None})
         _CACHE.clear()
         oracle = load_oracle(out / name)  # evaluate exactly what was saved (fp16 weights)
         ev_rng = np.random.default_rng(777)
@@ -821,6 +829,9 @@ def main(argv=None) -> int:
     ap.add_argument("--oracles", default="oracle,oracle-b",
                     help="oracle stage: which of the two oracles to train (default both; two processes can "
                          "train one each)")
+    ap.add_argument("--oracle-continue", action="store_true",
+                    help="oracle stage: train the oracles already in --out for oracle_steps more (at a third of "
+                         "the learning rate, on a fresh data draw) instead of from scratch")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=INT",
                     help="override a step/batch/size setting, e.g. --set unet_steps=3000")
     args = ap.parse_args(argv)
@@ -835,6 +846,7 @@ def main(argv=None) -> int:
         if not (init / "toy-sd" / "unet" / "config.json").is_file():
             ap.error(f"--init {args.init}: no toy-sd/unet there; give a folder written by this script")
         cfg["init"] = str(init)
+    cfg["oracle_continue"] = args.oracle_continue
     cfg["oracles"] = tuple(x.strip() for x in args.oracles.split(",") if x.strip())
     if not cfg["oracles"] or set(cfg["oracles"]) - {"oracle", "oracle-b"}:
         ap.error(f"--oracles {args.oracles!r}: give oracle, oracle-b or both")
