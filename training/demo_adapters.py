@@ -369,7 +369,8 @@ def readme(index: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for name, e in sorted(index.items()):
         c = e.get("check", {})
-        forms = " / ".join(f"{c[f'concept_rate_{f}']:.2f}" for f in ("sentence", "tags", "and")) if c else "–"
+        forms = " / ".join(f"{c[f'concept_rate_{f}']:.2f}" if f"concept_rate_{f}" in c else "–"
+                           for f in ("sentence", "tags", "and"))
         without = f"{c['base_concept_rate']:.2f}" if c else "–"
         acc = f"{c['base_shape_acc_with_adapter']:.2f} / {c['base_color_acc_with_adapter']:.2f}" if c else "–"
         lines.append(f"| `{e['file']}` | {e['concept']} ({e['kind']}, {e['type']}) | {e.get('trigger_phrase', '')} | "
