@@ -121,6 +121,20 @@ def _lora_arg(text: str) -> tuple[str, float | None]:
     return path, finite(f"--lora {text}: weight", float(weight), -limit, limit, "weights between -2 and 2 are typical")
 
 
+def resolve_adapter_path(text: str) -> str:
+    """An adapter file, or the bare name of a shipped demo adapter ("crescent-lora")."""
+    from .resources import demo_adapters_dir
+
+    if Path(text).exists() or os.sep in text or "/" in text:
+        return text
+    demo = demo_adapters_dir() / (text if text.endswith(".safetensors") else f"{text}.safetensors")
+    if demo.is_file():
+        return str(demo)
+    names = sorted(p.stem for p in demo_adapters_dir().glob("*.safetensors"))
+    raise StudioError(f"--lora {text}: no such file, and no demo adapter of that name; give a file path"
+                      + (f", or one of the demo adapters: {', '.join(names)}" if names else ""))
+
+
 def _finite_arg(text: str) -> float:
     """An argparse type: a finite number (NaN and inf are refused)."""
     import math
@@ -196,7 +210,7 @@ def cmd_generate(args) -> int:
         studio = Studio.load(args.model)
         adapters = []
         for path, weight in loras:
-            name = studio.adapters.load(path, allow_pickle=args.allow_pickle).name
+            name = studio.adapters.load(resolve_adapter_path(path), allow_pickle=args.allow_pickle).name
             adapters.append(name if weight is None else (name, weight))
         width, height = args.size or (None, None)
         result = studio.run(
@@ -292,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", help="the prompt; <lora:NAME:WEIGHT> / <lyco:…> tags pick adapters loaded with --lora")
     g.add_argument("--negative-prompt", default=None, help="what to steer away from (default: none, or the named preset's)")
     g.add_argument("--model", default=None, help="diffusers folder, .safetensors checkpoint or hub id (default: bundled toy model)")
-    g.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]", help="adapter file and its weight (default: the preset's, else the adapter's preferred weight), repeatable")
+    g.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]", help="adapter file (or a demo adapter's name, e.g. crescent-lora) and its weight (default: the preset's, else the adapter's preferred weight), repeatable")
     g.add_argument("--method", default="merge", type=_choice(list(COMPOSERS), "method"), choices=list(COMPOSERS),
                    help="composition method")
     g.add_argument("--method-param", action="append", metavar="KEY=VALUE", help="method parameter, repeatable, e.g. tau=3")

@@ -119,36 +119,56 @@ def branch_prompts(prompt: str, concepts: list[tuple[str, str, str]], tokenizer)
     trigger; adapter k's prompt inserts its trigger before its own concept only. E.g. "a sks shape
     on the left and a zwx shape on the right" -> base "a shape on the left and a shape on the
     right", sks branch "a sks shape on the left and a shape on the right", and so on.
+
+    A trigger that stands alone, with its concept word nowhere in the prompt ("a red sks shape on
+    wvu", the "and" phrasing of a background), stands for its concept: the base prompt and the
+    other branches read the concept word in its place ("... on background"), its own branch the
+    trigger, and the trigger's tokens are the concept's tokens there.
     """
     words = prompt.split()
     norms = [_norm(w) for w in words]
     taken: set[int] = set()
-    claims: list[tuple[int, int, int] | None] = [None] * len(concepts)  # (trigger start, concept start, concept len)
+    # (trigger start, concept start, concept len); a bare trigger: (start, start, 0)
+    claims: list[tuple[int, int, int] | None] = [None] * len(concepts)
     for k, (name, trigger, concept) in enumerate(concepts):  # pass 1: "trigger concept" in the prompt
         tw, cw = trigger.lower().split(), concept.lower().split()
         i = _find(norms, tw + cw, taken)
         if i >= 0:
             claims[k] = (i, i + len(tw), len(cw))
             taken |= set(range(i, i + len(tw) + len(cw)))
-    for k, (name, trigger, concept) in enumerate(concepts):  # pass 2: the concept word alone
+    for k, (name, trigger, concept) in enumerate(concepts):  # pass 2: the concept word alone, or the trigger alone
         if claims[k] is not None:
             continue
         tw, cw = trigger.lower().split(), concept.lower().split()
-        if _find(norms, tw, taken) >= 0:
+        t, i = _find(norms, tw, taken), _find(norms, cw, taken)
+        if t >= 0 and i < 0:  # the trigger stands for its concept
+            claims[k] = (t, t, 0)
+            taken |= set(range(t, t + len(tw)))
+            continue
+        if t >= 0:
             raise GenerationError(f"trigger {trigger!r} of adapter {name!r} must stand right before its concept "
                                   f"{concept!r}; write '{trigger} {concept}' in the prompt")
-        i = _find(norms, cw, taken)
         if i < 0:
             raise GenerationError(f"the prompt does not mention {concept!r}, the concept of adapter {name!r}; "
                                   f"add it, e.g. 'a {trigger} {concept}'")
         claims[k] = (i, i, len(cw))
         taken |= set(range(i, i + len(cw)))
-    drop = {j for c in claims for j in range(c[0], c[1])}
+    bare = {c[0]: k for k, c in enumerate(claims) if c[2] == 0}  # trigger start -> adapter
+    drop = {j for (t, c0, n), (_, trigger, _) in zip(claims, concepts)
+            for j in range(t, t + len(trigger.split()) if n == 0 else c0)}
     base: list[str] = []
     spans: list[list[int]] = [[0, 0] for _ in concepts]  # concept span in base words
+    replaced = [False] * len(concepts)  # bare triggers: the base reads the concept word instead
     for j, w in enumerate(words):
+        if j in bare:
+            k = bare[j]
+            cw = concepts[k][2].split()
+            spans[k] = [len(base), len(base) + len(cw)]
+            base.extend(cw)
+            replaced[k] = True
+            continue
         for k, c in enumerate(claims):
-            if j == c[1]:
+            if j == c[1] and c[2]:
                 spans[k][0] = len(base)
                 spans[k][1] = len(base) + c[2]
         if j not in drop:
@@ -161,11 +181,13 @@ def branch_prompts(prompt: str, concepts: list[tuple[str, str, str]], tokenizer)
             own = None
         else:
             trig = concepts[b - 1][1].split()
-            at = spans[b - 1][0]
-            bw = base[:at] + trig + base[at:]
-            shift = lambda i: i + len(trig) if i >= at else i  # noqa: E731  (words after the insertion move)
-            sp = [(shift(s0), shift(s1)) for s0, s1 in spans]
-            sp[b - 1] = (at, sp[b - 1][1])  # the trigger belongs to its own concept's tokens
+            at, end = spans[b - 1]
+            cut = end - at if replaced[b - 1] else 0  # a bare trigger takes its concept word's place
+            bw = base[:at] + trig + base[at + cut:]
+            moved = len(trig) - cut
+            edge = at + cut  # words from here on move; a span ending right here stays
+            sp = [(s0 + moved if s0 >= edge else s0, s1 + moved if s1 > edge else s1) for s0, s1 in spans]
+            sp[b - 1] = (at, at + len(trig) + (end - at - cut))  # the trigger belongs to its own concept's tokens
             own = b - 1
         groups = [word_token_positions(tokenizer, bw, s0, s1) for s0, s1 in sp]
         for (name, _, concept), g in zip(concepts, groups):

@@ -6,6 +6,8 @@ training 20 steps and using the result, an X/Y grid sent from the history. Every
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib.util
 import re
 import shutil
@@ -71,6 +73,18 @@ def browser():
         b.close()
 
 
+@contextlib.contextmanager
+def _served(pipe, tmp_path: Path, browser):
+    """The app (output and library under tmp_path) with one browser page on it; both closed after."""
+    demo, handlers = _serve(pipe, tmp_path / "out", tmp_path / "library")
+    try:
+        page = _page(browser, demo.local_url)
+        yield page, handlers
+        page.close()
+    finally:
+        demo.close()
+
+
 def _page(browser, url: str):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.set_default_timeout(60_000)
@@ -123,9 +137,7 @@ def _choose(page, elem_id: str, option: str) -> None:
 
 
 def test_generate_stop_and_png_info_round_trip(sd1_pipe, tmp_path, browser):
-    demo, handlers = _serve(sd1_pipe, tmp_path / "out", tmp_path / "library")
-    try:
-        page = _page(browser, demo.local_url)
+    with _served(sd1_pipe, tmp_path, browser) as (page, handlers):
         # generate one image
         _set(page, "prompt", "a red circle sksa <lora:a:0.8>")
         _set(page, "seed", 7)
@@ -167,17 +179,12 @@ def test_generate_stop_and_png_info_round_trip(sd1_pipe, tmp_path, browser):
         with Image.open(original) as a, Image.open(new[0]) as b:
             assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
         _shot(page, "4-reproduced")
-        page.close()
-    finally:
-        demo.close()
 
 
 def test_upload_duplicate_edit_delete_and_restart(sd1_pipe, tmp_path, browser):
     studio = Studio.from_pipeline(sd1_pipe, "tiny-sd1")
     src = write_adapter(random_lora(studio, "mine", seed=5), tmp_path / "mine.safetensors")
-    demo, _ = _serve(sd1_pipe, tmp_path / "out", tmp_path / "library")
-    try:
-        page = _page(browser, demo.local_url)
+    with _served(sd1_pipe, tmp_path, browser) as (page, _):
         _wait_text(page, "header", "2 adapter(s)")  # a, b
         _tab(page, "Library")
         for name in ("mine", "twin"):
@@ -220,28 +227,18 @@ def test_upload_duplicate_edit_delete_and_restart(sd1_pipe, tmp_path, browser):
         assert list((tmp_path / "library" / ".trash").rglob("twin.safetensors"))
         page.evaluate("window.scrollTo(0, 0)")
         _shot(page, "6-edited")
-        page.close()
-    finally:
-        demo.close()
 
-    demo, handlers = _serve(sd1_pipe, tmp_path / "out", tmp_path / "library")  # a restart
-    try:
+    with _served(sd1_pipe, tmp_path, browser) as (page, handlers):  # a restart
         assert handlers.studio.adapters.get("mine").trigger == "zzq"
-        page = _page(browser, demo.local_url)
         _wait_text(page, "header", "3 adapter(s)")  # a, b, mine
         _open_card(page, "mine")
         page.wait_for_function(
             "document.querySelector('#edit_trigger textarea, #edit_trigger input').value === 'zzq'")
         _shot(page, "7-after-restart")
-        page.close()
-    finally:
-        demo.close()
 
 
 def test_compose_two_adapters_from_the_cards_and_set_a_preview(sd1_pipe, tmp_path, browser):
-    demo, _ = _serve(sd1_pipe, tmp_path / "out", tmp_path / "library")
-    try:
-        page = _page(browser, demo.local_url)
+    with _served(sd1_pipe, tmp_path, browser) as (page, _):
         _set(page, "prompt", "a red circle")
         for name in ("a", "b"):
             page.click(f'[id="insert-{name}"]')
@@ -272,9 +269,6 @@ def test_compose_two_adapters_from_the_cards_and_set_a_preview(sd1_pipe, tmp_pat
         page.wait_for_selector('[id="card-a"] img')  # the card shows it without a reload
         assert page.locator('[id="card-b"] img').count() == 0
         _shot(page, "9-library-cards")
-        page.close()
-    finally:
-        demo.close()
 
 
 def _instance_images(folder: Path) -> list[str]:
@@ -289,9 +283,7 @@ def _instance_images(folder: Path) -> list[str]:
 
 
 def test_train_20_steps_and_use_the_result(sd1_pipe, tmp_path, browser):
-    demo, handlers = _serve(sd1_pipe, tmp_path / "out", tmp_path / "library")
-    try:
-        page = _page(browser, demo.local_url)
+    with _served(sd1_pipe, tmp_path, browser) as (page, handlers):
         _tab(page, "Train")
         page.locator("#train_files input[type=file]").set_input_files(_instance_images(tmp_path / "imgs"))
         page.get_by_text("shape2.png").first.wait_for()  # thumbnails of the uploads
@@ -314,15 +306,10 @@ def test_train_20_steps_and_use_the_result(sd1_pipe, tmp_path, browser):
         page.click("#generate")
         _wait_text(page, "status", "Done")
         assert "adapters mine 1" in page.locator("#info").inner_text()
-        page.close()
-    finally:
-        demo.close()
 
 
 def test_xy_grid_sent_from_the_history(sd1_pipe, tmp_path, browser):
-    demo, _ = _serve(sd1_pipe, tmp_path / "out", tmp_path / "library")
-    try:
-        page = _page(browser, demo.local_url)
+    with _served(sd1_pipe, tmp_path, browser) as (page, _):
         _set(page, "prompt", "a red circle sksa <lora:a:0.8>")
         _set(page, "seed", 5)
         _set(page, "steps", 2)
@@ -338,6 +325,3 @@ def test_xy_grid_sent_from_the_history(sd1_pipe, tmp_path, browser):
         _wait_text(page, "xy_info", "4 cells")
         page.wait_for_selector("#xy_grid img")
         _shot(page, "11-xy-grid")
-        page.close()
-    finally:
-        demo.close()

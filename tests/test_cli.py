@@ -23,6 +23,7 @@ def test_generate_and_reproduce_exactly(tmp_path):
         (["--size", "63x64"], "multiple of 8"),
         (["--guidance", "-2"], "guidance"),
         (["--lora", "/nonexistent/x.safetensors"], "x.safetensors"),
+        (["--lora", "no-such-demo"], "crescent-lora"),  # a bare name lists the demo adapters
         (["--method", "nope"], "choose one of"),
     ],
 )
@@ -129,3 +130,15 @@ def test_a1111_sampler_and_image_counter(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["image-00.png", "image-01.png"]
     assert "images" in captured.err and "2/2" in captured.err  # the tqdm counter (with its ETA)
     assert "Sampler: DPM++ 2M Karras" in Image.open(out / "image-00.png").text["parameters"]
+
+
+def test_a_demo_adapter_by_its_bare_name(tmp_path, capsys):
+    out = tmp_path / "o.png"
+    assert main(["generate", "--prompt", "a red sks shape", "--steps", "2", "--lora", "crescent-lora:0.8",
+                 "--out", str(out)]) == 0
+    from studio.metadata import read_recipe
+    from studio.resources import demo_adapters_dir
+
+    (use,) = read_recipe(out).adapters
+    assert (use.name, use.weight) == ("crescent-lora", 0.8)
+    assert use.path == str(demo_adapters_dir() / "crescent-lora.safetensors")

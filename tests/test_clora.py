@@ -94,6 +94,24 @@ def test_multi_piece_concept_and_repeated_concept_word(tok):
     assert plan.tokens[2] == [[9], [2, 3]]
 
 
+def test_bare_trigger_stands_for_its_concept(tok):
+    """The "and" phrasing of a background ("... on wvu") names no concept word: the trigger stands
+    for it; the base and the other branches read the concept word in its place."""
+    plan = branch_prompts("a red sks shape on wvu", [("c", "sks", "shape"), ("s", "wvu", "background")], tok)
+    assert plan.prompts == ["a red shape on background", "a red sks shape on background", "a red shape on wvu"]
+    for prompt, groups in zip(plan.prompts, plan.tokens):
+        pieces = tok.convert_ids_to_tokens(tok(prompt).input_ids)
+        words = [[pieces[i] for i in g] for g in groups]
+        assert words[1] == (["wvu</w>"] if "wvu" in prompt else ["background</w>"])
+        assert words[0][-1] == "shape</w>"
+    # adjacent concepts (tag lists): a span ending where a trigger goes in does not grow
+    plan = branch_prompts("red sks shape, wvu background", [("c", "sks", "shape"), ("s", "wvu", "background")], tok)
+    pieces = tok.convert_ids_to_tokens(tok(plan.prompts[2]).input_ids)
+    assert [pieces[i] for i in plan.tokens[2][0]][0] == "shape</w>"
+    assert "wvu</w>" not in [pieces[i] for i in plan.tokens[2][0]]
+    assert [pieces[i] for i in plan.tokens[2][1]] == ["wvu</w>", "background</w>"]
+
+
 def test_prompt_errors(tok):
     with pytest.raises(GenerationError, match="does not mention 'dog'"):
         branch_prompts("a cat on a sofa", [("c", "sks", "cat"), ("d", "zwx", "dog")], tok)

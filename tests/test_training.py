@@ -298,6 +298,20 @@ def test_token_embedding_learns_only_the_trigger_row(images, tmp_path, kind, te)
     assert torch.equal(loaded.embeddings["sks"]["text_encoder"], vec.half().float())
 
 
+@pytest.mark.parametrize("kind", ["lora", "kron"])
+def test_cross_kv_targets_only_the_cross_attention_keys_and_values(images, tmp_path, kind):
+    """Custom Diffusion's layers: the adapter sits on attn2.to_k / attn2.to_v and nowhere else."""
+    studio = _studio()
+    adapter = train_adapter(studio, TrainConfig(images=str(images), adapter=kind, unet_targets="cross-kv",
+                                                train_token_embedding=True, **FAST))
+    unet_layers = [p for p in adapter.layers if p.startswith("unet.")]
+    assert unet_layers and all(p.endswith(("attn2.to_k", "attn2.to_v")) for p in unet_layers)
+    n_cross = sum(1 for n, _ in studio.pipe.unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v")))
+    assert len(unet_layers) == n_cross
+    with pytest.raises(TrainingError, match="cross-kv"):
+        TrainConfig(images=str(images), unet_targets="keys")
+
+
 def test_token_embedding_needs_a_one_token_trigger(images):
     studio = _studio()
     with pytest.raises(TrainingError, match=r"'qwxzvbn' tokenizes into \d+ tokens.*--train-token-embedding"):

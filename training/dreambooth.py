@@ -47,6 +47,14 @@ log = logging.getLogger("studio.training")
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# Which UNet Linear layers the adapter sits on (matched by name suffix, as PEFT does).
+# "cross-kv" is Custom Diffusion's choice (Kumari et al. 2023): only the cross-attention key and
+# value projections, which see nothing but the text, so the adapter acts through the prompt's tokens.
+UNET_TARGETS = {
+    "attention": LORA_TARGETS,
+    "cross": ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"],
+    "cross-kv": ["attn2.to_k", "attn2.to_v"],
+}
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 _PEFT_NAME = "studio_train"
 
@@ -68,6 +76,7 @@ class TrainConfig:
     name: str | None = None  # adapter name (default: file stem or trigger)
     adapter: str = "lora"  # lora | kron
     rank: int = 4
+    unet_targets: str = "attention"  # attention | cross | cross-kv (UNET_TARGETS)
     alpha: float | None = None  # None: alpha = rank (scale 1)
     factors: str = "krona-paper"  # kron: A1xA2 or a preset
     kron_mode: str = "auto"  # auto | vec | dense (how the Kronecker forward is computed)
@@ -116,6 +125,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.adapter not in ("lora", "kron"):
             raise TrainingError(f"adapter type {self.adapter!r} is unknown; use --adapter lora or --adapter kron")
+        if self.unet_targets not in UNET_TARGETS:
+            raise TrainingError(f"unet_targets {self.unet_targets!r} is not one of {', '.join(UNET_TARGETS)}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise TrainingError(f"mixed precision {self.mixed_precision!r} is unknown; use no, fp16 or bf16")
         for label, v in (("steps", self.steps), ("batch_size", self.batch_size), ("grad_accum", self.grad_accum),
@@ -449,7 +460,7 @@ class DreamBoothTrainer:
 
                 alpha = cfg.alpha if cfg.alpha is not None else cfg.rank
                 self.pipe.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                                      target_modules=LORA_TARGETS), adapter_name=_PEFT_NAME)
+                                                      target_modules=UNET_TARGETS[cfg.unet_targets]), adapter_name=_PEFT_NAME)
                 self._injected = True
                 if cfg.train_text_encoder:
                     for comp in ("text_encoder", "text_encoder_2"):
@@ -480,7 +491,7 @@ class DreamBoothTrainer:
         """
         cfg = self.cfg
         a1, a2 = kronlib.parse_factors(cfg.factors)
-        plan = [("unet", self.pipe.unet, LORA_TARGETS)]
+        plan = [("unet", self.pipe.unet, UNET_TARGETS[cfg.unet_targets])]
         plan += [(c, getattr(self.pipe, c), TE_TARGETS) for c in self._text_encoders()]
         for comp, model, targets in plan:
             found = kronlib.target_linears(model, targets)
@@ -768,7 +779,7 @@ class DreamBoothTrainer:
         state = json.loads((path / "state.json").read_text())
         tensors = load_file(str(path / "state.safetensors"))
         saved = state.get("config", {})
-        for key in ("adapter", "rank", "factors", "batch_size", "grad_accum", "seed", "prior_preservation",
+        for key in ("adapter", "rank", "unet_targets", "factors", "batch_size", "grad_accum", "seed", "prior_preservation",
                     "train_token_embedding", "train_text_encoder"):
             if key in saved and saved[key] != getattr(self.cfg, key):
                 raise TrainingError(f"checkpoint {path} was made with {key}={saved[key]!r}, not {getattr(self.cfg, key)!r}; "
@@ -1045,7 +1056,8 @@ def _cmd_train(args) -> int:
     cfg = TrainConfig(
         images=args.images, out=args.out, trigger=args.trigger, class_word=args.class_word,
         instance_prompt=args.instance_prompt, concept_kind=args.kind, name=args.name, adapter=args.adapter,
-        rank=args.rank, alpha=args.alpha, factors=args.factors or "krona-paper", train_text_encoder=args.train_text_encoder,
+        rank=args.rank, unet_targets=args.unet_targets, alpha=args.alpha, factors=args.factors or "krona-paper",
+        train_text_encoder=args.train_text_encoder,
         text_encoder_lr=args.text_encoder_lr,
         train_token_embedding=args.train_token_embedding, token_embedding_lr=args.token_embedding_lr,
         steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
@@ -1083,6 +1095,10 @@ def add_cli(subparsers) -> None:
     t.add_argument("--name", default=None, help="adapter name (default: the --out file stem)")
     t.add_argument("--adapter", default="lora", choices=["lora", "kron"], help="LoRA or Kronecker (LoKr) adapter")
     t.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    t.add_argument("--unet-targets", default="attention", choices=list(UNET_TARGETS),
+                   help="UNet layers the adapter sits on: every attention projection (default), cross-attention only, "
+                        "or its keys/values only (Custom Diffusion). Pair cross/cross-kv with --train-token-embedding: "
+                        "they leave prompts without the trigger as the base drew them but bind the trigger slowly")
     t.add_argument("--alpha", type=float, default=None, help="LoRA alpha; scale = alpha/rank (default: alpha = rank)")
     t.add_argument("--factors", default=None, help=f"kron: A1xA2 or {'/'.join(kronlib.PRESETS)} (default krona-paper)")
     t.add_argument("--train-text-encoder", action="store_true",

@@ -29,8 +29,10 @@ def train_defaults(arch: str, demo_folder: str | Path | None) -> dict:
     steps = [int(e["steps"]) for e in read_index(demo_folder).values()
              if isinstance(e, dict) and e.get("type", "lora") == "lora" and e.get("steps")] if demo_folder else []
     if arch == "toy":
+        span = f"{min(steps)}–{max(steps)}" if steps else "300–2000"
         return dict(class_word="shape", steps=int(statistics.median(steps)) if steps else 700,
-                    hint="The demo adapters were trained for 600–1300 steps; 150 steps gives a blob.")
+                    hint=f"The demo LoRAs were trained for {span} steps (backgrounds fewest, objects on "
+                         "cross-attention most); 150 steps gives a blob.")
     return dict(class_word="", steps=int(statistics.median(steps)) if steps else 500,
                 hint="Typical DreamBooth LoRA runs: 500–1500 steps on 5–20 images.")
 
@@ -62,7 +64,7 @@ class TrainTab:
     def train(
         self, files: list[str] | None, folder: str, trigger: str, class_word: str, concept_kind: str = "object",
         adapter_type: str = "lora", rank=4, factors: str = "krona-paper", steps=700, prior_preservation: bool = False,
-        name: str = "", request: gr.Request | None = None,
+        name: str = "", unet_targets: str = "attention", request: gr.Request | None = None,
     ) -> Iterator[tuple]:
         """DreamBooth-train a LoRA or Kronecker adapter; it is saved into the library folder.
 
@@ -74,7 +76,8 @@ class TrainTab:
             return
         try:
             cfg, name = self._train_config(dreambooth, files, folder, trigger, class_word, concept_kind,
-                                           adapter_type, rank, factors, steps, prior_preservation, name)
+                                           adapter_type, rank, factors, steps, prior_preservation, name,
+                                           unet_targets)
             trainer = dreambooth.DreamBoothTrainer(self.studio, cfg)
         except (StudioError, gr.Error, ValueError) as e:
             yield gr.skip(), gr.skip(), message(error_text(e))
@@ -124,11 +127,16 @@ class TrainTab:
             self.runs.unregister(key, stop)
 
     def _train_config(self, dreambooth, files, folder, trigger, class_word, concept_kind, adapter_type, rank,
-                      factors, steps, prior_preservation, name):
-        """The TrainConfig for a request, with uploaded files copied into a run folder."""
+                      factors, steps, prior_preservation, name, unet_targets="attention"):
+        """The TrainConfig for a request, with uploaded files copied into a run folder. Cross-attention
+        layers come with a learnt trigger embedding: alone they barely bind the trigger."""
         trigger = (trigger or "").strip()
         if not trigger or not (class_word or "").strip():
             raise gr.Error("give a trigger word (e.g. sks) and a class word (e.g. shape)")
+        layers = unet_targets or "attention"
+        if layers != "attention" and len(self.studio.pipe.tokenizer.tokenize(trigger)) != 1:
+            raise gr.Error(f"cross-attention layers learn the trigger's own embedding, so the trigger must be one "
+                           f"token; {trigger!r} is split into several: try a short rare word such as sks")
         name = safe_name(name.strip() if name and name.strip() else trigger)
         if name in self.studio.adapters:
             raise gr.Error(f"an adapter named {name!r} is already in the library; choose another name")
@@ -152,5 +160,6 @@ class TrainTab:
             adapter=adapter_type, rank=as_int(rank, "rank"), factors=factors or "krona-paper",
             steps=as_int(steps, "steps"), prior_preservation=bool(prior_preservation),
             output_dir=str(run_dir / "run"), num_validation_images=2,
+            unet_targets=layers, train_token_embedding=layers != "attention",
         )
         return cfg, name

@@ -31,7 +31,10 @@ class XYTab:
         x_type: str = "Seed", x_values: str = "", y_type: str = "Nothing", y_values: str = "",
         request: gr.Request | None = None,
     ) -> Iterator[tuple]:
-        """One Studio.run per cell, then a labelled grid; yields (grid, cells, info) after each cell.
+        """The cells' images, then a labelled grid; yields (grid, cells, info) as cells finish.
+
+        Cells that differ only in their seed are drawn in one batched ``Studio.run`` (each image
+        keeps its seed; equal to a one-image run within float rounding).
 
         ``Prompt S/R``: the first value is searched in the prompt and replaced by each value in
         turn (weight sweeps). Stop keeps the cells done; errors are messages in ``info``.
@@ -52,35 +55,51 @@ class XYTab:
             yield gr.skip(), gr.skip(), message(error_text(e))
             return
         key, stop = self.runs.register(request, "xy")
-        progress = Progress(len(xs) * len(ys), 1, unit="cell")
+        jobs = [(" · ".join(l for l in (x_label, y_label) if l), {**base, **y_set, **x_set})
+                for y_label, y_set in ys for x_label, x_set in xs]
+        progress = Progress(len(jobs), 1, unit="cell")
         folder = self.out_dir / time.strftime("%Y-%m-%d")
-        cells, images = [], []
+        done: dict[int, tuple[str, Image.Image]] = {}  # cell index -> (PNG path, image)
+
+        def finished() -> list[tuple[str, str]]:
+            return [(done[i][0], jobs[i][0]) for i in sorted(done)]
+
         try:
-            for y_label, y_set in ys:
-                for x_label, x_set in xs:
-                    yield gr.skip(), gr.skip(), progress.line(len(cells), 0).replace(" · step 0/1", "")
-                    params = {**base, **y_set, **x_set}
-                    text = params.pop("prompt")
-                    try:
-                        result = self.studio.run(text, should_stop=stop.is_set, progress=False, **params)
-                    except GenerationCancelled:
-                        self.history.add("xy", [p for p, _ in cells], f"X/Y stopped · {prompt[:60]}")
-                        yield gr.skip(), cells, message(f"Stopped: the grid is incomplete; {len(cells)} cell(s) kept.", "info")
-                        return
-                    except StudioError as e:
-                        yield gr.skip(), cells, message(f"cell {x_label} / {y_label}: {error_text(e)}")
-                        return
-                    path = save_png(result.images[0], folder / f"xy-{uuid.uuid4().hex[:8]}-{result.recipes[0].seed}.png")
-                    cells.append((str(path), " · ".join(l for l in (x_label, y_label) if l)))
-                    images.append(result.images[0])
-                    yield gr.skip(), list(cells), gr.skip()
+            for group in _seed_batches(jobs):  # cells that differ only in their seed share every UNet call
+                yield gr.skip(), gr.skip(), progress.line(len(done), 0).replace(" · step 0/1", "")
+                params = {k: v for k, v in jobs[group[0]][1].items() if k != "seed"}
+                text = params.pop("prompt")
+                try:
+                    result = self.studio.run(text, seeds=[jobs[i][1]["seed"] for i in group],
+                                             should_stop=stop.is_set, progress=False, **params)
+                except GenerationCancelled:
+                    self.history.add("xy", [p for p, _ in finished()], f"X/Y stopped · {prompt[:60]}")
+                    yield gr.skip(), finished(), message(f"Stopped: the grid is incomplete; {len(done)} cell(s) kept.", "info")
+                    return
+                except StudioError as e:
+                    yield gr.skip(), finished(), message(f"cell {jobs[group[0]][0]}: {error_text(e)}")
+                    return
+                for i, image, recipe in zip(group, result.images, result.recipes):
+                    path = save_png(image, folder / f"xy-{uuid.uuid4().hex[:8]}-{recipe.seed}.png")
+                    done[i] = (str(path), image)
+                yield gr.skip(), finished(), gr.skip()
         finally:
             self.runs.unregister(key, stop)
+        images = [done[i][1] for i in range(len(jobs))]
+        cells = finished()
         grid = labelled_grid(images, [l for l, _ in xs], [l for l, _ in ys])
         grid_path = save_png(grid, folder / f"grid-{uuid.uuid4().hex[:8]}.png")
         self.history.add("xy", [str(grid_path)], f"X/Y {x_type} × {y_type} · {prompt[:60]}")
         elapsed = time.perf_counter() - progress.started
         yield str(grid_path), cells, f"**{len(cells)} cells** · seed {base['seed']} · {elapsed:.2f} s"
+
+def _seed_batches(jobs: list[tuple[str, dict]]) -> list[list[int]]:
+    """Indices of the cells, grouped by everything but the seed (first-seen order)."""
+    groups: dict[str, list[int]] = {}
+    for i, (_, params) in enumerate(jobs):
+        groups.setdefault(repr(sorted((k, v) for k, v in params.items() if k != "seed")), []).append(i)
+    return list(groups.values())
+
 
 def _axis(kind: str, values: str, base: dict) -> list[tuple[str, dict]]:
     """(label, Studio.run overrides) per value of one X/Y axis."""
