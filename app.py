@@ -312,8 +312,9 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                                     [("Every attention layer", "attention"), ("Cross-attention only", "cross"),
                                      ("Cross-attention keys/values only", "cross-kv")],
                                     value="attention", label="UNet layers", elem_id="train_layers",
-                                    info="Cross-attention only leaves prompts without the trigger as the base drew "
-                                         "them (it learns the trigger's embedding too); it learns the concept more slowly")
+                                    info="Cross-attention layers also learn the trigger's embedding and keep a "
+                                         "concept in its own branch when composed (composite, CLoRA); they need "
+                                         "more steps")
                                 train_name = gr.Textbox(label="Adapter name (default: trigger)", elem_id="train_name")
                             with gr.Row():
                                 train_btn = gr.Button("Train", variant="primary", elem_id="train_btn")

@@ -162,7 +162,7 @@ def prompt_for(n: int) -> str:
 
 def measure(studio, adapters, method: str, params: dict, prompt: str, size: int, steps: int, repeats: int):
     """(best seconds, peak bytes, RSS peak bytes, report, median seconds) over ``repeats`` runs."""
-    best, peak, rss, report, times = float("inf"), float("inf"), float("inf"), {}, []
+    peak, rss, report, times = float("inf"), float("inf"), {}, []
     for _ in range(repeats):
         sync(studio.device)
         with PeakMemory(studio.device) as mem:
@@ -172,9 +172,9 @@ def measure(studio, adapters, method: str, params: dict, prompt: str, size: int,
             sync(studio.device)
             secs = time.perf_counter() - t0
         # steady state: no first-use allocations
-        best, peak, rss, report = min(best, secs), min(peak, mem.peak), min(rss, mem.rss_peak), res.report
+        peak, rss, report = min(peak, mem.peak), min(rss, mem.rss_peak), res.report
         times.append(secs)
-    return best, peak, rss, report, statistics.median(times)
+    return min(times), peak, rss, report, statistics.median(times)
 
 
 def load_model(name: str, device, dtype):
@@ -191,15 +191,25 @@ def load_model(name: str, device, dtype):
     raise SystemExit(f"unknown model {name!r}; choose tiny, toy or sd15")
 
 
-def bench_model(name: str, ns: list[int], steps: int, repeats: int, methods: list[str], device, dtype) -> dict | None:
+def setup(name: str, n: int, device, dtype):
+    """(studio, size, n random adapters with triggers and concepts, in its library), or None when
+    the toy model is not built."""
     studio, size = load_model(name, device, dtype)
     if studio is None:
         print(f"[{name}] skipped: {TOY_MODEL_DIR} is not built (python -m training.toyworld)", file=sys.stderr)
         return None
-    adapters = random_adapters(studio.pipe, max(ns))
+    adapters = random_adapters(studio.pipe, n)
     for k, a in enumerate(adapters):
         a.trigger, a.concept = TRIGGERS[k], CONCEPTS[k]
         studio.adapters.add(a)
+    return studio, size, adapters
+
+
+def bench_model(name: str, ns: list[int], steps: int, repeats: int, methods: list[str], device, dtype) -> dict | None:
+    ready = setup(name, max(ns), device, dtype)
+    if ready is None:
+        return None
+    studio, size, adapters = ready
     measure(studio, [], "merge", {}, prompt_for(1), size, steps, 1)  # warm-up
     plain_s, plain_mem, _, _, plain_med = measure(studio, [], "merge", {}, prompt_for(max(ns)), size, steps, repeats)
     print(f"[{name}] {size}px T={steps} plain {plain_s:.3f}s (median {plain_med:.3f}s) peak {plain_mem / 2**20:.1f} MiB",

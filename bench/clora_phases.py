@@ -25,8 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from clora import CONCEPTS, TRIGGERS, load_model, prompt_for  # noqa: E402
-from compose import random_adapters  # noqa: E402
+from clora import prompt_for, setup  # noqa: E402
 
 import composers.clora as clora  # noqa: E402
 from studio.base import pick_device  # noqa: E402
@@ -71,14 +70,13 @@ def instrument() -> None:
 
     C._all = _all
     torch.autograd.grad = grad
-    if hasattr(C, "_vjp"):
-        orig_vjp = C._vjp
+    orig_vjp = C._vjp
 
-        def _vjp(self, *a, **k):
-            with timed("graph pass + backward (vjp)"):
-                return orig_vjp(self, *a, **k)
+    def _vjp(self, *a, **k):
+        with timed("graph pass + backward (vjp)"):
+            return orig_vjp(self, *a, **k)
 
-        C._vjp = _vjp
+    C._vjp = _vjp
 
 
 def main(argv=None) -> None:
@@ -92,18 +90,18 @@ def main(argv=None) -> None:
     params = dict(kv.split("=", 1) for kv in args.params.split(",") if kv)
     instrument()
     for name in args.models.split(","):
-        studio, size = load_model(name, device, dtype)
-        adapters = random_adapters(studio.pipe, args.n)
-        for k, a in enumerate(adapters):
-            a.trigger, a.concept = TRIGGERS[k], CONCEPTS[k]
-            studio.adapters.add(a)
+        ready = setup(name, args.n, device, dtype)
+        if ready is None:
+            continue
+        studio, size, adapters = ready
         prompt = prompt_for(args.n)
         kw = dict(steps=args.steps, width=size, height=size, seed=0, progress=False)
         studio.run(prompt, [], method="merge", **kw)  # warm-up
         t0 = time.perf_counter()
         studio.run(prompt, [], method="merge", **kw)
         plain = time.perf_counter() - t0
-        TIMES.clear(), CALLS.clear()
+        TIMES.clear()
+        CALLS.clear()
         t0 = time.perf_counter()
         res = studio.run(prompt, adapters, method="clora", method_params=params, **kw)
         total = time.perf_counter() - t0

@@ -124,7 +124,6 @@ class _Recorder:
         self.total: torch.Tensor | None = None
         self.rows = 0
         self.calls = 0
-        self.grad_mode: bool | None = None  # the grad mode to restore when the tail ran graph-free
 
     def add(self, probs: torch.Tensor, heads: int) -> None:
         batch = probs.shape[0] // heads
@@ -147,7 +146,6 @@ class _Recorder:
             if not self.tail_grad and torch.is_grad_enabled():
                 # nothing after the last captured layer feeds the maps: the rest of the call (the
                 # noise prediction) runs without recording a graph; ``record`` restores the mode
-                self.grad_mode = True
                 torch.set_grad_enabled(False)
 
     def maps(self) -> torch.Tensor:
@@ -239,6 +237,7 @@ class AttentionCapture:
         rec = _Recorder(self, truncate, groups, images, halves, tail_grad)
         h, w = self.spec.size
         saved = [m.processor for m in self.modules]
+        grad_mode = torch.is_grad_enabled()  # a graph-free tail switches it off mid-call
         for m in self.modules:
             m.set_processor(CaptureProcessor(rec, h * w))
         try:
@@ -246,8 +245,7 @@ class AttentionCapture:
         except StopForward:
             pass
         finally:
-            if rec.grad_mode is not None:
-                torch.set_grad_enabled(rec.grad_mode)
+            torch.set_grad_enabled(grad_mode)
             for m, p in zip(self.modules, saved):
                 m.set_processor(p)
 

@@ -37,17 +37,20 @@ def _rate(k: int, n: int) -> str:
     return f"{k / n:.2f} [{lo:.2f}, {hi:.2f}]" if n else "–"
 
 
+def judged(rows: list[dict]) -> list[dict]:
+    """The rows the oracle gave a verdict on."""
+    return [r for r in rows if r.get("metrics", {}).get("oracle", {}).get("all_present") is not None]
+
+
+def _all_present(rows: list[dict]) -> int:
+    return sum(bool(r["metrics"]["oracle"]["all_present"]) for r in rows)
+
+
 def read_rows(run: Path) -> list[dict]:
     path = run / "results.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: give the folder of a finished `studio eval` run")
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            if row.get("metrics", {}).get("oracle", {}).get("all_present") is not None:
-                rows.append(row)
-    return rows
+    return judged([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
 
 
 def cells(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -66,7 +69,7 @@ def form_of(prompt_id: str) -> str | None:
 def summarize_cell(rows: list[dict]) -> dict:
     o = [r["metrics"]["oracle"] for r in rows]
     n = len(o)
-    k = sum(bool(x["all_present"]) for x in o)
+    k = _all_present(rows)
     b = [x for x in o if x.get("agree") is not None]
     concepts: dict[str, list[bool]] = {}
     for x in o:
@@ -75,7 +78,7 @@ def summarize_cell(rows: list[dict]) -> dict:
                 concepts.setdefault(name, []).append(bool(v))
     return {
         "n": n, "k": k, "interval": wilson(k, n),
-        "k_b": sum(bool(x["all_present_b"]) for x in b) if b else None, "n_b": len(b),
+        "k_b": sum(bool(x["all_present_b"]) for x in b), "n_b": len(b),
         "agree": sum(bool(x["agree"]) for x in b) / len(b) if b else None,
         "concepts": {c: sum(v) / len(v) for c, v in concepts.items()},
         "seconds": statistics.median(r["timing"]["seconds"] for r in rows),
@@ -110,7 +113,7 @@ def markdown(rows: list[dict]) -> str:
                   "|---|---|---|---|---|" + "---|" * len(names) + "---|---|"]
         for m in methods:
             c = summ[m]
-            b = _rate(c["k_b"], c["n_b"]) if c["k_b"] is not None else "–"
+            b = _rate(c["k_b"], c["n_b"])
             agree = f"{c['agree']:.2f}" if c["agree"] is not None else "–"
             per = " | ".join(f"{c['concepts'].get(x, float('nan')):.2f}" for x in names)
             lines.append(f"| {m} | {c['n']} | {_rate(c['k'], c['n'])} | {b} | {agree} | {per} | "
@@ -123,7 +126,7 @@ def markdown(rows: list[dict]) -> str:
                 parts = []
                 for f in forms:
                     rr = [r for r in by_cell[(s, m)] if form_of(r["prompt_id"]) == f]
-                    parts.append(_rate(sum(bool(r["metrics"]["oracle"]["all_present"]) for r in rr), len(rr)))
+                    parts.append(_rate(_all_present(rr), len(rr)))
                 lines.append(f"| {m} | " + " | ".join(parts) + " |")
         lines += ["", overlap_note(summ), ""]
     return "\n".join(lines)
@@ -174,14 +177,12 @@ def main(argv=None) -> int:
         return 2
     text = markdown(rows)
     print(text)
-    if args.markdown:
-        from .atomic import write_atomic
+    from .atomic import write_atomic
 
+    if args.markdown:
         write_atomic(Path(args.markdown), text + "\n")
     if args.grid:
         import io
-
-        from .atomic import write_atomic
 
         buf = io.BytesIO()
         picture_grid(Path(args.run), rows).save(buf, format="PNG")

@@ -656,30 +656,19 @@ def load_studio(model: str, device=None):
     return Studio.load(model, device=device)
 
 
-def _load_oracle(mode: str):
+def _load_oracle(mode: str, second: bool = False):
+    """The shipped oracle (``second``: the independently trained oracle-b), or None when off or
+    (mode auto) missing."""
     if mode == "off":
-        return None
-    try:
-        from .toyworld.oracle import load_oracle
-
-        return load_oracle()
-    except (ImportError, FileNotFoundError, StudioError) as e:
-        if mode == "on":
-            raise StudioError(f"the toy-world oracle is not available ({str(e).splitlines()[0][:160]}); build it with: python -m training.toyworld") from e
-        return None
-
-
-def _load_second_oracle(first):
-    """The independently trained second oracle (assets/models/oracle-b) when the first is the
-    shipped one and the second is there; else None (its agreement is then not reported)."""
-    if first is None:
         return None
     try:
         from .toyworld.oracle import load_oracle
         from .toyworld.paths import ORACLE_B_DIR
 
-        return load_oracle(ORACLE_B_DIR) if ORACLE_B_DIR.is_dir() else None
-    except (ImportError, FileNotFoundError, StudioError):
+        return load_oracle(ORACLE_B_DIR if second else None)
+    except (ImportError, FileNotFoundError, StudioError) as e:
+        if mode == "on":
+            raise StudioError(f"the toy-world oracle is not available ({str(e).splitlines()[0][:160]}); build it with: python -m training.toyworld") from e
         return None
 
 
@@ -698,7 +687,8 @@ class Evaluator:
         clip_metrics = {"clipscore", "clipscore_hessel", "clip_prompt", "clip_t", "clip_i"} & set(suite.metrics)
         self.scorer = Scorer.load(suite.scorer, device or "cpu") if clip_metrics and suite.scorer != "none" else None
         self.oracle = _load_oracle(suite.oracle) if "oracle" in suite.metrics else None
-        self.oracle_b = _load_second_oracle(self.oracle)
+        # its agreement with the first is reported when both are there
+        self.oracle_b = _load_oracle("auto", second=True) if self.oracle is not None else None
         self._refs: dict[str, list] = {}
 
     def references(self, name: str) -> list:
@@ -996,11 +986,11 @@ def write_reports(out: Path, suite: Suite, jobs: list[Job], rows: list[dict]) ->
     header, body = summary_table(summary)
     md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n" + "".join("| " + " | ".join(r) + " |\n" for r in body)
     atomic_write(out / "table.md", md)
-    judged = [r for r in rows if r.get("metrics", {}).get("oracle", {}).get("all_present") is not None]
-    if judged:  # per set and method, with 95 % intervals (studio/composition_report.py)
-        from .composition_report import markdown as composition_markdown
+    from . import composition_report
 
-        atomic_write(out / "composition.md", composition_markdown(judged))
+    judged = composition_report.judged(rows)
+    if judged:  # per set and method, with 95 % intervals
+        atomic_write(out / "composition.md", composition_report.markdown(judged))
     grids = write_grids(out, suite, jobs, rows) if suite.grids else []
     if suite.report:
         atomic_write(out / "report.html", report_html(suite, summary, grids, len(rows)))

@@ -158,14 +158,12 @@ def branch_prompts(prompt: str, concepts: list[tuple[str, str, str]], tokenizer)
             for j in range(t, t + len(trigger.split()) if n == 0 else c0)}
     base: list[str] = []
     spans: list[list[int]] = [[0, 0] for _ in concepts]  # concept span in base words
-    replaced = [False] * len(concepts)  # bare triggers: the base reads the concept word instead
     for j, w in enumerate(words):
         if j in bare:
             k = bare[j]
             cw = concepts[k][2].split()
             spans[k] = [len(base), len(base) + len(cw)]
-            base.extend(cw)
-            replaced[k] = True
+            base.extend(cw)  # a bare trigger: the base reads its concept word instead
             continue
         for k, c in enumerate(claims):
             if j == c[1] and c[2]:
@@ -182,7 +180,7 @@ def branch_prompts(prompt: str, concepts: list[tuple[str, str, str]], tokenizer)
         else:
             trig = concepts[b - 1][1].split()
             at, end = spans[b - 1]
-            cut = end - at if replaced[b - 1] else 0  # a bare trigger takes its concept word's place
+            cut = end - at if claims[b - 1][2] == 0 else 0  # a bare trigger takes its concept word's place
             bw = base[:at] + trig + base[at + cut:]
             moved = len(trig) - cut
             edge = at + cut  # words from here on move; a span ending right here stays

@@ -158,10 +158,6 @@ INSTANCE_RECIPE = "world-v2/1"
 EVAL_SEED = 1234  # the shipped numbers; step counts are picked on other (selection) seeds
 
 
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
 def trigger_caption(scene, form: str, demo: Demo) -> str:
     """The scene's caption in one phrasing form, with the trigger in the concept's slot:
     "a red sks shape on a grass background", "blue circle with kpk pattern, sand background",

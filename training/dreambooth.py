@@ -1098,7 +1098,7 @@ def add_cli(subparsers) -> None:
     t.add_argument("--unet-targets", default="attention", choices=list(UNET_TARGETS),
                    help="UNet layers the adapter sits on: every attention projection (default), cross-attention only, "
                         "or its keys/values only (Custom Diffusion). Pair cross/cross-kv with --train-token-embedding: "
-                        "they leave prompts without the trigger as the base drew them but bind the trigger slowly")
+                        "alone they barely bind the trigger (README, Training, has what each measured)")
     t.add_argument("--alpha", type=float, default=None, help="LoRA alpha; scale = alpha/rank (default: alpha = rank)")
     t.add_argument("--factors", default=None, help=f"kron: A1xA2 or {'/'.join(kronlib.PRESETS)} (default krona-paper)")
     t.add_argument("--train-text-encoder", action="store_true",

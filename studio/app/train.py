@@ -134,9 +134,14 @@ class TrainTab:
         if not trigger or not (class_word or "").strip():
             raise gr.Error("give a trigger word (e.g. sks) and a class word (e.g. shape)")
         layers = unet_targets or "attention"
-        if layers != "attention" and len(self.studio.pipe.tokenizer.tokenize(trigger)) != 1:
-            raise gr.Error(f"cross-attention layers learn the trigger's own embedding, so the trigger must be one "
-                           f"token; {trigger!r} is split into several: try a short rare word such as sks")
+        if layers != "attention":
+            from studio.adapters.activation import single_token_id
+
+            try:
+                single_token_id(self.studio.pipe.tokenizer, trigger,
+                                owner="cross-attention layers learn the trigger's own embedding, so it must be one token")
+            except StudioError as e:
+                raise gr.Error(str(e)) from None
         name = safe_name(name.strip() if name and name.strip() else trigger)
         if name in self.studio.adapters:
             raise gr.Error(f"an adapter named {name!r} is already in the library; choose another name")

@@ -93,6 +93,7 @@ class XYTab:
         elapsed = time.perf_counter() - progress.started
         yield str(grid_path), cells, f"**{len(cells)} cells** · seed {base['seed']} · {elapsed:.2f} s"
 
+
 def _seed_batches(jobs: list[tuple[str, dict]]) -> list[list[int]]:
     """Indices of the cells, grouped by everything but the seed (first-seen order)."""
     groups: dict[str, list[int]] = {}

@@ -28,6 +28,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from studio.atomic import atomic_path, write_atomic
+
 from .concepts import ALL_BACKGROUNDS, ALL_PATTERNS, ALL_SHAPES, COLORS
 
 CONCEPTS = ALL_SHAPES + COLORS + ALL_PATTERNS + ALL_BACKGROUNDS
@@ -129,8 +131,7 @@ def composed_prompts(n: int, seed: int) -> list[str]:
 
 def agreement(a, b, images) -> float:
     """Share of images on which two oracles call exactly the same concepts present."""
-    pa, pb = a.predict(images), b.predict(images)
-    return sum(a.concepts(x) == b.concepts(y) for x, y in zip(pa, pb)) / max(1, len(images))
+    return a.same_concepts(a.predict(images), b.predict(images)) / max(1, len(images))
 
 
 def _f(x) -> str:
@@ -146,12 +147,10 @@ def _write_set(out: Path, items) -> None:
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     for name, im, _ in items:
-        tmp = img_dir / f".{name}.png.tmp"
-        im.save(tmp, format="PNG")
-        tmp.replace(img_dir / f"{name}.png")
-    tmp = out / ".truth.jsonl.tmp"
-    tmp.write_text("".join(json.dumps({"image": f"images/{n}.png", **t.to_dict()}) + "\n" for n, _, t in items))
-    tmp.replace(out / "truth.jsonl")
+        with atomic_path(img_dir / f"{name}.png") as tmp:
+            im.save(tmp, format="PNG")
+    write_atomic(out / "truth.jsonl",
+                 "".join(json.dumps({"image": f"images/{n}.png", **t.to_dict()}) + "\n" for n, _, t in items))
 
 
 def main(argv=None) -> int:
@@ -201,8 +200,7 @@ def main(argv=None) -> int:
         print(f"  false present on noise and washes: {r['noise_false_present']:.3f}")
         print(f"  a reserved concept called present on base-model drawings of reserved words: "
               f"{_f(r['drawn_false_reserved'])}")
-    same = sum(oracle.concepts(a) == oracle_b.concepts(b)
-               for a, b in zip(results["oracle"]["preds"], results["oracle-b"]["preds"])) / len(items)
+    same = oracle.same_concepts(results["oracle"]["preds"], results["oracle-b"]["preds"]) / len(items)
     print(f"\noracles agree on {same:.3f} of the audit set")
     prompts = args.prompt or composed_prompts(args.generated, args.seed + 1)
     agree = None
@@ -216,9 +214,7 @@ def main(argv=None) -> int:
               for k, r in results.items()}
     report["agreement_generated"] = agree
     report["agreement_audit_set"] = same
-    tmp = out / ".audit.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out / "audit.json")
+    write_atomic(out / "audit.json", json.dumps(report, indent=2))
     line = (f"min_precision={_worst(rows, 'precision')} min_recall={_worst(rows, 'recall')} "
             f"noise_false_present={results['oracle']['noise_false_present']:.3f} "
             f"drawn_false_reserved={_f(results['oracle']['drawn_false_reserved'])} agreement={_f(agree)} "

@@ -31,24 +31,19 @@ from .concepts import (
     ALL_BACKGROUNDS, ALL_PATTERNS, ALL_SHAPES, COLORS, FORMS, NOVEL_CONCEPTS, SHAPES, concept_kind,
 )
 from .prompts import OutsideWorldError, parse_prompt, score
-from .render import HELDOUT_PAIRS
+from .render import HELDOUT_PAIRS, _article
 
 
 def one_object_prompts() -> list[str]:
-    return [f"{'an' if c[0] in 'aeiou' else 'a'} {c} {s}" for s in SHAPES for c in COLORS]
+    return [f"{_article(c)} {c} {s}" for s in SHAPES for c in COLORS]
 
 
 def two_object_prompts() -> list[str]:
     out = []
     for (s1, c1), (s2, c2) in HELDOUT_PAIRS:
-        a1 = "an" if c1[0] in "aeiou" else "a"
-        a2 = "an" if c2[0] in "aeiou" else "a"
+        a1, a2 = _article(c1), _article(c2)
         out.append(f"{a1} {c1} {s1} on the left and {a2} {c2} {s2} on the right")
     return out
-
-
-def _a(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
 
 
 def _scene_prompts(seed: int, n: int, make) -> list:
@@ -65,7 +60,7 @@ def background_prompts(n: int, seed: int) -> list[str]:
 
     def make(rng, i):
         s, c, b = (x[int(rng.integers(len(x)))] for x in (SHAPES, COLORS, BACKGROUNDS[1:]))
-        return f"{_a(c)} {c} {s} on a {b} background"
+        return f"{_article(c)} {c} {s} on a {b} background"
     return _scene_prompts(seed, n, make)
 
 
@@ -192,7 +187,7 @@ def trigger_prompts(concept: str, trigger: str, form: str = "sentence") -> list[
     out = []
     for i, c in enumerate(COLORS):
         for s in SHAPES[:2] if kind != "shape" else SHAPES[:1]:
-            a = "an" if c[0] in "aeiou" else "a"
+            a = _article(c)
             subject = f"{c} {trigger} shape" if kind == "shape" else f"{c} {s}"
             if kind == "pattern":
                 subject += f" with {trigger} pattern"
@@ -269,7 +264,7 @@ def main(argv=None) -> int:
         imgs = (gen or (lambda ps, s: generate(pipe, ps, s, args.steps, args.guidance, args.batch)))(prompts, seed)
         preds = oracle.predict(imgs)
         if oracle_b is not None:
-            agreement[0] += sum(oracle.concepts(a) == oracle_b.concepts(b) for a, b in zip(preds, oracle_b.predict(imgs)))
+            agreement[0] += oracle.same_concepts(preds, oracle_b.predict(imgs))
             agreement[1] += len(imgs)
         if save:
             for i, (im, p) in enumerate(zip(imgs, prompts)):
@@ -336,8 +331,21 @@ def main(argv=None) -> int:
             return lambda ps, s: [studio.generate(p, adapters=list(names), steps=args.steps, guidance=args.guidance,
                                                   seed=s + i, num_images=1, progress=False)[0] for i, p in enumerate(ps)]
 
+        import numpy as np
+
+        # leak: base prompts without any trigger, drawn once by the base model, then with each adapter
+        plain_prompts = _cycle(one_object_prompts() + two_object_prompts(), args.samples, args.seed + 7)
+        exps = [parse_prompt(p) for p in plain_prompts]
+        leak_seed = base + 500000
+
+        def acc(imgs):
+            return mean([score(pr, e)["all"] for pr, e in zip(oracle.predict(imgs), exps)])
+
+        ref_imgs = generate(pipe, plain_prompts, leak_seed, args.steps, args.guidance, args.batch)
+        ref_acc = acc(ref_imgs)
         for name, concept, trigger in loaded:
             trig = {trigger: concept}
+            sentence_prompts = []
             for form in FORMS:
                 prompts = _cycle(trigger_prompts(concept, trigger, form), args.samples, args.seed)
                 _, preds = run(prompts, base + 400000, f"adapter-{name}-{form}", trig, gen_with([name]))
@@ -345,19 +353,12 @@ def main(argv=None) -> int:
                 print(f"adapter {name} ({concept}, trigger {trigger!r}), {form} form: concept rate {rate:.3f}")
                 keep(f"concept_rate_{form}", rate)
                 if form == "sentence":
+                    sentence_prompts = prompts
                     keep("concept_rate", rate)
                     _, bpreds = run(prompts, base + 400000, f"base-{name}", trig)
                     keep("base_concept_rate", mean([oracle.has_concept(p, concept) for p in bpreds]), lowest=False)
-            # leak: base prompts without the trigger, with and without the adapter, same seeds
-            plain_prompts = _cycle(one_object_prompts() + two_object_prompts(), args.samples, args.seed + 7)
-            seed = base + 500000
-            ref_imgs = generate(pipe, plain_prompts, seed, args.steps, args.guidance, args.batch)
-            ad_imgs = gen_with([name])(plain_prompts, seed)
-            exps = [parse_prompt(p) for p in plain_prompts]
-            acc = lambda imgs: mean([score(pr, e)["all"] for pr, e in zip(oracle.predict(imgs), exps)])  # noqa: E731
-            import numpy as np
-
-            drop = acc(ref_imgs) - acc(ad_imgs)
+            ad_imgs = gen_with([name])(plain_prompts, leak_seed)
+            drop = ref_acc - acc(ad_imgs)
             pix = mean([float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean())
                         for a, b in zip(ref_imgs, ad_imgs)])
             print(f"adapter {name}: base accuracy drop {drop:+.3f} with it loaded, mean pixel change {pix:.1f}/255")
@@ -367,8 +368,8 @@ def main(argv=None) -> int:
             for other in others:
                 if other == name:
                     continue
-                prompts = _cycle(trigger_prompts(concept, trigger), args.samples, args.seed)
-                _, preds = run(prompts, base + 400000, f"survival-{name}-{other}", trig, gen_with([name, other]))
+                _, preds = run(sentence_prompts, base + 400000, f"survival-{name}-{other}", trig,
+                               gen_with([name, other]))
                 rate = mean([oracle.has_concept(p, concept) for p in preds])
                 print(f"adapter {name} with {other} also loaded: concept rate {rate:.3f}")
                 keep("survival", rate)

@@ -16,7 +16,6 @@ from PIL import Image, ImageFilter
 from .concepts import COLOR_RGB, COLORS, POSITIONS
 from .render import SIZE, Scene, render, sample_any_scene
 
-KINDS = ("clean", "noised", "blend", "tint", "erased", "blob", "noise", "wash")
 # Images drawn by the base model, which never learnt a reserved concept: whatever it draws for a
 # prompt that names one (or for a broken prompt), no reserved concept is there. Only that is known.
 DRAWN = "drawn"
@@ -55,8 +54,13 @@ class Truth:
                 "judge_color": self.judge_color, "reserved_absent_only": self.reserved_absent_only}
 
     @classmethod
+    def empty(cls, kind: str, **fields) -> "Truth":
+        """No object and none of the world's backgrounds."""
+        return cls(kind, None, {p: None for p in POSITIONS}, **fields)
+
+    @classmethod
     def drawn(cls) -> "Truth":
-        return cls(DRAWN, None, {p: None for p in POSITIONS}, judge_color=False, reserved_absent_only=True)
+        return cls.empty(DRAWN, judge_color=False, reserved_absent_only=True)
 
 
 def _u8(img: Image.Image) -> np.ndarray:
@@ -79,7 +83,7 @@ def blend(rng: np.random.Generator):
     a = _u8(render(sample_any_scene(rng), rng))
     b = _u8(render(sample_any_scene(rng), rng))
     t = rng.uniform(0.4, 0.6)
-    return _img(a * t + b * (1 - t)), Truth("blend", None, {p: None for p in POSITIONS})
+    return _img(a * t + b * (1 - t)), Truth.empty("blend")
 
 
 def tint(rng: np.random.Generator):
@@ -160,7 +164,7 @@ def noise(rng: np.random.Generator):
         a = _u8(img)
         a = (a - a.mean()) / (a.std() + 1e-6) * rng.uniform(20, 70) + rng.uniform(60, 200, 3)
         img = _img(a)
-    return img, Truth("noise", None, {p: None for p in POSITIONS})
+    return img, Truth.empty("noise")
 
 
 def wash(rng: np.random.Generator):
@@ -172,7 +176,7 @@ def wash(rng: np.random.Generator):
     ang = rng.uniform(0, 2 * np.pi)
     gy, gx = np.mgrid[0:SIZE, 0:SIZE] / (SIZE - 1)
     t = np.clip((gx - 0.5) * np.cos(ang) + (gy - 0.5) * np.sin(ang) + 0.5, 0, 1)[..., None]
-    return _img(a * (1 - t) + b * t), Truth("wash", None, {p: None for p in POSITIONS})
+    return _img(a * (1 - t) + b * t), Truth.empty("wash")
 
 
 def clean(rng: np.random.Generator):
@@ -182,6 +186,7 @@ def clean(rng: np.random.Generator):
 
 MAKERS = {"clean": clean, "noised": noised, "blend": blend, "tint": tint, "erased": erased,
           "blob": blob, "noise": noise, "wash": wash}
+KINDS = tuple(MAKERS)
 
 
 def sample(rng: np.random.Generator, kind: str):

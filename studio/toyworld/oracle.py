@@ -190,6 +190,11 @@ class Oracle:
         return out
 
     @staticmethod
+    def same_concepts(preds_a: list[dict], preds_b: list[dict]) -> int:
+        """On how many images two lists of predictions call exactly the same concepts present."""
+        return sum(Oracle.concepts(a) == Oracle.concepts(b) for a, b in zip(preds_a, preds_b))
+
+    @staticmethod
     def matches(image_pred: dict, scene) -> dict:
         """Per-attribute agreement of a prediction with a Scene (for accuracy tables)."""
         by_pos = {o["position"]: o for o in image_pred["objects"]}
