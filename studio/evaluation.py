@@ -786,6 +786,45 @@ def batch_jobs(jobs: list[Job], size: int) -> list[list[Job]]:
     return [g[i:i + size] for g in groups.values() for i in range(0, len(g), max(1, size))]
 
 
+def rejudge(suite_path: str | os.PathLike, out: str | os.PathLike, log: Callable[[str], None] = print) -> int:
+    """Judge a finished run's saved images again with the oracles now installed, and rewrite
+    results.jsonl and the reports; nothing is generated. For an oracle rebuild: the run's images
+    are kept, only the verdicts change. Returns the number of rows judged."""
+    from PIL import Image
+
+    suite = load_suite(suite_path)
+    out = Path(out)
+    if not (out / "results.jsonl").is_file():
+        raise StudioError(f"{out} holds no results.jsonl; run the suite into it first (studio eval SUITE --out {out})")
+    if any(out.glob("results.rank*.jsonl")):
+        raise StudioError(f"{out} has unmerged rank files (an interrupted run); finish it with --resume first")
+    jobs = expand_jobs(suite)
+    rows = read_rows(out / "results.jsonl")
+    oracle = _load_oracle("on")
+    oracle_b = _load_oracle("auto", second=True)
+    concepts = {n: e.concept for n, e in suite.adapters.items()}
+    judged = 0
+    for row in rows:
+        names = [a["name"] for a in row.get("loras", [])]
+        if "oracle" not in row.get("metrics", {}) or not names:
+            continue
+        missing = [n for n in names if n not in concepts]
+        if missing:
+            raise StudioError(f"{out}: row {row['job_id']} uses adapter(s) {missing} that {suite_path} does not list; "
+                              "rejudge with the suite the run was made from")
+        path = out / row["image"]
+        if not path.is_file():
+            raise StudioError(f"{path} is missing; rejudge needs every image of the run (rerun with --resume)")
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+        row["metrics"]["oracle"] = oracle_presence(oracle, image, {n: concepts[n] for n in names}, second=oracle_b)
+        judged += 1
+    atomic_write(out / "results.jsonl", "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows))
+    write_reports(out, suite, jobs, rows)
+    log(f"rejudged {judged} of {len(rows)} rows in {out}; rewrote results.jsonl and the reports")
+    return judged
+
+
 def oracle_presence(oracle, image, concepts: dict[str, str | None], second=None) -> dict:
     """Which adapters' concepts the toy-world oracle sees in the image; rates over known concepts.
     With ``second`` (the independently trained oracle-b) also its verdicts and whether the two
@@ -1073,19 +1112,25 @@ use it as a sanity metric only.</p>{table}<h2>Grids (rows: methods, columns: sam
 # CLI
 # ---------------------------------------------------------------------------------------------
 def cmd_eval(args) -> int:
+    if args.rejudge:
+        rejudge(args.suite, args.out)
+        return 0
     run_suite(args.suite, args.out, resume=args.resume, limit=args.limit, dry_run=args.dry_run,
               batch_size=args.batch_size)
     return 0
 
 
 def add_cli(subparsers) -> None:
-    """``studio eval SUITE.yaml --out RUNDIR [--resume] [--limit N] [--dry-run] [--batch-size N]``."""
+    """``studio eval SUITE.yaml --out RUNDIR [--resume] [--limit N] [--dry-run] [--batch-size N] [--rejudge]``."""
     p = subparsers.add_parser("eval", help="run an evaluation suite (resumable; accelerate launch for several processes)")
     p.add_argument("suite", help="suite YAML (see workflows/)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue a run folder, skipping finished jobs")
     p.add_argument("--limit", type=int, default=None, help="run only the first N jobs")
     p.add_argument("--dry-run", action="store_true", help="print the job count and exit")
+    p.add_argument("--rejudge", action="store_true",
+                   help="judge a finished run's saved images again with the installed oracles (after an oracle "
+                        "rebuild) and rewrite results.jsonl and the reports; generates nothing")
     p.add_argument("--batch-size", type=int, default=None,
                    help="jobs that differ only in their seed drawn together, at most this many (default: auto; 1: one by one)")
     p.set_defaults(func=cmd_eval)

@@ -25,7 +25,7 @@ from studio.adapters.formats import write_adapter
 from studio.base import build_tiny_pipeline
 from studio.errors import StudioError
 from studio.evaluation import (
-    DiskFullError, SuiteError, derive_seed, expand_jobs, load_suite, oracle_presence, read_rows, run_suite, summarize,
+    DiskFullError, SuiteError, derive_seed, expand_jobs, load_suite, oracle_presence, read_rows, rejudge, run_suite, summarize,
 )
 from studio.metadata import read_recipe
 
@@ -288,6 +288,29 @@ def test_full_run_writes_everything(full_run):
     html = (out / "report.html").read_text()
     assert "grids/" in html and "composite" in html
     assert not list(out.glob("results.rank*.jsonl"))
+
+
+def test_rejudge_restores_the_oracles_verdicts_from_the_saved_images(tmp_path, assets):
+    """--rejudge runs the installed oracles on a run's own images and rewrites rows and reports."""
+    path = make_suite(tmp_path, assets, oracle="on", scorer="none", metrics=["oracle"])
+    run_suite(path, tmp_path / "run", log=lambda s: None)
+    out = tmp_path / "run"
+    want = read_rows(out / "results.jsonl")
+    assert all("present_b" in r["metrics"]["oracle"] for r in want)  # both oracles judged
+    tampered = copy.deepcopy(want)
+    for r in tampered:
+        r["metrics"]["oracle"] = {"present": {"obj": True, "sty": True}, "all_present": True, "concept_rate": 1.0}
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tampered))
+    (out / "composition.md").unlink()
+    assert rejudge(path, out, log=lambda s: None) == 4
+    got = read_rows(out / "results.jsonl")
+    assert [r["metrics"]["oracle"] for r in got] == [r["metrics"]["oracle"] for r in want]
+    assert (out / "composition.md").is_file()
+    before = (out / "results.jsonl").read_bytes()
+    (out / got[0]["image"]).unlink()
+    with pytest.raises(StudioError, match="missing; rejudge needs every image"):
+        rejudge(path, out, log=lambda s: None)
+    assert (out / "results.jsonl").read_bytes() == before  # nothing rewritten
 
 
 def test_batched_jobs_equal_one_by_one(tmp_path, full_run):

@@ -303,6 +303,27 @@ def test_audit_builds_a_known_truth_set_and_reports_its_last_line(tmp_path, caps
     assert main(["--out", str(tmp_path), "--prompt", "a purple dragon"]) == 2
 
 
+def test_roundtrip_iou_is_one_for_a_kept_object_and_zero_for_a_lost_one():
+    from studio.toyworld.roundtrip import kept_iou, masks
+
+    for bg in ("plain", "night"):
+        image, bare, truth = masks(Scene([Obj("plus", "blue", size="small", position="left")], bg), 3)
+        assert 20 < truth.sum() < 400  # a small plus, and nothing else
+        assert kept_iou(image, bare, truth, image) == 1.0  # a perfect round trip
+        assert kept_iou(image, bare, truth, bare) == 0.0  # the object erased
+
+
+@pytest.mark.skipif(not HAVE_MODEL, reason=NO_ASSETS)
+def test_roundtrip_report_names_the_worst_cell(capsys):
+    from studio.toyworld.roundtrip import main
+
+    assert main(["--per-cell", "1", "--shapes", "circle"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"min_iou=[\d.]+ worst=circle/\w+/\w+( iou_\w+=[\d.]+){7}", last), last
+    with pytest.raises(SystemExit):
+        main(["--shapes", "dragon"])
+
+
 @pytest.mark.skipif(not HAVE_MODEL, reason=NO_ASSETS)
 def test_toy_pipeline_loads_and_generates():
     import torch
