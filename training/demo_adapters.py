@@ -68,6 +68,12 @@ KRON_WITH_TE = dict(prior_preservation=True, prior_loss_weight=1.0, train_text_e
 # 0.75 / 0.79 / 0.50. Cross-attention keys/values only (lr 3e-3): crescent 0.50 at 1000; cross
 # attention with a text-encoder LoRA instead of the embedding: 0.00 at 600. In composite the cross
 # crescent keeps its rate beside the plus (0.88 alone, 0.88 in the pair); merged, it does not (0.33).
+# Session 8 (same seed, docs/benchmark.md "Why the bars are not met"): a penalty holding the keys and
+# values of trigger-free prompts (weight 10 / 1 / 0.1) left the cross-kv crescent at 0.00 / 0.08 / 0.17
+# after 1000 steps (0.50 without); the embedding alone drew no crescent (0.00); the plus on medium and
+# large sizes only read 0.75 (0.50 on all sizes) but still drew a star in two-object prompts, and 0.42
+# also without water/night scenes; a cross-attention arrow read 0.67 and drew nothing beside another
+# object. None is shipped.
 CROSS = dict(unet_targets="cross", train_text_encoder=False, train_token_embedding=True, lr=3e-3,
              token_embedding_lr=2e-2)
 
