@@ -847,12 +847,14 @@ def oracle_presence(oracle, image, concepts: dict[str, str | None], second=None)
     out = {
         "present": present, "concept_rate": (sum(known) / len(known)) if known else None,
         "all_present": all(known) if known else None, "prediction": pred, "backend": "toyworld-oracle",
+        "judges": {"oracle": getattr(oracle, "sha", None)},
     }
     if second is not None and known:
         _, present_b = judge(second)
         out["present_b"] = present_b
         out["all_present_b"] = all(v for v in present_b.values() if v is not None)
         out["agree"] = present == present_b
+        out["judges"]["oracle_b"] = getattr(second, "sha", None)
     return out
 
 

@@ -7,6 +7,7 @@ import copy
 import errno
 import hashlib
 import json
+import re
 import os
 import shutil
 import statistics
@@ -297,6 +298,8 @@ def test_rejudge_restores_the_oracles_verdicts_from_the_saved_images(tmp_path, a
     out = tmp_path / "run"
     want = read_rows(out / "results.jsonl")
     assert all("present_b" in r["metrics"]["oracle"] for r in want)  # both oracles judged
+    judges = want[0]["metrics"]["oracle"]["judges"]  # which weights judged, by file hash
+    assert set(judges) == {"oracle", "oracle_b"} and all(re.fullmatch(r"[0-9a-f]{12}", v) for v in judges.values())
     tampered = copy.deepcopy(want)
     for r in tampered:
         r["metrics"]["oracle"] = {"present": {"obj": True, "sty": True}, "all_present": True, "concept_rate": 1.0}

@@ -11,6 +11,7 @@ another architecture and seed). Evaluations report how often they agree.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -141,9 +142,10 @@ class Oracle:
     ``{"objects": [{"position", "shape", "color", "pattern"}, ...], "background": str | None}``
     (None: no background of the world, e.g. noise or a colour wash)."""
 
-    def __init__(self, net: OracleNet, config: dict | None = None):
+    def __init__(self, net: OracleNet, config: dict | None = None, sha: str | None = None):
         self.net = net.eval()
         self.config = config or {}
+        self.sha = sha  # first 12 hex digits of the weights file's SHA-256: which judge judged
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -251,8 +253,9 @@ def load_oracle(path: str | Path | None = None) -> Oracle:
         from .paths import _fail
         _fail("oracle (vocabulary differs from this code)", folder)
     net = build_net(cfg)
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / "oracle.safetensors")).items()}
+    weights = folder / "oracle.safetensors"
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
     net.load_state_dict(sd)
-    oracle = Oracle(net, cfg)
+    oracle = Oracle(net, cfg, sha=hashlib.sha256(weights.read_bytes()).hexdigest()[:12])
     _CACHE[key] = oracle
     return oracle
