@@ -244,7 +244,8 @@ def load_oracle(path: str | Path | None = None) -> Oracle:
     from .paths import require_oracle
 
     folder = require_oracle(path)
-    key = str(folder.resolve())
+    stat = (folder / "oracle.safetensors").stat()
+    key = (str(folder.resolve()), stat.st_mtime_ns, stat.st_size)  # a replaced file is loaded anew
     if key in _CACHE:
         return _CACHE[key]
     cfg = json.loads((folder / "config.json").read_text())
