@@ -119,6 +119,20 @@ def _open_card(page, name: str) -> None:
     page.wait_for_function(f"document.querySelector('#edit_title').innerText.startsWith('{name}')")
 
 
+def _click_until(page, selector: str, condition: str, attempts: int = 3) -> None:
+    """Click until the JS ``condition`` holds. A button drawn by ``gr.render`` can be replaced by a
+    re-render (the library changed) between finding and clicking it; the server then drops the
+    stale event (a KeyError on its fn index) and a user would simply click again."""
+    for attempt in range(attempts):
+        page.click(selector)
+        try:
+            page.wait_for_function(condition, timeout=20_000)
+            return
+        except sync_api.TimeoutError:
+            if attempt == attempts - 1:
+                raise
+
+
 def _wait_text(page, elem_id: str, text: str, timeout_ms: int = 60_000) -> None:
     """Wait until ``#elem_id`` shows ``text``; on a timeout, a screenshot and what it showed instead."""
     try:
@@ -212,8 +226,8 @@ def test_upload_duplicate_edit_delete_and_restart(sd1_pipe, tmp_path, browser):
         _wait_text(page, "card-mine", "a zzq shape")  # the card redraws with the new phrase
         _tab(page, "Compose")
         _wait_text(page, "insert-mine", "insert")
-        page.click('[id="insert-mine"]')  # the Compose cards know the edit too
-        page.wait_for_function("document.querySelector('#prompt textarea').value === 'a zzq shape <lora:mine:1>'")
+        _click_until(page, '[id="insert-mine"]',  # the Compose cards know the edit too
+                     "document.querySelector('#prompt textarea').value === 'a zzq shape <lora:mine:1>'")
 
         _open_card(page, "twin")  # delete asks first, then moves the files to the trash
         page.once("dialog", lambda d: d.dismiss())
@@ -300,8 +314,8 @@ def test_train_20_steps_and_use_the_result(sd1_pipe, tmp_path, browser):
         _open_card(page, "mine")  # in the library, with the phrase it was taught
         assert page.locator("#edit_phrase textarea, #edit_phrase input").first.input_value() == "a sks shape"
         _tab(page, "Compose")
-        page.click('[id="insert-mine"]')
-        page.wait_for_function("document.querySelector('#prompt textarea').value === 'a sks shape <lora:mine:1>'")
+        _click_until(page, '[id="insert-mine"]',
+                     "document.querySelector('#prompt textarea').value === 'a sks shape <lora:mine:1>'")
         _set(page, "steps", 2)
         page.click("#generate")
         _wait_text(page, "status", "Done")
