@@ -541,9 +541,14 @@ def atomic_write(path: Path, data: str | bytes) -> None:
         write_atomic(path, data, fsync=True)
 
 
+def _jsonl_line(row: dict) -> str:
+    """One results row as the run folder stores it."""
+    return json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n"
+
+
 def append_row(path: Path, row: dict) -> None:
     """Append one JSON line in a single write; a crash can only leave a truncated last line."""
-    line = json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n"
+    line = _jsonl_line(row)
     with _disk_guard(str(path)):
         with open(path, "ab") as f:
             f.write(line.encode())
@@ -582,8 +587,7 @@ def merge_results(out: Path, jobs: list[Job]) -> list[dict]:
     rows = collect_rows(out)
     order = {j.job_id: j.index for j in jobs}
     merged = sorted(rows.values(), key=lambda r: (r["job_id"] not in order, order.get(r["job_id"], 0)))
-    text = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in merged)
-    atomic_write(out / "results.jsonl", text)
+    atomic_write(out / "results.jsonl", "".join(map(_jsonl_line, merged)))
     for p in out.glob("results.rank*.jsonl"):
         p.unlink()
     return merged
@@ -819,7 +823,7 @@ def rejudge(suite_path: str | os.PathLike, out: str | os.PathLike, log: Callable
             image = im.convert("RGB")
         row["metrics"]["oracle"] = oracle_presence(oracle, image, {n: concepts[n] for n in names}, second=oracle_b)
         judged += 1
-    atomic_write(out / "results.jsonl", "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write(out / "results.jsonl", "".join(map(_jsonl_line, rows)))
     write_reports(out, suite, jobs, rows)
     log(f"rejudged {judged} of {len(rows)} rows in {out}; rewrote results.jsonl and the reports")
     return judged

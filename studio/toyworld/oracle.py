@@ -239,7 +239,7 @@ _CACHE: dict = {}
 def load_oracle(path: str | Path | None = None) -> Oracle:
     """Load the shipped oracle (assets/models/oracle) or one at ``path`` (e.g. the second oracle,
     ``paths.ORACLE_B_DIR``)."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     from .paths import require_oracle
 
@@ -254,9 +254,9 @@ def load_oracle(path: str | Path | None = None) -> Oracle:
         from .paths import _fail
         _fail("oracle (vocabulary differs from this code)", folder)
     net = build_net(cfg)
-    weights = folder / "oracle.safetensors"
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
+    data = (folder / "oracle.safetensors").read_bytes()  # read once: the weights and their hash
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in load(data).items()}
     net.load_state_dict(sd)
-    oracle = Oracle(net, cfg, sha=hashlib.sha256(weights.read_bytes()).hexdigest()[:12])
+    oracle = Oracle(net, cfg, sha=hashlib.sha256(data).hexdigest()[:12])
     _CACHE[key] = oracle
     return oracle
