@@ -368,7 +368,8 @@ def test_toy_pipeline_loads_and_generates():
     pipe = StableDiffusionPipeline.from_pretrained(str(TOY_MODEL_DIR), torch_dtype=torch.float32)
     assert isinstance(pipe.scheduler, DDIMScheduler)
     assert pipe.scheduler.config.steps_offset == 1 and pipe.scheduler.config.set_alpha_to_one is False
-    assert pipe.vae_scale_factor == 8 and pipe.vae.config.latent_channels == 4  # 8x8 latents
+    assert pipe.vae_scale_factor == 8 and pipe.vae.config.latent_channels == 8  # 8x8x8 latents (world v3)
+    assert pipe.unet.config.in_channels == pipe.unet.config.out_channels == 8
     assert pipe.vae.config.scaling_factor != 0.18215  # measured, not copied from SD
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
     assert pipe.tokenizer("sks", add_special_tokens=False).input_ids == [48136]
@@ -465,3 +466,45 @@ def test_quick_training_run_builds_a_loadable_world(tmp_path):
     assert report["vae"]["init_from"] == str(tmp_path.resolve()) == report["unet"]["init_from"]
     with pytest.raises(SystemExit):  # a folder without a build is refused up front
         main(["--out", str(warm), "--quick", "--init", str(tmp_path / "nothing")])
+
+
+def test_growing_the_latent_keeps_what_the_vae_and_unet_compute():
+    """World v3 grew v2's 4-channel latent to 8 channels: the grown VAE encodes the old channels and
+    decodes exactly as before (the decoder ignores the new channels until trained), the per-channel
+    rescaling folds into the 1x1 convolutions without changing any image, and the grown UNet
+    predicts the old channels as before and zero on the new ones."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from training.toyworld import expand_unet_channels, expand_vae_latents, normalize_new_latents
+
+    torch.manual_seed(0)
+    old = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8).eval()
+    new = expand_vae_latents(old, 8).eval()
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        a, b = old.encode(x).latent_dist, new.encode(x).latent_dist
+        assert torch.allclose(a.mean, b.mean[:, :4], atol=1e-6) and torch.allclose(a.logvar, b.logvar[:, :4], atol=1e-5)
+        assert b.logvar[:, 4:].mean() < -6  # the new channels start near-deterministic
+        noisy = torch.cat([a.mean, torch.randn_like(a.mean)], 1)
+        assert torch.allclose(old.decode(a.mean).sample, new.decode(noisy).sample, atol=1e-6)
+        new.decoder.conv_in.weight[:, 4:].normal_(0, 0.1)  # as after training: the decoder reads them
+        before = new.decode(new.encode(x).latent_dist.mean).sample
+        normalize_new_latents(new, 4, 1.5, x)
+        m = new.encode(x).latent_dist.mean
+        assert torch.allclose(m[:, 4:].std(dim=(0, 2, 3)), torch.full((4,), 1.5), rtol=1e-3)
+        assert torch.allclose(new.decode(m).sample, before, atol=1e-5)
+    with pytest.raises(ValueError, match="shrink"):
+        expand_vae_latents(new, 4)
+
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), cross_attention_dim=32, norm_num_groups=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+    grown = expand_unet_channels(unet, 8).eval()
+    z, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        o = unet(z, t, encoder_hidden_states=c).sample
+        g = grown(torch.cat([z, torch.randn(2, 4, 8, 8)], 1), t, encoder_hidden_states=c).sample
+    assert torch.allclose(o, g[:, :4], atol=1e-5) and torch.equal(g[:, 4:], torch.zeros_like(g[:, 4:]))

@@ -158,9 +158,9 @@ COMMON = dict(steps=700, batch_size=8, grad_accum=1, prior_preservation=True, pr
               caption_dropout=0.1, caption_dropout_scope="prior", snr_gamma=None, class_steps=25, class_guidance=3.0,
               num_validation_images=3, sample_steps=25, save_dtype="fp16")
 N_INSTANCE = 54  # every colour x size x position once
-# Instance sets on disk are redrawn when this changes (world v2: base backgrounds, a base object
-# beside the concept, captions in the three phrasing forms).
-INSTANCE_RECIPE = "world-v2/1"
+# Instance sets and class images are redrawn when this changes (world v2: base backgrounds, a base object
+# beside the concept, captions in the three phrasing forms; v3: a new base model, so new class images).
+INSTANCE_RECIPE = "world-v3/1"
 EVAL_SEED = 1234  # the shipped numbers; step counts are picked on other (selection) seeds
 
 
@@ -379,7 +379,7 @@ def main(argv=None) -> int:
 
 def readme(index: dict) -> str:
     """A table of the shipped adapters and how they scored (written beside them)."""
-    lines = ["# Demo adapters for the toy world (world v2)", "",
+    lines = ["# Demo adapters for the toy world (world v3)", "",
              "Rebuilt by `python -m training.demo_adapters` (DreamBooth with prior preservation on the bundled",
              "toy model). Instance images with their captions are in `instance/<concept>/`, final sample grids",
              "in `samples/`. Check one with `python -m studio.toyworld.check --adapter FILE`. The trigger phrase",

@@ -50,8 +50,12 @@ WORK = ".toyworld-work"  # stage outputs not yet assembled into toy-sd
 TOKEN_LENGTH = 32
 
 # ----------------------------------------------------------------------------- configuration
+# 8 latent channels (world v3): at 8x8x4 the latent itself lost small shapes and fills (a small
+# plus came back as a star whatever the decoder; README "VAE round trip"). v3 was grown from v2's
+# 4-channel VAE and UNet by ``expand_vae_latents`` / ``expand_unet_channels`` (function-preserving).
+LATENT_CHANNELS = 8
 VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+    in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, sample_size=64,
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     block_out_channels=(8, 16, 32, 64), layers_per_block=1, norm_num_groups=8,
 )
@@ -64,7 +68,7 @@ TEXT_CONFIG = dict(
 # tried for v2 and still drew blobs after 5,870 UNet steps (wip notes, session 5); at 8x8 the
 # decoder draws the shapes and the UNet forms them within 1,000-2,000 steps.
 UNET_CONFIG = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+    sample_size=8, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=1,
     block_out_channels=(64, 128),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
@@ -151,6 +155,99 @@ class Budget:
             if step >= self.total:
                 break
             yield step, bar
+
+
+# ----------------------------------------------------------------------------- growing the latent
+@torch.no_grad()
+def expand_vae_latents(old, channels: int):
+    """A VAE like ``old`` with ``channels`` latent channels that encodes and decodes exactly as
+    ``old`` does: the old channels keep their weights, the new ones start as small encoder outputs
+    the decoder ignores (zero weights into ``decoder.conv_in``), so training adds detail to them
+    while an earlier UNet stays a good start on the old ones."""
+    from diffusers import AutoencoderKL
+
+    c0 = old.config.latent_channels
+    if channels < c0:
+        raise ValueError(f"cannot shrink the latent from {c0} to {channels} channels")
+    new = AutoencoderKL(**{**dict(old.config), "latent_channels": channels})
+    sd_old, sd_new = old.state_dict(), new.state_dict()
+    for k, v in sd_old.items():
+        if sd_new[k].shape == v.shape:
+            sd_new[k].copy_(v)
+    new_ch = channels - c0
+    # encoder.conv_out / quant_conv emit [means..., logvars...]: old means, new means, old logvars, new logvars
+    mean_rows = list(range(c0)) + [None] * new_ch
+    lv_rows = list(range(c0, 2 * c0)) + [None] * new_ch
+    w, b = sd_old["encoder.conv_out.weight"], sd_old["encoder.conv_out.bias"]
+    nw, nb = sd_new["encoder.conv_out.weight"], sd_new["encoder.conv_out.bias"]
+    g = torch.Generator().manual_seed(0)
+    for half, rows in ((0, mean_rows), (channels, lv_rows)):
+        for j, r in enumerate(rows):
+            if r is not None:
+                nw[half + j], nb[half + j] = w[r], b[r]
+            else:
+                nw[half + j] = 0.01 * torch.randn(nw[half + j].shape, generator=g)
+                nb[half + j] = 0.0
+    qw, qb = sd_old["quant_conv.weight"][:, :, 0, 0], sd_old["quant_conv.bias"]
+    nqw, nqb = torch.zeros(2 * channels, 2 * channels), torch.zeros(2 * channels)
+    old_idx = list(range(c0)) + list(range(channels, channels + c0))  # old slots in the new layout
+    for i, ni in enumerate(old_idx):
+        nqb[ni] = qb[i]
+        for j, nj in enumerate(old_idx):
+            nqw[ni, nj] = qw[i, j]
+    for j in range(c0, channels):
+        nqw[j, j] = 1.0
+        nqw[channels + j, channels + j] = 1.0
+        nqb[channels + j] = -7.0  # posterior std 0.03: the new channels start near-deterministic, like the old
+    sd_new["quant_conv.weight"].copy_(nqw[:, :, None, None])
+    sd_new["quant_conv.bias"].copy_(nqb)
+    pw, pb = sd_old["post_quant_conv.weight"][:, :, 0, 0], sd_old["post_quant_conv.bias"]
+    npw = torch.eye(channels)
+    npw[:c0, :c0] = pw
+    sd_new["post_quant_conv.weight"].copy_(npw[:, :, None, None])
+    sd_new["post_quant_conv.bias"].zero_()
+    sd_new["post_quant_conv.bias"][:c0] = pb
+    sd_new["decoder.conv_in.weight"].zero_()
+    sd_new["decoder.conv_in.weight"][:, :c0] = sd_old["decoder.conv_in.weight"]
+    new.load_state_dict(sd_new)
+    return new
+
+
+@torch.no_grad()
+def normalize_new_latents(vae, c0: int, target_std: float, x: torch.Tensor) -> None:
+    """Rescale latent channels ``c0:`` so their posterior means have ``target_std`` on ``x``,
+    folded into quant_conv and post_quant_conv: the decoded images do not change, and one
+    scaling_factor fits every channel."""
+    m = vae.encode(x).latent_dist.mean
+    c = vae.config.latent_channels
+    for j in range(c0, c):
+        s = target_std / max(float(m[:, j].std()), 1e-6)
+        vae.quant_conv.weight[j] *= s
+        vae.quant_conv.bias[j] *= s
+        vae.quant_conv.bias[c + j] += 2 * math.log(s)  # log-variance: the std scales by s too
+        vae.post_quant_conv.weight[:, j] /= s
+
+
+@torch.no_grad()
+def expand_unet_channels(old, channels: int):
+    """A UNet like ``old`` taking and predicting ``channels`` latent channels; the old channels
+    keep their path, the new inputs start with zero weights and the new outputs at zero."""
+    from diffusers import UNet2DConditionModel
+
+    c0 = old.config.in_channels
+    new = UNet2DConditionModel(**{**dict(old.config), "in_channels": channels, "out_channels": channels})
+    sd_old, sd_new = old.state_dict(), new.state_dict()
+    for k, v in sd_old.items():
+        if sd_new[k].shape == v.shape:
+            sd_new[k].copy_(v)
+    sd_new["conv_in.weight"].zero_()
+    sd_new["conv_in.weight"][:, :c0] = sd_old["conv_in.weight"]
+    sd_new["conv_out.weight"].zero_()
+    sd_new["conv_out.weight"][:c0] = sd_old["conv_out.weight"]
+    sd_new["conv_out.bias"].zero_()
+    sd_new["conv_out.bias"][:c0] = sd_old["conv_out.bias"]
+    new.load_state_dict(sd_new)
+    return new
 
 
 # ----------------------------------------------------------------------------- generic images
@@ -291,10 +388,12 @@ def train_vae(cfg, out: Path, rng, device, report):
     log(f"vae data: {n} images in {time.time() - t0:.1f}s")
     init = cfg.get("init")
     anchor = None
+    c0 = VAE_CONFIG["latent_channels"]
     if init:  # warm start: keep the earlier latent space so an earlier UNet stays a good start
-        vae = AutoencoderKL.from_pretrained(Path(init) / "toy-sd" / "vae", torch_dtype=torch.float32).to(device)
         anchor = AutoencoderKL.from_pretrained(Path(init) / "toy-sd" / "vae", torch_dtype=torch.float32).to(device)
         anchor.requires_grad_(False).eval()
+        c0 = anchor.config.latent_channels
+        vae = expand_vae_latents(anchor, VAE_CONFIG["latent_channels"]).to(device)
     else:
         vae = AutoencoderKL(**VAE_CONFIG).to(device)
     nparams = sum(p.numel() for p in vae.parameters())
@@ -320,7 +419,7 @@ def train_vae(cfg, out: Path, rng, device, report):
         if anchor is not None:
             with torch.no_grad():
                 old = anchor.encode(x).latent_dist.mean
-            loss = loss + VAE_ANCHOR * F.mse_loss(post.mean, old)
+            loss = loss + VAE_ANCHOR * F.mse_loss(post.mean[:, :c0], old)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -333,6 +432,8 @@ def train_vae(cfg, out: Path, rng, device, report):
     with torch.no_grad():
         ev = to_tensor([render(sample_base_scene(rng), rng) for _ in range(512)])
         x = u8_to_unit(ev).to(device) * 2 - 1
+        if c0 < vae.config.latent_channels:  # grown channels: scale them like the old ones
+            normalize_new_latents(vae, c0, float(vae.encode(x).latent_dist.mean[:, :c0].std()), x)
         post = vae.encode(x).latent_dist
         z = post.sample()
         scaling = float(1.0 / z.std())
@@ -606,7 +707,10 @@ def train_unet(cfg, out: Path, rng, device, report):
         text_encoder = CLIPTextModel.from_pretrained(Path(init) / "toy-sd" / "text_encoder",
                                                      torch_dtype=torch.float32).to(device)
         unet = UNet2DConditionModel.from_pretrained(Path(init) / "toy-sd" / "unet",
-                                                    torch_dtype=torch.float32).to(device)
+                                                    torch_dtype=torch.float32)
+        if unet.config.in_channels != vae.config.latent_channels:  # the VAE stage grew the latent
+            unet = expand_unet_channels(unet, vae.config.latent_channels)
+        unet = unet.to(device)
     else:
         text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)).to(device)
         unet = UNet2DConditionModel(**UNET_CONFIG).to(device)
