@@ -491,7 +491,7 @@ def test_growing_the_latent_keeps_what_the_vae_and_unet_compute():
         assert torch.allclose(old.decode(a.mean).sample, new.decode(noisy).sample, atol=1e-6)
         new.decoder.conv_in.weight[:, 4:].normal_(0, 0.1)  # as after training: the decoder reads them
         before = new.decode(new.encode(x).latent_dist.mean).sample
-        normalize_new_latents(new, 4, 1.5, x)
+        normalize_new_latents(new, 4, x, target_std=1.5)
         m = new.encode(x).latent_dist.mean
         assert torch.allclose(m[:, 4:].std(dim=(0, 2, 3)), torch.full((4,), 1.5), rtol=1e-3)
         assert torch.allclose(new.decode(m).sample, before, atol=1e-5)

@@ -158,6 +158,15 @@ class Budget:
 
 
 # ----------------------------------------------------------------------------- growing the latent
+def _copy_matching(old, new) -> dict:
+    """``new``'s state dict with every tensor of ``old`` that has the same shape copied in."""
+    sd_old, sd_new = old.state_dict(), new.state_dict()
+    for k, v in sd_old.items():
+        if sd_new[k].shape == v.shape:
+            sd_new[k].copy_(v)
+    return sd_new
+
+
 @torch.no_grad()
 def expand_vae_latents(old, channels: int):
     """A VAE like ``old`` with ``channels`` latent channels that encodes and decodes exactly as
@@ -170,58 +179,42 @@ def expand_vae_latents(old, channels: int):
     if channels < c0:
         raise ValueError(f"cannot shrink the latent from {c0} to {channels} channels")
     new = AutoencoderKL(**{**dict(old.config), "latent_channels": channels})
-    sd_old, sd_new = old.state_dict(), new.state_dict()
-    for k, v in sd_old.items():
-        if sd_new[k].shape == v.shape:
-            sd_new[k].copy_(v)
-    new_ch = channels - c0
-    # encoder.conv_out / quant_conv emit [means..., logvars...]: old means, new means, old logvars, new logvars
-    mean_rows = list(range(c0)) + [None] * new_ch
-    lv_rows = list(range(c0, 2 * c0)) + [None] * new_ch
-    w, b = sd_old["encoder.conv_out.weight"], sd_old["encoder.conv_out.bias"]
-    nw, nb = sd_new["encoder.conv_out.weight"], sd_new["encoder.conv_out.bias"]
-    g = torch.Generator().manual_seed(0)
-    for half, rows in ((0, mean_rows), (channels, lv_rows)):
-        for j, r in enumerate(rows):
-            if r is not None:
-                nw[half + j], nb[half + j] = w[r], b[r]
-            else:
-                nw[half + j] = 0.01 * torch.randn(nw[half + j].shape, generator=g)
-                nb[half + j] = 0.0
-    qw, qb = sd_old["quant_conv.weight"][:, :, 0, 0], sd_old["quant_conv.bias"]
-    nqw, nqb = torch.zeros(2 * channels, 2 * channels), torch.zeros(2 * channels)
-    old_idx = list(range(c0)) + list(range(channels, channels + c0))  # old slots in the new layout
-    for i, ni in enumerate(old_idx):
-        nqb[ni] = qb[i]
-        for j, nj in enumerate(old_idx):
-            nqw[ni, nj] = qw[i, j]
-    for j in range(c0, channels):
-        nqw[j, j] = 1.0
-        nqw[channels + j, channels + j] = 1.0
-        nqb[channels + j] = -7.0  # posterior std 0.03: the new channels start near-deterministic, like the old
-    sd_new["quant_conv.weight"].copy_(nqw[:, :, None, None])
-    sd_new["quant_conv.bias"].copy_(nqb)
-    pw, pb = sd_old["post_quant_conv.weight"][:, :, 0, 0], sd_old["post_quant_conv.bias"]
-    npw = torch.eye(channels)
-    npw[:c0, :c0] = pw
-    sd_new["post_quant_conv.weight"].copy_(npw[:, :, None, None])
-    sd_new["post_quant_conv.bias"].zero_()
-    sd_new["post_quant_conv.bias"][:c0] = pb
-    sd_new["decoder.conv_in.weight"].zero_()
-    sd_new["decoder.conv_in.weight"][:, :c0] = sd_old["decoder.conv_in.weight"]
-    new.load_state_dict(sd_new)
+    sd_old, sd = old.state_dict(), _copy_matching(old, new)
+    # encoder.conv_out and quant_conv emit [means, log-variances]; the old ones keep these slots
+    slots = torch.tensor(list(range(c0)) + list(range(channels, channels + c0)))
+    w = sd["encoder.conv_out.weight"]
+    w.copy_(0.01 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
+    w[slots] = sd_old["encoder.conv_out.weight"]
+    sd["encoder.conv_out.bias"].zero_()
+    sd["encoder.conv_out.bias"][slots] = sd_old["encoder.conv_out.bias"]
+    qw = torch.eye(2 * channels)  # the new channels pass through
+    qw[slots[:, None], slots] = sd_old["quant_conv.weight"][:, :, 0, 0]
+    qb = torch.zeros(2 * channels)
+    qb[channels + c0:] = -7.0  # posterior std 0.03: the new channels start near-deterministic, like the old
+    qb[slots] = sd_old["quant_conv.bias"]
+    sd["quant_conv.weight"].copy_(qw[:, :, None, None])
+    sd["quant_conv.bias"].copy_(qb)
+    pw = torch.eye(channels)
+    pw[:c0, :c0] = sd_old["post_quant_conv.weight"][:, :, 0, 0]
+    sd["post_quant_conv.weight"].copy_(pw[:, :, None, None])
+    sd["post_quant_conv.bias"].zero_()
+    sd["post_quant_conv.bias"][:c0] = sd_old["post_quant_conv.bias"]
+    sd["decoder.conv_in.weight"].zero_()
+    sd["decoder.conv_in.weight"][:, :c0] = sd_old["decoder.conv_in.weight"]
+    new.load_state_dict(sd)
     return new
 
 
 @torch.no_grad()
-def normalize_new_latents(vae, c0: int, target_std: float, x: torch.Tensor) -> None:
-    """Rescale latent channels ``c0:`` so their posterior means have ``target_std`` on ``x``,
-    folded into quant_conv and post_quant_conv: the decoded images do not change, and one
-    scaling_factor fits every channel."""
+def normalize_new_latents(vae, c0: int, x: torch.Tensor, target_std: float | None = None) -> None:
+    """Rescale latent channels ``c0:`` so their posterior means have ``target_std`` on ``x``
+    (default: the spread of the old channels ``:c0``), folded into quant_conv and post_quant_conv:
+    the decoded images do not change, and one scaling_factor fits every channel."""
     m = vae.encode(x).latent_dist.mean
     c = vae.config.latent_channels
+    target = float(m[:, :c0].std()) if target_std is None else target_std
     for j in range(c0, c):
-        s = target_std / max(float(m[:, j].std()), 1e-6)
+        s = target / max(float(m[:, j].std()), 1e-6)
         vae.quant_conv.weight[j] *= s
         vae.quant_conv.bias[j] *= s
         vae.quant_conv.bias[c + j] += 2 * math.log(s)  # log-variance: the std scales by s too
@@ -236,17 +229,12 @@ def expand_unet_channels(old, channels: int):
 
     c0 = old.config.in_channels
     new = UNet2DConditionModel(**{**dict(old.config), "in_channels": channels, "out_channels": channels})
-    sd_old, sd_new = old.state_dict(), new.state_dict()
-    for k, v in sd_old.items():
-        if sd_new[k].shape == v.shape:
-            sd_new[k].copy_(v)
-    sd_new["conv_in.weight"].zero_()
-    sd_new["conv_in.weight"][:, :c0] = sd_old["conv_in.weight"]
-    sd_new["conv_out.weight"].zero_()
-    sd_new["conv_out.weight"][:c0] = sd_old["conv_out.weight"]
-    sd_new["conv_out.bias"].zero_()
-    sd_new["conv_out.bias"][:c0] = sd_old["conv_out.bias"]
-    new.load_state_dict(sd_new)
+    sd_old, sd = old.state_dict(), _copy_matching(old, new)
+    for k, rows in (("conv_in.weight", (slice(None), slice(0, c0))), ("conv_out.weight", slice(0, c0)),
+                    ("conv_out.bias", slice(0, c0))):
+        sd[k].zero_()
+        sd[k][rows] = sd_old[k]
+    new.load_state_dict(sd)
     return new
 
 
@@ -433,7 +421,7 @@ def train_vae(cfg, out: Path, rng, device, report):
         ev = to_tensor([render(sample_base_scene(rng), rng) for _ in range(512)])
         x = u8_to_unit(ev).to(device) * 2 - 1
         if c0 < vae.config.latent_channels:  # grown channels: scale them like the old ones
-            normalize_new_latents(vae, c0, float(vae.encode(x).latent_dist.mean[:, :c0].std()), x)
+            normalize_new_latents(vae, c0, x)
         post = vae.encode(x).latent_dist
         z = post.sample()
         scaling = float(1.0 / z.std())
