@@ -46,6 +46,12 @@ GPU = dict(concurrency_id="gpu", concurrency_limit=1)  # generate / merge share 
 LIGHT = dict(concurrency_limit=None)
 
 
+def card_click_js(verb: str, name: str) -> str:
+    """Browser-side click of a drawn card: writes "verb|name|nonce" into the stable card_action box
+    (the nonce makes a second click on the same card a change too)."""
+    return f"() => {json.dumps(f'{verb}|{name}|')} + Date.now()"
+
+
 def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list[str] | None = None) -> gr.Blocks:
     """The Blocks app around this Studio (tests pass a tiny one)."""
     h = handlers or AppHandlers(studio)
@@ -63,6 +69,9 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
         png_fields = gr.State({})
         picked = gr.State(None)  # the gallery or history image this user selected last
         stop_ack = gr.Textbox(visible=False)  # what /stop answers; the run itself writes its status line
+        # Cards drawn by gr.render send their clicks here in the browser ("verb|name|nonce"): one event
+        # that a re-render never replaces, so a click racing a redraw still reaches the server.
+        card_action = gr.Textbox(visible="hidden", elem_id="card_action")
 
         with gr.Tabs() as tabs:
             # ---- Compose ----------------------------------------------------------------
@@ -141,10 +150,8 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                                             with gr.Row():
                                                 ins = gr.Button("insert", size="sm", min_width=60, elem_id=f"insert-{c['name']}")
                                                 opn = gr.Button("edit", size="sm", min_width=60)
-                                            ins.click(lambda p, n=c["name"]: h.insert_tag(p, n), prompt, prompt,
-                                                      api_visibility="private", **LIGHT)
-                                            opn.click(lambda n=c["name"]: (gr.Dropdown(value=n), gr.Tabs(selected="library")),
-                                                      None, [edit_name, tabs], api_visibility="private", **LIGHT)
+                                            ins.click(None, None, card_action, js=card_click_js("insert", c["name"]))
+                                            opn.click(None, None, card_action, js=card_click_js("open", c["name"]))
                     with gr.Column(scale=4):
                         status = gr.Markdown(elem_id="status")
                         gallery = gr.Gallery(label="Images (PNG with metadata)", format="png", type="filepath",
@@ -204,8 +211,7 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                                     card = gr.Button(card_label(c), icon=c["preview"], elem_classes=["lib-card"],
                                                      variant="primary" if c["name"] == opened else "secondary",
                                                      min_width=150, elem_id=f"card-{c['name']}")
-                                    card.click(lambda n=c["name"]: gr.Dropdown(value=n), None, edit_name,
-                                               api_visibility="private", **LIGHT)
+                                    card.click(None, None, card_action, js=card_click_js("open", c["name"]))
                     with gr.Column(scale=2, elem_classes=["card"]):
                         edit_title = gr.Markdown(h.adapter_details(None), elem_id="edit_title")
                         edit_name.render()
@@ -399,6 +405,15 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
             .then(redraw, [lib_rev, edit_name], [lib_rev, *edit_outputs, edit_title], api_visibility="private", **LIGHT)
         upload_btn.click(h.upload, [upload_file, upload_name], lib_status, api_name="upload_adapter", **LIGHT) \
             .then(refresh, refresh_inputs, refresh_outputs, api_visibility="private", **LIGHT)
+        def on_card(action, text):
+            verb, name = h.parse_card_action(action)
+            if verb == "insert":
+                return h.insert_tag(text, name), gr.update(), gr.update()
+            if verb == "open":
+                return gr.update(), gr.Dropdown(value=name), gr.Tabs(selected="library")
+            return gr.update(), gr.update(), gr.update()
+
+        card_action.change(on_card, [card_action, prompt], [prompt, edit_name, tabs], api_visibility="private", **LIGHT)
         edit_name.change(lambda n: (*h.adapter_fields(n), h.adapter_details(n)), edit_name,
                          [*edit_outputs, edit_title], api_visibility="private", **LIGHT)
         save_btn.click(h.edit, [edit_name, edit_trigger, edit_concept, edit_kind, edit_weight, edit_phrase], lib_status,

@@ -85,6 +85,14 @@ def test_method_params_are_the_composer_defaults(h):
         assert json.loads(h.method_params(name)) == dict(cls.defaults)
 
 
+def test_card_actions_name_a_known_adapter_or_nothing(h):
+    assert h.parse_card_action("insert|a|1733400000000") == ("insert", "a")
+    assert h.parse_card_action("open|b|1") == ("open", "b")
+    assert h.parse_card_action("open|gone|1") == ("", "")  # deleted since the cards were drawn
+    assert h.parse_card_action("drop|a|1") == ("", "")
+    assert h.parse_card_action(None) == ("", "")
+
+
 def test_insert_tag_adds_tag_and_trigger_once(h):
     out = h.insert_tag("a red circle", "a")
     assert out == "a red circle, sksa <lora:a:1>"

@@ -115,14 +115,14 @@ def _shot(page, name: str) -> None:
 def _open_card(page, name: str) -> None:
     """Click the Library card of ``name`` (opens the adapter in the edit form)."""
     _tab(page, "Library")
-    page.locator(f'[id="card-{name}"]').click()
-    page.wait_for_function(f"document.querySelector('#edit_title').innerText.startsWith('{name}')")
+    _click_until(page, f'[id="card-{name}"]',
+                 f"document.querySelector('#edit_title').innerText.startsWith('{name}')")
 
 
 def _click_until(page, selector: str, condition: str, attempts: int = 3) -> None:
-    """Click until the JS ``condition`` holds. A button drawn by ``gr.render`` can be replaced by a
-    re-render (the library changed) between finding and clicking it; the server then drops the
-    stale event (a KeyError on its fn index) and a user would simply click again."""
+    """Click until the JS ``condition`` holds. Card clicks go through one stable event (see
+    ``card_click_js`` in app.py), but a click can still land on a card that a re-render is replacing
+    (the library changed) and do nothing; a user would simply click again."""
     for attempt in range(attempts):
         page.click(selector)
         try:

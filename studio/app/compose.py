@@ -93,6 +93,15 @@ class ComposeTab:
                      "method's parameters; set those fields to the preset's run settings listed above.")
         return text.strip()
 
+    def parse_card_action(self, action: str | None) -> tuple[str, str]:
+        """("insert" | "open", adapter name) from a card's "verb|name|nonce"; ("", "") when it names
+        no known adapter (the adapter was deleted since the cards were drawn)."""
+        verb, _, rest = (action or "").partition("|")
+        name = rest.rpartition("|")[0]
+        if verb not in ("insert", "open") or name not in self.studio.adapters:
+            return "", ""
+        return verb, name
+
     def insert_tag(self, prompt: str, name: str) -> str:
         """Append the adapter's usable trigger phrase (else its trigger word) and ``<lora:name:weight>``."""
         adapter = self.studio.adapters.get(name)
