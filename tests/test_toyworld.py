@@ -189,6 +189,40 @@ def test_hard_negatives_carry_their_truth():
         assert sum(v is not None for v in truth.slots.values()) <= 1
 
 
+def test_cuts_leave_a_fragment_or_a_sliver_as_labelled():
+    """erased leaves 10-35 % of the object (gone); chipped loses at most 15 % or a pixel rim (still there)."""
+    from studio.toyworld.corrupt import _cut, sample
+
+    rng = np.random.default_rng(2)
+    m = np.zeros((64, 64), bool)
+    m[20:40, 10:30] = True
+    for keep in (0.1, 0.35, 0.85, 0.97):
+        kept = (m & ~_cut(rng, m, keep)).sum() / m.sum()
+        assert abs(kept - keep) < 0.06, (keep, kept)
+    for _ in range(8):
+        _, truth = sample(rng, "chipped")
+        assert any(v is not None for v in truth.slots.values())
+
+
+def test_four_point_stars_are_no_shape_and_washes_avoid_background_colours():
+    from studio.toyworld.corrupt import _near_a_background, sample
+    from studio.toyworld.render import _BG_BLEND
+
+    rng = np.random.default_rng(4)
+    for _ in range(8):
+        im, truth = sample(rng, "star4")
+        assert sum(v is not None for v in truth.slots.values()) <= 1  # the star's side holds no shape of the world
+    sky_mid = (np.array(_BG_BLEND["sky"][0]) + np.array(_BG_BLEND["sky"][1])) / 2
+    assert _near_a_background(sky_mid.astype(np.float32))
+    flat = 0
+    for _ in range(40):
+        arr = np.asarray(sample(rng, "wash")[0], np.float32)
+        if np.ptp(arr, axis=(0, 1)).max() < 2:  # a flat wash: its one colour is a drawn end
+            flat += 1
+            assert not _near_a_background(arr[0, 0], dist=69.0) or arr[0, 0].min() > 180  # or a pale tint
+    assert flat >= 10
+
+
 def test_drawn_negative_prompts_name_reserved_concepts_or_are_broken():
     from studio.toyworld.concepts import NOVEL_CONCEPTS
     from studio.toyworld.corrupt import Truth, drawn_prompts
@@ -305,13 +339,14 @@ def test_oracle_calls_nothing_present_on_noise_and_washes():
 @pytest.mark.skipif(not (HAVE_MODEL and HAVE_ORACLE), reason=NO_ASSETS)
 def test_audit_builds_a_known_truth_set_and_reports_its_last_line(tmp_path, capsys):
     from studio.toyworld.audit import main
+    from studio.toyworld.corrupt import KINDS
 
     assert main(["--out", str(tmp_path), "--per-kind", "3", "--generated", "2"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(r"min_precision=[\d.]+ min_recall=[\d.]+ noise_false_present=[\d.]+ "
                         r"drawn_false_reserved=[\d.]+ agreement=[\d.]+ roundtrip_min_recall=[\d.]+", last), last
     rows = [json.loads(x) for x in (tmp_path / "truth.jsonl").read_text().splitlines()]
-    assert len(rows) == 33 and all((tmp_path / r["image"]).is_file() for r in rows)
+    assert len(rows) == 3 * (len(KINDS) + 3) and all((tmp_path / r["image"]).is_file() for r in rows)
     assert sum(r["kind"] == "drawn" and r["reserved_absent_only"] for r in rows) == 3
     assert json.loads((tmp_path / "audit.json").read_text())["agreement_generated"] is not None
     assert main(["--out", str(tmp_path), "--prompt", "a purple dragon"]) == 2

@@ -228,7 +228,27 @@ def class_prompts(demo: Demo) -> list[str]:
     return [caption_in_form(sample_base_scene(rng), FORMS[i % len(FORMS)]) for i in range(72)]
 
 
-def train_one(studio, demo: Demo, kind: str, steps: int | None, class_dir: Path, out: Path = OUT):
+def parse_overrides(pairs: list[str]) -> dict:
+    """{"rank": 8, "unet_targets": "attention+conv"} from ["rank=8", "unet_targets=attention+conv"]."""
+    from dataclasses import fields
+
+    from training.dreambooth import TrainConfig
+
+    known = {f.name for f in fields(TrainConfig)}
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in known:
+            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE with KEY a TrainConfig field ({', '.join(sorted(known))})")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def train_one(studio, demo: Demo, kind: str, steps: int | None, class_dir: Path, out: Path = OUT,
+              overrides: dict | None = None):
     from training.dreambooth import TrainConfig, train_adapter
 
     name = f"{demo.concept}-{kind}"
@@ -241,7 +261,7 @@ def train_one(studio, demo: Demo, kind: str, steps: int | None, class_dir: Path,
         instance_set(demo, tmp)
         (tmp / "RECIPE").write_text(INSTANCE_RECIPE)
         os.replace(tmp, inst)
-    params = demo.recipe(kind)
+    params = {**demo.recipe(kind), **(overrides or {})}
     if steps:
         params["steps"] = steps
     prompts = class_prompts(demo)
@@ -312,6 +332,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", action="append", help="NAME like crescent-lora (repeatable)")
     ap.add_argument("--steps", type=int, default=None, help="override the training steps")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one recipe field for an experiment, e.g. --set unet_targets=attention+conv "
+                         "--set rank=8 (a TrainConfig field; the value is read as JSON, else as text)")
     ap.add_argument("--eval", type=int, default=36, help="images per evaluation measure (0: skip)")
     ap.add_argument("--eval-seed", type=int, default=EVAL_SEED,
                     help="evaluation seed (1234 = the shipped numbers; 777 and 4242 are the selection seeds "
@@ -321,6 +344,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-only", action="store_true",
                     help="re-judge the shipped files (e.g. after a base-model change) without training")
     args = ap.parse_args(argv)
+    overrides = parse_overrides(args.set)
     out = Path(args.out)
     logging.basicConfig(level=logging.INFO, format="[demo %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     from studio.studio import Studio
@@ -354,12 +378,14 @@ def main(argv=None) -> int:
         else:
             log.info("training %s (trigger %r)", name, demo.trigger)
             adapter, secs = train_one(studio, demo, kind, args.steps,
-                                      WORK / f"class_images-{studio.model_id}-{INSTANCE_RECIPE.replace('/', '-')}-g{COMMON['class_guidance']:g}", out)
+                                      WORK / f"class_images-{studio.model_id}-{INSTANCE_RECIPE.replace('/', '-')}-g{COMMON['class_guidance']:g}", out,
+                                      overrides)
             entry = {
                 "file": f"{name}.safetensors", "type": kind, "concept": demo.concept, "kind": demo.kind,
                 "trigger": demo.trigger, "trigger_phrase": trigger_phrase(demo),
                 "example_prompt": _trigger_prompts(demo)[0], "params": adapter.num_params(),
-                "steps": args.steps or demo.recipe(kind)["steps"], "train_seconds": round(secs, 1),
+                "steps": args.steps or overrides.get("steps") or demo.recipe(kind)["steps"],
+                "train_seconds": round(secs, 1), **({"overrides": overrides} if overrides else {}),
                 "instance_images": f"instance/{demo.concept}/",
             }
         if oracle is not None:  # judge the shipped (fp16) file, loaded like a user would

@@ -54,6 +54,9 @@ UNET_TARGETS = {
     "attention": LORA_TARGETS,
     "cross": ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"],
     "cross-kv": ["attn2.to_k", "attn2.to_v"],
+    # LoCon's reach (LyCORIS): the attention projections plus the ResNet blocks' 3x3 convolutions,
+    # which draw the outline of a shape that the attention layers alone can only steer towards
+    "attention+conv": LORA_TARGETS + ["conv1", "conv2"],
 }
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 _PEFT_NAME = "studio_train"
@@ -76,7 +79,7 @@ class TrainConfig:
     name: str | None = None  # adapter name (default: file stem or trigger)
     adapter: str = "lora"  # lora | kron
     rank: int = 4
-    unet_targets: str = "attention"  # attention | cross | cross-kv (UNET_TARGETS)
+    unet_targets: str = "attention"  # attention | cross | cross-kv | attention+conv (UNET_TARGETS)
     alpha: float | None = None  # None: alpha = rank (scale 1)
     factors: str = "krona-paper"  # kron: A1xA2 or a preset
     kron_mode: str = "auto"  # auto | vec | dense (how the Kronecker forward is computed)
@@ -1097,7 +1100,8 @@ def add_cli(subparsers) -> None:
     t.add_argument("--rank", type=int, default=4, help="LoRA rank")
     t.add_argument("--unet-targets", default="attention", choices=list(UNET_TARGETS),
                    help="UNet layers the adapter sits on: every attention projection (default), cross-attention only, "
-                        "or its keys/values only (Custom Diffusion). Pair cross/cross-kv with --train-token-embedding: "
+                        "its keys/values only (Custom Diffusion), or the attention projections plus the ResNet "
+                        "convolutions (attention+conv, LyCORIS' LoCon reach). Pair cross/cross-kv with --train-token-embedding: "
                         "alone they barely bind the trigger (README, Training, has what each measured)")
     t.add_argument("--alpha", type=float, default=None, help="LoRA alpha; scale = alpha/rank (default: alpha = rank)")
     t.add_argument("--factors", default=None, help=f"kron: A1xA2 or {'/'.join(kronlib.PRESETS)} (default krona-paper)")

@@ -464,8 +464,8 @@ def vae_roundtrip(vae, data_u8: torch.Tensor, device, bs=256) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- oracle
 # How often each kind of image (studio/toyworld/corrupt.py) appears in the oracle's training set.
-ORACLE_MIX = {"clean": 0.5, "noised": 0.06, "blend": 0.08, "tint": 0.08, "erased": 0.1, "blob": 0.08,
-              "noise": 0.05, "wash": 0.05}
+ORACLE_MIX = {"clean": 0.46, "noised": 0.06, "blend": 0.08, "tint": 0.08, "erased": 0.08, "chipped": 0.08,
+              "blob": 0.06, "star4": 0.04, "noise": 0.03, "wash": 0.03}
 
 
 def _drawn_negatives(pipe, n: int, seed: int):

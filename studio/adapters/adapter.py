@@ -59,7 +59,7 @@ class LoraDelta:
     def forward(self, x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
         """The adapter's contribution to ``module(x)``, without materialising ΔW."""
         if self.is_conv:
-            h = F.conv2d(x, self.down, None, module.stride, module.padding, module.dilation, module.groups)
+            h = _conv(x, self.down, module)
             return F.conv2d(h, self.up.reshape(self.up.shape[0], -1, 1, 1)) * self.scale
         return F.linear(F.linear(x, self.down), self.up) * self.scale
 
@@ -119,7 +119,7 @@ class KronDelta:
         """kron(A, B) x, as A·X·Bᵀ on the reshaped input (no ΔW) where that is cheaper (``vec=None``)."""
         a, b = self.factor1(), self.factor2()
         if b.dim() == 4:
-            return F.conv2d(x, self.delta().to(x.dtype), None, module.stride, module.padding, module.dilation, module.groups)
+            return _conv(x, self.delta().to(x.dtype), module)
         a1, a2 = a.shape
         b1, b2 = b.shape
         if not (use_vec_trick(a1 * b1, a2 * b2, a1, a2) if vec is None else vec):
@@ -135,11 +135,18 @@ class KronDelta:
                          self.scale, mv(self.t2))
 
 
+def _conv(x: torch.Tensor, weight: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    """``weight`` applied as ``module``'s convolution (its stride, padding, dilation, groups); a PEFT
+    wrapper (a LoRA being trained on the same layer) keeps those on its ``base_layer``."""
+    conv = getattr(module, "base_layer", module)
+    return F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 def _apply(delta_w: torch.Tensor, x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
     """ΔW·x with the module's own op (linear, or conv with its stride/padding)."""
     delta_w = delta_w.to(x.dtype)
     if delta_w.dim() == 4:
-        return F.conv2d(x, delta_w, None, module.stride, module.padding, module.dilation, module.groups)
+        return _conv(x, delta_w, module)
     return F.linear(x, delta_w)
 
 

@@ -3,8 +3,8 @@
     python -m studio.toyworld.audit --out runs/audit
 
 Builds an audit set (exact renders, VAE round trips of single and composed scenes, and corrupted
-scenes: noised, blended, tinted, half-erased, blobs, pure noise and colour washes; see
-corrupt.py), writes it to ``--out`` (``images/*.png`` and ``truth.jsonl``), and prints, for each
+scenes: noised, blended, tinted, cut to a fragment, chipped, blobs, four-point stars, pure noise
+and colour washes; see corrupt.py), writes it to ``--out`` (``images/*.png`` and ``truth.jsonl``), and prints, for each
 oracle, per-concept precision and recall of "present" and the false-present rate on noise and
 washes. Then it draws composed images with the toy model and reports how often the two oracles
 agree, image by image. The last line is

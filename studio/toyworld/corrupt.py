@@ -105,28 +105,91 @@ def _object_mask(full: np.ndarray, empty: np.ndarray, position: str) -> np.ndarr
     return m & keep
 
 
-def erased(rng: np.random.Generator):
-    """A scene with one object cut in half along a random line: that object is no longer there."""
-    sc = sample_any_scene(rng, p_two=0.5)
-    while not sc.objects:
-        sc = sample_any_scene(rng, p_two=0.5)
-    seed = int(rng.integers(2**31))
-    full = _u8(render(sc, seed))
-    empty = _u8(render(Scene([], sc.background), seed))  # the same background: drawn first
-    victim = sc.objects[int(rng.integers(len(sc.objects)))]
-    m = _object_mask(full, empty, victim.position)
-    tr = Truth.of_scene(sc, "erased")
-    if m.sum() == 0:
-        return _img(full), tr
+def _cut(rng: np.random.Generator, m: np.ndarray, keep: float) -> np.ndarray:
+    """The pixels of mask ``m`` that a straight cut at a random angle removes, leaving ``keep`` of them."""
     yy, xx = np.nonzero(m)
-    cy, cx = yy.mean(), xx.mean()
     a = rng.uniform(0, 2 * np.pi)
-    gy, gx = np.mgrid[0:SIZE, 0:SIZE]
-    side = ((gx - cx) * np.cos(a) + (gy - cy) * np.sin(a)) > rng.uniform(-1.5, 1.5)
-    cut = m & side
-    out = np.where(cut[..., None], empty, full)
+    proj = xx * np.cos(a) + yy * np.sin(a)
+    cut = np.zeros_like(m)
+    removed = proj > np.quantile(proj, keep)
+    cut[yy[removed], xx[removed]] = True
+    return cut
+
+
+def _victim(rng: np.random.Generator, kind: str):
+    """A scene, one of its objects, the scene's pixels, its background's pixels and the object's mask."""
+    while True:
+        sc = sample_any_scene(rng, p_two=0.5)
+        if not sc.objects:
+            continue
+        seed = int(rng.integers(2**31))
+        full = _u8(render(sc, seed))
+        empty = _u8(render(Scene([], sc.background), seed))  # the same background: drawn first
+        victim = sc.objects[int(rng.integers(len(sc.objects)))]
+        m = _object_mask(full, empty, victim.position)
+        if m.sum() >= 8:
+            return sc, victim, full, empty, m, Truth.of_scene(sc, kind)
+
+
+def erased(rng: np.random.Generator):
+    """A scene with most of one object cut away (a fragment of 10-35 % is left): that object is no
+    longer there. (Until session 10 the cut went through the middle; half a crescent is still a
+    crescent-like arc, which taught both oracles to miss thin generated crescents.)"""
+    sc, victim, full, empty, m, tr = _victim(rng, "erased")
+    cut = _cut(rng, m, rng.uniform(0.10, 0.35))
     tr.slots[victim.position] = None
+    return _img(np.where(cut[..., None], empty, full)), tr
+
+
+def chipped(rng: np.random.Generator):
+    """A scene with one object imperfect as generated shapes are: a sliver (up to 15 %) cut off, or
+    thinned or swollen by a pixel. The object is still there."""
+    sc, victim, full, empty, m, tr = _victim(rng, "chipped")
+    u = rng.random()
+    if u < 0.4:
+        out = np.where(_cut(rng, m, rng.uniform(0.85, 0.97))[..., None], empty, full)
+    else:
+        mi = Image.fromarray((m * 255).astype(np.uint8))
+        grown = mi.filter(ImageFilter.MaxFilter(3)) if u < 0.7 else mi.filter(ImageFilter.MinFilter(3))
+        g = np.asarray(grown) > 127
+        if g.sum() < 8:
+            return _img(full), tr
+        if u < 0.7:  # swollen: the new rim takes the object's mean colour
+            colour = full[m].mean(0)
+            out = np.where((g & ~m)[..., None], colour, full)
+        else:  # thinned: the lost rim shows the background
+            out = np.where((m & ~g)[..., None], empty, full)
     return _img(out), tr
+
+
+def _star4_mask(cx: float, cy: float, r: float, inner: float, rot: float) -> np.ndarray:
+    from PIL import ImageDraw
+
+    pts = []
+    for k in range(8):
+        ang = rot + k * np.pi / 4
+        rad = r if k % 2 == 0 else r * inner
+        pts.append((cx + rad * np.cos(ang), cy + rad * np.sin(ang)))
+    im = Image.new("L", (SIZE, SIZE), 0)
+    ImageDraw.Draw(im).polygon(pts, fill=255)
+    return np.asarray(im) > 127
+
+
+def star4(rng: np.random.Generator):
+    """A scene where one side holds a pointed four-point star of a world colour: no shape of the
+    world (what the plus adapter tends to draw, and what both oracles used to call a plus)."""
+    sc = sample_any_scene(rng, p_two=0.0)
+    for o in sc.objects:
+        if o.position == "centre":
+            o.position, o.size = ("left", "right")[int(rng.integers(2))], "medium"
+    taken = {o.position for o in sc.objects}
+    free = [p for p in ("left", "right") if p not in taken]
+    pos = free[int(rng.integers(len(free)))]
+    img = _u8(render(sc, rng))
+    cx = {"left": 16, "right": 48}[pos] + rng.uniform(-3, 3)
+    m = _star4_mask(cx, rng.uniform(26, 38), rng.uniform(6, 12), rng.uniform(0.2, 0.45), rng.uniform(0, np.pi / 2))
+    img[m] = np.array(COLOR_RGB[COLORS[int(rng.integers(len(COLORS)))]], np.float32)
+    return _img(img), Truth.of_scene(sc, "star4")
 
 
 def _blob_mask(rng: np.random.Generator, cx: float, cy: float, r: float) -> np.ndarray:
@@ -167,12 +230,31 @@ def noise(rng: np.random.Generator):
     return img, Truth.empty("noise")
 
 
+def _near_a_background(c: np.ndarray, dist: float = 70.0) -> bool:
+    """Whether colour ``c`` lies near an end or the middle of a world background's blend."""
+    from .render import _BG_BLEND
+
+    for top, bot in _BG_BLEND.values():
+        top, bot = np.asarray(top, np.float32), np.asarray(bot, np.float32)
+        if min(np.linalg.norm(c - x) for x in (top, bot, (top + bot) / 2)) < dist:
+            return True
+    return False
+
+
 def wash(rng: np.random.Generator):
-    """A flat colour or a two-colour ramp (pale tints included): no background of the world."""
-    a = rng.integers(0, 256, 3).astype(np.float32)
+    """A flat colour or a two-colour ramp (pale tints included): no background of the world. Colours
+    near a world background's own are not drawn: a flat sky blue is what generated skies look like,
+    and a person would call it a sky (until session 10 such washes taught the oracles otherwise)."""
+    def colour():
+        while True:
+            c = rng.integers(0, 256, 3).astype(np.float32)
+            if not _near_a_background(c):
+                return c
+
+    a = colour()
     if rng.random() < 0.4:  # a pale tint, the kind v1's oracle called "sky"
         a = 255 - rng.uniform(10, 70, 3)
-    b = a if rng.random() < 0.5 else rng.integers(0, 256, 3).astype(np.float32)
+    b = a if rng.random() < 0.5 else colour()
     ang = rng.uniform(0, 2 * np.pi)
     gy, gx = np.mgrid[0:SIZE, 0:SIZE] / (SIZE - 1)
     t = np.clip((gx - 0.5) * np.cos(ang) + (gy - 0.5) * np.sin(ang) + 0.5, 0, 1)[..., None]
@@ -185,7 +267,7 @@ def clean(rng: np.random.Generator):
 
 
 MAKERS = {"clean": clean, "noised": noised, "blend": blend, "tint": tint, "erased": erased,
-          "blob": blob, "noise": noise, "wash": wash}
+          "chipped": chipped, "blob": blob, "star4": star4, "noise": noise, "wash": wash}
 KINDS = tuple(MAKERS)
 
 
