@@ -551,7 +551,8 @@ def train_oracle(cfg, out: Path, rng, device, report):
         t0 = time.time()
         torch.manual_seed(seed)
         more = bool(cfg.get("oracle_continue"))
-        dseed = seed + 100 if more else seed  # a continuation sees a fresh data draw
+        done_before = int(load_oracle(out / name).config.get("steps", 0)) if more else 0
+        dseed = seed + 100 + done_before if more else seed  # each continuation sees a fresh data draw
         drawn = _drawn_negatives(pipe, cfg["oracle_drawn"], dseed) if pipe is not None else None
         data, T = _oracle_data(cfg["oracle_images"], vae, np.random.default_rng(dseed) if more else rng, device, drawn)
         log(f"{name} data: {len(data)} images in {time.time() - t0:.1f}s")

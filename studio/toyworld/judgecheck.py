@@ -1,6 +1,6 @@
 """Check the oracles against a person's eye on generated composed images.
 
-    python -m studio.toyworld.judgecheck [--group a|b] [--labels FILE] [--oracle DIR] [--oracle-b DIR]
+    python -m studio.toyworld.judgecheck [--group a|b|c] [--labels FILE] [--oracle DIR] [--oracle-b DIR]
 
 The audit knows its truth by construction (renders, round trips, corruptions); what the benchmark
 judges are images the model drew, whose truth only a person can give. ``assets/judge-check`` holds
