@@ -175,23 +175,6 @@ def _star4_mask(cx: float, cy: float, r: float, inner: float, rot: float) -> np.
     return np.asarray(im) > 127
 
 
-def star4(rng: np.random.Generator):
-    """A scene where one side holds a pointed four-point star of a world colour: no shape of the
-    world (what the plus adapter tends to draw, and what both oracles used to call a plus)."""
-    sc = sample_any_scene(rng, p_two=0.0)
-    for o in sc.objects:
-        if o.position == "centre":
-            o.position, o.size = ("left", "right")[int(rng.integers(2))], "medium"
-    taken = {o.position for o in sc.objects}
-    free = [p for p in ("left", "right") if p not in taken]
-    pos = free[int(rng.integers(len(free)))]
-    img = _u8(render(sc, rng))
-    cx = {"left": 16, "right": 48}[pos] + rng.uniform(-3, 3)
-    m = _star4_mask(cx, rng.uniform(26, 38), rng.uniform(6, 12), rng.uniform(0.2, 0.45), rng.uniform(0, np.pi / 2))
-    img[m] = np.array(COLOR_RGB[COLORS[int(rng.integers(len(COLORS)))]], np.float32)
-    return _img(img), Truth.of_scene(sc, "star4")
-
-
 def _blob_mask(rng: np.random.Generator, cx: float, cy: float, r: float) -> np.ndarray:
     noise = Image.fromarray((rng.random((SIZE, SIZE)) * 255).astype(np.uint8)).filter(
         ImageFilter.GaussianBlur(rng.uniform(2.5, 4.5)))
@@ -202,20 +185,32 @@ def _blob_mask(rng: np.random.Generator, cx: float, cy: float, r: float) -> np.n
     return (n * 0.6 + (1.0 - d) * 2.5) > 0.4
 
 
-def blob(rng: np.random.Generator):
-    """A scene where one side holds a formless blob of a world colour instead of a shape."""
+def _beside(rng: np.random.Generator, kind: str, mask_at):
+    """A scene of at most one object, moved to a side, and on the other side a world-coloured patch
+    ``mask_at(cx)`` (a boolean mask centred near x = cx) that is no shape of the world."""
     sc = sample_any_scene(rng, p_two=0.0)
-    for o in sc.objects:  # one object at most, moved to a side so the blob has the other
+    for o in sc.objects:  # one object at most, moved to a side so the patch has the other
         if o.position == "centre":
             o.position, o.size = ("left", "right")[int(rng.integers(2))], "medium"
     taken = {o.position for o in sc.objects}
     free = [p for p in ("left", "right") if p not in taken]
     pos = free[int(rng.integers(len(free)))]
     img = _u8(render(sc, rng))
-    cx = {"left": 16, "right": 48}[pos] + rng.uniform(-3, 3)
-    m = _blob_mask(rng, cx, rng.uniform(26, 38), rng.uniform(7, 12))
+    m = mask_at({"left": 16, "right": 48}[pos] + rng.uniform(-3, 3))
     img[m] = np.array(COLOR_RGB[COLORS[int(rng.integers(len(COLORS)))]], np.float32)
-    return _img(img), Truth.of_scene(sc, "blob")
+    return _img(img), Truth.of_scene(sc, kind)
+
+
+def blob(rng: np.random.Generator):
+    """A scene where one side holds a formless blob of a world colour instead of a shape."""
+    return _beside(rng, "blob", lambda cx: _blob_mask(rng, cx, rng.uniform(26, 38), rng.uniform(7, 12)))
+
+
+def star4(rng: np.random.Generator):
+    """A scene where one side holds a pointed four-point star of a world colour: no shape of the
+    world (what the plus adapter tends to draw, and what both oracles used to call a plus)."""
+    return _beside(rng, "star4", lambda cx: _star4_mask(cx, rng.uniform(26, 38), rng.uniform(6, 12),
+                                                        rng.uniform(0.2, 0.45), rng.uniform(0, np.pi / 2)))
 
 
 def noise(rng: np.random.Generator):
