@@ -405,7 +405,8 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
             .then(redraw, [lib_rev, edit_name], [lib_rev, *edit_outputs, edit_title], api_visibility="private", **LIGHT)
         upload_btn.click(h.upload, [upload_file, upload_name], lib_status, api_name="upload_adapter", **LIGHT) \
             .then(refresh, refresh_inputs, refresh_outputs, api_visibility="private", **LIGHT)
-        def on_card(action, text):
+
+        def on_card(action, text):  # one stable event for every drawn card's click (card_click_js)
             verb, name = h.parse_card_action(action)
             if verb == "insert":
                 return h.insert_tag(text, name), gr.update(), gr.update()

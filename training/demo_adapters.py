@@ -247,8 +247,8 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
-def train_one(studio, demo: Demo, kind: str, steps: int | None, class_dir: Path, out: Path = OUT,
-              overrides: dict | None = None):
+def train_one(studio, demo: Demo, kind: str, params: dict, class_dir: Path, out: Path = OUT):
+    """Train ``demo``'s ``kind`` adapter with ``params`` (its recipe, plus any overrides)."""
     from training.dreambooth import TrainConfig, train_adapter
 
     name = f"{demo.concept}-{kind}"
@@ -261,9 +261,6 @@ def train_one(studio, demo: Demo, kind: str, steps: int | None, class_dir: Path,
         instance_set(demo, tmp)
         (tmp / "RECIPE").write_text(INSTANCE_RECIPE)
         os.replace(tmp, inst)
-    params = {**demo.recipe(kind), **(overrides or {})}
-    if steps:
-        params["steps"] = steps
     prompts = class_prompts(demo)
     cfg = TrainConfig(
         images=str(inst), out=str(out / f"{name}.safetensors"), output_dir=str(WORK / name), trigger=demo.trigger,
@@ -377,15 +374,15 @@ def main(argv=None) -> int:
             entry = index[name]
         else:
             log.info("training %s (trigger %r)", name, demo.trigger)
-            adapter, secs = train_one(studio, demo, kind, args.steps,
-                                      WORK / f"class_images-{studio.model_id}-{INSTANCE_RECIPE.replace('/', '-')}-g{COMMON['class_guidance']:g}", out,
-                                      overrides)
+            params = {**demo.recipe(kind), **overrides, **({"steps": args.steps} if args.steps else {})}
+            adapter, secs = train_one(studio, demo, kind, params,
+                                      WORK / f"class_images-{studio.model_id}-{INSTANCE_RECIPE.replace('/', '-')}-g{COMMON['class_guidance']:g}", out)
             entry = {
                 "file": f"{name}.safetensors", "type": kind, "concept": demo.concept, "kind": demo.kind,
                 "trigger": demo.trigger, "trigger_phrase": trigger_phrase(demo),
                 "example_prompt": _trigger_prompts(demo)[0], "params": adapter.num_params(),
-                "steps": args.steps or overrides.get("steps") or demo.recipe(kind)["steps"],
-                "train_seconds": round(secs, 1), **({"overrides": overrides} if overrides else {}),
+                "steps": params["steps"], "train_seconds": round(secs, 1),
+                **({"overrides": overrides} if overrides else {}),
                 "instance_images": f"instance/{demo.concept}/",
             }
         if oracle is not None:  # judge the shipped (fp16) file, loaded like a user would

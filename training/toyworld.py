@@ -550,18 +550,17 @@ def train_oracle(cfg, out: Path, rng, device, report):
             continue
         t0 = time.time()
         torch.manual_seed(seed)
-        more = bool(cfg.get("oracle_continue"))
-        done_before = int(load_oracle(out / name).config.get("steps", 0)) if more else 0
-        dseed = seed + 100 + done_before if more else seed  # each continuation sees a fresh data draw
+        # a continuation: more steps on an oracle this build already trained, on a data draw of its own
+        prev = load_oracle(out / name) if cfg.get("oracle_continue") else None
+        before = int(prev.config.get("steps", 0)) if prev else 0
+        dseed = seed + 100 + before if prev else seed
         drawn = _drawn_negatives(pipe, cfg["oracle_drawn"], dseed) if pipe is not None else None
-        data, T = _oracle_data(cfg["oracle_images"], vae, np.random.default_rng(dseed) if more else rng, device, drawn)
+        data, T = _oracle_data(cfg["oracle_images"], vae, np.random.default_rng(dseed) if prev else rng, device, drawn)
         log(f"{name} data: {len(data)} images in {time.time() - t0:.1f}s")
         net = make().to(device)
-        before = 0
-        if cfg.get("oracle_continue"):  # more steps on an oracle this build already trained (new data draw)
-            prev = load_oracle(out / name)
+        if prev:
             net.load_state_dict(prev.net.state_dict())
-            before, lr, seed = int(prev.config.get("steps", 0)), lr / 3, dseed
+            lr, seed = lr / 3, dseed
             _CACHE.clear()
         bud = Budget(name, cfg["oracle_steps"], 100, cfg["oracle_minutes"])
         net = _fit_oracle(net, data, T, bud, cfg["oracle_batch"], lr, seed, device)
