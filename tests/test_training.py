@@ -465,3 +465,15 @@ def test_bf16_and_gradient_checkpointing(images):
     assert len(trainer.history) == 2 and all(math.isfinite(h["loss"]) for h in trainer.history)
     assert adapter.is_finite() and not studio.pipe.unet.is_gradient_checkpointing
     assert next(studio.pipe.unet.parameters()).dtype == torch.float32  # the base model was not cast
+
+
+def test_demo_prior_images_are_cached_per_base_model():
+    """A continued UNet keeps its folder's name; its prior images must not be another UNet's."""
+    from studio.base import build_tiny_pipeline
+    from training.demo_adapters import class_images_dir
+
+    a, b = build_tiny_pipeline("sd1"), build_tiny_pipeline("sd1")
+    assert class_images_dir(Studio.from_pipeline(a, "toy-sd")) == class_images_dir(Studio.from_pipeline(b, "toy-sd"))
+    with torch.no_grad():
+        next(b.unet.parameters()).add_(0.01)
+    assert class_images_dir(Studio.from_pipeline(a, "toy-sd")) != class_images_dir(Studio.from_pipeline(b, "toy-sd"))
