@@ -415,7 +415,7 @@ def main(argv=None) -> int:
 
 def readme(index: dict) -> str:
     """A table of the shipped adapters and how they scored (written beside them)."""
-    lines = ["# Demo adapters for the toy world (world v3)", "",
+    lines = ["# Demo adapters for the toy world (world v3.1)", "",
              "Rebuilt by `python -m training.demo_adapters` (DreamBooth with prior preservation on the bundled",
              "toy model). Instance images with their captions are in `instance/<concept>/`, final sample grids",
              "in `samples/`. Check one with `python -m studio.toyworld.check --adapter FILE`. The trigger phrase",
