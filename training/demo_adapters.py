@@ -373,6 +373,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     index_path = out / "index.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    class_dir = class_images_dir(studio)  # hashes the UNet once; every demo shares its prior images
     jobs = [(d, k) for d in DEMOS for k in (["lora", "kron"] if d.kron else ["lora"])]
     if args.only:
         jobs = [(d, k) for d, k in jobs if f"{d.concept}-{k}" in args.only]
@@ -386,7 +387,7 @@ def main(argv=None) -> int:
         else:
             log.info("training %s (trigger %r)", name, demo.trigger)
             params = {**demo.recipe(kind), **overrides, **({"steps": args.steps} if args.steps else {})}
-            adapter, secs = train_one(studio, demo, kind, params, class_images_dir(studio), out)
+            adapter, secs = train_one(studio, demo, kind, params, class_dir, out)
             entry = {
                 "file": f"{name}.safetensors", "type": kind, "concept": demo.concept, "kind": demo.kind,
                 "trigger": demo.trigger, "trigger_phrase": trigger_phrase(demo),
