@@ -543,3 +543,37 @@ def test_growing_the_latent_keeps_what_the_vae_and_unet_compute():
         o = unet(z, t, encoder_hidden_states=c).sample
         g = grown(torch.cat([z, torch.randn(2, 4, 8, 8)], 1), t, encoder_hidden_states=c).sample
     assert torch.allclose(o, g[:, :4], atol=1e-5) and torch.equal(g[:, 4:], torch.zeros_like(g[:, 4:]))
+
+
+def test_a_budgeted_stage_runs_and_shows_the_steps_its_budget_settled_on(monkeypatch):
+    import itertools
+
+    from training import toyworld
+
+    clock = itertools.chain([0.0], itertools.repeat(60.0))  # the 10 warm-up steps take 60 s
+    monkeypatch.setattr(toyworld.time, "time", lambda: next(clock))
+    bud = toyworld.Budget("unet", steps=1000, warmup=10, minutes=5)  # 6 s/step: 5 min hold 50 steps
+    seen = [(step, bar.total) for step, bar in bud.loop()]
+    assert bud.total == 50 and [s for s, _ in seen] == list(range(50))
+    assert {t for s, t in seen if s >= 10} == {50}  # the bar's total follows the budget
+
+
+def test_check_keeps_two_adapter_files_that_carry_the_same_name_apart(sd1, tmp_path):
+    """Survival beside an adapter must not quietly become survival beside itself."""
+    import torch
+    from conftest import random_lora
+
+    from studio.adapters.formats import write_adapter
+    from studio.toyworld.check import _load_once
+
+    for folder, seed in (("a", 0), ("b", 1)):
+        (tmp_path / folder).mkdir()
+        write_adapter(random_lora(sd1, "crescent-lora", seed=seed), tmp_path / folder / "crescent-lora.safetensors")
+    names: dict = {}
+    first = _load_once(sd1, tmp_path / "a" / "crescent-lora.safetensors", names)
+    second = _load_once(sd1, tmp_path / "b" / "crescent-lora.safetensors", names)
+    again = _load_once(sd1, tmp_path / "a" / ".." / "a" / "crescent-lora.safetensors", names)
+    assert (first, second, again) == ("crescent-lora", "crescent-lora-2", "crescent-lora")
+    a, b = sd1.adapters.get(first), sd1.adapters.get(second)
+    some = next(iter(a.layers))
+    assert not torch.equal(a.layers[some].down, b.layers[some].down)  # both files are in the library

@@ -477,3 +477,21 @@ def test_demo_prior_images_are_cached_per_base_model():
     with torch.no_grad():
         next(b.unet.parameters()).add_(0.01)
     assert class_images_dir(Studio.from_pipeline(a, "toy-sd")) != class_images_dir(Studio.from_pipeline(b, "toy-sd"))
+
+
+def test_demo_instance_sets_keep_to_their_sizes_and_say_so(tmp_path):
+    """An object taught only at the sizes the VAE keeps shows no small one, and its set is redrawn when that changes."""
+    import dataclasses
+
+    from training.demo_adapters import DEMOS, instance_recipe, instance_set, instance_sizes
+
+    arrow = next(d for d in DEMOS if d.concept == "arrow")
+    medium_large = dataclasses.replace(arrow, sizes=tuple(instance_sizes("medium,large")))
+    instance_set(medium_large, tmp_path / "ml", n=12)
+    instance_set(arrow, tmp_path / "all", n=18)
+    captions = [p.read_text() for p in sorted((tmp_path / "ml").glob("*.txt"))]
+    assert len(captions) == 12 and not any("small" in c for c in captions) and any("large" in c for c in captions)
+    assert any("small" in p.read_text() for p in (tmp_path / "all").glob("*.txt"))
+    assert instance_recipe(medium_large) != instance_recipe(arrow) and "medium,large" in instance_recipe(medium_large)
+    with pytest.raises(SystemExit, match="small, medium, large"):
+        instance_sizes("huge")

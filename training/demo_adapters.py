@@ -17,6 +17,7 @@ prompts with and without it, and shape/colour accuracy on base prompts with it l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -45,6 +46,9 @@ class Demo:
     kron: bool = False  # also train a Kronecker version
     lora_recipe: dict = field(default_factory=dict)  # overrides of LORA for this demo (e.g. its steps)
     kron_recipe: dict = field(default_factory=dict)  # overrides of KRON
+    # the object sizes its instance images show; an object the VAE turns into a blob when small is
+    # better taught only at the sizes it keeps (python -m studio.toyworld.roundtrip)
+    sizes: tuple[str, ...] = ("small", "medium", "large")
 
     def recipe(self, kind: str) -> dict:
         """The full training settings of this demo's ``kind`` adapter (lora / kron)."""
@@ -74,6 +78,13 @@ KRON_WITH_TE = dict(prior_preservation=True, prior_loss_weight=1.0, train_text_e
 # large sizes only read 0.75 (0.50 on all sizes) but still drew a star in two-object prompts, and 0.42
 # also without water/night scenes; a cross-attention arrow read 0.67 and drew nothing beside another
 # object. None is shipped.
+# Session 12 (world v3.1, seed 777, 24 images, sentence / tags / and; docs/benchmark.md "Levers tried in
+# session 12"): keys/values only (cross-kv + embedding, lr 3e-3) gives the crescent 0.62 / 0.75 / 1.00 at 3000
+# steps and the twotone 0.88 / 0.88 / 0.62, and merged they leave each other's pictures unchanged, but a
+# key/value sky is a pale wash that loses the crescent; CROSS fills (lr 1e-3) tie the shipped ones (twotone
+# 0.88 / 0.88 / 1.00 at 3600, glow 0.88 / 0.88 / 0.75 at 2400) and die beside the crescent as they do; a CROSS
+# arrow draws arrows alone (0.88 / 0.62 / 1.00 at 2000) and blobs in two-object prompts, also when taught on
+# medium and large arrows only (--instance-sizes medium,large); the CROSS sky does not bind below 200 steps.
 CROSS = dict(unet_targets="cross", train_text_encoder=False, train_token_embedding=True, lr=3e-3,
              token_embedding_lr=2e-2)
 
@@ -171,6 +182,13 @@ INSTANCE_RECIPE = "world-v3/1"
 EVAL_SEED = 1234  # the shipped numbers; step counts are picked on other (selection) seeds
 
 
+def instance_recipe(demo: Demo) -> str:
+    """What an instance set was drawn with: the shared recipe, and the sizes where they are not all three."""
+    from studio.toyworld.concepts import SIZES
+
+    return INSTANCE_RECIPE + ("" if set(demo.sizes) == set(SIZES) else " sizes=" + ",".join(demo.sizes))
+
+
 def trigger_caption(scene, form: str, demo: Demo) -> str:
     """The scene's caption in one phrasing form, with the trigger in the concept's slot:
     "a red sks shape on a grass background", "blue circle with kpk pattern, sand background",
@@ -197,10 +215,11 @@ def instance_set(demo: Demo, folder: Path, n: int = N_INSTANCE, seed: int = 0) -
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    sizes = [z for z in SIZES if z in demo.sizes]
     for i in range(n):  # every block of 6 has all colours; 9 blocks cover each (size, position) pair once
         k = i // len(COLORS)
         color = COLORS[i % len(COLORS)]
-        size = SIZES[k % len(SIZES)]
+        size = sizes[k % len(sizes)]
         pos = POSITIONS[(k + k // len(SIZES)) % len(POSITIONS)]
         base_shape = SHAPES[(i + k) % len(SHAPES)]
         if demo.kind == "object":
@@ -230,6 +249,17 @@ def class_prompts(demo: Demo) -> list[str]:
 
     rng = np.random.default_rng(31)
     return [caption_in_form(sample_base_scene(rng), FORMS[i % len(FORMS)]) for i in range(72)]
+
+
+def instance_sizes(text: str) -> list[str]:
+    """["medium", "large"] from "medium,large"; unknown sizes are refused with the known ones."""
+    from studio.toyworld.concepts import SIZES
+
+    sizes = [z.strip() for z in text.split(",") if z.strip()]
+    bad = [z for z in sizes if z not in SIZES]
+    if bad or not sizes:
+        raise SystemExit(f"--instance-sizes {text!r}: expected sizes from {', '.join(SIZES)}, comma-separated")
+    return sizes
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -264,13 +294,13 @@ def train_one(studio, demo: Demo, kind: str, params: dict, class_dir: Path, out:
 
     name = f"{demo.concept}-{kind}"
     inst = out / "instance" / demo.concept
-    stamp = inst / "RECIPE"
-    if not stamp.is_file() or stamp.read_text() != INSTANCE_RECIPE:  # missing, or from an older recipe
+    stamp, recipe = inst / "RECIPE", instance_recipe(demo)
+    if not stamp.is_file() or stamp.read_text() != recipe:  # missing, or from an older recipe
         shutil.rmtree(inst, ignore_errors=True)
         tmp = inst.with_name(inst.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         instance_set(demo, tmp)
-        (tmp / "RECIPE").write_text(INSTANCE_RECIPE)
+        (tmp / "RECIPE").write_text(recipe)
         os.replace(tmp, inst)
     prompts = class_prompts(demo)
     cfg = TrainConfig(
@@ -343,6 +373,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override one recipe field for an experiment, e.g. --set unet_targets=attention+conv "
                          "--set rank=8 (a TrainConfig field; the value is read as JSON, else as text)")
+    ap.add_argument("--instance-sizes", default=None, metavar="S1,S2",
+                    help="draw the instance images at these object sizes only, e.g. medium,large (an experiment)")
     ap.add_argument("--eval", type=int, default=36, help="images per evaluation measure (0: skip)")
     ap.add_argument("--eval-seed", type=int, default=EVAL_SEED,
                     help="evaluation seed (1234 = the shipped numbers; 777 and 4242 are the selection seeds "
@@ -379,6 +411,8 @@ def main(argv=None) -> int:
         jobs = [(d, k) for d, k in jobs if f"{d.concept}-{k}" in args.only]
     for demo, kind in jobs:
         name = f"{demo.concept}-{kind}"
+        if args.instance_sizes:
+            demo = dataclasses.replace(demo, sizes=tuple(instance_sizes(args.instance_sizes)))
         if args.eval_only:
             if name not in index or oracle is None:
                 log.warning("skipping %s: nothing shipped to re-judge (or --eval 0)", name)

@@ -154,6 +154,9 @@ class Budget:
             self.at(step)
             if step >= self.total:
                 break
+            if bar.total != self.total:  # the budget settled on fewer steps than configured
+                bar.total = self.total
+                bar.refresh()
             yield step, bar
 
 

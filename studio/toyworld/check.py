@@ -100,6 +100,23 @@ def ceiling_prompts(kind: str, n: int, seed: int) -> list[tuple[str, list[str]]]
     return _scene_prompts(seed, n, make)
 
 
+def _load_once(studio, path, names: dict) -> str:
+    """Load ``path`` into the studio's library under a name no other file of this run holds
+    (its stem, or its stem with a number); the same file twice keeps one name."""
+    from pathlib import Path
+
+    from studio.adapters.library import safe_name
+
+    key = str(Path(path).resolve())
+    if key not in names:
+        stem = name = safe_name(Path(path).stem)
+        k = 2
+        while name in names.values():
+            name, k = f"{stem}-{k}", k + 1
+        names[key] = studio.adapters.load(str(path), name=name).name
+    return names[key]
+
+
 CEILING_KINDS = ("object_object", "object_background", "object_style", "n3")
 
 
@@ -320,8 +337,9 @@ def main(argv=None) -> int:
             print(f"error: adapters need studio.Studio, which failed to import: {e}", file=sys.stderr)
             return 2
         studio = Studio.load(args.model) if args.model else Studio.load()
-        loaded = [(studio.adapters.load(str(path)).name, concept, trigger) for path, concept, trigger in adapters]
-        others = [studio.adapters.load(str(path)).name for path in args.with_]
+        names: dict = {}  # one library name per file: two files that carry the same name must not replace each other
+        loaded = [(_load_once(studio, path, names), concept, trigger) for path, concept, trigger in adapters]
+        others = [_load_once(studio, path, names) for path in args.with_]
         worst: dict = {}
 
         def keep(key, value, lowest=True):
