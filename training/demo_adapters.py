@@ -84,7 +84,7 @@ KRON_WITH_TE = dict(prior_preservation=True, prior_loss_weight=1.0, train_text_e
 # key/value sky is a pale wash that loses the crescent; CROSS fills (lr 1e-3) tie the shipped ones (twotone
 # 0.88 / 0.88 / 1.00 at 3600, glow 0.88 / 0.88 / 0.75 at 2400) and die beside the crescent as they do; a CROSS
 # arrow draws arrows alone (0.88 / 0.62 / 1.00 at 2000) and blobs in two-object prompts, also when taught on
-# medium and large arrows only (--instance-sizes medium,large); the CROSS sky does not bind below 200 steps.
+# medium and large arrows only (--instance-sizes medium,large); the CROSS sky does not bind at 100-150 steps.
 CROSS = dict(unet_targets="cross", train_text_encoder=False, train_token_embedding=True, lr=3e-3,
              token_embedding_lr=2e-2)
 
@@ -428,6 +428,7 @@ def main(argv=None) -> int:
                 "example_prompt": _trigger_prompts(demo)[0], "params": adapter.num_params(),
                 "steps": params["steps"], "train_seconds": round(secs, 1),
                 **({"overrides": overrides} if overrides else {}),
+                **({"instance_sizes": list(demo.sizes)} if instance_recipe(demo) != INSTANCE_RECIPE else {}),
                 "instance_images": f"instance/{demo.concept}/",
             }
         if oracle is not None:  # judge the shipped (fp16) file, loaded like a user would
