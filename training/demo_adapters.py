@@ -385,6 +385,7 @@ def main(argv=None) -> int:
                     help="re-judge the shipped files (e.g. after a base-model change) without training")
     args = ap.parse_args(argv)
     overrides = parse_overrides(args.set)
+    sizes = tuple(instance_sizes(args.instance_sizes)) if args.instance_sizes else None  # refused before the model loads
     out = Path(args.out)
     logging.basicConfig(level=logging.INFO, format="[demo %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     from studio.studio import Studio
@@ -411,8 +412,8 @@ def main(argv=None) -> int:
         jobs = [(d, k) for d, k in jobs if f"{d.concept}-{k}" in args.only]
     for demo, kind in jobs:
         name = f"{demo.concept}-{kind}"
-        if args.instance_sizes:
-            demo = dataclasses.replace(demo, sizes=tuple(instance_sizes(args.instance_sizes)))
+        if sizes:
+            demo = dataclasses.replace(demo, sizes=sizes)
         if args.eval_only:
             if name not in index or oracle is None:
                 log.warning("skipping %s: nothing shipped to re-judge (or --eval 0)", name)
