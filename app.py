@@ -368,6 +368,7 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
         reuse.click(h.reuse_seed, last_seed, seed, api_visibility="private", **LIGHT)
         method.input(h.method_params, method, params, api_visibility="private", **LIGHT)
         method.input(h.method_help, method, method_info, api_visibility="private", **LIGHT)
+        method.input(h.method_guidance, method, guidance, api_visibility="private", **LIGHT)
 
         def pick(evt: gr.SelectData):
             value = evt.value or {}

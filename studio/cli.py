@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import StudioError
+from .guidance import toy_guidance_text
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -311,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="composition method")
     g.add_argument("--method-param", action="append", metavar="KEY=VALUE", help="method parameter, repeatable, e.g. tau=3")
     g.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: 25, or the named preset's)")
-    g.add_argument("--guidance", type=_finite_arg, default=None, help="CFG scale (default: 7.5; 3 on the toy model; or the named preset's)")
+    g.add_argument("--guidance", type=_finite_arg, default=None, help=f"CFG scale (default: 7.5; on the toy model per method: {toy_guidance_text()}; or the named preset's)")
     g.add_argument("--seed", type=int, default=-1, help="seed of the first image (the next get seed+1, …); -1 = random")
     g.add_argument("--size", type=_size_arg, default=None, metavar="WxH", help="image size (default: the model's native size)")
     g.add_argument("--num-images", type=_positive_int, default=1, help="how many images (shows a counter and ETA)")

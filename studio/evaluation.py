@@ -73,14 +73,18 @@ class AdapterEntry:
 
 @dataclass
 class MethodSpec:
+    """One method column of a suite; ``guidance`` overrides the suite's CFG scale for it alone."""
+
     name: str
     params: dict = field(default_factory=dict)
+    guidance: float | None = None
 
     @property
     def label(self) -> str:
-        if not self.params:
-            return self.name
-        return f"{self.name}(" + ",".join(f"{k}={v}" for k, v in sorted(self.params.items())) + ")"
+        label = self.name
+        if self.params:
+            label += "(" + ",".join(f"{k}={v}" for k, v in sorted(self.params.items())) + ")"
+        return label if self.guidance is None else f"{label} cfg {self.guidance:g}"
 
 
 @dataclass
@@ -368,8 +372,16 @@ def load_suite(path: str | os.PathLike) -> Suite:
     raw_methods = data.get("methods") or ["merge"]
     for i, m in enumerate(raw_methods):
         if not isinstance(m, (str, dict)) or (isinstance(m, dict) and not isinstance(m.get("params") or {}, dict)):
-            _fail(path, f"methods[{i}] must be a method name or {{name:, params: {{…}}}}, got {m!r}"[:300])
+            _fail(path, f"methods[{i}] must be a method name or {{name:, params: {{…}}, guidance: …}}, got {m!r}"[:300])
+        if isinstance(m, dict) and set(m) - {"name", "params", "guidance"}:
+            _fail(path, f"methods[{i}] has unknown key(s) {', '.join(sorted(map(str, set(m) - {'name', 'params', 'guidance'})))}; "
+                        "valid: name, params, guidance")
         spec = MethodSpec(str(m)) if not isinstance(m, dict) else MethodSpec(str(m.get("name")), dict(m.get("params") or {}))
+        if isinstance(m, dict) and m.get("guidance") is not None:
+            try:
+                spec.guidance = finite(f"methods[{i}].guidance", m["guidance"], 0.0, limits.max_guidance)
+            except StudioError as e:
+                _fail(path, str(e))
         try:
             check_method_params(spec.params, f"methods[{i}].params")
         except StudioError as e:
@@ -483,10 +495,11 @@ def expand_jobs(suite: Suite, hashes: dict[str, str] | None = None) -> list[Job]
             seed_of[(set_id, pid, sample)] = seed
         adapters = [{"name": n, "weight": _weight_for(w, suite.adapters[n]), "sha256": hashes[n]} for n in names]
         for m in suite.methods:
+            guidance = suite.guidance if m.guidance is None else m.guidance
             resolved = {
                 "method": m.name, "method_params": m.params, "adapters": adapters, "prompt": prompt,
                 "negative_prompt": suite.negative_prompt, "seed": seed, "size": [suite.width, suite.height],
-                "steps": suite.steps, "cfg": suite.guidance, "scheduler": suite.sampler, "model": suite.model,
+                "steps": suite.steps, "cfg": guidance, "scheduler": suite.sampler, "model": suite.model,
             }
             jid = job_id(resolved)
             where = f"set {set_id}, weight {_weight_id(w)}, prompt {pid}, sample {sample}, method {m.label}"
@@ -499,7 +512,7 @@ def expand_jobs(suite: Suite, hashes: dict[str, str] | None = None) -> list[Job]
                 job_id=jid, index=len(jobs), method=m.name, method_params=dict(m.params), method_label=m.label,
                 loraset_id=set_id, adapters=adapters, weight_id=_weight_id(w), prompt_id=pid, prompt=prompt,
                 negative_prompt=suite.negative_prompt, sample_idx=sample, seed=seed, steps=suite.steps,
-                guidance=suite.guidance, sampler=suite.sampler, width=suite.width, height=suite.height,
+                guidance=guidance, sampler=suite.sampler, width=suite.width, height=suite.height,
                 model=suite.model,
             ))
     return jobs
@@ -636,7 +649,7 @@ def resolved_config(suite: Suite, jobs: list[Job]) -> dict:
     d = {k: v for k, v in asdict(suite).items() if k not in ("adapters", "sets", "methods", "prompts", "prompt_sets")}
     d["adapters"] = {n: asdict(a) for n, a in suite.adapters.items()}
     d["adapter_sets"] = [{"id": s, "adapters": names} for s, names in suite.sets]
-    d["methods"] = [{"name": m.name, "params": m.params, "label": m.label} for m in suite.methods]
+    d["methods"] = [{"name": m.name, "params": m.params, "guidance": m.guidance, "label": m.label} for m in suite.methods]
     d["prompts"] = [{"id": p, "text": t, **({"sets": suite.prompt_sets[p]} if p in suite.prompt_sets else {})}
                     for p, t in suite.prompts]
     d["jobs"] = len(jobs)

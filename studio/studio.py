@@ -26,6 +26,7 @@ from .base import (
     model_hash, module_shapes, pick_device, resolve_sampler, sampler_label,
 )
 from .errors import GenerationError, ModelLoadError
+from .guidance import default_guidance
 from .schema import Limits, check_method_params, check_request, check_weights, finite, whole
 from .metadata import AdapterUse, Recipe, attach, read_recipe
 from .prompts import format_tag, parse_prompt
@@ -116,7 +117,11 @@ class Studio:
     @property
     def default_guidance(self) -> float:
         """7.5 for real models; 3 for the toy model, whose colours drift at high guidance (README)."""
-        return 3.0 if self.arch == "toy" else 7.5
+        return default_guidance(self.arch)
+
+    def default_guidance_for(self, method: str) -> float:
+        """The CFG scale a run of ``method`` gets when none is given (``studio.guidance``)."""
+        return default_guidance(self.arch, method)
 
     @property
     def default_size(self) -> int:
@@ -177,7 +182,7 @@ class Studio:
         given = {"steps": steps, "guidance": guidance, "sampler": sampler, "negative_prompt": negative_prompt}
         from_preset = {k: run[k] for k, v in given.items() if v is None and k in run}
         steps = from_preset.get("steps", 25 if steps is None else steps)
-        guidance = from_preset.get("guidance", self.default_guidance if guidance is None else guidance)
+        guidance = from_preset.get("guidance", self.default_guidance_for(method) if guidance is None else guidance)
         sampler = from_preset.get("sampler", "ddim" if sampler is None else sampler)
         negative_prompt = from_preset.get("negative_prompt", "" if negative_prompt is None else negative_prompt)
         width, height = width or self.default_size, height or self.default_size

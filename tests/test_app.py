@@ -85,6 +85,13 @@ def test_method_params_are_the_composer_defaults(h):
         assert json.loads(h.method_params(name)) == dict(cls.defaults)
 
 
+def test_picking_a_method_sets_its_cfg_and_says_so(h):
+    """The CFG slider follows the method (its default on this model), and the help says it did."""
+    for name in COMPOSERS:
+        assert h.method_guidance(name) == h.studio.default_guidance_for(name)
+        assert f"sets CFG to {h.method_guidance(name):g}" in h.method_help(name)
+
+
 def test_card_actions_name_a_known_adapter_or_nothing(h):
     assert h.parse_card_action("insert|a|1733400000000") == ("insert", "a")
     assert h.parse_card_action("open|b|1") == ("open", "b")

@@ -101,6 +101,26 @@ def test_seeds_identical_across_methods_and_order(tmp_path, assets):
     assert {(j.job_id, j.seed) for j in expand_jobs(reordered)} == {(j.job_id, j.seed) for j in jobs}
 
 
+def test_a_method_column_can_run_at_its_own_guidance(tmp_path, assets):
+    """Averaging methods dilute each concept's guidance, so a suite may give one column its own CFG:
+    it runs at that scale, on the same seeds, under its own label, and says so in every row."""
+    path = make_suite(tmp_path, assets, scorer="none", metrics=[], samples=1,
+                      methods=["merge", {"name": "merge", "guidance": 2.0}])
+    jobs = expand_jobs(load_suite(path))
+    assert [(j.method_label, j.guidance) for j in jobs] == [("merge", 7.5), ("merge cfg 2", 2.0)]
+    assert jobs[0].seed == jobs[1].seed and jobs[0].job_id != jobs[1].job_id
+    run_suite(path, tmp_path / "run", log=lambda s: None)
+    rows = read_rows(tmp_path / "run" / "results.jsonl")
+    assert [(r["method_label"], r["cfg"]) for r in rows] == [("merge", 7.5), ("merge cfg 2", 2.0)]
+    assert read_recipe(tmp_path / "run" / rows[1]["image"]).guidance == 2.0
+    a, b = (np.asarray(Image.open(tmp_path / "run" / r["image"]), dtype=np.int16) for r in rows)
+    assert np.abs(a - b).max() > 0  # the override reached the sampler
+    for bad, said in (({"name": "merge", "guidance": -1}, "methods[0].guidance -1 is out of range"),
+                      ({"name": "merge", "cfg": 3}, "unknown key(s) cfg; valid: name, params, guidance")):
+        with pytest.raises(SuiteError, match=re.escape(said)):
+            load_suite(make_suite(tmp_path, assets, name="bad.yaml", methods=[bad]))
+
+
 def test_dry_run_counts_and_limit(tmp_path, assets):
     path = make_suite(tmp_path, assets, weights=[0.5, 1.0], samples=3,
                       prompts=["a {triggers}", {"id": "q", "text": "two shapes, {triggers}"}])

@@ -434,6 +434,24 @@ def test_an_adapter_from_another_toy_world_build_is_refused_with_the_fix():
     assert "v1-crescent" not in studio.adapters
 
 
+@pytest.mark.skipif(not HAVE_MODEL, reason=NO_ASSETS)
+def test_each_method_runs_at_its_own_toy_guidance_unless_one_is_given():
+    """On the toy model a run without a CFG scale gets its method's (studio/guidance.py): the
+    averaging methods need more than merge's 3. An explicit scale always wins."""
+    from studio import Studio
+    from studio.guidance import TOY_GUIDANCE
+
+    studio = Studio.load()
+    studio.adapters.load(MODELS_DIR.parent / "adapters" / "crescent-lora.safetensors", name="crescent")
+    studio.adapters.load(MODELS_DIR.parent / "adapters" / "sky-lora.safetensors", name="sky")
+    assert TOY_GUIDANCE["merge"] == 3.0 and min(TOY_GUIDANCE[m] for m in ("composite", "cmlora", "clora")) > 3.0
+    for method in ("merge", "composite"):
+        r = studio.run("a red sks shape on a wvu background", ["crescent", "sky"], method=method, steps=1, seed=1)
+        assert r.recipes[0].guidance == TOY_GUIDANCE[method]
+    r = studio.run("a red sks shape", ["crescent", "sky"], method="composite", steps=1, seed=1, guidance=2.0)
+    assert r.recipes[0].guidance == 2.0
+
+
 @pytest.mark.skipif(not HAVE_CLIP, reason=NO_ASSETS)
 def test_toy_clip_loads_offline():
     import torch

@@ -36,13 +36,16 @@ METHOD_GUIDE = {
     "switch": ("One adapter active per step, switching every `tau` steps.", "1 call per step.",
                "Cheap and keeps each concept cleaner than merge; pick it when merge blends concepts."),
     "composite": ("One branch per adapter, the noise predictions averaged, CFG once.", "n calls per step.",
-                  "Better concept fidelity than merge for n adapters, at n× the cost."),
+                  "Better concept fidelity than merge for n adapters, at n× the cost. It averages one prediction "
+                  "per adapter, so each concept is guided at about CFG ÷ n: it wants a higher CFG than merge."),
     "cmlora": ("Composite with a dominant adapter per span, frequency-ordered rotation and a feature cache.",
                "≈ n calls per step, fewer with the cache on.",
-               "Several adapters of different kinds (object + style + background) where composite loses detail."),
+               "Several adapters of different kinds (object + style + background) where composite loses detail. "
+               "Like composite it averages the adapters, so it wants a higher CFG than merge."),
     "clora": ("Base branch + one per adapter; attention maps steer the latents apart and masks fuse the branches.",
               "n + 1 calls per step plus backward passes on the update steps: the slowest.",
-              "Two objects that must both appear, separately (e.g. a crescent and a plus)."),
+              "Two objects that must both appear, separately (e.g. a crescent and a plus). Its masks fuse the "
+              "branches, so it too wants a higher CFG than merge."),
     "lego": ("A weight-space merge of the adapters (LoRA-LEGO) done once, then one adapter like merge.",
              "1 call per step plus a one-off merge.", "Many adapters at merge speed with less interference."),
 }
@@ -80,6 +83,10 @@ class ComposeTab:
     def method_params(self, method: str) -> str:
         return method_defaults(method)
 
+    def method_guidance(self, method: str) -> float:
+        """The CFG scale the slider takes when the user picks ``method``."""
+        return self.studio.default_guidance_for(method)
+
     def method_help(self, method: str) -> str:
         """What the method does, its cost and when to choose it, then its summary and presets."""
         from composers.base import method_help
@@ -88,6 +95,8 @@ class ComposeTab:
         if cls is None:
             return ""
         text = method_guide(method) + "\n\n" + method_help(cls)
+        text += (f"\n\n**CFG:** choosing {method} sets CFG to {self.method_guidance(method):g}, its default on "
+                 "this model (picked per method on selection seeds, docs/benchmark.md); change it freely.")
         if cls.presets:
             text += ("\n\nThe Steps, CFG and Sampler fields here are always explicit, so a preset sets only the "
                      "method's parameters; set those fields to the preset's run settings listed above.")

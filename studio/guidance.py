@@ -1,0 +1,19 @@
+"""The CFG scale a run gets when none is given (a light module: the CLI's help reads it)."""
+from __future__ import annotations
+
+REAL_MODEL_GUIDANCE = 7.5
+# The toy model's scale per composition method, picked on selection seeds (base_seed 777, never the
+# benchmark's) as the best all-present rate over the three object pairs among 3 / 5 / 7.5 / 10
+# (docs/benchmark.md, "Guidance per method"). Composite, CMLoRA and CLoRA average one prediction per
+# adapter, so each concept is guided at about CFG / n and they need more than merge's 3; 3 is also
+# the single-adapter scale (colours drift above it, README "The toy world").
+TOY_GUIDANCE = {"merge": 3.0, "switch": 5.0, "composite": 7.5, "cmlora": 10.0, "clora": 7.5, "lego": 5.0}
+
+
+def default_guidance(arch: str, method: str = "merge") -> float:
+    """7.5 on real models; on the toy model ``TOY_GUIDANCE[method]`` (3 for a method not in it)."""
+    return TOY_GUIDANCE.get(method, 3.0) if arch == "toy" else REAL_MODEL_GUIDANCE
+
+
+def toy_guidance_text() -> str:
+    return ", ".join(f"{m} {g:g}" for m, g in TOY_GUIDANCE.items())
