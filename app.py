@@ -97,16 +97,16 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                                     slider.release(lambda p, w, n=name: set_tag_weight(p, n, w), [prompt, slider],
                                                    prompt, api_visibility="private", **LIGHT)
                         with gr.Row():
-                            method = gr.Dropdown(h.methods(), value="merge", label="Composition method")
+                            method = gr.Dropdown(h.methods(), value="merge", label="Composition method", elem_id="method")
                             sampler = gr.Dropdown(SAMPLER_CHOICES, value="ddim", label="Sampler")
-                        method_info = gr.Markdown(h.method_help("merge"))
+                        method_info = gr.Markdown(h.method_help("merge"), elem_id="method_info")
                         with gr.Row():
                             seed = gr.Number(-1, precision=0, label="Seed (−1 = random)", min_width=120, elem_id="seed")
                             reuse = gr.Button("♻ last seed", size="sm", min_width=80)
                             batch = gr.Slider(1, 16, value=1, step=1, label="Batch count", elem_id="batch")
                         with gr.Row():
                             steps = gr.Slider(1, 150, value=25, step=1, label="Steps", elem_id="steps")
-                            guidance = gr.Slider(0, 30, value=studio.default_guidance, step=0.5, label="CFG scale")
+                            guidance = gr.Slider(0, 30, value=studio.default_guidance, step=0.5, label="CFG scale", elem_id="cfg")
                         with gr.Row():
                             width = gr.Slider(64, 2048, value=size, step=8, label="Width")
                             height = gr.Slider(64, 2048, value=size, step=8, label="Height")

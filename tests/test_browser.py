@@ -260,6 +260,12 @@ def test_compose_two_adapters_from_the_cards_and_set_a_preview(sd1_pipe, tmp_pat
         prompt = _field(page, "prompt").input_value()
         assert prompt.startswith("a red circle") and "sksa" in prompt and "sksb" in prompt, prompt
         page.get_by_text("b weight").wait_for()  # one weight slider per adapter in the prompt
+        # picking a method moves the CFG slider to that method's default on this model, and says so
+        _set(page, "cfg", 2)
+        _choose(page, "method", "composite")
+        page.wait_for_function("document.querySelector('#cfg input[type=number]').value === '7.5'")
+        _wait_text(page, "method_info", "sets CFG to 7.5")
+        _choose(page, "method", "merge")
         _set(page, "seed", 3)
         _set(page, "steps", 3)
         _set(page, "batch", 2)
