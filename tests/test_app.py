@@ -322,6 +322,20 @@ def test_xy_grid_sweeps_axes_with_labelled_grid(h):
     assert "unknown method" in msg
 
 
+def test_xy_method_axis_runs_each_other_method_at_its_own_cfg_unless_cfg_is_swept(h):
+    """The form's method keeps the form's CFG; another method gets its default CFG on this model
+    (labelled), as it gets its default parameters; a CFG axis on the other side wins."""
+    gen = {**GEN, "guidance": 2.0}
+    *_, (_, cells, _) = h.xy_grid("a red circle <lora:a:1> <lora:b:1>", **gen, seed=4, steps=2,
+                                  x_type="Method", x_values="merge, composite")
+    want = h.studio.default_guidance_for("composite")
+    assert [c for _, c in cells] == ["merge", f"composite (CFG {want:g})"]
+    assert [read_recipe(p).guidance for p, _ in cells] == [2.0, want]
+    *_, (_, cells, _) = h.xy_grid("a red circle <lora:a:1> <lora:b:1>", **gen, seed=4, steps=2,
+                                  x_type="Method", x_values="merge, composite", y_type="CFG scale", y_values="4")
+    assert [read_recipe(p).guidance for p, _ in cells] == [4.0, 4.0]
+
+
 def _instance_images(folder: Path) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -47,15 +47,15 @@ class XYTab:
                         height=as_int(height, "height") if height else None)
             if base["seed"] < 0:  # one random seed for every cell, so cells differ only along the axes
                 base["seed"] = int.from_bytes(os.urandom(4), "big")
-            xs = _axis(x_type, x_values, base)
-            ys = _axis(y_type, y_values, base)
+            xs = _axis(x_type, x_values, base, self.studio.default_guidance_for)
+            ys = _axis(y_type, y_values, base, self.studio.default_guidance_for)
             if len(xs) * len(ys) > XY_MAX_CELLS:
                 raise gr.Error(f"{len(xs)}×{len(ys)} cells is more than {XY_MAX_CELLS}; use fewer values")
         except (gr.Error, StudioError, ValueError) as e:
             yield gr.skip(), gr.skip(), message(error_text(e))
             return
         key, stop = self.runs.register(request, "xy")
-        jobs = [(" · ".join(l for l in (x_label, y_label) if l), {**base, **y_set, **x_set})
+        jobs = [(" · ".join(l for l in (x_label, y_label) if l), _cell(base, x_type, x_set, y_type, y_set))
                 for y_label, y_set in ys for x_label, x_set in xs]
         progress = Progress(len(jobs), 1, unit="cell")
         folder = self.out_dir / time.strftime("%Y-%m-%d")
@@ -94,6 +94,15 @@ class XYTab:
         yield str(grid_path), cells, f"**{len(cells)} cells** · seed {base['seed']} · {elapsed:.2f} s"
 
 
+def _cell(base: dict, x_type: str, x_set: dict, y_type: str, y_set: dict) -> dict:
+    """One cell's Studio.run arguments; a CFG axis beats the CFG a Method axis brings along."""
+    cell = {**base, **y_set, **x_set}
+    for kind, chosen in ((x_type, x_set), (y_type, y_set)):
+        if kind == "CFG scale":
+            cell["guidance"] = chosen["guidance"]
+    return cell
+
+
 def _seed_batches(jobs: list[tuple[str, dict]]) -> list[list[int]]:
     """Indices of the cells, grouped by everything but the seed (first-seen order)."""
     groups: dict[str, list[int]] = {}
@@ -102,8 +111,11 @@ def _seed_batches(jobs: list[tuple[str, dict]]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _axis(kind: str, values: str, base: dict) -> list[tuple[str, dict]]:
-    """(label, Studio.run overrides) per value of one X/Y axis."""
+def _axis(kind: str, values: str, base: dict, method_cfg=None) -> list[tuple[str, dict]]:
+    """(label, Studio.run overrides) per value of one X/Y axis. On a Method axis the base method
+    keeps the form's parameters and CFG; another method runs at its defaults and at
+    ``method_cfg(method)``, its default CFG on this model (so a comparison is fair unless the
+    other axis sweeps CFG, which then wins)."""
     if kind in (None, "", "Nothing"):
         return [("", {})]
     items = [v.strip() for v in (values or "").split(",") if v.strip()]
@@ -122,7 +134,14 @@ def _axis(kind: str, values: str, base: dict) -> list[tuple[str, dict]]:
         unknown = [v for v in items if v not in COMPOSERS]
         if unknown:
             raise gr.Error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(COMPOSERS)}")
-        return [(v, {"method": v, "method_params": base["method_params"] if v == base["method"] else {}}) for v in items]
+        out = []
+        for v in items:
+            if v == base["method"] or method_cfg is None:
+                out.append((v, {"method": v, "method_params": base["method_params"] if v == base["method"] else {}}))
+            else:
+                cfg = method_cfg(v)
+                out.append((f"{v} (CFG {cfg:g})", {"method": v, "method_params": {}, "guidance": cfg}))
+        return out
     if kind == "Prompt S/R":
         search = items[0]
         if search not in base["prompt"]:
