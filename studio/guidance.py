@@ -10,7 +10,7 @@ REAL_MODEL_GUIDANCE = 7.5
 TOY_GUIDANCE = {"merge": 3.0, "switch": 5.0, "composite": 7.5, "cmlora": 10.0, "clora": 7.5, "lego": 5.0}
 
 
-def default_guidance(arch: str, method: str = "merge") -> float:
+def default_cfg(arch: str, method: str = "merge") -> float:
     """7.5 on real models; on the toy model ``TOY_GUIDANCE[method]`` (3 for a method not in it)."""
     return TOY_GUIDANCE.get(method, 3.0) if arch == "toy" else REAL_MODEL_GUIDANCE
 

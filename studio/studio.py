@@ -26,7 +26,7 @@ from .base import (
     model_hash, module_shapes, pick_device, resolve_sampler, sampler_label,
 )
 from .errors import GenerationError, ModelLoadError
-from .guidance import default_guidance
+from .guidance import default_cfg
 from .schema import Limits, check_method_params, check_request, check_weights, finite, whole
 from .metadata import AdapterUse, Recipe, attach, read_recipe
 from .prompts import format_tag, parse_prompt
@@ -117,11 +117,11 @@ class Studio:
     @property
     def default_guidance(self) -> float:
         """7.5 for real models; 3 for the toy model, whose colours drift at high guidance (README)."""
-        return default_guidance(self.arch)
+        return default_cfg(self.arch)
 
     def default_guidance_for(self, method: str) -> float:
         """The CFG scale a run of ``method`` gets when none is given (``studio.guidance``)."""
-        return default_guidance(self.arch, method)
+        return default_cfg(self.arch, method)
 
     @property
     def default_size(self) -> int:
