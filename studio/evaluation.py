@@ -373,9 +373,9 @@ def load_suite(path: str | os.PathLike) -> Suite:
     for i, m in enumerate(raw_methods):
         if not isinstance(m, (str, dict)) or (isinstance(m, dict) and not isinstance(m.get("params") or {}, dict)):
             _fail(path, f"methods[{i}] must be a method name or {{name:, params: {{…}}, guidance: …}}, got {m!r}"[:300])
-        if isinstance(m, dict) and set(m) - {"name", "params", "guidance"}:
-            _fail(path, f"methods[{i}] has unknown key(s) {', '.join(sorted(map(str, set(m) - {'name', 'params', 'guidance'})))}; "
-                        "valid: name, params, guidance")
+        extra = sorted(map(str, set(m) - {"name", "params", "guidance"})) if isinstance(m, dict) else []
+        if extra:
+            _fail(path, f"methods[{i}] has unknown key(s) {', '.join(extra)}; valid: name, params, guidance")
         spec = MethodSpec(str(m)) if not isinstance(m, dict) else MethodSpec(str(m.get("name")), dict(m.get("params") or {}))
         if isinstance(m, dict) and m.get("guidance") is not None:
             try:

@@ -11,9 +11,10 @@ TOY_GUIDANCE = {"merge": 3.0, "switch": 5.0, "composite": 7.5, "cmlora": 10.0, "
 
 
 def default_cfg(arch: str, method: str = "merge") -> float:
-    """7.5 on real models; on the toy model ``TOY_GUIDANCE[method]`` (3 for a method not in it)."""
-    return TOY_GUIDANCE.get(method, 3.0) if arch == "toy" else REAL_MODEL_GUIDANCE
+    """7.5 on real models; on the toy model ``TOY_GUIDANCE[method]`` (merge's for a method not in it)."""
+    return TOY_GUIDANCE.get(method, TOY_GUIDANCE["merge"]) if arch == "toy" else REAL_MODEL_GUIDANCE
 
 
 def toy_guidance_text() -> str:
+    """"merge 3, switch 5, …" for help texts."""
     return ", ".join(f"{m} {g:g}" for m, g in TOY_GUIDANCE.items())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from typing import Iterator
+from typing import Callable, Iterator
 
 import gradio as gr
 from PIL import Image
@@ -111,7 +111,7 @@ def _seed_batches(jobs: list[tuple[str, dict]]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _axis(kind: str, values: str, base: dict, method_cfg=None) -> list[tuple[str, dict]]:
+def _axis(kind: str, values: str, base: dict, method_cfg: Callable[[str], float]) -> list[tuple[str, dict]]:
     """(label, Studio.run overrides) per value of one X/Y axis. On a Method axis the base method
     keeps the form's parameters and CFG; another method runs at its defaults and at
     ``method_cfg(method)``, its default CFG on this model (so a comparison is fair unless the
@@ -134,14 +134,14 @@ def _axis(kind: str, values: str, base: dict, method_cfg=None) -> list[tuple[str
         unknown = [v for v in items if v not in COMPOSERS]
         if unknown:
             raise gr.Error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(COMPOSERS)}")
-        out = []
-        for v in items:
-            if v == base["method"] or method_cfg is None:
-                out.append((v, {"method": v, "method_params": base["method_params"] if v == base["method"] else {}}))
-            else:
-                cfg = method_cfg(v)
-                out.append((f"{v} (CFG {cfg:g})", {"method": v, "method_params": {}, "guidance": cfg}))
-        return out
+
+        def cell(v: str) -> tuple[str, dict]:
+            if v == base["method"]:
+                return v, {"method": v, "method_params": base["method_params"]}
+            cfg = method_cfg(v)
+            return f"{v} (CFG {cfg:g})", {"method": v, "method_params": {}, "guidance": cfg}
+
+        return [cell(v) for v in items]
     if kind == "Prompt S/R":
         search = items[0]
         if search not in base["prompt"]:

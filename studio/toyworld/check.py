@@ -103,8 +103,6 @@ def ceiling_prompts(kind: str, n: int, seed: int) -> list[tuple[str, list[str]]]
 def _load_once(studio, path, names: dict) -> str:
     """Load ``path`` into the studio's library under a name no other file of this run holds
     (its stem, or its stem with a number); the same file twice keeps one name."""
-    from pathlib import Path
-
     from studio.adapters.library import safe_name
 
     key = str(Path(path).resolve())
