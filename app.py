@@ -314,6 +314,11 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                                 train_steps = gr.Slider(1, 5000, value=train_defaults["steps"], step=1, label="Steps",
                                                         info=train_defaults["hint"], elem_id="train_steps")
                                 train_prior = gr.Checkbox(False, label="Prior preservation")
+                                train_stand_in = gr.Checkbox(
+                                    False, label="Stand-in prior", elem_id="train_stand_in",
+                                    info="Also keep the base model's answer to your captions with another word "
+                                         "in the trigger's place, so composed beside other adapters this one "
+                                         "leaves their objects alone (turns prior preservation on)")
                                 train_layers = gr.Dropdown(
                                     [("Every attention layer", "attention"), ("Cross-attention only", "cross"),
                                      ("Cross-attention keys/values only", "cross-kv")],
@@ -437,7 +442,7 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
             train_type.change(h.kind_fields, train_type, [train_rank, train_factors], api_visibility="private", **LIGHT)
             train_event = train_btn.click(
                 h.train, [train_files, train_folder, train_trigger, train_class, train_kind, train_type, train_rank,
-                          train_factors, train_steps, train_prior, train_name, train_layers],
+                          train_factors, train_steps, train_prior, train_name, train_layers, train_stand_in],
                 [train_loss, train_samples, train_status], api_name="train", show_progress="hidden", **GPU)
             train_event.then(refresh, refresh_inputs, refresh_outputs, api_visibility="private", **LIGHT)
             train_stop.click(h.stop_train, None, stop_ack, api_visibility="private", **LIGHT)

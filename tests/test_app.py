@@ -367,6 +367,21 @@ def test_train_on_cross_attention_learns_the_trigger_embedding(h, tmp_path):
     assert unet and all(".attn2." in p for p in unet) and set(trained.embeddings) == {"sks"}
 
 
+def test_train_tab_stand_in_prior_turns_prior_preservation_on(h, tmp_path):
+    """The Train tab's "Stand-in prior" box asks for the demo adapters' count of stand-in prompts (the
+    trainer's use of them: tests/test_training.py::test_stand_in_prior_draws_…)."""
+    import training.dreambooth as dreambooth
+
+    from studio.app.train import STAND_IN_PROMPTS
+
+    files = _instance_images(tmp_path / "imgs")
+    args = (dreambooth, files, "", "sks", "shape", "object", "lora", 2, "", 2, False, "si", "attention")
+    plain, _ = h._train_config(*args)
+    ticked, _ = h._train_config(*args, True)
+    assert plain.stand_in_prior == 0 and not plain.prior_preservation
+    assert ticked.stand_in_prior == STAND_IN_PROMPTS == 36 and ticked.prior_preservation
+
+
 def test_train_stop_ends_the_run_and_adds_nothing(h, tmp_path):
     gen = h.train(_instance_images(tmp_path / "imgs"), "", "sks", "shape", "object", "lora", 2, "", 500, False, "")
     next(gen)

@@ -495,3 +495,59 @@ def test_demo_instance_sets_keep_to_their_sizes_and_say_so(tmp_path):
     assert instance_recipe(medium_large) != instance_recipe(arrow) and "medium,large" in instance_recipe(medium_large)
     with pytest.raises(SystemExit, match="small, medium, large"):
         instance_sizes("huge")
+
+
+def test_demo_priors_hold_stand_in_triggers_beside_base_objects():
+    """Every demo's prior includes base scenes with an unknown one-token word in a trigger's slot (object,
+    pattern, background), never a demo trigger or a reserved word, mostly beside a base object."""
+    from transformers import CLIPTokenizer
+
+    from studio.toyworld.concepts import RESERVED_WORDS, SHAPES, WORLD_WORDS
+    from studio.toyworld.paths import TOY_MODEL_DIR
+    from training.demo_adapters import DEMOS, class_prompts, rival_prompts
+    from training.dreambooth import STAND_IN_WORDS as RIVAL_WORDS
+
+    triggers = {d.trigger for d in DEMOS}
+    assert not set(RIVAL_WORDS) & (triggers | WORLD_WORDS | RESERVED_WORDS)
+    tok = CLIPTokenizer.from_pretrained(TOY_MODEL_DIR / "tokenizer")
+    assert all(len(tok.tokenize(w)) == 1 for w in RIVAL_WORDS)
+    prompts = rival_prompts()
+    for p in prompts:
+        words = set(p.replace(",", " ").split())
+        assert len(words & set(RIVAL_WORDS)) == 1 and not words & (triggers | RESERVED_WORDS), p
+    for slot in (" shape", " pattern", " background"):
+        assert sum(any(f"{w}{slot}" in p for w in RIVAL_WORDS) for p in prompts) >= 8, slot
+    beside = [p for p in prompts if any(f"{w} shape" in p for w in RIVAL_WORDS) and set(p.replace(",", " ").split()) & set(SHAPES)]
+    assert len(beside) >= 6
+    for demo in DEMOS:  # the object LoRAs hold them in their prior (measured: docs/benchmark.md, session 14)
+        assert not set(prompts) & set(class_prompts(demo))
+        assert demo.recipe("lora").get("stand_ins", False) == (demo.kind == "object")
+        assert not demo.recipe("kron").get("stand_ins", False)
+
+
+def test_stand_in_prior_draws_the_instance_captions_with_another_word_for_the_trigger(images, tmp_path):
+    """--stand-in-prior N: the prior holds the class prompts and N instance captions with a stand-in word in
+    the trigger's place (whole words only), drawn by the base model; it implies prior preservation."""
+    from training.dreambooth import STAND_IN_WORDS, stand_in_prompts
+
+    for i, text in enumerate(["a red sks shape on the left", "sks shape, blue circle", "a blue circle"]):
+        (images / f"{i}.txt").write_text(text)
+    cfg = TrainConfig(images=str(images), stand_in_prior=3, num_class_images=4, class_steps=2,
+                      class_dir=str(tmp_path / "cls"), **FAST)
+    assert cfg.prior_preservation
+    trainer = DreamBoothTrainer(_studio(), cfg)
+    trainer.setup()
+    drawn = sorted(e.caption for e in trainer.classes)
+    assert drawn == sorted(["a object", "a red bmc shape on the left", "cdp shape, blue circle",
+                            "a red dfs shape on the left"]) and len(trainer.classes) == 4
+    assert loss_is_finite(trainer)
+    assert stand_in_prompts(["a sks-like sks shape"], "sks", 2) == ["a sks-like bmc shape", "a sks-like cdp shape"]
+    assert stand_in_prompts(["no trigger here"], "sks", 4) == [] and len(STAND_IN_WORDS) == len(set(STAND_IN_WORDS))
+    with pytest.raises(TrainingError, match="stand_in_prior"):
+        TrainConfig(images=str(images), stand_in_prior=-1)
+
+
+def loss_is_finite(trainer) -> bool:
+    loss, _ = trainer.compute_loss(0)
+    trainer._strip()
+    return bool(torch.isfinite(loss))

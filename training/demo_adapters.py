@@ -87,13 +87,22 @@ KRON_WITH_TE = dict(prior_preservation=True, prior_loss_weight=1.0, train_text_e
 # medium and large arrows only (--instance-sizes medium,large); the CROSS sky does not bind at 100-150 steps.
 CROSS = dict(unet_targets="cross", train_text_encoder=False, train_token_embedding=True, lr=3e-3,
              token_embedding_lr=2e-2)
+# Session 14: the prior also holds ``rival_prompts`` (a stand-in word in a trigger's slot). Every demo was
+# trained with them; on the selection seed 777 (24 images per cell, docs/benchmark.md "Session 14") the
+# crescent + plus pair went from 0-3 of 24 all-present to 6-12 with composite, CMLoRA and step-5 CLoRA,
+# and the other trigger's object stopped turning into a second crescent. On the adapter check's seed 1234
+# (36 images) the object LoRAs kept their rates (crescent 1.00 / 1.00 / 0.92, plus 0.92 / 0.83 / 0.67, arrow
+# 0.50 / 0.42 / 0.92) but the styles and skies lost theirs (twotone 1.00 -> 0.67-0.75, glow 0.50-0.67,
+# sky LoRA 0.83-0.92, Kronecker crescent 0.08-0.25), so only the object LoRAs keep them. That choice was
+# made on seed 1234, so the check's numbers no longer test it blind; the benchmark's seeds were not used.
+STAND_INS = dict(stand_ins=True)
 
 DEMOS = [
     # world v2 classic recipe: 700 steps read 0.12 (24 images, seed 1234), 1400 read 0.54 (sentence 0.75)
-    Demo("crescent", "object", "sks", kron=True, lora_recipe={**CROSS, "steps": 2000},
+    Demo("crescent", "object", "sks", kron=True, lora_recipe={**CROSS, **STAND_INS, "steps": 2000},
          kron_recipe={**KRON_WITH_TE, "steps": 900}),
-    Demo("plus", "object", "ohwx", lora_recipe={**CROSS, "steps": 2000}),
-    Demo("arrow", "object", "btr", lora_recipe=dict(rank=8, steps=600)),
+    Demo("plus", "object", "ohwx", lora_recipe={**CROSS, **STAND_INS, "steps": 2000}),
+    Demo("arrow", "object", "btr", lora_recipe=dict(rank=8, steps=600, **STAND_INS)),
     # world v3.1 (session 11, selection seed 777, 24 images, sentence / tags / and): glow 0.38 / 0.38 / 0.38 at
     # 900 steps, 0.75 / 0.62 / 0.88 at 1800, 0.75 / 0.75 / 0.88 at 2700 (a tie: the fewer steps); gradient 0.62 /
     # 0.62 / 0.88 at 900, 0.88 / 0.88 / 1.00 at 1800, 0.88 / 0.62 / 0.88 at 2700
@@ -243,12 +252,35 @@ def instance_set(demo: Demo, folder: Path, n: int = N_INSTANCE, seed: int = 0) -
 def class_prompts(demo: Demo) -> list[str]:
     """Base-world prompts the adapter could disturb (one or two objects, fills, backgrounds, in
     the three forms); the base model draws their prior images. The same for every demo, so their
-    prior images are drawn once."""
+    prior images are drawn once. A recipe with ``stand_ins`` adds ``rival_prompts``."""
     from studio.toyworld.concepts import FORMS
     from studio.toyworld.render import caption_in_form, sample_base_scene
 
     rng = np.random.default_rng(31)
     return [caption_in_form(sample_base_scene(rng), FORMS[i % len(FORMS)]) for i in range(72)]
+
+
+def rival_prompts(n: int = 36) -> list[str]:
+    """Base-world prompts with a stand-in word (``training.dreambooth.STAND_IN_WORDS``) in a trigger's
+    slot, mostly beside a base object: "a red circle on the left and a blue jnr shape on the right",
+    "green star with dfs pattern", "a blue square on a khs background". Taught as prior, they keep an
+    adapter from drawing its concept for every "… shape" (or pattern, background) it is shown: composed
+    with another object adapter, a crescent adapter without them turns the other trigger's object into
+    a second crescent (docs/benchmark.md, session 14). ``studio train --stand-in-prior`` builds the same
+    kind of prompt from a user's own instance captions."""
+    from studio.toyworld.concepts import FORMS
+    from studio.toyworld.render import sample_concept_scene
+    from training.dreambooth import STAND_IN_WORDS
+
+    rng = np.random.default_rng(37)
+    slots = (("plus", "object"), ("glow", "style"), ("sky", "background"))
+    out = []
+    for i in range(n):
+        concept, kind = slots[i % len(slots)]
+        stand_in = Demo(concept, kind, STAND_IN_WORDS[i % len(STAND_IN_WORDS)])
+        scene = sample_concept_scene(concept, rng, p_two=0.7)
+        out.append(trigger_caption(scene, FORMS[(i // len(slots)) % len(FORMS)], stand_in))
+    return out
 
 
 def instance_sizes(text: str) -> list[str]:
@@ -302,7 +334,8 @@ def train_one(studio, demo: Demo, kind: str, params: dict, class_dir: Path, out:
         instance_set(demo, tmp)
         (tmp / "RECIPE").write_text(recipe)
         os.replace(tmp, inst)
-    prompts = class_prompts(demo)
+    params = dict(params)
+    prompts = class_prompts(demo) + (rival_prompts() if params.pop("stand_ins", False) else [])
     cfg = TrainConfig(
         images=str(inst), out=str(out / f"{name}.safetensors"), output_dir=str(WORK / name), trigger=demo.trigger,
         class_word=demo.slot, instance_prompt=f"a {demo.trigger} {demo.slot}", concept_kind=demo.kind, name=name,
@@ -428,6 +461,7 @@ def main(argv=None) -> int:
                 "trigger": demo.trigger, "trigger_phrase": trigger_phrase(demo),
                 "example_prompt": _trigger_prompts(demo)[0], "params": adapter.num_params(),
                 "steps": params["steps"], "train_seconds": round(secs, 1),
+                **({"stand_in_prompts": len(rival_prompts())} if params.get("stand_ins") else {}),
                 **({"overrides": overrides} if overrides else {}),
                 **({"instance_sizes": list(demo.sizes)} if instance_recipe(demo) != INSTANCE_RECIPE else {}),
                 "instance_images": f"instance/{demo.concept}/",

@@ -18,6 +18,7 @@ from .common import as_int, error_text, message, optional
 from .runs import Progress
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+STAND_IN_PROMPTS = 36  # stand-in prior prompts when the Train tab asks for them (the demo adapters hold 36)
 
 
 class TrainingCancelled(StudioError):
@@ -64,7 +65,8 @@ class TrainTab:
     def train(
         self, files: list[str] | None, folder: str, trigger: str, class_word: str, concept_kind: str = "object",
         adapter_type: str = "lora", rank=4, factors: str = "krona-paper", steps=700, prior_preservation: bool = False,
-        name: str = "", unet_targets: str = "attention", request: gr.Request | None = None,
+        name: str = "", unet_targets: str = "attention", stand_in_prior: bool = False,
+        request: gr.Request | None = None,
     ) -> Iterator[tuple]:
         """DreamBooth-train a LoRA or Kronecker adapter; it is saved into the library folder.
 
@@ -77,7 +79,7 @@ class TrainTab:
         try:
             cfg, name = self._train_config(dreambooth, files, folder, trigger, class_word, concept_kind,
                                            adapter_type, rank, factors, steps, prior_preservation, name,
-                                           unet_targets)
+                                           unet_targets, stand_in_prior)
             trainer = dreambooth.DreamBoothTrainer(self.studio, cfg)
         except (StudioError, gr.Error, ValueError) as e:
             yield gr.skip(), gr.skip(), message(error_text(e))
@@ -127,9 +129,10 @@ class TrainTab:
             self.runs.unregister(key, stop)
 
     def _train_config(self, dreambooth, files, folder, trigger, class_word, concept_kind, adapter_type, rank,
-                      factors, steps, prior_preservation, name, unet_targets="attention"):
+                      factors, steps, prior_preservation, name, unet_targets="attention", stand_in_prior=False):
         """The TrainConfig for a request, with uploaded files copied into a run folder. Cross-attention
-        layers come with a learnt trigger embedding: alone they barely bind the trigger."""
+        layers come with a learnt trigger embedding: alone they barely bind the trigger. The stand-in
+        prior adds ``STAND_IN_PROMPTS`` of them (the demo adapters' number)."""
         trigger = (trigger or "").strip()
         if not trigger or not (class_word or "").strip():
             raise gr.Error("give a trigger word (e.g. sks) and a class word (e.g. shape)")
@@ -166,5 +169,6 @@ class TrainTab:
             steps=as_int(steps, "steps"), prior_preservation=bool(prior_preservation),
             output_dir=str(run_dir / "run"), num_validation_images=2,
             unet_targets=layers, train_token_embedding=layers != "attention",
+            stand_in_prior=STAND_IN_PROMPTS if stand_in_prior else 0,
         )
         return cfg, name
