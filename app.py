@@ -317,8 +317,9 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                                 train_stand_in = gr.Checkbox(
                                     False, label="Stand-in prior", elem_id="train_stand_in",
                                     info="Also keep the base model's answer to your captions with another word "
-                                         "in the trigger's place, so composed beside other adapters this one "
-                                         "leaves their objects alone (turns prior preservation on)")
+                                         "in the trigger's place, so the adapter answers only its own trigger; "
+                                         "it helps an object adapter composed beside another (README, "
+                                         "\"--stand-in-prior\"). Turns prior preservation on")
                                 train_layers = gr.Dropdown(
                                     [("Every attention layer", "attention"), ("Cross-attention only", "cross"),
                                      ("Cross-attention keys/values only", "cross-kv")],
