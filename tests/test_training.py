@@ -505,19 +505,19 @@ def test_demo_priors_hold_stand_in_triggers_beside_base_objects():
     from studio.toyworld.concepts import RESERVED_WORDS, SHAPES, WORLD_WORDS
     from studio.toyworld.paths import TOY_MODEL_DIR
     from training.demo_adapters import DEMOS, class_prompts, rival_prompts
-    from training.dreambooth import STAND_IN_WORDS as RIVAL_WORDS
+    from training.dreambooth import STAND_IN_WORDS
 
     triggers = {d.trigger for d in DEMOS}
-    assert not set(RIVAL_WORDS) & (triggers | WORLD_WORDS | RESERVED_WORDS)
+    assert not set(STAND_IN_WORDS) & (triggers | WORLD_WORDS | RESERVED_WORDS)
     tok = CLIPTokenizer.from_pretrained(TOY_MODEL_DIR / "tokenizer")
-    assert all(len(tok.tokenize(w)) == 1 for w in RIVAL_WORDS)
+    assert all(len(tok.tokenize(w)) == 1 for w in STAND_IN_WORDS)
     prompts = rival_prompts()
     for p in prompts:
         words = set(p.replace(",", " ").split())
-        assert len(words & set(RIVAL_WORDS)) == 1 and not words & (triggers | RESERVED_WORDS), p
+        assert len(words & set(STAND_IN_WORDS)) == 1 and not words & (triggers | RESERVED_WORDS), p
     for slot in (" shape", " pattern", " background"):
-        assert sum(any(f"{w}{slot}" in p for w in RIVAL_WORDS) for p in prompts) >= 8, slot
-    beside = [p for p in prompts if any(f"{w} shape" in p for w in RIVAL_WORDS) and set(p.replace(",", " ").split()) & set(SHAPES)]
+        assert sum(any(f"{w}{slot}" in p for w in STAND_IN_WORDS) for p in prompts) >= 8, slot
+    beside = [p for p in prompts if any(f"{w} shape" in p for w in STAND_IN_WORDS) and set(p.replace(",", " ").split()) & set(SHAPES)]
     assert len(beside) >= 6
     for demo in DEMOS:  # the object LoRAs hold them in their prior (measured: docs/benchmark.md, session 14)
         assert not set(prompts) & set(class_prompts(demo))
@@ -540,14 +540,14 @@ def test_stand_in_prior_draws_the_instance_captions_with_another_word_for_the_tr
     drawn = sorted(e.caption for e in trainer.classes)
     assert drawn == sorted(["a object", "a red bmc shape on the left", "cdp shape, blue circle",
                             "a red dfs shape on the left"]) and len(trainer.classes) == 4
-    assert loss_is_finite(trainer)
+    assert _loss_is_finite(trainer)
     assert stand_in_prompts(["a sks-like sks shape"], "sks", 2) == ["a sks-like bmc shape", "a sks-like cdp shape"]
     assert stand_in_prompts(["no trigger here"], "sks", 4) == [] and len(STAND_IN_WORDS) == len(set(STAND_IN_WORDS))
     with pytest.raises(TrainingError, match="stand_in_prior"):
         TrainConfig(images=str(images), stand_in_prior=-1)
 
 
-def loss_is_finite(trainer) -> bool:
+def _loss_is_finite(trainer) -> bool:
     loss, _ = trainer.compute_loss(0)
     trainer._strip()
     return bool(torch.isfinite(loss))

@@ -1155,8 +1155,8 @@ def add_cli(subparsers) -> None:
     t.add_argument("--prior-loss-weight", type=float, default=1.0, help="weight of the class images' loss")
     t.add_argument("--stand-in-prior", type=int, default=0, metavar="N",
                    help="add N prior prompts that are instance captions with an unknown word where the trigger "
-                        "stands, so the adapter answers only its own trigger and composes beside other adapters "
-                        "(implies --prior-preservation; the demo adapters hold 36 such prompts in their prior)")
+                        "stands, so the adapter answers only its own trigger (implies --prior-preservation; what it "
+                        "measured on composed pairs: README, --stand-in-prior)")
     t.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR loss weighting gamma, e.g. 5 (default: off)")
     t.add_argument("--caption-dropout", type=float, default=0.0, help="share of examples trained with the empty caption")
     t.add_argument("--caption-dropout-scope", default="all", choices=["all", "prior"],
