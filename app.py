@@ -313,13 +313,6 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                             with gr.Row():
                                 train_steps = gr.Slider(1, 5000, value=train_defaults["steps"], step=1, label="Steps",
                                                         info=train_defaults["hint"], elem_id="train_steps")
-                                train_prior = gr.Checkbox(False, label="Prior preservation")
-                                train_stand_in = gr.Checkbox(
-                                    False, label="Stand-in prior", elem_id="train_stand_in",
-                                    info="Also keep the base model's answer to your captions with another word "
-                                         "in the trigger's place, so the adapter answers only its own trigger; "
-                                         "it helps an object adapter composed beside another (README, "
-                                         "\"--stand-in-prior\"). Turns prior preservation on")
                                 train_layers = gr.Dropdown(
                                     [("Every attention layer", "attention"), ("Cross-attention only", "cross"),
                                      ("Cross-attention keys/values only", "cross-kv")],
@@ -328,6 +321,13 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                                          "concept in its own branch when composed (composite, CLoRA); they need "
                                          "more steps")
                                 train_name = gr.Textbox(label="Adapter name (default: trigger)", elem_id="train_name")
+                            with gr.Row():
+                                train_prior = gr.Checkbox(False, label="Prior preservation")
+                                train_stand_in = gr.Checkbox(
+                                    False, label="Stand-in prior", elem_id="train_stand_in",
+                                    info="Prior images of your captions with another word for the trigger, so the "
+                                         "adapter answers only its own trigger (turns prior preservation on; "
+                                         "README, \"--stand-in-prior\")")
                             with gr.Row():
                                 train_btn = gr.Button("Train", variant="primary", elem_id="train_btn")
                                 train_stop = gr.Button("Stop", variant="stop")
@@ -441,6 +441,7 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
         if h.available("training.dreambooth", "DreamBoothTrainer"):
             train_files.change(h.instance_thumbnails, train_files, train_thumbs, api_visibility="private", **LIGHT)
             train_type.change(h.kind_fields, train_type, [train_rank, train_factors], api_visibility="private", **LIGHT)
+            train_stand_in.input(h.stand_in_prior_box, train_stand_in, train_prior, api_visibility="private", **LIGHT)
             train_event = train_btn.click(
                 h.train, [train_files, train_folder, train_trigger, train_class, train_kind, train_type, train_rank,
                           train_factors, train_steps, train_prior, train_name, train_layers, train_stand_in],

@@ -380,6 +380,8 @@ def test_train_tab_stand_in_prior_turns_prior_preservation_on(h, tmp_path):
     ticked, _ = h._train_config(*args, True)
     assert plain.stand_in_prior == 0 and not plain.prior_preservation
     assert ticked.stand_in_prior == STAND_IN_PROMPTS == 36 and ticked.prior_preservation
+    assert h.stand_in_prior_box(True)["value"] is True  # the UI ticks "Prior preservation" with it
+    assert "value" not in h.stand_in_prior_box(False)  # unticking it leaves prior preservation alone
 
 
 def test_train_stop_ends_the_run_and_adds_nothing(h, tmp_path):

@@ -311,6 +311,15 @@ def test_train_20_steps_and_use_the_result(sd1_pipe, tmp_path, browser):
         _set(page, "train_steps", 20)
         _set(page, "train_rank", 2)
         _set(page, "train_name", "mine")
+        prior = page.get_by_label("Prior preservation")  # the stand-in prior is prior images: it ticks the box
+        page.locator("#train_stand_in input").check()
+        for _ in range(100):
+            if prior.is_checked():
+                break
+            page.wait_for_timeout(100)
+        assert prior.is_checked()
+        page.locator("#train_stand_in input").uncheck()  # a plain 20-step run from here on
+        prior.uncheck()
         page.click("#train_btn")
         _wait_text(page, "train_status", "Trained", timeout_ms=300_000)  # ~1 s a step, more on a busy machine
         assert "20 steps" in page.locator("#train_status").inner_text()

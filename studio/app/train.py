@@ -58,6 +58,11 @@ class TrainTab:
         return [(f, Path(f).name) for f in files or () if Path(f).suffix.lower() in IMAGE_SUFFIXES]
 
     @staticmethod
+    def stand_in_prior_box(stand_in: bool):
+        """Ticking "Stand-in prior" ticks "Prior preservation" too: the stand-ins are prior images."""
+        return gr.update(value=True) if stand_in else gr.skip()
+
+    @staticmethod
     def kind_fields(adapter_type: str) -> tuple:
         """Show the LoRA rank for ``lora`` and the Kronecker factors for ``kron``."""
         return gr.update(visible=adapter_type == "lora"), gr.update(visible=adapter_type == "kron")
