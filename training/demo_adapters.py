@@ -263,7 +263,10 @@ def class_prompts(demo: Demo) -> list[str]:
     return [caption_in_form(sample_base_scene(rng), FORMS[i % len(FORMS)]) for i in range(72)]
 
 
-def rival_prompts(n: int = 36) -> list[str]:
+RIVAL_PROMPTS = 36  # stand-in prompts in a ``stand_ins`` recipe's prior
+
+
+def rival_prompts(n: int = RIVAL_PROMPTS) -> list[str]:
     """Base-world prompts with a stand-in word (``training.dreambooth.STAND_IN_WORDS``) in a trigger's
     slot, mostly beside a base object: "a red circle on the left and a blue jnr shape on the right",
     "green star with dfs pattern", "a blue square on a khs background". Taught as prior, they keep an
@@ -464,7 +467,7 @@ def main(argv=None) -> int:
                 "trigger": demo.trigger, "trigger_phrase": trigger_phrase(demo),
                 "example_prompt": _trigger_prompts(demo)[0], "params": adapter.num_params(),
                 "steps": params["steps"], "train_seconds": round(secs, 1),
-                **({"stand_in_prompts": len(rival_prompts())} if params.get("stand_ins") else {}),
+                **({"stand_in_prompts": RIVAL_PROMPTS} if params.get("stand_ins") else {}),
                 **({"overrides": overrides} if overrides else {}),
                 **({"instance_sizes": list(demo.sizes)} if instance_recipe(demo) != INSTANCE_RECIPE else {}),
                 "instance_images": f"instance/{demo.concept}/",

@@ -136,8 +136,8 @@ class TrainTab:
     def _train_config(self, dreambooth, files, folder, trigger, class_word, concept_kind, adapter_type, rank,
                       factors, steps, prior_preservation, name, unet_targets="attention", stand_in_prior=False):
         """The TrainConfig for a request, with uploaded files copied into a run folder. Cross-attention
-        layers come with a learnt trigger embedding: alone they barely bind the trigger. The stand-in
-        prior adds ``STAND_IN_PROMPTS`` of them (the demo adapters' number)."""
+        layers come with a learnt trigger embedding: alone they barely bind the trigger. A ticked
+        stand-in box asks for ``STAND_IN_PROMPTS`` stand-in prior prompts."""
         trigger = (trigger or "").strip()
         if not trigger or not (class_word or "").strip():
             raise gr.Error("give a trigger word (e.g. sks) and a class word (e.g. shape)")
