@@ -563,6 +563,40 @@ def test_growing_the_latent_keeps_what_the_vae_and_unet_compute():
     assert torch.allclose(o, g[:, :4], atol=1e-5) and torch.equal(g[:, 4:], torch.zeros_like(g[:, 4:]))
 
 
+def test_a_grown_unet_level_keeps_the_old_blocks_around_a_new_outer_level():
+    """For a factor-4 VAE (twice the latent size) the UNet gains an outer level: every old block keeps
+    its weights one level down, the upsampler the old last up block gains starts as nearest neighbour,
+    and the grown UNet predicts latents of the new size and channel count."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import UNet2DConditionModel
+
+    from training.toyworld import grow_unet_level
+
+    torch.manual_seed(0)
+    old = UNet2DConditionModel(sample_size=8, in_channels=8, out_channels=8, layers_per_block=1,
+                               block_out_channels=(32, 64), cross_attention_dim=32, norm_num_groups=8,
+                               down_block_types=("CrossAttnDownBlock2D",) * 2,
+                               up_block_types=("CrossAttnUpBlock2D",) * 2).eval()
+    new = grow_unet_level(old, 4).eval()
+    assert new.config.block_out_channels == (32, 32, 64) and new.config.sample_size == 16
+    assert new.config.down_block_types[0] == "DownBlock2D" and new.config.up_block_types[-1] == "UpBlock2D"
+    sd_old, sd_new = old.state_dict(), new.state_dict()
+    for k, v in sd_old.items():
+        if k.startswith(("conv_in.", "conv_out.")):
+            continue
+        if k.startswith("down_blocks."):
+            i, rest = k[len("down_blocks."):].split(".", 1)
+            k = f"down_blocks.{int(i) + 1}.{rest}"
+        assert torch.equal(sd_new[k], v), k
+    x = torch.randn(2, 32, 4, 4)
+    with torch.no_grad():
+        up = new.up_blocks[1].upsamplers[0](x)
+        assert torch.allclose(up, F.interpolate(x, scale_factor=2, mode="nearest"), atol=1e-6)
+        z, t, c = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 5, 32)
+        assert new(z, t, encoder_hidden_states=c).sample.shape == (2, 4, 16, 16)
+
+
 def test_a_budgeted_stage_runs_and_shows_the_steps_its_budget_settled_on(monkeypatch):
     import itertools
 
@@ -595,3 +629,57 @@ def test_check_keeps_two_adapter_files_that_carry_the_same_name_apart(sd1, tmp_p
     a, b = sd1.adapters.get(first), sd1.adapters.get(second)
     some = next(iter(a.layers))
     assert not torch.equal(a.layers[some].down, b.layers[some].down)  # both files are in the library
+
+
+def test_perfect_scene_shows_what_the_prompt_asks_with_triggers_read_as_concepts():
+    import numpy as np
+
+    from studio.toyworld.ceiling import perfect_scene, trigger_concepts
+    from studio.toyworld.prompts import parse_prompt
+
+    class Entry:
+        def __init__(self, trigger, concept):
+            self.trigger, self.concept = trigger, concept
+
+    class Suite:
+        adapters = {"c": Entry("a sks shape", "crescent"), "g": Entry("kpk pattern", "glow"),
+                    "s": Entry("a wvu background", "sky"), "x": Entry(None, None)}
+
+    triggers = trigger_concepts(Suite)
+    assert triggers == {"sks": "crescent", "kpk": "glow", "wvu": "sky"}
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        scene = perfect_scene(parse_prompt("red sks shape with kpk pattern, wvu background", triggers), rng)
+        (obj,) = scene.objects
+        assert (obj.shape, obj.color, obj.pattern, scene.background) == ("crescent", "red", "glow", "sky")
+        two = perfect_scene(parse_prompt("a sks shape and a blue square", triggers), rng)
+        assert [(o.shape, o.position) for o in two.objects] == [("crescent", "left"), ("square", "right")]
+        assert two.objects[1].color == "blue" and two.background == "plain"
+
+
+@pytest.mark.skipif(not HAVE_MODEL, reason=NO_ASSETS)
+def test_suite_ceiling_finds_a_kept_concept_and_names_the_worst_set(tmp_path, capsys):
+    """A large solid crescent survives the VAE, a glow on a thin crescent mostly does not (measured:
+    README, "Composition ceiling"); the report's last line names the worst set."""
+    from studio.toyworld.ceiling import main
+
+    ad = MODELS_DIR.parent / "adapters"
+    suite = tmp_path / "s.yaml"
+    suite.write_text(f"""name: t
+model: toy
+adapters:
+  - {{name: crescent, path: {ad / 'crescent-lora.safetensors'}, trigger: "a sks shape", concept: crescent}}
+  - {{name: glow, path: {ad / 'glow-lora.safetensors'}, trigger: "kpk pattern", concept: glow}}
+adapter_sets:
+  - {{id: alone, adapters: [crescent]}}
+  - {{id: styled, adapters: [crescent, glow]}}
+prompts:
+  - {{id: a, text: "a large red sks shape", sets: [alone]}}
+  - {{id: b, text: "a small red sks shape with kpk pattern", sets: [styled]}}
+methods: [merge]
+""")
+    assert main([str(suite), "--per-prompt", "8"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    m = re.fullmatch(r"min_ceiling=([\d.]+) worst=styled ceiling_alone=([\d.]+) ceiling_styled=([\d.]+)", last)
+    assert m, last
+    assert float(m.group(2)) >= 0.75 and float(m.group(3)) <= 0.5

@@ -497,6 +497,29 @@ def test_demo_instance_sets_keep_to_their_sizes_and_say_so(tmp_path):
         instance_sizes("huge")
 
 
+def test_demo_object_sets_show_every_colour_in_every_base_fill_and_name_the_fill(tmp_path):
+    """An object taught in base fills sees each fill in every colour, captioned by name ("a red sks shape with
+    stripes"); no image holds a reserved fill; reserved fills are refused and the set is redrawn when fills change."""
+    import dataclasses
+
+    from studio.toyworld.concepts import COLORS
+    from training.demo_adapters import DEMOS, instance_fills, instance_recipe, instance_set
+
+    crescent = next(d for d in DEMOS if d.concept == "crescent" and d.kind == "object")
+    filled = dataclasses.replace(crescent, fills=tuple(instance_fills("solid,stripes,dots")))
+    instance_set(filled, tmp_path / "f", n=36)
+    captions = [p.read_text() for p in sorted((tmp_path / "f").glob("*.txt"))]
+    seen = set()
+    for c in captions:
+        fill = "stripes" if "sks shape with stripes" in c else "dots" if "sks shape with dots" in c else "solid"
+        seen |= {(color, fill) for color in COLORS if f"{color} sks shape" in c}
+        assert "pattern" not in c and "crescent" not in c, c
+    assert seen == {(c, f) for c in COLORS for f in ("solid", "stripes", "dots")}
+    assert instance_recipe(filled) != instance_recipe(crescent) and "fills=solid,stripes,dots" in instance_recipe(filled)
+    with pytest.raises(SystemExit, match="solid, stripes, dots"):
+        instance_fills("solid,glow")
+
+
 def test_demo_priors_hold_stand_in_triggers_beside_base_objects():
     """Every demo's prior includes base scenes with an unknown one-token word in a trigger's slot (object,
     pattern, background), never a demo trigger or a reserved word, mostly beside a base object."""

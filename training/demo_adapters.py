@@ -49,6 +49,9 @@ class Demo:
     # the object sizes its instance images show; an object the VAE turns into a blob when small is
     # better taught only at the sizes it keeps (python -m studio.toyworld.roundtrip)
     sizes: tuple[str, ...] = ("small", "medium", "large")
+    # the base fills an object's instance images show it in: taught only solid, an object adapter draws
+    # every "sks shape with stripes" (or with a style adapter's pattern) solid (docs/benchmark.md, session 15)
+    fills: tuple[str, ...] = ("solid",)
 
     def recipe(self, kind: str) -> dict:
         """The full training settings of this demo's ``kind`` adapter (lora / kron)."""
@@ -99,6 +102,10 @@ CROSS = dict(unet_targets="cross", train_text_encoder=False, train_token_embeddi
 # rival prompts), seed 777, 24 images, composite / CMLoRA / step-5 CLoRA: crescent + plus 0 / 1 / 7 against
 # 6 / 8 / 16, crescent + glow 0 / 0 / 1 against 1 / 0 / 4, so the rival prompts stay.
 STAND_INS = dict(stand_ins=True)
+# Session 15: the crescent and plus LoRAs retrained with a third of their instance images in stripes and a
+# third in dots (--instance-fills solid,stripes,dots). Alone, the crescent still drew "a green sks shape with
+# stripes" solid (0 of 16, seed 777), and composed with the twotone, glow or gradient adapter it was no better
+# (24 images per cell, docs/benchmark.md "Session 15"), so the demos keep solid instance images.
 
 DEMOS = [
     # world v2 classic recipe: 700 steps read 0.12 (24 images, seed 1234), 1400 read 0.54 (sentence 0.75)
@@ -198,7 +205,8 @@ def instance_recipe(demo: Demo) -> str:
     """What an instance set was drawn with: the shared recipe, and the sizes where they are not all three."""
     from studio.toyworld.concepts import SIZES
 
-    return INSTANCE_RECIPE + ("" if set(demo.sizes) == set(SIZES) else " sizes=" + ",".join(demo.sizes))
+    return (INSTANCE_RECIPE + ("" if set(demo.sizes) == set(SIZES) else " sizes=" + ",".join(demo.sizes))
+            + ("" if demo.fills == ("solid",) else " fills=" + ",".join(demo.fills)))
 
 
 def trigger_caption(scene, form: str, demo: Demo) -> str:
@@ -234,8 +242,8 @@ def instance_set(demo: Demo, folder: Path, n: int = N_INSTANCE, seed: int = 0) -
         size = sizes[k % len(sizes)]
         pos = POSITIONS[(k + k // len(SIZES)) % len(POSITIONS)]
         base_shape = SHAPES[(i + k) % len(SHAPES)]
-        if demo.kind == "object":
-            main = Obj(demo.concept, color, size=size, position=pos)
+        if demo.kind == "object":  # the fill cycles against the colour: every colour gets every fill
+            main = Obj(demo.concept, color, pattern=demo.fills[(i + k) % len(demo.fills)], size=size, position=pos)
         elif demo.kind == "style":
             main = Obj(base_shape, color, pattern=demo.concept, size=size, position=pos)
         else:
@@ -298,6 +306,18 @@ def instance_sizes(text: str) -> list[str]:
     if bad or not sizes:
         raise SystemExit(f"--instance-sizes {text!r}: expected sizes from {', '.join(SIZES)}, comma-separated")
     return sizes
+
+
+def instance_fills(text: str) -> list[str]:
+    """["solid", "stripes"] from "solid,stripes"; only base fills (an instance image holds no reserved
+    concept but the adapter's own), others are refused with the known ones."""
+    from studio.toyworld.concepts import PATTERNS
+
+    fills = [f.strip() for f in text.split(",") if f.strip()]
+    bad = [f for f in fills if f not in PATTERNS]
+    if bad or not fills:
+        raise SystemExit(f"--instance-fills {text!r}: expected base fills from {', '.join(PATTERNS)}, comma-separated")
+    return fills
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -414,6 +434,8 @@ def main(argv=None) -> int:
                          "--set rank=8 (a TrainConfig field; the value is read as JSON, else as text)")
     ap.add_argument("--instance-sizes", default=None, metavar="S1,S2",
                     help="draw the instance images at these object sizes only, e.g. medium,large (an experiment)")
+    ap.add_argument("--instance-fills", default=None, metavar="F1,F2",
+                    help="show an object adapter's concept in these base fills, e.g. solid,stripes,dots (an experiment)")
     ap.add_argument("--eval", type=int, default=36, help="images per evaluation measure (0: skip)")
     ap.add_argument("--eval-seed", type=int, default=EVAL_SEED,
                     help="evaluation seed (1234 = the shipped numbers; 777 and 4242 are the selection seeds "
@@ -425,9 +447,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     overrides = parse_overrides(args.set)
     sizes = tuple(instance_sizes(args.instance_sizes)) if args.instance_sizes else None  # refused before the model loads
+    fills = tuple(instance_fills(args.instance_fills)) if args.instance_fills else None
     out = Path(args.out)
     logging.basicConfig(level=logging.INFO, format="[demo %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     from studio.studio import Studio
+    from studio.toyworld.concepts import SIZES
     from studio.toyworld.paths import require_toy_model
 
     if args.tiny:
@@ -453,6 +477,8 @@ def main(argv=None) -> int:
         name = f"{demo.concept}-{kind}"
         if sizes:
             demo = dataclasses.replace(demo, sizes=sizes)
+        if fills and demo.kind == "object":
+            demo = dataclasses.replace(demo, fills=fills)
         if args.eval_only:
             if name not in index or oracle is None:
                 log.warning("skipping %s: nothing shipped to re-judge (or --eval 0)", name)
@@ -469,7 +495,8 @@ def main(argv=None) -> int:
                 "steps": params["steps"], "train_seconds": round(secs, 1),
                 **({"stand_in_prompts": RIVAL_PROMPTS} if params.get("stand_ins") else {}),
                 **({"overrides": overrides} if overrides else {}),
-                **({"instance_sizes": list(demo.sizes)} if instance_recipe(demo) != INSTANCE_RECIPE else {}),
+                **({"instance_sizes": list(demo.sizes)} if set(demo.sizes) != set(SIZES) else {}),
+                **({"instance_fills": list(demo.fills)} if demo.fills != ("solid",) else {}),
                 "instance_images": f"instance/{demo.concept}/",
             }
         if oracle is not None:  # judge the shipped (fp16) file, loaded like a user would

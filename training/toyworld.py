@@ -241,6 +241,39 @@ def expand_unet_channels(old, channels: int):
     return new
 
 
+@torch.no_grad()
+def grow_unet_level(old, latent_channels: int):
+    """A UNet with one more, outer resolution level than ``old`` (a ``DownBlock2D`` / ``UpBlock2D``
+    pair at twice the latent size, as wide as ``old``'s first level) around ``old``'s blocks, which
+    keep their weights: a factor-4 VAE's 16x16 latents go through the new level, and at 8x8 the
+    blocks that already bind text to shapes and colours go on as before. ``conv_in``, ``conv_out``
+    and the new level start fresh; the upsampler ``old``'s last up block gains starts as nearest
+    neighbour (an identity convolution)."""
+    from diffusers import UNet2DConditionModel
+
+    c = dict(old.config)
+    c0 = c["block_out_channels"][0]
+    new = UNet2DConditionModel(**{
+        **c, "in_channels": latent_channels, "out_channels": latent_channels, "sample_size": 2 * c["sample_size"],
+        "block_out_channels": (c0, *c["block_out_channels"]),
+        "down_block_types": ("DownBlock2D", *c["down_block_types"]),
+        "up_block_types": (*c["up_block_types"], "UpBlock2D")})
+    sd = new.state_dict()
+    for k, v in old.state_dict().items():
+        if k.startswith(("conv_in.", "conv_out.")):
+            continue
+        if k.startswith("down_blocks."):
+            i, rest = k[len("down_blocks."):].split(".", 1)
+            k = f"down_blocks.{int(i) + 1}.{rest}"
+        sd[k].copy_(v)  # up_blocks keep their indices: the new level is the last up block
+    up = f"up_blocks.{len(c['up_block_types']) - 1}.upsamplers.0.conv"
+    sd[up + ".weight"].zero_()
+    sd[up + ".weight"][:, :, 1, 1] = torch.eye(c0)
+    sd[up + ".bias"].zero_()
+    new.load_state_dict(sd)
+    return new
+
+
 # ----------------------------------------------------------------------------- generic images
 def _rand_color(rng):
     return tuple(int(v) for v in rng.integers(0, 256, 3))
