@@ -37,6 +37,11 @@ def test_wheel_installs_a_working_generate_and_app(tmp_path):
     subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
                    check=True, timeout=600, cwd=tmp_path)
     wheel = next(wheels.glob("*.whl"))
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any("assets/models/toy-sd/unet/" in n for n in names)
+    assert not any("assets/models/stages/" in n for n in names)  # a world being rebuilt is not shipped
     subprocess.run(pip + ["install", "--no-deps", "--target", str(target), str(wheel)], check=True, timeout=600)
     env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
     env.pop("STUDIO_DATA", None)

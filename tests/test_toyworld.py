@@ -520,6 +520,19 @@ def test_quick_training_run_builds_a_loadable_world(tmp_path):
     with pytest.raises(SystemExit):  # a folder without a build is refused up front
         main(["--out", str(warm), "--quick", "--init", str(tmp_path / "nothing")])
 
+    # world v4: a factor-4 VAE from scratch, the earlier UNet grown by an outer level, its text encoder kept
+    v4 = tmp_path / "v4"
+    with pytest.raises(SystemExit, match="--init"):
+        main(["--out", str(v4), "--quick", "--stages", "vae,unet", "--world", "v4"])
+    assert main(["--out", str(v4), "--quick", "--stages", "vae,unet", "--world", "v4", "--init", str(tmp_path)]) == 0
+    pipe4 = StableDiffusionPipeline.from_pretrained(str(v4 / "toy-sd"), torch_dtype=torch.float32)
+    assert pipe4.vae_scale_factor == 4 and pipe4.unet.config.sample_size == 16
+    assert len(pipe4.unet.config.block_out_channels) == len(pipe.unet.config.block_out_channels) + 1
+    assert all(torch.equal(a, b) for a, b in zip(pipe4.text_encoder.parameters(), pipe.text_encoder.parameters()))
+    assert pipe4("a red circle", num_inference_steps=2).images[0].size == (64, 64)
+    report = json.loads((v4 / "toyworld-train.json").read_text())
+    assert report["unet"]["grown_level"] and not report["unet"]["text_encoder_trained"] and report["vae"]["world"] == "v4"
+
 
 def test_growing_the_latent_keeps_what_the_vae_and_unet_compute():
     """World v3 grew v2's 4-channel latent to 8 channels: the grown VAE encodes the old channels and
@@ -683,3 +696,30 @@ methods: [merge]
     m = re.fullmatch(r"min_ceiling=([\d.]+) worst=styled ceiling_alone=([\d.]+) ceiling_styled=([\d.]+)", last)
     assert m, last
     assert float(m.group(2)) >= 0.75 and float(m.group(3)) <= 0.5
+
+
+WORLD_V4_STAGE = MODELS_DIR / "stages" / "world-v4"
+
+
+@pytest.mark.skipif(not (WORLD_V4_STAGE / "unet").is_dir(), reason="world v4 stage not in this checkout")
+def test_world_v4_stage_with_v31_text_encoder_draws_what_it_is_asked(tmp_path):
+    """The v4 stage (UNet and factor-4 VAE) plus world v3.1's text encoder and tokenizer is a working
+    pipeline: 16x16 latents, and the oracle finds the prompted shapes and colours in what it draws."""
+    import shutil
+
+    from studio.studio import Studio
+    from studio.toyworld.oracle import load_oracle
+
+    folder = tmp_path / "toy-sd-v4"
+    shutil.copytree(WORLD_V4_STAGE, folder)
+    for part in ("text_encoder", "tokenizer"):
+        shutil.copytree(TOY_MODEL_DIR / part, folder / part)
+    studio = Studio.load(str(folder))
+    assert studio.pipe.vae_scale_factor == 4 and studio.pipe.unet.config.sample_size == 16
+    images = studio.generate("a blue square on the left and a yellow star on the right", steps=25, guidance=3.0,
+                             seed=6100, num_images=4, progress=False)
+    assert images[0].size == (64, 64)
+    preds = load_oracle().predict(images)
+    found = [{(o["position"], o["shape"], o["color"]) for o in p["objects"]} >= {("left", "square", "blue"), ("right", "star", "yellow")}
+             for p in preds]
+    assert sum(found) >= 3, preds

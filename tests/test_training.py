@@ -574,3 +574,13 @@ def _loss_is_finite(trainer) -> bool:
     loss, _ = trainer.compute_loss(0)
     trainer._strip()
     return bool(torch.isfinite(loss))
+
+
+def test_demo_adapters_refuse_a_model_folder_that_holds_no_toy_model(tmp_path):
+    """--model points the demo build at a world being rebuilt; a folder without one names the build command."""
+    from studio.toyworld.paths import ToyModelMissingError
+    from training.demo_adapters import main
+
+    with pytest.raises(ToyModelMissingError, match="python -m training.toyworld"):
+        main(["--model", str(tmp_path / "nothing"), "--eval", "0", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -441,6 +441,8 @@ def main(argv=None) -> int:
                     help="evaluation seed (1234 = the shipped numbers; 777 and 4242 are the selection seeds "
                          "step counts were picked on)")
     ap.add_argument("--out", default=str(OUT), help="where the adapters go (default assets/adapters)")
+    ap.add_argument("--model", default=None, metavar="FOLDER",
+                    help="train on this toy pipeline folder instead of the bundled one (e.g. a world being rebuilt)")
     ap.add_argument("--tiny", action="store_true", help="smoke run on a tiny random pipeline (no evaluation)")
     ap.add_argument("--eval-only", action="store_true",
                     help="re-judge the shipped files (e.g. after a base-model change) without training")
@@ -459,8 +461,8 @@ def main(argv=None) -> int:
 
         studio, args.eval = Studio.from_pipeline(build_tiny_pipeline("sd1"), "tiny-sd1"), 0
     else:
-        require_toy_model()
-        studio = Studio.load(None)
+        model = require_toy_model(args.model)  # a missing model names the command that builds it
+        studio = Studio.load(str(model) if args.model else None)
     oracle = None
     if args.eval:
         from studio.toyworld.oracle import load_oracle

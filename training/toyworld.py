@@ -75,6 +75,13 @@ UNET_CONFIG = dict(
     mid_block_type="UNetMidBlock2DCrossAttn",
     cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32,
 )
+# World v4 (session 15, an experiment; ``--world v4``): a factor-4 VAE, 16x16x4 latents, trained from
+# scratch, and the earlier world's UNet grown by an outer 16x16 level (``grow_unet_level``) with its text
+# encoder frozen. At 8x8 a glow on a crescent or two objects on a sky did not survive the latent
+# (``python -m studio.toyworld.ceiling``); the 16x16 latent keeps most of them.
+VAE_CONFIG_V4 = dict(VAE_CONFIG, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 3,
+                     up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 32, 64))
+WORLDS = ("v3", "v4")
 # Warm-started VAE: weight of the pull towards the earlier encoder's posterior means.
 VAE_ANCHOR = 0.2
 SCHED_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -410,16 +417,18 @@ def train_vae(cfg, out: Path, rng, device, report):
         imgs.append(generic_image(rng) if i % 3 == 0 else render(sample_base_scene(rng), rng))
     data = to_tensor(imgs)
     log(f"vae data: {n} images in {time.time() - t0:.1f}s")
-    init = cfg.get("init")
+    v4 = cfg.get("world") == "v4"
+    config = VAE_CONFIG_V4 if v4 else VAE_CONFIG
+    init = None if v4 else cfg.get("init")  # a factor-4 VAE has no earlier one to start from
     anchor = None
-    c0 = VAE_CONFIG["latent_channels"]
+    c0 = config["latent_channels"]
     if init:  # warm start: keep the earlier latent space so an earlier UNet stays a good start
         anchor = AutoencoderKL.from_pretrained(Path(init) / "toy-sd" / "vae", torch_dtype=torch.float32).to(device)
         anchor.requires_grad_(False).eval()
         c0 = anchor.config.latent_channels
-        vae = expand_vae_latents(anchor, VAE_CONFIG["latent_channels"]).to(device)
+        vae = expand_vae_latents(anchor, config["latent_channels"]).to(device)
     else:
-        vae = AutoencoderKL(**VAE_CONFIG).to(device)
+        vae = AutoencoderKL(**config).to(device)
     nparams = sum(p.numel() for p in vae.parameters())
     opt = torch.optim.AdamW(vae.parameters(), lr=5e-4 if init else 2e-3, weight_decay=1e-4)
     steps, bs = cfg["vae_steps"], cfg["vae_batch"]
@@ -472,7 +481,8 @@ def train_vae(cfg, out: Path, rng, device, report):
     steps = bud.total
     log(f"vae: {nparams / 1e6:.2f}M params, {steps} steps, PSNR {psnr:.1f} dB, scaling_factor {scaling:.4f}, {dt / 60:.1f} min")
     report["vae"] = dict(params=nparams, steps=steps, batch=bs, psnr_db=round(psnr, 2), init_from=init,
-                         scaling_factor=round(scaling, 5), minutes=round(dt / 60, 2), config=VAE_CONFIG)
+                         scaling_factor=round(scaling, 5), minutes=round(dt / 60, 2), config=config,
+                         world=cfg.get("world", "v3"))
 
 
 def vae_dir(out: Path) -> Path | None:
@@ -665,7 +675,8 @@ def _unet_data(cfg, vae, rng, device):
     return scenes, torch.cat(means), torch.cat(stds)
 
 
-def _fit_unet(unet, text_encoder, scenes, means, stds, sf, bud: "Budget", bs: int, lr: float, seed: int, device):
+def _fit_unet(unet, text_encoder, scenes, means, stds, sf, bud: "Budget", bs: int, lr: float, seed: int, device,
+              train_text_encoder: bool = True):
     """Epsilon-prediction training with min-SNR-5 weighting, 10% caption dropout and EMA; the EMA
     weights are copied into the models at the end. Returns the last loss."""
     from diffusers import DDPMScheduler
@@ -674,7 +685,8 @@ def _fit_unet(unet, text_encoder, scenes, means, stds, sf, bud: "Budget", bs: in
     noise_sched = DDPMScheduler(**SCHED_CONFIG)
     acp = noise_sched.alphas_cumprod.to(device)
     snr = acp / (1 - acp)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text_encoder else [])
+    text_encoder.requires_grad_(train_text_encoder)
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: bud.lr(s, 0.1))
@@ -682,7 +694,7 @@ def _fit_unet(unet, text_encoder, scenes, means, stds, sf, bud: "Budget", bs: in
     cap_rng = np.random.default_rng(seed + 1)
     n = len(scenes)
     unet.train()
-    text_encoder.train()
+    text_encoder.train(train_text_encoder)
     loss = torch.zeros(())
     for step, bar in bud.loop():
         idx = torch.randint(0, n, (bs,), generator=g)
@@ -693,7 +705,8 @@ def _fit_unet(unet, text_encoder, scenes, means, stds, sf, bud: "Budget", bs: in
         noise = torch.randn(z.shape, generator=g).to(device)
         t = torch.randint(0, 1000, (bs,), generator=g).to(device)
         zt = noise_sched.add_noise(z, noise, t)
-        cond = text_encoder(ids)[0]
+        with torch.set_grad_enabled(train_text_encoder):
+            cond = text_encoder(ids)[0]
         pred = unet(zt, t, encoder_hidden_states=cond).sample
         w = torch.clamp(snr[t], max=5.0) / snr[t]
         loss = (w * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
@@ -727,20 +740,29 @@ def train_unet(cfg, out: Path, rng, device, report):
     log(f"unet data: {len(scenes)} scenes rendered and encoded in {time.time() - t0:.1f}s")
 
     init = cfg.get("init")
-    if init:  # warm start from an earlier world's UNet and text encoder (same architecture)
+    grown = False
+    if init:  # warm start from an earlier world's UNet and text encoder
         text_encoder = CLIPTextModel.from_pretrained(Path(init) / "toy-sd" / "text_encoder",
                                                      torch_dtype=torch.float32).to(device)
         unet = UNet2DConditionModel.from_pretrained(Path(init) / "toy-sd" / "unet",
                                                     torch_dtype=torch.float32)
-        if unet.config.in_channels != vae.config.latent_channels:  # the VAE stage grew the latent
+        latent_size = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
+        if unet.config.sample_size * 2 == latent_size:  # world v4: a factor-4 VAE, latents twice as large
+            unet, grown = grow_unet_level(unet, vae.config.latent_channels), True
+        elif unet.config.in_channels != vae.config.latent_channels:  # the VAE stage grew the latent
             unet = expand_unet_channels(unet, vae.config.latent_channels)
         unet = unet.to(device)
+    elif cfg.get("world") == "v4":
+        raise SystemExit("--world v4 grows an earlier world's UNet: give --init FOLDER (e.g. a copy of assets/models)")
     else:
         text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)).to(device)
         unet = UNet2DConditionModel(**UNET_CONFIG).to(device)
     bs = cfg["unet_batch"]
     bud = Budget("unet", cfg["unet_steps"], 100 if init else 200, cfg["unet_minutes"])
-    last_loss = _fit_unet(unet, text_encoder, scenes, means, stds, sf, bud, bs, 3e-4 if init else 5e-4, 3, device)
+    # a grown UNet's new level starts from scratch (the from-scratch rate); the text encoder its inner
+    # blocks were trained against stays as it is
+    last_loss = _fit_unet(unet, text_encoder, scenes, means, stds, sf, bud, bs, 3e-4 if init and not grown else 5e-4, 3,
+                          device, train_text_encoder=not grown)
     unet.eval()
     text_encoder.eval()
     steps = bud.total
@@ -757,7 +779,8 @@ def train_unet(cfg, out: Path, rng, device, report):
     log(f"unet: {nparams_unet / 1e6:.2f}M params (+ text encoder {nparams_te / 1e6:.2f}M), {steps} steps, {dt / 60:.1f} min")
     report["unet"] = dict(params=nparams_unet, text_encoder_params=nparams_te, steps=steps, batch=bs,
                           train_minutes=round(train_min, 2), minutes=round(dt / 60, 2),
-                          final_loss=round(last_loss, 4), config=UNET_CONFIG, text_config=TEXT_CONFIG, init_from=init,
+                          final_loss=round(last_loss, 4), config=dict(unet.config), text_config=TEXT_CONFIG, init_from=init,
+                          grown_level=grown, text_encoder_trained=not grown,
                           heldout_pairs=len(__import__("studio.toyworld.render", fromlist=["x"]).HELDOUT_PAIRS))
 
 
@@ -954,6 +977,9 @@ def main(argv=None) -> int:
                     help="warm start the vae, unet (+ text encoder) and clip stages from an earlier build "
                          "with the same architecture (e.g. the previous assets/models); the oracle always "
                          "starts from scratch")
+    ap.add_argument("--world", choices=WORLDS, default="v3",
+                    help="v3: factor-8 VAE, 8x8x8 latents (the shipped world); v4: a factor-4 VAE (16x16x4) from "
+                         "scratch, and --init's UNet grown by an outer level (an experiment of session 15)")
     ap.add_argument("--oracles", default="oracle,oracle-b",
                     help="oracle stage: which of the two oracles to train (default both; two processes can "
                          "train one each)")
@@ -975,6 +1001,7 @@ def main(argv=None) -> int:
             ap.error(f"--init {args.init}: no toy-sd/unet there; give a folder written by this script")
         cfg["init"] = str(init)
     cfg["oracle_continue"] = args.oracle_continue
+    cfg["world"] = args.world
     cfg["oracles"] = tuple(x.strip() for x in args.oracles.split(",") if x.strip())
     if not cfg["oracles"] or set(cfg["oracles"]) - {"oracle", "oracle-b"}:
         ap.error(f"--oracles {args.oracles!r}: give oracle, oracle-b or both")
