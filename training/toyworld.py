@@ -686,7 +686,7 @@ def _fit_unet(unet, text_encoder, scenes, means, stds, sf, bud: "Budget", bs: in
     acp = noise_sched.alphas_cumprod.to(device)
     snr = acp / (1 - acp)
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text_encoder else [])
-    text_encoder.requires_grad_(train_text_encoder)
+    text_encoder.requires_grad_(train_text_encoder)  # frozen: no graph is built through it
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: bud.lr(s, 0.1))
@@ -705,8 +705,7 @@ def _fit_unet(unet, text_encoder, scenes, means, stds, sf, bud: "Budget", bs: in
         noise = torch.randn(z.shape, generator=g).to(device)
         t = torch.randint(0, 1000, (bs,), generator=g).to(device)
         zt = noise_sched.add_noise(z, noise, t)
-        with torch.set_grad_enabled(train_text_encoder):
-            cond = text_encoder(ids)[0]
+        cond = text_encoder(ids)[0]
         pred = unet(zt, t, encoder_hidden_states=cond).sample
         w = torch.clamp(snr[t], max=5.0) / snr[t]
         loss = (w * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
@@ -752,8 +751,6 @@ def train_unet(cfg, out: Path, rng, device, report):
         elif unet.config.in_channels != vae.config.latent_channels:  # the VAE stage grew the latent
             unet = expand_unet_channels(unet, vae.config.latent_channels)
         unet = unet.to(device)
-    elif cfg.get("world") == "v4":
-        raise SystemExit("--world v4 grows an earlier world's UNet: give --init FOLDER (e.g. a copy of assets/models)")
     else:
         text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)).to(device)
         unet = UNet2DConditionModel(**UNET_CONFIG).to(device)
@@ -1002,6 +999,8 @@ def main(argv=None) -> int:
         cfg["init"] = str(init)
     cfg["oracle_continue"] = args.oracle_continue
     cfg["world"] = args.world
+    if args.world == "v4" and "unet" in args.stages.replace(" ", "").split(",") and not args.init:  # refused before any stage runs
+        raise SystemExit("--world v4 grows an earlier world's UNet: give --init FOLDER (e.g. a copy of assets/models)")
     cfg["oracles"] = tuple(x.strip() for x in args.oracles.split(",") if x.strip())
     if not cfg["oracles"] or set(cfg["oracles"]) - {"oracle", "oracle-b"}:
         ap.error(f"--oracles {args.oracles!r}: give oracle, oracle-b or both")

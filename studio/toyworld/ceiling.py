@@ -65,9 +65,9 @@ def suite_ceiling(suite, vae, oracles: dict, per_prompt: int = 16, seed: int = 9
     out: dict[str, dict] = {}
     rng = np.random.default_rng(seed)
     for prompt_id, text in suite.prompts:
+        exp = parse_prompt(text, triggers)
         for set_id in suite.prompt_sets.get(prompt_id, list(sets)):
             concepts = [suite.adapters[n].concept for n in sets[set_id] if suite.adapters[n].concept]
-            exp = parse_prompt(text, triggers)
             scenes = [perfect_scene(exp, rng) for _ in range(per_prompt)]
             images = roundtrip(vae, [render(s, rng) for s in scenes])
             row = out.setdefault(set_id, {"n": 0, **{name: 0 for name in oracles}})
@@ -90,18 +90,14 @@ def main(argv=None) -> int:
     from diffusers import AutoencoderKL
 
     from studio.composition_report import wilson
-    from studio.evaluation import load_suite
+    from studio.evaluation import _load_oracle, load_suite
 
-    from .oracle import load_oracle
-    from .paths import ORACLE_B_DIR, require_oracle, require_toy_model
+    from .paths import require_toy_model
 
     suite = load_suite(args.suite)
     vae = AutoencoderKL.from_pretrained(str(require_toy_model(args.model)), subfolder="vae").float().eval()
-    oracles = {"oracle": load_oracle()}
-    try:
-        oracles["oracle-b"] = load_oracle(require_oracle(ORACLE_B_DIR))
-    except FileNotFoundError:
-        pass
+    oracles = {"oracle": _load_oracle("on"), "oracle-b": _load_oracle("auto", second=True)}
+    oracles = {name: o for name, o in oracles.items() if o is not None}
     table = suite_ceiling(suite, vae, oracles, args.per_prompt, args.seed)
     print(f"{'set':28s} {'n':>4s}  " + "  ".join(f"{name:>22s}" for name in oracles))
     for set_id, row in table.items():
