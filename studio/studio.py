@@ -79,7 +79,10 @@ class Studio:
             pipe = build_tiny_pipeline(arch).to(device or pick_device()[0])
             return cls(pipe, str(source), arch=arch, note="random weights: a test model, images are noise")
         pipe = load_pipeline(source, device, dtype)
-        return cls(pipe, str(source), source=source if Path(str(source)).exists() else None)
+        from .toyworld.paths import is_toy_world
+
+        arch = "toy" if is_toy_world(source) else None  # a toy world loaded by path (e.g. one being rebuilt)
+        return cls(pipe, str(source), arch=arch, source=source if Path(str(source)).exists() else None)
 
     @classmethod
     def _load_toy(cls, device=None, dtype=None) -> "Studio":

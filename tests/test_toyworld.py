@@ -403,8 +403,8 @@ def test_toy_pipeline_loads_and_generates():
     pipe = StableDiffusionPipeline.from_pretrained(str(TOY_MODEL_DIR), torch_dtype=torch.float32)
     assert isinstance(pipe.scheduler, DDIMScheduler)
     assert pipe.scheduler.config.steps_offset == 1 and pipe.scheduler.config.set_alpha_to_one is False
-    assert pipe.vae_scale_factor == 8 and pipe.vae.config.latent_channels == 8  # 8x8x8 latents (world v3)
-    assert pipe.unet.config.in_channels == pipe.unet.config.out_channels == 8
+    assert pipe.vae_scale_factor == 4 and pipe.vae.config.latent_channels == 4  # 16x16x4 latents (world v4)
+    assert pipe.unet.config.in_channels == pipe.unet.config.out_channels == 4 and pipe.unet.config.sample_size == 16
     assert pipe.vae.config.scaling_factor != 0.18215  # measured, not copied from SD
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
     assert pipe.tokenizer("sks", add_special_tokens=False).input_ids == [48136]
@@ -426,12 +426,18 @@ def test_an_adapter_from_another_toy_world_build_is_refused_with_the_fix():
     from studio.errors import AdapterMismatchError
 
     studio = Studio.load()
-    old = "unet.down_blocks.2.attentions.0.transformer_blocks.0.attn2.to_q"
+    old = "unet.down_blocks.3.attentions.0.transformer_blocks.0.attn2.to_q"
     assert old not in studio.adapters.shapes
     ad = Adapter("v1-crescent", {old: LoraDelta(torch.zeros(4, 64), torch.zeros(64, 4), 4.0)}, arch="toy")
     with pytest.raises(AdapterMismatchError, match="python -m training.demo_adapters"):
         studio.adapters.add(ad)
     assert "v1-crescent" not in studio.adapters
+    # world v3.1's blocks sit one level deeper in v4: same name, another width, also refused
+    grown = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    width = studio.adapters.shapes[grown][1]
+    ad = Adapter("v31-crescent", {grown: LoraDelta(torch.zeros(4, 2 * width), torch.zeros(2 * width, 4), 4.0)}, arch="toy")
+    with pytest.raises(AdapterMismatchError, match="another build of the toy world"):
+        studio.adapters.add(ad)
 
 
 @pytest.mark.skipif(not HAVE_MODEL, reason=NO_ASSETS)
@@ -482,6 +488,8 @@ def test_quick_training_run_builds_a_loadable_world(tmp_path):
 
     assert main(["--out", str(tmp_path), "--quick", "--stages", "vae,unet"]) == 0
     require_toy_model(tmp_path / "toy-sd")
+    marker = json.loads((tmp_path / "toy-sd" / "toyworld.json").read_text())  # loaded by path, it is the toy world
+    assert marker["world"] == "v3" and marker["latent"] == [8, 8, 8] and marker["image_size"] == 64
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "toy-sd"), torch_dtype=torch.float32)
     assert pipe("a red circle", num_inference_steps=2).images[0].size == (64, 64)
 
@@ -527,6 +535,7 @@ def test_quick_training_run_builds_a_loadable_world(tmp_path):
     assert main(["--out", str(v4), "--quick", "--stages", "vae,unet", "--world", "v4", "--init", str(tmp_path)]) == 0
     pipe4 = StableDiffusionPipeline.from_pretrained(str(v4 / "toy-sd"), torch_dtype=torch.float32)
     assert pipe4.vae_scale_factor == 4 and pipe4.unet.config.sample_size == 16
+    assert json.loads((v4 / "toy-sd" / "toyworld.json").read_text())["latent"] == [4, 16, 16]
     assert len(pipe4.unet.config.block_out_channels) == len(pipe.unet.config.block_out_channels) + 1
     assert all(torch.equal(a, b) for a, b in zip(pipe4.text_encoder.parameters(), pipe.text_encoder.parameters()))
     assert pipe4("a red circle", num_inference_steps=2).images[0].size == (64, 64)
@@ -672,8 +681,8 @@ def test_perfect_scene_shows_what_the_prompt_asks_with_triggers_read_as_concepts
 
 @pytest.mark.skipif(not HAVE_MODEL, reason=NO_ASSETS)
 def test_suite_ceiling_finds_a_kept_concept_and_names_the_worst_set(tmp_path, capsys):
-    """A large solid crescent survives the VAE, a glow on a thin crescent mostly does not (measured:
-    README, "Composition ceiling"); the report's last line names the worst set."""
+    """A large solid crescent survives the VAE; a glow on a small crescent often does not, or the judge
+    misses it (world v4: 5 of 8 kept; README, "Composition ceiling"); the last line names the worst set."""
     from studio.toyworld.ceiling import main
 
     ad = MODELS_DIR.parent / "adapters"
@@ -695,28 +704,22 @@ methods: [merge]
     last = capsys.readouterr().out.strip().splitlines()[-1]
     m = re.fullmatch(r"min_ceiling=([\d.]+) worst=styled ceiling_alone=([\d.]+) ceiling_styled=([\d.]+)", last)
     assert m, last
-    assert float(m.group(2)) >= 0.75 and float(m.group(3)) <= 0.5
+    assert float(m.group(2)) >= 0.75 and float(m.group(3)) <= 0.75 and float(m.group(3)) < float(m.group(2))
 
 
-WORLD_V4_STAGE = MODELS_DIR / "stages" / "world-v4"
-
-
-@pytest.mark.skipif(not (WORLD_V4_STAGE / "unet").is_dir(), reason="world v4 stage not in this checkout")
-def test_world_v4_stage_with_v31_text_encoder_draws_what_it_is_asked(tmp_path):
-    """The v4 stage (UNet and factor-4 VAE) plus world v3.1's text encoder and tokenizer is a working
-    pipeline: 16x16 latents, and the oracle finds the prompted shapes and colours in what it draws."""
-    import shutil
-
+@pytest.mark.skipif(not HAVE_MODEL, reason=NO_ASSETS)
+def test_the_bundled_world_v4_loaded_by_path_is_the_toy_model_and_draws_what_it_is_asked():
+    """World v4 (factor-4 VAE, 16x16 latents) loaded by its folder is recognised as the toy world (its
+    marker file), so it gets the toy defaults; the oracle finds the prompted shapes and colours."""
     from studio.studio import Studio
     from studio.toyworld.oracle import load_oracle
+    from studio.toyworld.paths import is_toy_world
 
-    folder = tmp_path / "toy-sd-v4"
-    shutil.copytree(WORLD_V4_STAGE, folder)
-    for part in ("text_encoder", "tokenizer"):
-        shutil.copytree(TOY_MODEL_DIR / part, folder / part)
-    studio = Studio.load(str(folder))
+    assert is_toy_world(TOY_MODEL_DIR) and json.loads((TOY_MODEL_DIR / "toyworld.json").read_text())["world"] == "v4"
+    studio = Studio.load(str(TOY_MODEL_DIR))
+    assert studio.arch == "toy" and studio.default_guidance == 3.0
     assert studio.pipe.vae_scale_factor == 4 and studio.pipe.unet.config.sample_size == 16
-    images = studio.generate("a blue square on the left and a yellow star on the right", steps=25, guidance=3.0,
+    images = studio.generate("a blue square on the left and a yellow star on the right", steps=25,
                              seed=6100, num_images=4, progress=False)
     assert images[0].size == (64, 64)
     preds = load_oracle().predict(images)

@@ -477,6 +477,9 @@ def test_demo_prior_images_are_cached_per_base_model():
     with torch.no_grad():
         next(b.unet.parameters()).add_(0.01)
     assert class_images_dir(Studio.from_pipeline(a, "toy-sd")) != class_images_dir(Studio.from_pipeline(b, "toy-sd"))
+    by_path = class_images_dir(Studio.from_pipeline(a, "/work/worlds/v4/toy-sd"))  # --model FOLDER: one folder, named
+    assert by_path.parent == class_images_dir(Studio.from_pipeline(a, "toy-sd")).parent
+    assert by_path.name.startswith("class_images-toy-sd-")
 
 
 def test_demo_instance_sets_keep_to_their_sizes_and_say_so(tmp_path):

@@ -342,7 +342,8 @@ def parse_overrides(pairs: list[str]) -> dict:
 def class_images_dir(studio) -> Path:
     """Where the prior-preservation images of this base model are cached (drawn once, shared by every
     demo). The UNet's hash is in the name: a continued UNet keeps the folder's name but draws other images."""
-    return WORK / (f"class_images-{studio.model_id}-{studio.model_hash}-{INSTANCE_RECIPE.replace('/', '-')}"
+    model = Path(str(studio.model_id)).name  # a folder given by path: its name (the hash tells builds apart)
+    return WORK / (f"class_images-{model}-{studio.model_hash}-{INSTANCE_RECIPE.replace('/', '-')}"
                    f"-g{COMMON['class_guidance']:g}")
 
 
@@ -521,7 +522,7 @@ def main(argv=None) -> int:
 
 def readme(index: dict) -> str:
     """A table of the shipped adapters and how they scored (written beside them)."""
-    lines = ["# Demo adapters for the toy world (world v3.1)", "",
+    lines = ["# Demo adapters for the toy world (world v4)", "",
              "Rebuilt by `python -m training.demo_adapters` (DreamBooth with prior preservation on the bundled",
              "toy model). Instance images with their captions are in `instance/<concept>/`, final sample grids",
              "in `samples/`. Check one with `python -m studio.toyworld.check --adapter FILE`. The trigger phrase",

@@ -36,7 +36,7 @@ from studio.toyworld.concepts import (
     ALL_SHAPES, NOVEL_BACKGROUNDS, NOVEL_PATTERNS, NOVEL_SHAPES,
 )
 from studio.toyworld.render import (
-    caption, is_heldout, render, sample_any_scene, sample_base_scene, sample_concept_scene,
+    SIZE as RENDER_SIZE, caption, is_heldout, render, sample_any_scene, sample_base_scene, sample_concept_scene,
     training_caption,
 )
 
@@ -782,11 +782,18 @@ def train_unet(cfg, out: Path, rng, device, report):
 
 
 def _replace_pipeline(pipe, out: Path) -> None:
-    """Save ``pipe`` as ``out/toy-sd`` (fp16) through a temp folder and a rename."""
+    """Save ``pipe`` as ``out/toy-sd`` (fp16) through a temp folder and a rename, with the marker that
+    tells a toy world loaded by path from a real SD1 model (``studio.toyworld.paths.is_toy_world``)."""
+    from studio.toyworld.paths import WORLD_MARKER
+
     pipe.to("cpu").to(torch.float16)
     target = out / "toy-sd"
     tmp = Path(tempfile.mkdtemp(prefix=".toy-sd-", dir=out))
     pipe.save_pretrained(tmp, safe_serialization=True)
+    latent = [pipe.vae.config.latent_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size]
+    world = "v4" if pipe.vae_scale_factor == 4 else "v3"  # the VAE says which world a build is (WORLDS)
+    (tmp / WORLD_MARKER).write_text(json.dumps({"world": world, "latent": latent, "image_size": RENDER_SIZE,
+                                                "built_by": "python -m training.toyworld"}, indent=2) + "\n")
     old = out / ".toy-sd-old"
     if old.exists():
         shutil.rmtree(old)
@@ -975,8 +982,9 @@ def main(argv=None) -> int:
                          "with the same architecture (e.g. the previous assets/models); the oracle always "
                          "starts from scratch")
     ap.add_argument("--world", choices=WORLDS, default="v3",
-                    help="v3: factor-8 VAE, 8x8x8 latents (the shipped world); v4: a factor-4 VAE (16x16x4) from "
-                         "scratch, and --init's UNet grown by an outer level (an experiment of session 15)")
+                    help="vae stage: v3, a factor-8 VAE (8x8x8 latents); v4, a factor-4 VAE (16x16x4: the shipped "
+                         "world since session 16) from scratch, after which the unet stage grows --init's v3 UNet "
+                         "by an outer level (a v4 --init is simply trained on)")
     ap.add_argument("--oracles", default="oracle,oracle-b",
                     help="oracle stage: which of the two oracles to train (default both; two processes can "
                          "train one each)")

@@ -32,6 +32,15 @@ def _fail(what: str, path: Path) -> None:
     )
 
 
+WORLD_MARKER = "toyworld.json"  # in a toy pipeline folder: which world it is (written by training.toyworld)
+
+
+def is_toy_world(folder: str | Path) -> bool:
+    """Whether ``folder`` is a toy-world pipeline (a build of training.toyworld), so that loading it by
+    path gets the toy model's defaults and adapter checks, not a real SD1 model's."""
+    return (Path(folder) / WORLD_MARKER).is_file()
+
+
 def require_toy_model(path: str | Path | None = None) -> Path:
     """Return the toy pipeline folder, or raise ToyModelMissingError naming the training command."""
     p = Path(path) if path is not None else TOY_MODEL_DIR
