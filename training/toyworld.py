@@ -979,8 +979,8 @@ def main(argv=None) -> int:
                     help="torch CPU threads (default 1: robust on a shared machine; 0: torch default)")
     ap.add_argument("--init", default=None, metavar="FOLDER",
                     help="warm start the vae, unet (+ text encoder) and clip stages from an earlier build "
-                         "with the same architecture (e.g. the previous assets/models); the oracle always "
-                         "starts from scratch")
+                         "with the same architecture (e.g. the previous assets/models); the oracles start from "
+                         "scratch unless --oracle-continue trains on the ones already in --out")
     ap.add_argument("--world", choices=WORLDS, default="v3",
                     help="vae stage: v3, a factor-8 VAE (8x8x8 latents); v4, a factor-4 VAE (16x16x4: the shipped "
                          "world since session 16) from scratch, after which the unet stage grows --init's v3 UNet "
