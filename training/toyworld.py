@@ -1007,8 +1007,6 @@ def main(argv=None) -> int:
         cfg["init"] = str(init)
     cfg["oracle_continue"] = args.oracle_continue
     cfg["world"] = args.world
-    if args.world == "v4" and "unet" in args.stages.replace(" ", "").split(",") and not args.init:  # refused before any stage runs
-        raise SystemExit("--world v4 grows an earlier world's UNet: give --init FOLDER (e.g. a copy of assets/models)")
     cfg["oracles"] = tuple(x.strip() for x in args.oracles.split(",") if x.strip())
     if not cfg["oracles"] or set(cfg["oracles"]) - {"oracle", "oracle-b"}:
         ap.error(f"--oracles {args.oracles!r}: give oracle, oracle-b or both")
@@ -1020,6 +1018,8 @@ def main(argv=None) -> int:
     bad = [s for s in stages if s not in STAGES]
     if bad:
         ap.error(f"unknown stage(s) {bad}; known: {STAGES}")
+    if args.world == "v4" and "unet" in stages and not args.init:  # refused before any stage runs
+        raise SystemExit("--world v4 grows an earlier world's UNet: give --init FOLDER (e.g. a copy of assets/models)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
