@@ -66,7 +66,8 @@ def test_every_concept_is_drawn_and_sampled():
 
 def test_smooth_fills_follow_the_object():
     """The reserved fills: a gradient runs from full colour at the top to light at the bottom; a
-    glow is light at the centre and full colour at the rim; two tones split on the diagonal."""
+    glow is light along the shape's core and full colour at the rim (on a thin crescent too, whose
+    centre is in its hollow); two tones split on the diagonal."""
     red = np.array([220, 30, 30])
 
     light = 0.4 * red + 0.6 * 245  # the overlay colour of a fill
@@ -86,6 +87,10 @@ def test_smooth_fills_follow_the_object():
         assert redness(glow[cy - 1:cy + 2, cx - 1:cx + 2]).min() < 0.2, size  # light centre
         cols = np.nonzero(inside[cy])[0]
         assert redness(glow[cy, cols[1]]) > 0.8 and redness(glow[cy, cols[-2]]) > 0.8, size  # coloured rim
+        moon, inside, _, _ = drawn("crescent", "glow", size)
+        core = redness(moon)[inside & (redness(np.asarray(render(Scene([Obj("crescent", "red", "solid", size=size)]),
+                                                                    np.random.default_rng(5)))) > 0.9)]
+        assert core.min() < 0.35 and np.median(core) > 0.5, size  # a light spine inside a coloured body
         grad, inside, cy, cx = drawn("square", "gradient", size)
         rows = np.nonzero(inside.any(1))[0]
         top, bottom = redness(grad[rows[1], cx]), redness(grad[rows[-2], cx])
@@ -681,8 +686,9 @@ def test_perfect_scene_shows_what_the_prompt_asks_with_triggers_read_as_concepts
 
 @pytest.mark.skipif(not HAVE_MODEL, reason=NO_ASSETS)
 def test_suite_ceiling_finds_a_kept_concept_and_names_the_worst_set(tmp_path, capsys):
-    """A large solid crescent survives the VAE; a glow on a small crescent often does not, or the judge
-    misses it (world v4: 5 of 8 kept; README, "Composition ceiling"); the last line names the worst set."""
+    """A large solid crescent survives the VAE and the judge finds it; the last line names the set with
+    the lowest rate as the worst. (Before session 17 the glow on a small crescent was that set; since
+    the glow follows the crescent's spine both are kept, README, "Composition ceiling".)"""
     from studio.toyworld.ceiling import main
 
     ad = MODELS_DIR.parent / "adapters"
@@ -702,9 +708,12 @@ methods: [merge]
 """)
     assert main([str(suite), "--per-prompt", "8"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    m = re.fullmatch(r"min_ceiling=([\d.]+) worst=styled ceiling_alone=([\d.]+) ceiling_styled=([\d.]+)", last)
+    m = re.fullmatch(r"min_ceiling=([\d.]+) worst=(\w+) ceiling_alone=([\d.]+) ceiling_styled=([\d.]+)", last)
     assert m, last
-    assert float(m.group(2)) >= 0.75 and float(m.group(3)) <= 0.75 and float(m.group(3)) < float(m.group(2))
+    rates = {"alone": float(m.group(3)), "styled": float(m.group(4))}
+    assert rates["alone"] >= 0.75 and float(m.group(1)) == min(rates.values())
+    assert rates[m.group(2)] == min(rates.values())
+    assert rates["styled"] >= 0.5  # a glow on a small crescent is kept (and seen) in most renders
 
 
 @pytest.mark.skipif(not HAVE_MODEL, reason=NO_ASSETS)

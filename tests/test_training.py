@@ -496,6 +496,9 @@ def test_demo_instance_sets_keep_to_their_sizes_and_say_so(tmp_path):
     assert len(captions) == 12 and not any("small" in c for c in captions) and any("large" in c for c in captions)
     assert any("small" in p.read_text() for p in (tmp_path / "all").glob("*.txt"))
     assert instance_recipe(medium_large) != instance_recipe(arrow) and "medium,large" in instance_recipe(medium_large)
+    # a concept the renderer draws differently since the shared recipe (the glow, session 17) gets a set of its own
+    glow = next(d for d in DEMOS if d.concept == "glow")
+    assert "look=core" in instance_recipe(glow) and "look=" not in instance_recipe(arrow)
     with pytest.raises(SystemExit, match="small, medium, large"):
         instance_sizes("huge")
 

@@ -111,7 +111,11 @@ DEMOS = [
     # world v2 classic recipe: 700 steps read 0.12 (24 images, seed 1234), 1400 read 0.54 (sentence 0.75)
     Demo("crescent", "object", "sks", kron=True, lora_recipe={**CROSS, **STAND_INS, "steps": 2000},
          kron_recipe={**KRON_WITH_TE, "steps": 900}),
-    Demo("plus", "object", "ohwx", lora_recipe={**CROSS, **STAND_INS, "steps": 2000}),
+    # session 17 (world v4, selection seed 777, 24 images, sentence / tags / and): on cross-attention only the
+    # plus drew ragged blobs (0.62 / 0.50 / 0.38; 4,000 steps no better by eye), since v4's outer level, the
+    # only one at 16x16, has no attention; with the ResNet convolutions too (LoCon's reach) it draws crosses,
+    # 1.00 / 1.00 / 1.00, 0.04 without it, base shape and colour 1.00 with it
+    Demo("plus", "object", "ohwx", lora_recipe={**CROSS, **STAND_INS, "steps": 2000, "unet_targets": "attention+conv"}),
     Demo("arrow", "object", "btr", lora_recipe=dict(rank=8, steps=600, **STAND_INS)),
     # world v3.1 (session 11, selection seed 777, 24 images, sentence / tags / and): glow 0.38 / 0.38 / 0.38 at
     # 900 steps, 0.75 / 0.62 / 0.88 at 1800, 0.75 / 0.75 / 0.88 at 2700 (a tie: the fewer steps); gradient 0.62 /
@@ -198,14 +202,19 @@ N_INSTANCE = 54  # every colour x size x position once
 # Instance sets and class images are redrawn when this changes (world v2: base backgrounds, a base object
 # beside the concept, captions in the three phrasing forms; v3: a new base model, so new class images).
 INSTANCE_RECIPE = "world-v3/1"
+# Reserved concepts drawn differently since INSTANCE_RECIPE: their instance sets alone are redrawn
+# (session 17: the glow follows the shape's core, studio/toyworld/render.py).
+REDRAWN_LOOKS = {"glow": "core"}
 EVAL_SEED = 1234  # the shipped numbers; step counts are picked on other (selection) seeds
 
 
 def instance_recipe(demo: Demo) -> str:
-    """What an instance set was drawn with: the shared recipe, and the sizes where they are not all three."""
+    """What an instance set was drawn with: the shared recipe, the concept's look where it was redrawn,
+    and the sizes and fills where they are not the defaults."""
     from studio.toyworld.concepts import SIZES
 
-    return (INSTANCE_RECIPE + ("" if set(demo.sizes) == set(SIZES) else " sizes=" + ",".join(demo.sizes))
+    return (INSTANCE_RECIPE + (f" look={REDRAWN_LOOKS[demo.concept]}" if demo.concept in REDRAWN_LOOKS else "")
+            + ("" if set(demo.sizes) == set(SIZES) else " sizes=" + ",".join(demo.sizes))
             + ("" if demo.fills == ("solid",) else " fills=" + ",".join(demo.fills)))
 
 

@@ -122,11 +122,29 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, rot: float) -> Image
     return m
 
 
+def _inner_distance(mask: Image.Image) -> np.ndarray:
+    """Each inside pixel's Euclidean distance to the nearest outside pixel (0 outside)."""
+    m = np.asarray(mask) > 127
+    out = np.zeros(m.shape, np.float32)
+    pad = np.pad(m, 1)
+    edge = ~m & (pad[:-2, 1:-1] | pad[2:, 1:-1] | pad[1:-1, :-2] | pad[1:-1, 2:])
+    inside, rim = np.argwhere(m).astype(np.float32), np.argwhere(edge).astype(np.float32)
+    if not len(inside) or not len(rim):
+        return out
+    for k in range(0, len(inside), 2048):
+        part = inside[k:k + 2048]
+        dist = np.sqrt(((part[:, None, :] - rim[None, :, :]) ** 2).sum(-1)).min(1)
+        out[part[:, 0].astype(int), part[:, 1].astype(int)] = dist
+    return out
+
+
 def _pattern_mask(pattern: str, rng: np.random.Generator,
-                  geometry: tuple[float, float, float]) -> Image.Image | None:
+                  geometry: tuple[float, float, float], shape_mask: Image.Image) -> Image.Image | None:
     """Where the light overlay of a fill pattern goes (supersampled 'L' mask, 255 = fully light),
-    or None. ``geometry`` (cx, cy, r, supersampled) places the object-relative fills: "gradient" fades to light towards the bottom, "glow" is light at the centre and full
-    colour at the rim. Both are smooth, so the factor-8 VAE keeps them."""
+    or None. ``geometry`` (cx, cy, r, supersampled) places the object-relative fills: "gradient" fades
+    to light towards the bottom; "glow" is light along the shape's core (its points farthest from the
+    edge, ``shape_mask``) and full colour at the rim, so a thin crescent glows along its spine where a
+    light centre would fall in its hollow (world v4, session 17). Both are smooth, so the VAE keeps them."""
     if pattern == "solid":
         return None
     n = SIZE * SS
@@ -134,9 +152,10 @@ def _pattern_mask(pattern: str, rng: np.random.Generator,
     if pattern == "gradient":  # full colour at the top, light at the bottom
         t = np.clip((np.arange(n, dtype=np.float32) - (cy - r)) / (2 * r), 0.0, 1.0) * 255
         return Image.fromarray(np.broadcast_to(t[:, None], (n, n)).round().astype(np.uint8).copy())
-    if pattern == "glow":  # light at the centre, fading to full colour at 0.85 r
-        yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
-        t = np.clip(1 - np.hypot(xx - cx, yy - cy) / (0.85 * r), 0.0, 1.0) * 255
+    if pattern == "glow":  # light along the core, fading to full colour towards the rim
+        d = _inner_distance(shape_mask)
+        peak = max(float(d.max()), 1.0)
+        t = np.clip((d - 0.15 * peak) / (0.7 * peak), 0.0, 1.0) * 255
         return Image.fromarray(t.round().astype(np.uint8))
     if pattern == "twotone":  # split on the diagonal: upper-left half light, lower-right full colour
         yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
@@ -217,7 +236,7 @@ def render(scene: Scene, rng: np.random.Generator | int | None = None) -> Image.
         base = np.array(COLOR_RGB[o.color]) + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, 3)
         col = tuple(int(v) for v in np.clip(base, 0, 255))
         img.paste(col, (0, 0), mask)
-        pm = _pattern_mask(o.pattern, rng, (cx * SS, cy * SS, r * SS))
+        pm = _pattern_mask(o.pattern, rng, (cx * SS, cy * SS, r * SS), mask)
         if pm is not None:
             light = tuple(int(v) for v in np.clip(np.array(col) * 0.4 + 245 * 0.6, 0, 255))
             both = Image.fromarray((np.asarray(pm, np.uint16) * np.asarray(mask, np.uint16) // 255).astype(np.uint8))
