@@ -280,6 +280,26 @@ def test_check_prompt_sets_are_inside_the_world():
             assert len(need) == (3 if kind == "n3" else 2) and not set(need) & set(NOVEL_CONCEPTS)
 
 
+def test_a_style_is_checked_on_every_base_shape():
+    """Trigger prompts for a style ask for it on each base shape (every colour x shape once), and each
+    block of six holds every shape, so the first 12 (what the demo evaluation takes per form) hold
+    every shape twice."""
+    from collections import Counter
+
+    from studio.toyworld.check import trigger_prompts
+    from studio.toyworld.concepts import COLORS, FORMS, SHAPES
+    from studio.toyworld.prompts import parse_prompt
+
+    for form in FORMS:
+        prompts = trigger_prompts("glow", "kpk", form)
+        objs = [parse_prompt(p, {"kpk": "glow"}).objects[0] for p in prompts]
+        assert {(o.color, o.shape) for o in objs} == {(c, s) for c in COLORS for s in SHAPES}
+        assert all(o.pattern == "glow" for o in objs)
+        for start in range(0, len(objs), 6):
+            assert Counter(o.shape for o in objs[start:start + 6]) == {s: 1 for s in SHAPES}
+    assert len(trigger_prompts("crescent", "sks")) == len(COLORS)  # objects: one per colour, as before
+
+
 def test_missing_or_corrupt_model_names_the_training_command(tmp_path):
     with pytest.raises(ToyModelMissingError, match=r"python -m training\.toyworld"):
         require_toy_model(tmp_path / "nothing-here")
@@ -338,6 +358,38 @@ def test_oracle_calls_nothing_present_on_noise_and_washes():
     for oracle in (load_oracle(), load_oracle(ORACLE_DIR.parent / "oracle-b")):
         said = [oracle.concepts(p) for p in oracle.predict(images)]
         assert sum(bool(x) for x in said) <= 3, said
+
+
+@pytest.mark.skipif(not (HAVE_MODEL and HAVE_ORACLE), reason=NO_ASSETS)
+def test_redrawn_scenes_keep_their_base_content_and_leave_dots_unjudged():
+    """The oracle's redrawn kind: base-world renders redrawn by the toy model at low strength stay
+    near their renders (a full-strength redraw does not), still show what their truth names (the
+    shipped oracle finds it), hold no reserved concept, and a dotted fill is not a training target."""
+    from studio.toyworld.check import load_pipeline
+    from studio.toyworld.concepts import NOVEL_CONCEPTS
+    from studio.toyworld.corrupt import REDRAWN, Truth
+    from studio.toyworld.oracle import load_oracle, scene_targets
+    from studio.toyworld.render import Obj, Scene
+    from training.toyworld import _redrawn_scenes
+
+    pipe = load_pipeline()
+    images, truths, renders = _redrawn_scenes(pipe, 12, seed=4)
+    assert len(images) == 12 and all(im.size == (64, 64) for im in images)
+
+    def change(a, b):  # mean absolute pixel difference, 0-255
+        return np.mean([np.abs(np.asarray(x, float) - np.asarray(y, float)).mean() for x, y in zip(a, b)])
+
+    full, _, full_renders = _redrawn_scenes(pipe, 12, seed=4, strength=(1.0, 1.0))
+    assert change(images, renders) < 0.6 * change(full, full_renders), (change(images, renders), change(full, full_renders))
+    assert all(t.kind == REDRAWN and not (t.concepts() & set(NOVEL_CONCEPTS)) for t in truths)
+    oracle = load_oracle()
+    found = [all(oracle.has_concept(p, c) for c in t.concepts()) for p, t in zip(oracle.predict(images), truths)]
+    assert sum(found) >= 9, found
+    dotted = Truth.redrawn(Scene([Obj("circle", "red", pattern="dots", position="left"),
+                                  Obj("star", "blue", pattern="stripes", position="right")], "grass"))
+    t = scene_targets(dotted)
+    assert t["pattern"][0] == -1 and t["pattern"][2] >= 0 and t["shape"][0] >= 0
+    assert dotted.concepts() == {"circle", "red", "star", "blue", "stripes", "grass"}
 
 
 @pytest.mark.skipif(not (HAVE_MODEL and HAVE_ORACLE), reason=NO_ASSETS)

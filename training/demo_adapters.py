@@ -120,6 +120,11 @@ DEMOS = [
     # world v3.1 (session 11, selection seed 777, 24 images, sentence / tags / and): glow 0.38 / 0.38 / 0.38 at
     # 900 steps, 0.75 / 0.62 / 0.88 at 1800, 0.75 / 0.75 / 0.88 at 2700 (a tie: the fewer steps); gradient 0.62 /
     # 0.62 / 0.88 at 900, 0.88 / 0.88 / 1.00 at 1800, 0.88 / 0.62 / 0.88 at 2700
+    # Session 18 (world v4): on attention + ResNet convs (the plus's lever) the glow read per base shape
+    # 12 / 12 / 10 / 3 / 10 / 12 of 12 (circle / square / triangle / star / diamond / heart) against the
+    # shipped 12 / 12 / 8 / 7 / 9 / 10, and beside the crescent (selection seed 777, 24 images, merge /
+    # composite / CMLoRA / CLoRA / step-5 CLoRA all present) 0 / 1 / 0 / 0 / 3 against 0 / 0 / 0 / 2 / 3:
+    # the glow's outline level is not what it lacks, so it stays on attention
     Demo("glow", "style", "kpk", lora_recipe=dict(steps=1800)),
     Demo("gradient", "style", "cbp", lora_recipe=dict(steps=1800)),
     # world v3 (session 9, selection seed 777, 24 images, sentence / tags / and): 900 steps 0.38 / 0.38 / 0.25,

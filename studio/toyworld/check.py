@@ -196,22 +196,30 @@ def _adapter_info(path: Path, concept: str | None) -> tuple[str, str]:
 
 
 def trigger_prompts(concept: str, trigger: str, form: str = "sentence") -> list[str]:
-    """Prompts that ask for an adapter's concept through its trigger, in one phrasing form."""
+    """Prompts that ask for an adapter's concept through its trigger, in one phrasing form.
+
+    A style is asked for on every base shape (each colour with each shape once, in blocks of six
+    that each hold every shape): on circles and squares alone a glow read 1.00
+    where it reached 0.58-0.83 on stars, triangles, diamonds and hearts (session 18)."""
     kind = concept_kind(concept)
     base_bg = ("grass", "water", "sand", "night")
+    if kind == "pattern":
+        pairs = [(COLORS[i % len(COLORS)], SHAPES[(i + i // len(COLORS)) % len(SHAPES)])
+                 for i in range(len(COLORS) * len(SHAPES))]
+    else:
+        pairs = [(c, s) for c in COLORS for s in (SHAPES[:2] if kind != "shape" else SHAPES[:1])]
     out = []
-    for i, c in enumerate(COLORS):
-        for s in SHAPES[:2] if kind != "shape" else SHAPES[:1]:
-            a = _article(c)
-            subject = f"{c} {trigger} shape" if kind == "shape" else f"{c} {s}"
-            if kind == "pattern":
-                subject += f" with {trigger} pattern"
-            if kind == "background":
-                out.append({"sentence": f"{a} {subject} on a {trigger} background", "tags": f"{subject}, {trigger} background",
-                            "and": f"{a} {subject} on {trigger}"}[form])
-            else:  # the "and" form puts the concept on a base background ("... on grass")
-                out.append({"sentence": f"{a} {subject}", "tags": subject,
-                            "and": f"{a} {subject} on {base_bg[i % len(base_bg)]}"}[form])
+    for i, (c, s) in enumerate(pairs):
+        a = _article(c)
+        subject = f"{c} {trigger} shape" if kind == "shape" else f"{c} {s}"
+        if kind == "pattern":
+            subject += f" with {trigger} pattern"
+        if kind == "background":
+            out.append({"sentence": f"{a} {subject} on a {trigger} background", "tags": f"{subject}, {trigger} background",
+                        "and": f"{a} {subject} on {trigger}"}[form])
+        else:  # the "and" form puts the concept on a base background ("... on grass")
+            out.append({"sentence": f"{a} {subject}", "tags": subject,
+                        "and": f"{a} {subject} on {base_bg[i % len(base_bg)]}"}[form])
     return out
 
 

@@ -19,6 +19,9 @@ from .render import SIZE, Scene, render, sample_any_scene
 # Images drawn by the base model, which never learnt a reserved concept: whatever it draws for a
 # prompt that names one (or for a broken prompt), no reserved concept is there. Only that is known.
 DRAWN = "drawn"
+# Base-world renders redrawn by the base model at low strength (training.toyworld._redrawn_scenes):
+# their content is known, except a dotted fill, which the model often smooths away.
+REDRAWN = "redrawn"
 # kinds whose every concept is absent by construction (the audit's false-present rate)
 NOTHING_KINDS = ("noise", "wash")
 
@@ -41,13 +44,22 @@ class Truth:
             slots[o.position] = {"shape": o.shape, "color": o.color, "pattern": o.pattern}
         return cls(kind, scene.background, slots)
 
+    @classmethod
+    def redrawn(cls, scene: Scene) -> "Truth":
+        """A redrawn scene's truth: the scene's, with dotted fills unjudged (pattern None)."""
+        truth = cls.of_scene(scene, REDRAWN)
+        for s in truth.slots.values():
+            if s and s["pattern"] == "dots":
+                s["pattern"] = None
+        return truth
+
     def concepts(self) -> set:
         """Concept words present (colours only where judged)."""
         out = {self.background} if self.background else set()
         for s in self.slots.values():
             if s:
                 out |= {s["shape"], s["pattern"]} | ({s["color"]} if self.judge_color else set())
-        return out
+        return out - {None}
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "background": self.background, "slots": self.slots,

@@ -105,7 +105,7 @@ def scene_targets(scene) -> dict:
         if s:
             shape[i] = SLOT_SHAPES.index(s["shape"])
             color[i] = COLORS.index(s["color"]) if truth.judge_color else -1
-            pattern[i] = ALL_PATTERNS.index(s["pattern"])
+            pattern[i] = ALL_PATTERNS.index(s["pattern"]) if s["pattern"] is not None else -1  # unjudged
     return {"bg": BG_CLASSES.index(truth.background or "none"), "shape": shape, "color": color,
             "pattern": pattern}
 
