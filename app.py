@@ -315,11 +315,13 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                                                         info=train_defaults["hint"], elem_id="train_steps")
                                 train_layers = gr.Dropdown(
                                     [("Every attention layer", "attention"), ("Cross-attention only", "cross"),
-                                     ("Cross-attention keys/values only", "cross-kv")],
+                                     ("Cross-attention keys/values only", "cross-kv"),
+                                     ("Attention + ResNet convolutions (LoCon)", "attention+conv")],
                                     value="attention", label="UNet layers", elem_id="train_layers",
                                     info="Cross-attention layers also learn the trigger's embedding and keep a "
                                          "concept in its own branch when composed (composite, CLoRA); they need "
-                                         "more steps")
+                                         "more steps. Convolutions reach levels without attention: on the toy "
+                                         "model an object's outline (the demo plus) needs them")
                                 train_name = gr.Textbox(label="Adapter name (default: trigger)", elem_id="train_name")
                             with gr.Row():
                                 train_prior = gr.Checkbox(False, label="Prior preservation")

@@ -367,6 +367,17 @@ def test_train_on_cross_attention_learns_the_trigger_embedding(h, tmp_path):
     assert unet and all(".attn2." in p for p in unet) and set(trained.embeddings) == {"sks"}
 
 
+def test_train_on_attention_and_convolutions_reaches_the_resnets(h, tmp_path):
+    """The Train tab's LoCon choice: LoRA on the attention projections and the ResNet convolutions,
+    with the trigger's embedding learnt (the demo plus's recipe)."""
+    files = _instance_images(tmp_path / "imgs")
+    list(h.train(files, "", "sks", "shape", "object", "lora", 2, "", 2, False, "lc", "attention+conv"))
+    trained = h.studio.adapters.get("lc")
+    unet = [p for p in trained.layers if p.startswith("unet.")]
+    assert any(".conv1" in p or ".conv2" in p for p in unet) and any(".attn1." in p for p in unet)
+    assert set(trained.embeddings) == {"sks"}
+
+
 def test_train_tab_stand_in_prior_turns_prior_preservation_on(h, tmp_path):
     """The Train tab's "Stand-in prior" box asks for the demo adapters' count of stand-in prompts (the
     trainer's use of them: tests/test_training.py::test_stand_in_prior_draws_…)."""

@@ -160,6 +160,31 @@ def test_caption_dropout_empties_captions_and_keeps_the_random_stream(images, tm
         TrainConfig(images=str(images), caption_dropout_scope="instance")
 
 
+
+def test_instance_max_timestep_keeps_instance_images_at_low_noise_and_prior_images_everywhere(images, tmp_path):
+    """``instance_max_timestep``: instance images are noised only below it (a fill learnt on an outline
+    already drawn), prior images over the whole schedule; nothing else of the batch changes."""
+    common = dict(images=str(images), prior_preservation=True, num_class_images=2, class_steps=2,
+                  class_dir=str(tmp_path / "cls"), **{**FAST, "batch_size": 4})
+    plain = DreamBoothTrainer(_studio(), TrainConfig(**common))
+    plain.setup()
+    low = DreamBoothTrainer(_studio(), TrainConfig(**common, instance_max_timestep=300))
+    low.setup()
+    inst, prior = [], []
+    for micro in range(40):
+        picks, caps, x0, noise, t = plain._micro_batch(micro)
+        _, lcaps, lx0, lnoise, lt = low._micro_batch(micro)
+        assert torch.equal(x0, lx0) and torch.equal(noise, lnoise) and caps == lcaps
+        assert torch.equal(lt[4:], t[4:])  # prior images keep their timesteps
+        inst += lt[:4].tolist()
+        prior += lt[4:].tolist()
+    assert max(inst) < 300 and min(inst) >= 0 and max(inst) > 200  # spread over [0, 300)
+    assert max(prior) > 600
+    plain._strip(), low._strip()
+    for bad in (0, 1001):
+        with pytest.raises(TrainingError, match="instance_max_timestep"):
+            TrainConfig(images=str(images), instance_max_timestep=bad)
+
 @pytest.mark.parametrize("kind", ["lora", "kron"])
 def test_tiny_sdxl_trains_with_both_types_and_writes_clean_files(images, tmp_path, kind):
     from safetensors import safe_open
@@ -411,13 +436,15 @@ def test_cli_train(images, tmp_path, tiny_model_dir):
     rc = main(["train", "--images", str(images), "--trigger", "sks", "--class-word", "shape", "--adapter", "kron",
                "--factors", "4x8", "--steps", "2", "--grad-accum", "1", "--model", str(tiny_model_dir),
                "--num-validation-images", "1", "--sample-steps", "2", "--svd-lora-rank", "8", "--train-token-embedding",
-               "--caption-dropout", "0.2", "--train-text-encoder", "--text-encoder-lr", "2e-3", "--out", str(out)])
+               "--caption-dropout", "0.2", "--train-text-encoder", "--text-encoder-lr", "2e-3", "--out", str(out),
+               "--instance-max-timestep", "500"])
     assert rc == 0 and out.is_file()
     from safetensors import safe_open
 
     with safe_open(str(out), "pt") as f:
         params = json.loads(f.metadata()["training_params"])
     assert params["caption_dropout"] == 0.2 and params["caption_dropout_scope"] == "all"
+    assert params["instance_max_timestep"] == 500
     assert params["train_text_encoder"] is True and params["text_encoder_lr"] == 2e-3
     from studio.adapters.formats import read_adapter
 

@@ -105,6 +105,9 @@ class TrainConfig:
     prior_loss_weight: float = 1.0
     stand_in_prior: int = 0  # prior prompts with a stand-in word where the trigger stands (implies prior preservation)
     snr_gamma: float | None = None  # Min-SNR γ (5 recommended); None: off
+    # instance images only at noise levels below this timestep (prior images at every level): a fill or
+    # style learnt where the outline is already drawn, base-like at high noise; None: every level
+    instance_max_timestep: int | None = None
     caption_dropout: float = 0.0  # share of examples trained with the empty caption (keeps the CFG branch)
     caption_dropout_scope: str = "all"  # all | prior: drop only class-image captions (base model's own samples)
     mixed_precision: str = "no"  # no | fp16 | bf16
@@ -140,6 +143,9 @@ class TrainConfig:
                 raise TrainingError(f"{label} must be ≥ 1, got {v}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise TrainingError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.instance_max_timestep is not None and not 1 <= self.instance_max_timestep <= 1000:
+            raise TrainingError(f"instance_max_timestep {self.instance_max_timestep} is outside 1-1000; give a "
+                                "timestep of the 1000-step training schedule (e.g. 600), or leave it unset")
         if self.caption_dropout_scope not in ("all", "prior"):
             raise TrainingError(f"caption_dropout_scope {self.caption_dropout_scope!r} is unknown; use all or prior")
         if self.train_token_embedding and not self.token_embedding_lr > 0:
@@ -657,6 +663,8 @@ class DreamBoothTrainer:
         x0 = (means + stds * torch.randn(means.shape, generator=g)) * self.pipe.vae.config.scaling_factor
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(picks),), generator=g)
+        if cfg.instance_max_timestep is not None:  # the first batch_size picks are instance images
+            t[:cfg.batch_size] = t[:cfg.batch_size] * cfg.instance_max_timestep // self.noise_scheduler.config.num_train_timesteps
         captions = [e.caption for e in picks]
         if cfg.caption_dropout > 0:  # drawn last, so runs without dropout keep their random stream
             drop = (torch.rand(len(picks), generator=g) < cfg.caption_dropout).tolist()
@@ -1097,7 +1105,7 @@ def _cmd_train(args) -> int:
         class_dir=args.class_dir, num_class_images=args.num_class_images, prior_loss_weight=args.prior_loss_weight,
         stand_in_prior=args.stand_in_prior,
         snr_gamma=args.snr_gamma, caption_dropout=args.caption_dropout, caption_dropout_scope=args.caption_dropout_scope,
-        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+        instance_max_timestep=args.instance_max_timestep, mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_every=args.checkpoint_every, resume=args.resume, validate_every=args.validate_every,
         validation_prompts=args.validation_prompt or [], num_validation_images=args.num_validation_images,
         sample_steps=args.sample_steps, output_dir=args.output_dir, format=args.format, seed=args.seed,
@@ -1161,6 +1169,9 @@ def add_cli(subparsers) -> None:
     t.add_argument("--caption-dropout", type=float, default=0.0, help="share of examples trained with the empty caption")
     t.add_argument("--caption-dropout-scope", default="all", choices=["all", "prior"],
                    help="prior: drop only the class images' captions (keeps the unconditional branch)")
+    t.add_argument("--instance-max-timestep", type=int, default=None, metavar="T",
+                   help="noise the instance images only below timestep T of 1000 (prior images everywhere): a "
+                        "style or fill learnt on outlines already drawn (README, --instance-max-timestep)")
     t.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="accelerate mixed precision")
     t.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     t.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps (0 = never)")
