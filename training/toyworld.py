@@ -36,8 +36,8 @@ from studio.toyworld.concepts import (
     ALL_SHAPES, FORMS, NOVEL_BACKGROUNDS, NOVEL_PATTERNS, NOVEL_SHAPES,
 )
 from studio.toyworld.render import (
-    SIZE as RENDER_SIZE, caption, caption_in_form, is_heldout, render, sample_any_scene, sample_base_scene, sample_concept_scene,
-    training_caption,
+    SIZE as RENDER_SIZE, caption, caption_in_form, is_heldout, render, sample_any_scene, sample_base_scene,
+    sample_concept_scene, training_caption,
 )
 
 # Run order. The oracle comes last: half its training images are VAE round trips, so it must see
