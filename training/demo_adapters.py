@@ -102,6 +102,9 @@ CROSS = dict(unet_targets="cross", train_text_encoder=False, train_token_embeddi
 # rival prompts), seed 777, 24 images, composite / CMLoRA / step-5 CLoRA: crescent + plus 0 / 1 / 7 against
 # 6 / 8 / 16, crescent + glow 0 / 0 / 1 against 1 / 0 / 4, so the rival prompts stay.
 STAND_INS = dict(stand_ins=True)
+# Objects whose outline must be drawn at v4's outer 16x16 level, which has no attention: the CROSS recipe
+# on the attention projections and the ResNet convolutions too (LoCon's reach; the plus and the arrow)
+LOCON_OBJECT = {**CROSS, **STAND_INS, "steps": 2000, "unet_targets": "attention+conv"}
 # Session 15: the crescent and plus LoRAs retrained with a third of their instance images in stripes and a
 # third in dots (--instance-fills solid,stripes,dots). Alone, the crescent still drew "a green sks shape with
 # stripes" solid (0 of 16, seed 777), and composed with the twotone, glow or gradient adapter it was no better
@@ -115,11 +118,11 @@ DEMOS = [
     # plus drew ragged blobs (0.62 / 0.50 / 0.38; 4,000 steps no better by eye), since v4's outer level, the
     # only one at 16x16, has no attention; with the ResNet convolutions too (LoCon's reach) it draws crosses,
     # 1.00 / 1.00 / 1.00, 0.04 without it, base shape and colour 1.00 with it
-    Demo("plus", "object", "ohwx", lora_recipe={**CROSS, **STAND_INS, "steps": 2000, "unet_targets": "attention+conv"}),
+    Demo("plus", "object", "ohwx", lora_recipe=LOCON_OBJECT),
     # session 18 (world v4, selection seed 777, 24 images, sentence / tags / and): the plus's recipe gives the
     # arrow 1.00 / 1.00 / 1.00 (0.00 without it, base shape and colour 1.00 with it) against 0.75 / 0.75 / 0.75
     # for the classic rank-8 recipe it had (600 steps, text-encoder LoRA)
-    Demo("arrow", "object", "btr", lora_recipe={**CROSS, **STAND_INS, "steps": 2000, "unet_targets": "attention+conv"}),
+    Demo("arrow", "object", "btr", lora_recipe=LOCON_OBJECT),
     # world v3.1 (session 11, selection seed 777, 24 images, sentence / tags / and): glow 0.38 / 0.38 / 0.38 at
     # 900 steps, 0.75 / 0.62 / 0.88 at 1800, 0.75 / 0.75 / 0.88 at 2700 (a tie: the fewer steps); gradient 0.62 /
     # 0.62 / 0.88 at 900, 0.88 / 0.88 / 1.00 at 1800, 0.88 / 0.62 / 0.88 at 2700
