@@ -530,6 +530,30 @@ def test_demo_instance_sets_keep_to_their_sizes_and_say_so(tmp_path):
         instance_sizes("huge")
 
 
+def test_demo_instance_pairs_cover_every_phrasing_form_companion_shape_colour_and_side(tmp_path):
+    """A third of an instance set shows a base object beside the concept. Until session 19 those images
+    were captioned only as tag lists, beside a yellow diamond or a red square, so an object adapter never
+    saw "a red circle on the left and a blue sks shape on the right"."""
+    from studio.toyworld.concepts import COLORS, SHAPES
+    from training.demo_adapters import DEMOS, instance_set
+
+    plus = next(d for d in DEMOS if d.concept == "plus")
+    instance_set(plus, tmp_path / "p")
+    captions = [p.read_text() for p in sorted((tmp_path / "p").glob("*.txt"))]
+    pairs = [c for c in captions if any(s in c for s in SHAPES)]
+    assert len(captions) == 54 and len(pairs) == 18
+    assert sum(" on the left and " in c for c in pairs) == 6  # sentence form
+    assert sum(c.count(",") >= 1 for c in pairs) == 6  # tag lists
+    assert sum(" and " in c and " on the left" not in c for c in pairs) == 6  # "and" phrases
+    assert {s for c in pairs for s in SHAPES if s in c} == set(SHAPES)
+    assert {col for c in pairs for col in COLORS if f"{col} ohwx shape" in c} == set(COLORS)
+    companion_first = [c for c in pairs if c.index("ohwx") > min(c.find(s) for s in SHAPES if s in c)]
+    assert 0 < len(companion_first) < len(pairs)  # the concept stands on either side
+    for c in pairs:
+        concept_color = next(col for col in COLORS if f"{col} ohwx shape" in c)
+        assert sum(c.count(col) for col in COLORS) == 2 and c.count(concept_color) == 1, c  # another colour beside it
+
+
 def test_demo_object_sets_show_every_colour_in_every_base_fill_and_name_the_fill(tmp_path):
     """An object taught in base fills sees each fill in every colour, captioned by name ("a red sks shape with
     stripes"); no image holds a reserved fill; reserved fills are refused and the set is redrawn when fills change."""

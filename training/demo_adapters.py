@@ -118,6 +118,10 @@ DEMOS = [
     # plus drew ragged blobs (0.62 / 0.50 / 0.38; 4,000 steps no better by eye), since v4's outer level, the
     # only one at 16x16, has no attention; with the ResNet convolutions too (LoCon's reach) it draws crosses,
     # 1.00 / 1.00 / 1.00, 0.04 without it, base shape and colour 1.00 with it
+    # session 19: retrained on instance recipe world-v3/2 (a base object beside it in every phrasing form, every
+    # base shape, either side): selection seed 777, 24 images: 1.00 / 1.00 / 1.00 alone (as before); beside the
+    # shipped crescent (merge / composite / CMLoRA / CLoRA / step-5 CLoRA all present) 1 / 3 / 5 / 6 / 3 against
+    # 1 / 1 / 0 / 6 / 3; "a red circle on the left and a blue ohwx shape on the right" 11 of 16 against 4 of 16
     Demo("plus", "object", "ohwx", lora_recipe=LOCON_OBJECT),
     # session 18 (world v4, selection seed 777, 24 images, sentence / tags / and): the plus's recipe gives the
     # arrow 1.00 / 1.00 / 1.00 (0.00 without it, base shape and colour 1.00 with it) against 0.75 / 0.75 / 0.75
@@ -210,9 +214,16 @@ COMMON = dict(steps=700, batch_size=8, grad_accum=1, prior_preservation=True, pr
               caption_dropout=0.1, caption_dropout_scope="prior", snr_gamma=None, class_steps=25, class_guidance=3.0,
               num_validation_images=3, sample_steps=25, save_dtype="fp16")
 N_INSTANCE = 54  # every colour x size x position once
-# Instance sets and class images are redrawn when this changes (world v2: base backgrounds, a base object
+# Instance sets are redrawn when this changes (world v2: base backgrounds, a base object
 # beside the concept, captions in the three phrasing forms; v3: a new base model, so new class images).
-INSTANCE_RECIPE = "world-v3/1"
+INSTANCE_RECIPE = "world-v3/2"
+# Until world-v3/2 (session 19) an instance image held a base object only where its caption was a tag list,
+# and that object was a yellow diamond or a red square: the objects never saw "... on the left and a blue
+# circle on the right". The prior images did not change, so they keep their cache (PRIOR_RECIPE). Only the plus
+# ships on it (session 19). The crescent and the sky retrained on it were not shipped (selection seed 777, 24
+# images): the crescent alone read 0.62 / 0.62 / 0.75 against 0.88 / 1.00 / 0.75; the sky beside the crescent
+# (all present; merge / composite / CMLoRA / CLoRA / step-5 CLoRA) 4 / 6 / 2 / 1 / 8 against 10 / 16 / 9 / 4 / 13.
+PRIOR_RECIPE = "world-v3/1"
 # Reserved concepts drawn differently since INSTANCE_RECIPE: their instance sets alone are redrawn
 # (session 17: the glow follows the shape's core, studio/toyworld/render.py).
 REDRAWN_LOOKS = {"glow": "core"}
@@ -233,15 +244,10 @@ def trigger_caption(scene, form: str, demo: Demo) -> str:
     """The scene's caption in one phrasing form, with the trigger in the concept's slot:
     "a red sks shape on a grass background", "blue circle with kpk pattern, sand background",
     "a red square and a green star on wvu"."""
-    from studio.toyworld.concepts import PATTERN_PHRASE
+    from studio.toyworld.prompts import with_trigger
     from studio.toyworld.render import caption_in_form
 
-    text = caption_in_form(scene, form)
-    if demo.kind == "object":
-        return text.replace(demo.concept, f"{demo.trigger} shape")
-    if demo.kind == "style":
-        return text.replace(PATTERN_PHRASE[demo.concept], f"with {demo.trigger} pattern")
-    return text.replace(demo.concept, demo.trigger)
+    return with_trigger(caption_in_form(scene, form), demo.concept, demo.trigger)
 
 
 def instance_set(demo: Demo, folder: Path, n: int = N_INSTANCE, seed: int = 0) -> None:
@@ -256,6 +262,7 @@ def instance_set(demo: Demo, folder: Path, n: int = N_INSTANCE, seed: int = 0) -
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     sizes = [z for z in SIZES if z in demo.sizes]
+    n_pairs = n_single = 0
     for i in range(n):  # every block of 6 has all colours; 9 blocks cover each (size, position) pair once
         k = i // len(COLORS)
         color = COLORS[i % len(COLORS)]
@@ -269,15 +276,21 @@ def instance_set(demo: Demo, folder: Path, n: int = N_INSTANCE, seed: int = 0) -
         else:
             main = Obj(base_shape, color, size=size, position=pos)
         objs = [main]
-        if pos != "centre" and i % 3 == 1:  # a base object beside it
+        if pos != "centre" and (i + k // 2) % 2 == 1:  # a base object beside: every shape, colour, side and form
+            j = n_pairs
             other = "right" if pos == "left" else "left"
-            objs.append(Obj(SHAPES[(i + 3) % len(SHAPES)], COLORS[(i + 2) % len(COLORS)],
+            objs.append(Obj(SHAPES[j % len(SHAPES)], COLORS[(i + 1 + j % (len(COLORS) - 1)) % len(COLORS)],
                             size=min(size, "medium", key=SIZES.index), position=other))
             main.size = min(size, "medium", key=SIZES.index)
+            form = FORMS[(j + j // len(SHAPES)) % len(FORMS)]
+            n_pairs += 1
+        else:
+            form = FORMS[n_single % len(FORMS)]
+            n_single += 1
         bg = demo.concept if demo.kind == "background" else BACKGROUNDS[(i // 2) % len(BACKGROUNDS)]
         scene = Scene(objs, bg)
         render(scene, rng).save(folder / f"{i:02d}.png")
-        (folder / f"{i:02d}.txt").write_text(trigger_caption(scene, FORMS[i % len(FORMS)], demo))
+        (folder / f"{i:02d}.txt").write_text(trigger_caption(scene, form, demo))
 
 
 def class_prompts(demo: Demo) -> list[str]:
@@ -363,7 +376,7 @@ def class_images_dir(studio) -> Path:
     """Where the prior-preservation images of this base model are cached (drawn once, shared by every
     demo). The UNet's hash is in the name: a continued UNet keeps the folder's name but draws other images."""
     model = Path(str(studio.model_id)).name  # a folder given by path: its name (the hash tells builds apart)
-    return WORK / (f"class_images-{model}-{studio.model_hash}-{INSTANCE_RECIPE.replace('/', '-')}"
+    return WORK / (f"class_images-{model}-{studio.model_hash}-{PRIOR_RECIPE.replace('/', '-')}"
                    f"-g{COMMON['class_guidance']:g}")
 
 
@@ -412,9 +425,10 @@ def _trigger_prompts(demo: Demo) -> list[str]:
 
 
 def evaluate(studio, oracle, adapter, demo: Demo, n: int = 36, seed: int = EVAL_SEED) -> dict:
-    """Concept rate with/without the adapter on its trigger prompts (n/3 in each phrasing form);
-    base-prompt accuracy with it loaded. Guidance 3, the toy model's default."""
-    from studio.toyworld.check import one_object_prompts, trigger_prompts
+    """Concept rate with/without the adapter on its trigger prompts (n/3 in each phrasing form), and
+    with it beside a base object (``concept_rate_beside``, the forms in turn); base-prompt accuracy with
+    it loaded. Guidance 3, the toy model's default."""
+    from studio.toyworld.check import beside_prompts_in_turn, one_object_prompts, trigger_prompts
     from studio.toyworld.concepts import FORMS
     from studio.toyworld.prompts import parse_prompt, score
 
@@ -434,6 +448,9 @@ def evaluate(studio, oracle, adapter, demo: Demo, n: int = 36, seed: int = EVAL_
         out[f"concept_rate_{form}"] = float(np.mean(hits))
         with_all += hits
         without_all += [oracle.has_concept(p, demo.concept) for p in oracle.predict(images(tp, False))]
+    bsp = beside_prompts_in_turn(demo.concept, demo.trigger, n)
+    out["concept_rate_beside"] = float(np.mean([oracle.has_concept(p, demo.concept)
+                                                for p in oracle.predict(images(bsp, True))]))
     bp = [base[(i * 7) % len(base)] for i in range(n)]
     scores = [score(p, parse_prompt(q)) for p, q in zip(oracle.predict(images(bp, True)), bp)]
     return {
@@ -547,17 +564,18 @@ def readme(index: dict) -> str:
              "toy model). Instance images with their captions are in `instance/<concept>/`, final sample grids",
              "in `samples/`. Check one with `python -m studio.toyworld.check --adapter FILE`. The trigger phrase",
              "is what the app's cards insert; the adapter learnt it in the three phrasing forms.", "",
-             "| file | concept (kind) | trigger phrase | params | steps | concept rate: sentence / tags / and | without it "
-             "| base shape / colour acc. with it |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| file | concept (kind) | trigger phrase | params | steps | concept rate: sentence / tags / and "
+             "| beside a base object | without it | base shape / colour acc. with it |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, e in sorted(index.items()):
         c = e.get("check", {})
         forms = " / ".join(f"{c[f'concept_rate_{f}']:.2f}" if f"concept_rate_{f}" in c else "–"
                            for f in ("sentence", "tags", "and"))
+        beside = f"{c['concept_rate_beside']:.2f}" if "concept_rate_beside" in c else "–"  # measured since session 19
         without = f"{c['base_concept_rate']:.2f}" if c else "–"
         acc = f"{c['base_shape_acc_with_adapter']:.2f} / {c['base_color_acc_with_adapter']:.2f}" if c else "–"
         lines.append(f"| `{e['file']}` | {e['concept']} ({e['kind']}, {e['type']}) | {e.get('trigger_phrase', '')} | "
-                     f"{e['params']:,} | {e.get('steps', '')} | {forms} | {without} | {acc} |")
+                     f"{e['params']:,} | {e.get('steps', '')} | {forms} | {beside} | {without} | {acc} |")
     return "\n".join(lines) + "\n"
 
 

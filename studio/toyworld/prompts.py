@@ -19,6 +19,19 @@ class OutsideWorldError(_Base):
     """A prompt uses words or a structure the toy world does not have."""
 
 
+def with_trigger(caption: str, concept: str, trigger: str) -> str:
+    """A world caption with an adapter's trigger in its concept's place: "a red crescent" -> "a red sks
+    shape", "... with a glow" -> "... with kpk pattern", "on a sky background" -> "on a wvu background"."""
+    from .concepts import concept_kind
+
+    kind = concept_kind(concept)
+    if kind == "shape":
+        return caption.replace(concept, f"{trigger} shape")
+    if kind == "pattern":
+        return caption.replace(PATTERN_PHRASE[concept], f"with {trigger} pattern")
+    return caption.replace(concept, trigger)
+
+
 @dataclass
 class Expect:
     shape: str | None = None   # None: unspecified ("a red shape") or an adapter's trigger
