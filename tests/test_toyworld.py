@@ -280,6 +280,29 @@ def test_check_prompt_sets_are_inside_the_world():
             assert len(need) == (3 if kind == "n3" else 2) and not set(need) & set(NOVEL_CONCEPTS)
 
 
+def test_beside_prompts_put_the_concept_beside_every_base_shape_on_either_side():
+    """concept_rate_beside asks for the concept next to a base object of another colour, on the left and
+    on the right, in every phrasing form, and the world's parser reads every prompt back."""
+    from studio.toyworld.check import beside_prompts
+    from studio.toyworld.concepts import FORMS, SHAPES
+    from studio.toyworld.prompts import parse_prompt
+
+    for concept, trigger in (("plus", "ohwx"), ("glow", "kpk"), ("sky", "wvu")):
+        for form in FORMS:
+            exps = [parse_prompt(p, {trigger: concept}) for p in beside_prompts(concept, trigger, form)]
+            assert all(len(e.objects) == 2 and e.objects[0].color != e.objects[1].color for e in exps)
+            if concept == "sky":
+                assert all(e.background == "sky" for e in exps)
+                continue
+            mine = [[o for o in e.objects if concept in (o.shape, o.pattern)]
+                    for e in exps]
+            assert all(len(m) == 1 for m in mine)
+            firsts = [e.objects[0] is m[0] for e, m in zip(exps, mine)]
+            assert any(firsts) and not all(firsts)  # the concept stands on either side
+            companions = {o.shape for e, m in zip(exps, mine) for o in e.objects if o is not m[0]}
+            assert companions == set(SHAPES)
+
+
 def test_a_style_is_checked_on_every_base_shape():
     """Trigger prompts for a style ask for it on each base shape (every colour x shape once), and each
     block of six holds every shape, so the first 12 (what the demo evaluation takes per form) hold
@@ -786,3 +809,20 @@ def test_the_bundled_world_v4_loaded_by_path_is_the_toy_model_and_draws_what_it_
     found = [{(o["position"], o["shape"], o["color"]) for o in p["objects"]} >= {("left", "square", "blue"), ("right", "star", "yellow")}
              for p in preds]
     assert sum(found) >= 3, preds
+
+
+def test_check_reports_every_adapter_measure_on_its_last_line(capsys):
+    """The adapter check's last line carries the per-form rates, the beside rate, leak and both survivals
+    (a few images at two steps: the fields and their ranges, not the adapters' quality)."""
+    from studio.toyworld.check import main
+
+    adapters = MODELS_DIR.parent / "adapters"
+    assert main(["--skip-base", "--samples", "3", "--steps", "2", "--adapter", str(adapters / "plus-lora.safetensors"),
+                 "--with", str(adapters / "sky-lora.safetensors")]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    fields = dict(kv.split("=") for kv in line.split())
+    for key in ("concept_rate_sentence", "concept_rate_tags", "concept_rate_and", "concept_rate_beside",
+                "base_concept_rate", "survival", "survival_beside"):
+        assert 0.0 <= float(fields[key]) <= 1.0, key
+    assert -1.0 <= float(fields["leak"]) <= 1.0  # an accuracy drop; below 0 where the adapter's images score higher
+    assert 0.0 <= float(fields["leak_pixels"]) <= 255.0

@@ -8,8 +8,10 @@ two-object prompts on named sides whose combination was held out of training. Th
 ``shape_acc=… color_acc=… both_acc=… two_object_acc=… background_acc=… form_acc_sentence=…
 form_acc_tags=… form_acc_and=… ceiling_object_object=… ceiling_object_background=…
 ceiling_object_style=… ceiling_n3=…``. With ``--adapter`` it adds ``concept_rate_sentence=…
-concept_rate_tags=… concept_rate_and=… concept_rate=… base_concept_rate=… leak=… leak_pixels=…``
-and, with ``--with F2 [F3 …]``, ``survival=…`` (over several adapters: the worst of each). When the
+concept_rate_tags=… concept_rate_and=… concept_rate=… base_concept_rate=… concept_rate_beside=… leak=…
+leak_pixels=…`` (``concept_rate_beside``: the concept beside a base object, as a composed prompt asks for it)
+and, with ``--with F2 [F3 …]``, ``survival=…`` and ``survival_beside=…`` (one-object prompts, and the
+concept beside a base object; over several adapters: the worst of each). When the
 second oracle (assets/models/oracle-b) is there, ``oracle_agreement=…`` ends the line: the share of
 all generated images on which the two oracles call exactly the same concepts present.
 Every prompt set has its own fixed seed, disjoint from the training and selection seeds.
@@ -223,6 +225,34 @@ def trigger_prompts(concept: str, trigger: str, form: str = "sentence") -> list[
     return out
 
 
+def beside_prompts(concept: str, trigger: str, form: str = "sentence") -> list[str]:
+    """Prompts that ask for an adapter's concept beside a base object, in one phrasing form: every
+    base shape as the companion, in another colour, the concept on the left and on the right
+    ("a red circle on the left and a blue sks shape on the right"), as composed prompts ask for it."""
+    from .prompts import with_trigger
+    from .render import Obj, Scene, caption_in_form
+
+    kind = concept_kind(concept)
+    base_bg = ("grass", "water", "sand", "night")
+    out = []
+    for i in range(2 * len(COLORS)):
+        color, other_color = COLORS[i % len(COLORS)], COLORS[(i + 1 + i // len(COLORS)) % len(COLORS)]
+        main = Obj(concept if kind == "shape" else SHAPES[i % len(SHAPES)], color,
+                   pattern=concept if kind == "pattern" else "solid")
+        companion = Obj(SHAPES[(i + 2 + i // len(SHAPES)) % len(SHAPES)], other_color)
+        main.position, companion.position = ("left", "right") if i % 2 == 0 else ("right", "left")
+        objs = [main, companion] if i % 2 == 0 else [companion, main]
+        bg = concept if kind == "background" else (base_bg[i % len(base_bg)] if form == "and" else "plain")
+        out.append(with_trigger(caption_in_form(Scene(objs, bg), form), concept, trigger))
+    return out
+
+
+def beside_prompts_in_turn(concept: str, trigger: str, n: int) -> list[str]:
+    """``n`` beside-prompts, the three phrasing forms in turn."""
+    per_form = [beside_prompts(concept, trigger, form) for form in FORMS]
+    return [per_form[i % len(FORMS)][(i // len(FORMS)) % len(per_form[0])] for i in range(n)]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=72, help="images per prompt category (default 72)")
@@ -233,8 +263,8 @@ def main(argv=None) -> int:
                     help="also measure an adapter: its concept rate in each phrasing form, its leak into prompts "
                          "without its trigger, and (with --with) its survival beside other adapters (repeatable)")
     ap.add_argument("--with", dest="with_", nargs="+", default=[], metavar="FILE",
-                    help="other adapters loaded beside each --adapter for survival= (merge, only the first's "
-                         "trigger in the prompt)")
+                    help="other adapters loaded beside each --adapter for survival= and survival_beside= (merge, "
+                         "only the first's trigger in the prompt)")
     ap.add_argument("--skip-base", action="store_true", help="with --adapter: skip the base model's own measures")
     ap.add_argument("--prompt", action="append", default=[], help="check these prompts instead of the held-out set")
     ap.add_argument("--model", default=None, help="toy pipeline folder (default assets/models/toy-sd)")
@@ -381,6 +411,11 @@ def main(argv=None) -> int:
                     keep("concept_rate", rate)
                     _, bpreds = run(prompts, base + 400000, f"base-{name}", trig)
                     keep("base_concept_rate", mean([oracle.has_concept(p, concept) for p in bpreds]), lowest=False)
+            beside = beside_prompts_in_turn(concept, trigger, args.samples)
+            _, preds = run(beside, base + 450000, f"adapter-{name}-beside", trig, gen_with([name]))
+            rate = mean([oracle.has_concept(p, concept) for p in preds])
+            print(f"adapter {name} beside a base object (the three forms in turn): concept rate {rate:.3f}")
+            keep("concept_rate_beside", rate)
             ad_imgs = gen_with([name])(plain_prompts, leak_seed)
             drop = ref_acc - acc(ad_imgs)
             pix = mean([float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean())
@@ -397,6 +432,11 @@ def main(argv=None) -> int:
                 rate = mean([oracle.has_concept(p, concept) for p in preds])
                 print(f"adapter {name} with {other} also loaded: concept rate {rate:.3f}")
                 keep("survival", rate)
+                _, preds = run(beside, base + 450000, f"survival-beside-{name}-{other}", trig,
+                               gen_with([name, other]))
+                rate = mean([oracle.has_concept(p, concept) for p in preds])
+                print(f"adapter {name} with {other} also loaded, beside a base object: concept rate {rate:.3f}")
+                keep("survival_beside", rate)
         line += " " + " ".join(f"{k}={v:.3f}" if k != "leak_pixels" else f"{k}={v:.1f}" for k, v in worst.items())
     if agreement[1]:
         print(f"the two oracles call the same concepts present on {agreement[0]} of {agreement[1]} images")
