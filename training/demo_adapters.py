@@ -279,12 +279,11 @@ def instance_set(demo: Demo, folder: Path, n: int = N_INSTANCE, seed: int = 0) -
             main = Obj(base_shape, color, size=size, position=pos)
         objs = [main]
         if pos != "centre" and (i + k // 2) % 2 == 1:  # a base object beside: every shape, colour, side and form
-            j = n_pairs
             other = "right" if pos == "left" else "left"
-            objs.append(Obj(SHAPES[j % len(SHAPES)], COLORS[(i + 1 + j % (len(COLORS) - 1)) % len(COLORS)],
+            objs.append(Obj(SHAPES[n_pairs % len(SHAPES)], COLORS[(i + 1 + n_pairs % (len(COLORS) - 1)) % len(COLORS)],
                             size=min(size, "medium", key=SIZES.index), position=other))
             main.size = min(size, "medium", key=SIZES.index)
-            form = FORMS[(j + j // len(SHAPES)) % len(FORMS)]
+            form = FORMS[(n_pairs + n_pairs // len(SHAPES)) % len(FORMS)]
             n_pairs += 1
         else:
             form = FORMS[n_single % len(FORMS)]

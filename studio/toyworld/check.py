@@ -237,11 +237,11 @@ def beside_prompts(concept: str, trigger: str, form: str = "sentence") -> list[s
     out = []
     for i in range(2 * len(COLORS)):
         color, other_color = COLORS[i % len(COLORS)], COLORS[(i + 1 + i // len(COLORS)) % len(COLORS)]
+        sides = ("left", "right") if i % 2 == 0 else ("right", "left")
         main = Obj(concept if kind == "shape" else SHAPES[i % len(SHAPES)], color,
-                   pattern=concept if kind == "pattern" else "solid")
-        companion = Obj(SHAPES[(i + 2 + i // len(SHAPES)) % len(SHAPES)], other_color)
-        main.position, companion.position = ("left", "right") if i % 2 == 0 else ("right", "left")
-        objs = [main, companion] if i % 2 == 0 else [companion, main]
+                   pattern=concept if kind == "pattern" else "solid", position=sides[0])
+        companion = Obj(SHAPES[(i + 2 + i // len(SHAPES)) % len(SHAPES)], other_color, position=sides[1])
+        objs = [main, companion] if i % 2 == 0 else [companion, main]  # named left to right
         bg = concept if kind == "background" else (base_bg[i % len(base_bg)] if form == "and" else "plain")
         out.append(with_trigger(caption_in_form(Scene(objs, bg), form), concept, trigger))
     return out

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from .concepts import (
-    ALL_BACKGROUNDS, ALL_PATTERNS, ALL_SHAPES, COLORS, PATTERN_PHRASE, POSITION_PHRASE, SIZES,
+    ALL_BACKGROUNDS, ALL_PATTERNS, ALL_SHAPES, COLORS, PATTERN_PHRASE, POSITION_PHRASE, SIZES, concept_kind,
 )
 
 try:
@@ -22,8 +22,6 @@ class OutsideWorldError(_Base):
 def with_trigger(caption: str, concept: str, trigger: str) -> str:
     """A world caption with an adapter's trigger in its concept's place: "a red crescent" -> "a red sks
     shape", "... with a glow" -> "... with kpk pattern", "on a sky background" -> "on a wvu background"."""
-    from .concepts import concept_kind
-
     kind = concept_kind(concept)
     if kind == "shape":
         return caption.replace(concept, f"{trigger} shape")
