@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -181,12 +182,17 @@ def _method_params(items: list[str]) -> dict:
 
 
 def _output_paths(out: str, n: int, stem: str = "image") -> list[Path]:
+    """Where ``n`` images go: a named .png (numbered when several), or a folder, numbered on after the
+    images already there so that a second run into it keeps the first run's images."""
     out_path = Path(out)
     if out_path.suffix.lower() == ".png" and n == 1:
         return [out_path]
     if out_path.suffix.lower() == ".png":
         return [out_path.with_name(f"{out_path.stem}-{i:02d}.png") for i in range(n)]
-    return [out_path / f"{stem}-{i:02d}.png" for i in range(n)]
+    taken = [int(m.group(1)) for p in out_path.glob(f"{stem}-*.png")
+             if (m := re.fullmatch(rf"{re.escape(stem)}-(\d+)\.png", p.name))]
+    start = max(taken, default=-1) + 1
+    return [out_path / f"{stem}-{start + i:02d}.png" for i in range(n)]
 
 
 def cmd_generate(args) -> int:

@@ -130,6 +130,10 @@ def test_a1111_sampler_and_image_counter(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["image-00.png", "image-01.png"]
     assert "images" in captured.err and "2/2" in captured.err  # the tqdm counter (with its ETA)
     assert "Sampler: DPM++ 2M Karras" in Image.open(out / "image-00.png").text["parameters"]
+    first = (out / "image-00.png").read_bytes()
+    assert main(["generate", "--prompt", "a blue square", "--steps", "1", "--seed", "3", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["image-00.png", "image-01.png", "image-02.png"]  # numbered on
+    assert (out / "image-00.png").read_bytes() == first  # the first run's images are kept
 
 
 def test_a_demo_adapter_by_its_bare_name(tmp_path, capsys):
