@@ -399,21 +399,24 @@ def main(argv=None) -> int:
         ref_acc = acc(ref_imgs)
         for name, concept, trigger in loaded:
             trig = {trigger: concept}
+
+            def rate_of(prompts, seed, tag, names=(name,)):
+                """Share of images (drawn with ``names`` loaded; none: the base model) showing the concept."""
+                _, preds = run(prompts, seed, tag, trig, gen_with(names) if names else None)
+                return mean([oracle.has_concept(p, concept) for p in preds])
+
             sentence_prompts = []
             for form in FORMS:
                 prompts = _cycle(trigger_prompts(concept, trigger, form), args.samples, args.seed)
-                _, preds = run(prompts, base + 400000, f"adapter-{name}-{form}", trig, gen_with([name]))
-                rate = mean([oracle.has_concept(p, concept) for p in preds])
+                rate = rate_of(prompts, base + 400000, f"adapter-{name}-{form}")
                 print(f"adapter {name} ({concept}, trigger {trigger!r}), {form} form: concept rate {rate:.3f}")
                 keep(f"concept_rate_{form}", rate)
                 if form == "sentence":
                     sentence_prompts = prompts
                     keep("concept_rate", rate)
-                    _, bpreds = run(prompts, base + 400000, f"base-{name}", trig)
-                    keep("base_concept_rate", mean([oracle.has_concept(p, concept) for p in bpreds]), lowest=False)
+                    keep("base_concept_rate", rate_of(prompts, base + 400000, f"base-{name}", ()), lowest=False)
             beside = beside_prompts_in_turn(concept, trigger, args.samples)
-            _, preds = run(beside, base + 450000, f"adapter-{name}-beside", trig, gen_with([name]))
-            rate = mean([oracle.has_concept(p, concept) for p in preds])
+            rate = rate_of(beside, base + 450000, f"adapter-{name}-beside")
             print(f"adapter {name} beside a base object (the three forms in turn): concept rate {rate:.3f}")
             keep("concept_rate_beside", rate)
             ad_imgs = gen_with([name])(plain_prompts, leak_seed)
@@ -427,14 +430,10 @@ def main(argv=None) -> int:
             for other in others:
                 if other == name:
                     continue
-                _, preds = run(sentence_prompts, base + 400000, f"survival-{name}-{other}", trig,
-                               gen_with([name, other]))
-                rate = mean([oracle.has_concept(p, concept) for p in preds])
+                rate = rate_of(sentence_prompts, base + 400000, f"survival-{name}-{other}", (name, other))
                 print(f"adapter {name} with {other} also loaded: concept rate {rate:.3f}")
                 keep("survival", rate)
-                _, preds = run(beside, base + 450000, f"survival-beside-{name}-{other}", trig,
-                               gen_with([name, other]))
-                rate = mean([oracle.has_concept(p, concept) for p in preds])
+                rate = rate_of(beside, base + 450000, f"survival-beside-{name}-{other}", (name, other))
                 print(f"adapter {name} with {other} also loaded, beside a base object: concept rate {rate:.3f}")
                 keep("survival_beside", rate)
         line += " " + " ".join(f"{k}={v:.3f}" if k != "leak_pixels" else f"{k}={v:.1f}" for k, v in worst.items())
