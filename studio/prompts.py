@@ -59,6 +59,22 @@ def format_tag(name: str, weight: float) -> str:
     return f"<lora:{name}:{weight:g}>"
 
 
+def has_word(text: str, word: str) -> bool:
+    """Whether ``word`` stands in ``text`` as a word of its own ("sks" in "a sks shape", not in "asks")."""
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text) is not None
+
+
+def untagged_triggers(text: str, used: set[str], triggers: dict[str, str | None]) -> dict[str, list[str]]:
+    """Trigger words in ``text`` whose adapters are all left out of ``used``: {trigger: [adapter names]}.
+    Without its adapter a trigger is a rare word the base model draws as nothing in particular, so the
+    concept is silently missing; ``triggers`` maps adapter name -> trigger word (or None)."""
+    by_trigger: dict[str, list[str]] = {}
+    for name, trigger in sorted(triggers.items()):
+        if trigger:
+            by_trigger.setdefault(trigger, []).append(name)
+    return {t: names for t, names in by_trigger.items() if has_word(text, t) and not set(names) & used}
+
+
 # ---- token positions of concepts and triggers (CLoRA) -------------------------------------
 
 _PUNCT = ",.;:!?\"'()[]{}"

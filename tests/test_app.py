@@ -154,7 +154,9 @@ def test_prompt_without_trigger_is_warned(h):
     *_, last = h.generate("a circle <lora:a:1>", **GEN, seed=1, steps=2)
     assert "lacks 'sksa'" in last[6]
     *_, last = h.generate("a sksa circle <lora:a:1>", **GEN, seed=1, steps=2)
-    assert "lacks" not in last[6]
+    assert "lacks" not in last[6] and "trigger of" not in last[6]
+    *_, last = h.generate("a sksa circle", **GEN, seed=1, steps=2)  # the trigger, but not its adapter
+    assert "'sksa' is the trigger of a" in last[6] and "add &lt;lora:a:" in last[6], last[6]  # escaped, still visible
 
 
 def test_stop_keeps_the_finished_images(h):

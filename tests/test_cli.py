@@ -136,6 +136,16 @@ def test_a1111_sampler_and_image_counter(tmp_path, capsys):
     assert (out / "image-00.png").read_bytes() == first  # the first run's images are kept
 
 
+def test_a_demo_trigger_without_its_adapter_is_warned(tmp_path, capsys):
+    """"ohwx" without --lora plus-lora draws an unknown word; the CLI says so and names the fix."""
+    args = ["generate", "--prompt", "a blue ohwx shape", "--steps", "1", "--out", str(tmp_path / "o.png")]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "'ohwx' is the trigger of plus-lora" in err and "add --lora plus-lora" in err
+    assert main([*args[:-2], "--lora", "plus-lora", "--out", str(tmp_path / "p.png")]) == 0
+    assert "trigger of" not in capsys.readouterr().err  # with it: no warning
+
+
 def test_a_demo_adapter_by_its_bare_name(tmp_path, capsys):
     out = tmp_path / "o.png"
     assert main(["generate", "--prompt", "a red sks shape", "--steps", "2", "--lora", "crescent-lora:0.8",

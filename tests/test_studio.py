@@ -52,6 +52,17 @@ def test_a1111_tag_forms():
     assert [(t.name, t.te, t.unet) for t in tags] == [("a", 0.8, 0.8), ("b", 0.5, 1.0), ("c", 1.0, 0.3)]
 
 
+def test_trigger_words_whose_adapters_are_left_out_are_found():
+    """A trigger in the text counts only as a whole word, and only when no adapter that has it is used."""
+    from studio.prompts import untagged_triggers
+
+    triggers = {"crescent-lora": "sks", "crescent-kron": "sks", "plus-lora": "ohwx", "plain": None}
+    assert untagged_triggers("a red sks shape", set(), triggers) == {"sks": ["crescent-kron", "crescent-lora"]}
+    assert untagged_triggers("a red sks shape", {"crescent-kron"}, triggers) == {}
+    assert untagged_triggers("she asks for an ohwx, please", set(), triggers) == {"ohwx": ["plus-lora"]}
+    assert untagged_triggers("a red circle", set(), triggers) == {}
+
+
 def test_num_images_use_consecutive_seeds_and_fresh_generators(sd1):
     result = sd1.run("a blue star", num_images=2, **FAST)  # one batch: equal within float rounding
     assert [r.seed for r in result.recipes] == [7, 8]

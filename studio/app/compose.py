@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import queue
-import re
 import threading
 import time
 import uuid
@@ -23,7 +22,7 @@ from composers import COMPOSERS
 from studio.adapters.library import safe_name
 from studio.errors import StudioError
 from studio.metadata import save_png
-from studio.prompts import format_tag, parse_prompt
+from studio.prompts import format_tag, has_word, parse_prompt, untagged_triggers
 from studio.sampling import GenerationCancelled, latent_preview
 
 from .common import ACK_TIMEOUT_S, as_int, error_text, jsonable, message, method_defaults, parse_params
@@ -60,17 +59,23 @@ def method_guide(method: str) -> str:
 
 
 def trigger_warnings(prompt: str, adapters, phrase_of) -> list[str]:
-    """One line per adapter tagged in ``prompt`` whose trigger word is not in the prompt's text."""
+    """One line per adapter tagged in ``prompt`` whose trigger word is not in the prompt's text, and one
+    per trigger word in the text whose adapter is not tagged."""
     text, tags = parse_prompt(prompt or "")
     out = []
     for tag in tags:
         if tag.name not in adapters:
             continue
         trigger = adapters.get(tag.name).trigger
-        if trigger and not re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", text):
+        if trigger and not has_word(text, trigger):
             phrase = phrase_of(tag.name)
             out.append(f"the prompt lacks {trigger!r}, the trigger of {tag.name}"
                        + (f"; it was taught “{phrase}”" if phrase else ""))
+    triggers = {a.name: a.trigger for a in adapters.list()}
+    for trigger, names in untagged_triggers(text, {t.name for t in tags}, triggers).items():
+        out.append(f"{trigger!r} is the trigger of {' / '.join(names)}, which the prompt does not use, so the "
+                   f"model draws it as an unknown word; add {format_tag(names[0], adapters.get(names[0]).weight)} "
+                   f"(its card's insert button under the prompt)")
     return out
 
 
@@ -121,7 +126,7 @@ class ComposeTab:
         phrase = self.phrase_of(name)
         if phrase and phrase not in prompt:
             prompt = f"{prompt}, {phrase}" if prompt else phrase
-        elif adapter.trigger and not re.search(rf"(?<!\w){re.escape(adapter.trigger)}(?!\w)", prompt):
+        elif adapter.trigger and not has_word(prompt, adapter.trigger):
             prompt = f"{prompt}, {adapter.trigger}" if prompt else adapter.trigger
         return f"{prompt} {tag}".strip()
 
