@@ -195,19 +195,17 @@ def _output_paths(out: str, n: int, stem: str = "image") -> list[Path]:
     return [out_path / f"{stem}-{start + i:02d}.png" for i in range(n)]
 
 
-def _untagged_trigger_warnings(prompt: str, studio, adapters: list, demo: bool) -> list[str]:
-    """Lines for trigger words in the prompt whose adapter is not used (the demo adapters' triggers too,
-    on the toy model): without it the word is drawn as nothing in particular, silently."""
+def _untagged_trigger_warnings(prompt: str, used: set[str]) -> list[str]:
+    """Lines for demo adapters' trigger words in the prompt whose adapter this run does not use: without
+    it the word is drawn as nothing in particular, silently."""
     from .adapters.store import read_index
-    from .prompts import parse_prompt, untagged_triggers
+    from .prompts import parse_prompt, untagged_trigger_warning, untagged_triggers
     from .resources import demo_adapters_dir
 
     text, tags = parse_prompt(prompt)
-    triggers = {name: e.get("trigger") for name, e in read_index(demo_adapters_dir()).items()} if demo else {}
-    triggers |= {a.name: a.trigger for a in studio.adapters.list()}
-    used = {a if isinstance(a, str) else a[0] for a in adapters} | {t.name for t in tags}
-    return [f"{trigger!r} is the trigger of {' / '.join(names)}, which this run does not use, so the model draws "
-            f"it as an unknown word; add --lora {names[0]}" for trigger, names in untagged_triggers(text, used, triggers).items()]
+    triggers = {name: e.get("trigger") for name, e in read_index(demo_adapters_dir()).items()}
+    return [untagged_trigger_warning(trigger, names, f"--lora {names[0]}")
+            for trigger, names in untagged_triggers(text, used | {t.name for t in tags}, triggers).items()]
 
 
 def cmd_generate(args) -> int:
@@ -234,8 +232,9 @@ def cmd_generate(args) -> int:
         for path, weight in loras:
             name = studio.adapters.load(resolve_adapter_path(path), allow_pickle=args.allow_pickle).name
             adapters.append(name if weight is None else (name, weight))
-        for line in _untagged_trigger_warnings(args.prompt, studio, adapters, demo=args.model is None):
-            print(f"warning: {line}", file=sys.stderr)
+        if args.model is None:  # the demo adapters are the toy model's
+            for line in _untagged_trigger_warnings(args.prompt, {a if isinstance(a, str) else a[0] for a in adapters}):
+                print(f"warning: {line}", file=sys.stderr)
         width, height = args.size or (None, None)
         result = studio.run(
             args.prompt, adapters, method=args.method, method_params=method_params,

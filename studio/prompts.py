@@ -75,6 +75,12 @@ def untagged_triggers(text: str, used: set[str], triggers: dict[str, str | None]
     return {t: names for t, names in by_trigger.items() if has_word(text, t) and not set(names) & used}
 
 
+def untagged_trigger_warning(trigger: str, names: list[str], fix: str) -> str:
+    """The warning for a trigger word whose adapters (``names``) are left out; ``fix`` says how to add one."""
+    return (f"{trigger!r} is the trigger of {' / '.join(names)}, which this prompt does not use, so the model "
+            f"draws it as an unknown word; add {fix}")
+
+
 # ---- token positions of concepts and triggers (CLoRA) -------------------------------------
 
 _PUNCT = ",.;:!?\"'()[]{}"

@@ -22,7 +22,7 @@ from composers import COMPOSERS
 from studio.adapters.library import safe_name
 from studio.errors import StudioError
 from studio.metadata import save_png
-from studio.prompts import format_tag, has_word, parse_prompt, untagged_triggers
+from studio.prompts import format_tag, has_word, parse_prompt, untagged_trigger_warning, untagged_triggers
 from studio.sampling import GenerationCancelled, latent_preview
 
 from .common import ACK_TIMEOUT_S, as_int, error_text, jsonable, message, method_defaults, parse_params
@@ -73,9 +73,8 @@ def trigger_warnings(prompt: str, adapters, phrase_of) -> list[str]:
                        + (f"; it was taught “{phrase}”" if phrase else ""))
     triggers = {a.name: a.trigger for a in adapters.list()}
     for trigger, names in untagged_triggers(text, {t.name for t in tags}, triggers).items():
-        out.append(f"{trigger!r} is the trigger of {' / '.join(names)}, which the prompt does not use, so the "
-                   f"model draws it as an unknown word; add {format_tag(names[0], adapters.get(names[0]).weight)} "
-                   f"(its card's insert button under the prompt)")
+        fix = f"{format_tag(names[0], adapters.get(names[0]).weight)} (its card's insert button under the prompt)"
+        out.append(untagged_trigger_warning(trigger, names, fix))
     return out
 
 
