@@ -73,17 +73,22 @@ class AdapterEntry:
 
 @dataclass
 class MethodSpec:
-    """One method column of a suite; ``guidance`` overrides the suite's CFG scale for it alone."""
+    """One method column of a suite; ``guidance`` overrides the suite's CFG scale for it alone, and
+    ``weights`` ({adapter: weight}) the adapters' preferred weights: averaging and summing methods
+    balance concepts at different weights, as they do at different CFG scales."""
 
     name: str
     params: dict = field(default_factory=dict)
     guidance: float | None = None
+    weights: dict[str, float] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
         label = self.name
         if self.params:
             label += "(" + ",".join(f"{k}={v}" for k, v in sorted(self.params.items())) + ")"
+        if self.weights:
+            label += "[" + ",".join(f"{k}={v:g}" for k, v in sorted(self.weights.items())) + "]"
         return label if self.guidance is None else f"{label} cfg {self.guidance:g}"
 
 
@@ -372,16 +377,27 @@ def load_suite(path: str | os.PathLike) -> Suite:
     raw_methods = data.get("methods") or ["merge"]
     for i, m in enumerate(raw_methods):
         if not isinstance(m, (str, dict)) or (isinstance(m, dict) and not isinstance(m.get("params") or {}, dict)):
-            _fail(path, f"methods[{i}] must be a method name or {{name:, params: {{…}}, guidance: …}}, got {m!r}"[:300])
-        extra = sorted(map(str, set(m) - {"name", "params", "guidance"})) if isinstance(m, dict) else []
+            _fail(path, f"methods[{i}] must be a method name or {{name:, params: {{…}}, guidance: …, weights: {{…}}}}, "
+                        f"got {m!r}"[:300])
+        extra = sorted(map(str, set(m) - {"name", "params", "guidance", "weights"})) if isinstance(m, dict) else []
         if extra:
-            _fail(path, f"methods[{i}] has unknown key(s) {', '.join(extra)}; valid: name, params, guidance")
+            _fail(path, f"methods[{i}] has unknown key(s) {', '.join(extra)}; valid: name, params, guidance, weights")
         spec = MethodSpec(str(m)) if not isinstance(m, dict) else MethodSpec(str(m.get("name")), dict(m.get("params") or {}))
         if isinstance(m, dict) and m.get("guidance") is not None:
             try:
                 spec.guidance = finite(f"methods[{i}].guidance", m["guidance"], 0.0, limits.max_guidance)
             except StudioError as e:
                 _fail(path, str(e))
+        if isinstance(m, dict) and m.get("weights") is not None:
+            if not isinstance(m["weights"], dict) or not m["weights"]:
+                _fail(path, f"methods[{i}].weights must be {{adapter: weight}}, e.g. {{plus: 1.25}}, got {m['weights']!r}"[:300])
+            for n, v in m["weights"].items():
+                if str(n) not in suite.adapters:
+                    _fail(path, f"methods[{i}].weights names unknown adapter {n!r}; valid: {valid}")
+                try:
+                    spec.weights[str(n)] = finite(f"methods[{i}].weights: {n}", v, -limits.max_weight, limits.max_weight)
+                except StudioError as e:
+                    _fail(path, str(e))
         try:
             check_method_params(spec.params, f"methods[{i}].params")
         except StudioError as e:
@@ -443,11 +459,13 @@ def _combinations(path: str, spec: dict) -> list[tuple[str, list[str]]]:
     return out
 
 
-def _weight_for(w, entry: AdapterEntry) -> float:
+def _weight_for(w, entry: AdapterEntry, method: MethodSpec) -> float:
+    """The weights axis wins; otherwise the method's own weight for the adapter, then the adapter's."""
+    preferred = method.weights.get(entry.name, entry.weight)
     if w is None:
-        return entry.weight
+        return preferred
     if isinstance(w, dict):
-        return float(w.get(entry.name, entry.weight))
+        return float(w.get(entry.name, preferred))
     return float(w)
 
 
@@ -493,8 +511,8 @@ def expand_jobs(suite: Suite, hashes: dict[str, str] | None = None) -> list[Job]
                 seed = derive_seed(suite.base_seed, set_id, pid, f"{sample}#{salt}")
             seeds_used.add((set_id, pid, seed))
             seed_of[(set_id, pid, sample)] = seed
-        adapters = [{"name": n, "weight": _weight_for(w, suite.adapters[n]), "sha256": hashes[n]} for n in names]
         for m in suite.methods:
+            adapters = [{"name": n, "weight": _weight_for(w, suite.adapters[n], m), "sha256": hashes[n]} for n in names]
             guidance = suite.guidance if m.guidance is None else m.guidance
             resolved = {
                 "method": m.name, "method_params": m.params, "adapters": adapters, "prompt": prompt,
@@ -649,7 +667,8 @@ def resolved_config(suite: Suite, jobs: list[Job]) -> dict:
     d = {k: v for k, v in asdict(suite).items() if k not in ("adapters", "sets", "methods", "prompts", "prompt_sets")}
     d["adapters"] = {n: asdict(a) for n, a in suite.adapters.items()}
     d["adapter_sets"] = [{"id": s, "adapters": names} for s, names in suite.sets]
-    d["methods"] = [{"name": m.name, "params": m.params, "guidance": m.guidance, "label": m.label} for m in suite.methods]
+    d["methods"] = [{"name": m.name, "params": m.params, "guidance": m.guidance, "weights": m.weights, "label": m.label}
+                    for m in suite.methods]
     d["prompts"] = [{"id": p, "text": t, **({"sets": suite.prompt_sets[p]} if p in suite.prompt_sets else {})}
                     for p, t in suite.prompts]
     d["jobs"] = len(jobs)

@@ -121,6 +121,30 @@ def test_a_method_column_can_run_at_its_own_guidance(tmp_path, assets):
             load_suite(make_suite(tmp_path, assets, name="bad.yaml", methods=[bad]))
 
 
+def test_a_method_column_can_run_at_its_own_adapter_weights(tmp_path, assets):
+    """A method's own weights replace the adapters' preferred weights for that column only, on the same
+    seeds; an explicit weights axis still wins; unknown adapters and bad numbers are refused."""
+    path = make_suite(tmp_path, assets, scorer="none", metrics=[], samples=1, adapter_sets=[["obj", "sty"]],
+                      weights=[None], methods=["merge", {"name": "merge", "weights": {"sty": 0.5}}])
+    jobs = expand_jobs(load_suite(path))
+    assert [j.method_label for j in jobs] == ["merge", "merge[sty=0.5]"]
+    assert [[a["weight"] for a in j.adapters] for j in jobs] == [[1.0, 1.0], [1.0, 0.5]]
+    assert jobs[0].seed == jobs[1].seed and jobs[0].job_id != jobs[1].job_id
+    run_suite(path, tmp_path / "run", log=lambda s: None)
+    rows = read_rows(tmp_path / "run" / "results.jsonl")
+    assert [a["weight"] for a in rows[1]["loras"]] == [1.0, 0.5]
+    assert [a.weight for a in read_recipe(tmp_path / "run" / rows[1]["image"]).adapters] == [1.0, 0.5]
+    axis = expand_jobs(load_suite(make_suite(tmp_path, assets, name="axis.yaml", adapter_sets=[["obj", "sty"]],
+                                             samples=1, weights=[0.8, {"obj": 0.7}],
+                                             methods=[{"name": "merge", "weights": {"sty": 0.5}}])))
+    assert [[a["weight"] for a in j.adapters] for j in axis] == [[0.8, 0.8], [0.7, 0.5]]
+    for bad, said in (({"name": "merge", "weights": {"nope": 1}}, "methods[0].weights names unknown adapter 'nope'"),
+                      ({"name": "merge", "weights": {"sty": "x"}}, "methods[0].weights: sty"),
+                      ({"name": "merge", "weights": [1.0]}, "methods[0].weights must be {adapter: weight}")):
+        with pytest.raises(SuiteError, match=re.escape(said)):
+            load_suite(make_suite(tmp_path, assets, name="bad.yaml", methods=[bad]))
+
+
 def test_dry_run_counts_and_limit(tmp_path, assets):
     path = make_suite(tmp_path, assets, weights=[0.5, 1.0], samples=3,
                       prompts=["a {triggers}", {"id": "q", "text": "two shapes, {triggers}"}])
