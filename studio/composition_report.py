@@ -132,6 +132,20 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _wrap(text: str, width_of, width: float) -> list[str]:
+    """``text`` in lines no wider than ``width``, broken before "[", "(" and spaces (a word wider than
+    the line gets a line of its own)."""
+    import re
+
+    lines: list[str] = []
+    for piece in re.split(r"(?=[\[( ])", text):
+        if lines and width_of(lines[-1] + piece) <= width:
+            lines[-1] += piece
+        else:
+            lines.append(piece.lstrip())
+    return lines or [""]
+
+
 def picture_grid(run: Path, rows: list[dict], form: str = "sentence", sample: int = 0, cell: int = 128):
     """One image per (set, method): sets down, methods across, the ``form`` prompt's ``sample``-th
     seed (the same seed for every method of a set). Returns a PIL image."""
@@ -143,11 +157,13 @@ def picture_grid(run: Path, rows: list[dict], form: str = "sentence", sample: in
             pick.setdefault((r["loraset_id"], r["method_label"]), r)
     sets = list(dict.fromkeys(s for s, _ in pick))
     methods = list(dict.fromkeys(m for _, m in pick))
-    label_w, head_h = 150, 20
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    heads = [_wrap(m, lambda t: measure.textlength(t), cell - 8) for m in methods]  # long labels, e.g. "clora[plus=1.25] cfg 5"
+    label_w, head_h = 150, 8 + 12 * max(len(h) for h in heads)
     grid = Image.new("RGB", (label_w + cell * len(methods), head_h + cell * len(sets)), "white")
     draw = ImageDraw.Draw(grid)
-    for j, m in enumerate(methods):
-        draw.text((label_w + j * cell + 4, 4), m, fill="black")
+    for j, lines in enumerate(heads):
+        draw.multiline_text((label_w + j * cell + 4, 4), "\n".join(lines), fill="black", spacing=2)
     for i, s in enumerate(sets):
         draw.text((4, head_h + i * cell + cell // 2 - 6), s[:24], fill="black")
         for j, m in enumerate(methods):

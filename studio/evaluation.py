@@ -1087,11 +1087,14 @@ def write_grids(out: Path, suite: Suite, jobs: list[Job], rows: list[dict]) -> l
         if j.job_id in done and (out / "images" / f"{j.job_id}.png").is_file():
             combos.setdefault(j.combo, []).append(j)
     written = []
-    label_w, head_h = 110, 14
+    head_h = 14
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     for combo, cjobs in combos.items():
         methods = list(dict.fromkeys(j.method_label for j in cjobs))
         samples = sorted({j.sample_idx for j in cjobs})
         cw, ch = cjobs[0].width, cjobs[0].height
+        # the whole label, never cut: "merge[crescent=0.85]" cut short reads as another weight
+        label_w = max(110, 8 + math.ceil(max(measure.textlength(m) for m in methods)))
         grid = Image.new("RGB", (label_w + cw * len(samples), head_h + ch * len(methods)), "white")
         draw = ImageDraw.Draw(grid)
         draw.text((2, 1), combo[: (label_w + cw * len(samples)) // 6], fill="black")
@@ -1100,7 +1103,7 @@ def write_grids(out: Path, suite: Suite, jobs: list[Job], rows: list[dict]) -> l
             with Image.open(out / "images" / f"{j.job_id}.png") as im:
                 grid.paste(im.convert("RGB").resize((cw, ch)), (label_w + c * cw, head_h + r * ch))
         for r, m in enumerate(methods):
-            draw.text((2, head_h + r * ch + ch // 2 - 5), m[:18], fill="black")
+            draw.text((2, head_h + r * ch + ch // 2 - 5), m, fill="black")
         buf = io.BytesIO()
         grid.save(buf, format="PNG")
         name = f"grids/{_safe(combo)}.png"

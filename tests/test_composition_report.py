@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from studio.composition_report import main, markdown, wilson
+from studio.composition_report import _wrap, main, markdown, wilson
 
 
 def test_wilson_interval_matches_the_textbook_values():
@@ -50,6 +50,15 @@ def test_tables_report_rates_forms_agreement_and_overlap(tmp_path, capsys):
     with Image.open(tmp_path / "g.png") as g:  # one set down, three methods across, sample 0 of the sentence form
         assert g.size == (150 + 3 * 128, 20 + 128)
         assert g.getpixel((150 + 64, 20 + 64)) == (0, 0, 0) and g.getpixel((150 + 128 + 64, 20 + 64)) == (1, 0, 0)
+
+
+def test_long_method_labels_wrap_under_their_column():
+    """A grid header as long as "clora(step_size=5.0)[plus=1.25] cfg 5" breaks before its parts, not over
+    the next column."""
+    width = lambda t: 6 * len(t)  # noqa: E731 (PIL's default font: 6 px a character)
+    assert _wrap("clora(step_size=5.0)[plus=1.25] cfg 5", width, 120) == ["clora(step_size=5.0)", "[plus=1.25] cfg 5"]
+    assert _wrap("composite[plus=1.25] cfg 7.5", width, 120) == ["composite[plus=1.25]", "cfg 7.5"]
+    assert _wrap("merge", width, 120) == ["merge"]
 
 
 def test_a_folder_without_results_is_a_clear_error(tmp_path, capsys):

@@ -125,15 +125,21 @@ def test_a_method_column_can_run_at_its_own_adapter_weights(tmp_path, assets):
     """A method's own weights replace the adapters' preferred weights for that column only, on the same
     seeds; an explicit weights axis still wins; unknown adapters and bad numbers are refused."""
     path = make_suite(tmp_path, assets, scorer="none", metrics=[], samples=1, adapter_sets=[["obj", "sty"]],
-                      weights=[None], methods=["merge", {"name": "merge", "weights": {"sty": 0.5}}])
+                      weights=[None], methods=["merge", {"name": "merge", "weights": {"obj": 0.75, "sty": 0.5}, "guidance": 5.0}])
     jobs = expand_jobs(load_suite(path))
-    assert [j.method_label for j in jobs] == ["merge", "merge[sty=0.5]"]
-    assert [[a["weight"] for a in j.adapters] for j in jobs] == [[1.0, 1.0], [1.0, 0.5]]
+    label = "merge[obj=0.75,sty=0.5] cfg 5"
+    assert [j.method_label for j in jobs] == ["merge", label]
+    assert [[a["weight"] for a in j.adapters] for j in jobs] == [[1.0, 1.0], [0.75, 0.5]]
     assert jobs[0].seed == jobs[1].seed and jobs[0].job_id != jobs[1].job_id
     run_suite(path, tmp_path / "run", log=lambda s: None)
     rows = read_rows(tmp_path / "run" / "results.jsonl")
-    assert [a["weight"] for a in rows[1]["loras"]] == [1.0, 0.5]
-    assert [a.weight for a in read_recipe(tmp_path / "run" / rows[1]["image"]).adapters] == [1.0, 0.5]
+    assert [a["weight"] for a in rows[1]["loras"]] == [0.75, 0.5]
+    assert [a.weight for a in read_recipe(tmp_path / "run" / rows[1]["image"]).adapters] == [0.75, 0.5]
+    (grid,) = (tmp_path / "run" / "grids").glob("*.png")
+    from PIL import ImageDraw
+
+    with Image.open(grid) as g:  # the label column holds the whole label: cut short, it would read as other weights
+        assert g.width >= 8 + ImageDraw.Draw(g).textlength(label) + 64 > 110 + 64
     axis = expand_jobs(load_suite(make_suite(tmp_path, assets, name="axis.yaml", adapter_sets=[["obj", "sty"]],
                                              samples=1, weights=[0.8, {"obj": 0.7}],
                                              methods=[{"name": "merge", "weights": {"sty": 0.5}}])))
