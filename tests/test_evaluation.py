@@ -460,3 +460,21 @@ def test_two_process_accelerate_run_equals_one_process(tmp_path, full_run):
     env_json = json.loads((tmp_path / "run" / "env.json").read_text())
     assert env_json["num_processes"] == 2
     print(f"2-process run: {time.time() - start:.1f}s")
+
+
+def test_every_shipped_workflow_loads_and_selection_seeds_stay_apart_from_the_benchmark():
+    """The shipped suites load and expand; the suites that picked the benchmark's CFG scales and adapter
+    weights draw from other seeds than the benchmark, so no pick was made on an image it reports."""
+    suites = {p.name: load_suite(p) for p in sorted((REPO / "workflows").glob("*.yaml"))}
+    assert {"toy-compose.yaml", "toy-guidance-select.yaml", "toy-weights-select.yaml"} <= set(suites)
+    seeds = {name: {j.seed for j in expand_jobs(s)} for name, s in suites.items()}
+    for picker in ("toy-guidance-select.yaml", "toy-weights-select.yaml"):
+        assert seeds[picker] and not seeds[picker] & seeds["toy-compose.yaml"]
+    texts = {name: {t for _, t in s.prompts} for name, s in suites.items()}  # the weights were picked on other wordings too
+    assert texts["toy-weights-select.yaml"] and not texts["toy-weights-select.yaml"] & texts["toy-compose.yaml"]
+    # each weighted column of the benchmark was measured on the selection seeds beside its weight-1 twin
+    tried = {(m.name, repr(m.params), m.guidance, repr(sorted(m.weights.items())))
+             for m in suites["toy-weights-select.yaml"].methods}
+    weighted = [m for m in suites["toy-compose.yaml"].methods if m.weights]
+    assert weighted and all((m.name, repr(m.params), m.guidance, repr(sorted(m.weights.items()))) in tried
+                            and (m.name, repr(m.params), m.guidance, "[]") in tried for m in weighted)
