@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -135,8 +136,6 @@ def markdown(rows: list[dict]) -> str:
 def _wrap(text: str, width_of, width: float) -> list[str]:
     """``text`` in lines no wider than ``width``, broken before "[", "(" and spaces (a word wider than
     the line gets a line of its own)."""
-    import re
-
     lines: list[str] = []
     for piece in re.split(r"(?=[\[( ])", text):
         if lines and width_of(lines[-1] + piece) <= width:
@@ -158,7 +157,7 @@ def picture_grid(run: Path, rows: list[dict], form: str = "sentence", sample: in
     sets = list(dict.fromkeys(s for s, _ in pick))
     methods = list(dict.fromkeys(m for _, m in pick))
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    heads = [_wrap(m, lambda t: measure.textlength(t), cell - 8) for m in methods]  # long labels, e.g. "clora[plus=1.25] cfg 5"
+    heads = [_wrap(m, measure.textlength, cell - 8) for m in methods]  # long labels, e.g. "clora[plus=1.25] cfg 5"
     label_w, head_h = 150, 8 + 12 * max(len(h) for h in heads)
     grid = Image.new("RGB", (label_w + cell * len(methods), head_h + cell * len(sets)), "white")
     draw = ImageDraw.Draw(grid)

@@ -329,13 +329,7 @@ def load_suite(path: str | os.PathLike) -> Suite:
 
     for w in suite.weights:
         if isinstance(w, dict):
-            for n, v in w.items():
-                if n not in suite.adapters:
-                    _fail(path, f"weights names unknown adapter {n!r}; valid: {valid}")
-                try:
-                    finite(f"weights: {n}", v, -limits.max_weight, limits.max_weight)
-                except StudioError as e:
-                    _fail(path, str(e))
+            _weight_map(path, "weights", w, suite, limits.max_weight)
         elif w is not None and (isinstance(w, bool) or not isinstance(w, (int, float))):
             _fail(path, f"weight {w!r} is not a number, null or {{adapter: weight}}")
         elif w is not None:
@@ -391,13 +385,7 @@ def load_suite(path: str | os.PathLike) -> Suite:
         if isinstance(m, dict) and m.get("weights") is not None:
             if not isinstance(m["weights"], dict) or not m["weights"]:
                 _fail(path, f"methods[{i}].weights must be {{adapter: weight}}, e.g. {{plus: 1.25}}, got {m['weights']!r}"[:300])
-            for n, v in m["weights"].items():
-                if str(n) not in suite.adapters:
-                    _fail(path, f"methods[{i}].weights names unknown adapter {n!r}; valid: {valid}")
-                try:
-                    spec.weights[str(n)] = finite(f"methods[{i}].weights: {n}", v, -limits.max_weight, limits.max_weight)
-                except StudioError as e:
-                    _fail(path, str(e))
+            spec.weights = _weight_map(path, f"methods[{i}].weights", m["weights"], suite, limits.max_weight)
         try:
             check_method_params(spec.params, f"methods[{i}].params")
         except StudioError as e:
@@ -430,6 +418,21 @@ def load_suite(path: str | os.PathLike) -> Suite:
         _fail(path, f"the suite expands to up to {count} jobs, over the bound of {limits.max_jobs}; lower samples, "
                     f"prompts or methods, or raise {env_name('max_jobs')}")
     return suite
+
+
+def _weight_map(path: str, where: str, raw: dict, suite: Suite, max_weight: float) -> dict[str, float]:
+    """{adapter: weight} checked: every name a suite adapter, every weight a finite number in range."""
+    from .schema import finite
+
+    out = {}
+    for n, v in raw.items():
+        if str(n) not in suite.adapters:
+            _fail(path, f"{where} names unknown adapter {n!r}; valid: {', '.join(suite.adapters) or 'none'}")
+        try:
+            out[str(n)] = finite(f"{where}: {n}", v, -max_weight, max_weight)
+        except StudioError as e:
+            _fail(path, str(e))
+    return out
 
 
 def _combinations(path: str, spec: dict) -> list[tuple[str, list[str]]]:
