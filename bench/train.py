@@ -193,14 +193,14 @@ def memory_one(kind: str, model: str, steps: int) -> dict:
 def inference(model: str, rounds: int, rank: int, factors: str) -> dict:
     from studio.adapters.activation import AdapterRig
     from studio.adapters.adapter import Adapter, KronDelta, LoraDelta
-    from studio.adapters.kron import parse_factors, target_linears
+    from studio.adapters.kron import parse_factors, target_layers
 
     pipes = {k: _studio(model).pipe for k in ("base", "lora", "kron")}
     pipe = pipes["base"]
     a1, a2 = parse_factors(factors)
     g = torch.Generator().manual_seed(0)
     lora, kron = {}, {}
-    for name, mod in target_linears(pipe.unet):
+    for name, mod in target_layers(pipe.unet):
         o, i = mod.weight.shape
         lora[f"unet.{name}"] = LoraDelta(torch.randn(rank, i, generator=g) * 0.01, torch.randn(o, rank, generator=g) * 0.01)
         kron[f"unet.{name}"] = KronDelta(w1=torch.randn(a1, a2, generator=g) * 0.01,

@@ -64,6 +64,26 @@ def test_studio_lokr_loads_in_lycoris_with_the_same_forward(pipe, tmp_path, monk
     _lycoris_matches(pipe, file, layers)
 
 
+def test_trained_conv_lokr_loads_in_lycoris_with_the_same_forward(pipe, tmp_path, monkeypatch):
+    """Kronecker layers on ResNet convolutions, in the layout studio training writes (w1 a1×a2 over the
+    channels, the kernel in w2), load in LyCORIS as LoKr conv modules with the same forward."""
+    from lycoris.kohya import LycorisNetworkKohya
+
+    from studio.adapters import kron as K
+
+    monkeypatch.setattr(LycorisNetworkKohya, "UNET_TARGET_REPLACE_NAME", [])  # see the LoKr test above
+    unet = copy.deepcopy(pipe.unet)
+    trained = K.inject_kron(unet, (4, 4), ["to_k", "conv1", "conv2"], seed=2)
+    with torch.no_grad():
+        for layer in trained.values():
+            layer.kron_B.normal_(0, 0.1)
+    adapter = K.to_adapter(unet, "kc", arch="sd1")
+    convs = [p for p, d in adapter.layers.items() if d.is_conv]
+    assert convs and all(lycoris_layout_problem(d) is None for d in adapter.layers.values())
+    file = write_adapter(adapter, tmp_path / "kc.safetensors", format="lokr")
+    _lycoris_matches(pipe, file, adapter.layers)
+
+
 def _lycoris_matches(pipe, file, layers) -> None:
     """LyCORIS builds a network from ``file`` with one module per studio layer, and each wrapped
     module's forward equals the base plus the studio layer's."""

@@ -50,6 +50,43 @@ def test_kron_linear_equals_materialised_kron(d_out, d_in, a1, a2, mode):
     torch.testing.assert_close(delta.delta(), torch.kron(layer.kron_A, layer.kron_B).detach())
 
 
+@pytest.mark.parametrize("kernel,padding,stride", [(3, 1, 1), (1, 0, 1), (3, 1, 2)])
+def test_kron_conv_equals_the_conv_with_kron_folded_into_its_kernel(kernel, padding, stride):
+    torch.manual_seed(0)
+    base = torch.nn.Conv2d(16, 32, kernel, padding=padding, stride=stride)
+    layer = K.KronConv2d(base, 4, 2)
+    assert layer.kron_B.shape == (8, 8, kernel, kernel) and layer.kron_B.abs().max() == 0
+    x = torch.randn(2, 16, 9, 9)
+    torch.testing.assert_close(layer(x), base(x))  # B = 0: nothing changes at step 0
+    with torch.no_grad():
+        layer.kron_B.normal_()
+    w = base.weight + torch.kron(layer.kron_A[:, :, None, None], layer.kron_B)
+    torch.testing.assert_close(layer(x), F.conv2d(x, w, base.bias, stride, padding), rtol=1e-5, atol=1e-5)
+    delta = layer.to_delta()  # the exported layer is LoKr's conv layout and applies the same ΔW
+    assert delta.is_conv and delta.weight_shape == (32, 16, kernel, kernel)
+    torch.testing.assert_close(base(x) + delta.forward(x, base), layer(x), rtol=1e-5, atol=1e-5)
+    layer.enabled = False
+    torch.testing.assert_close(layer(x), base(x))
+
+
+def test_kron_on_resnet_convs_is_injected_checked_and_removed(tiny_unet):
+    unet = copy.deepcopy(tiny_unet)
+    before = _unet_out(unet)
+    layers = K.inject_kron(unet, (4, 4), ["to_q", "conv1", "conv2"], seed=1)
+    convs = {n for n, m in layers.items() if isinstance(m, K.KronConv2d)}
+    want = {n for n, m in tiny_unet.named_modules() if isinstance(m, torch.nn.Conv2d) and n.endswith(("conv1", "conv2"))}
+    assert convs == want and len(layers) > len(convs)
+    assert torch.equal(_unet_out(unet), before)
+    _randomise(layers)
+    assert not torch.equal(_unet_out(unet), before)
+    assert K.remove_kron(unet) == len(layers) and torch.equal(_unet_out(unet), before)
+    with pytest.raises(K.KronFactorError, match="conv1"):  # factors are checked on channels, naming the layer
+        K.inject_kron(copy.deepcopy(tiny_unet), (3, 3), ["conv1"])
+    grouped = torch.nn.Conv2d(8, 8, 3, groups=2)
+    with pytest.raises(K.KronFactorError, match="groups=2"):
+        K.KronConv2d(grouped, 2, 2, name="g")
+
+
 SD_SHAPES = [(320, 320), (320, 768), (640, 640), (640, 2048), (1280, 1280), (1280, 2048), (768, 768)]
 
 

@@ -337,21 +337,26 @@ def test_cross_kv_targets_only_the_cross_attention_keys_and_values(images, tmp_p
         TrainConfig(images=str(images), unet_targets="keys")
 
 
-def test_attention_plus_conv_trains_the_resnet_convolutions_and_round_trips(images, tmp_path):
-    """LoCon's reach: conv LoRA layers on every ResNet conv1/conv2 beside the attention projections; the
-    written file loads back with the same layers and deltas."""
-    studio = _studio()  # validation samples are drawn while PEFT still wraps the convolutions
-    adapter = train_adapter(studio, TrainConfig(images=str(images), unet_targets="attention+conv",
+@pytest.mark.parametrize("kind", ["lora", "kron"])
+def test_attention_plus_conv_trains_the_resnet_convolutions_and_round_trips(images, tmp_path, kind):
+    """LoCon's reach (LoKr's for kron): conv layers on every ResNet conv1/conv2 beside the attention
+    projections; they learn, and the written file loads back with the same layers and deltas."""
+    studio = _studio()  # validation samples are drawn while PEFT / KronConv2d still wrap the convolutions
+    before = _unet_out(studio.pipe)
+    adapter = train_adapter(studio, TrainConfig(images=str(images), adapter=kind, unet_targets="attention+conv",
                                                 validation_prompts=["a sks object"], **{**FAST, "validate_every": 2}))
+    assert adapter.kind == kind and torch.equal(_unet_out(studio.pipe), before)  # the pipeline is as it was
     convs = [p for p in adapter.layers if p.startswith("unet.") and p.endswith(("conv1", "conv2"))]
     n_convs = sum(1 for n, _ in studio.pipe.unet.named_modules() if n.endswith(("resnets.0.conv1", "resnets.0.conv2",
                                                                                  "resnets.1.conv1", "resnets.1.conv2",
                                                                                  "resnets.2.conv1", "resnets.2.conv2")))
     assert len(convs) == n_convs > 0 and all(adapter.layers[p].is_conv for p in convs)
+    assert all(adapter.layers[p].delta().abs().max() > 0 for p in convs)  # the convolutions learnt
     assert any(p.endswith("attn1.to_q") for p in adapter.layers)
     from studio.adapters.formats import write_adapter
 
-    loaded = studio.adapters.load(write_adapter(adapter, tmp_path / "locon.safetensors"), name="locon")
+    fmt = {"kron": "lokr", "lora": "diffusers"}[kind]
+    loaded = studio.adapters.load(write_adapter(adapter, tmp_path / f"conv-{kind}.safetensors", format=fmt), name="conv")
     assert sorted(loaded.layers) == sorted(adapter.layers)
     for p in convs:
         assert torch.allclose(loaded.layers[p].delta(), adapter.layers[p].delta(), atol=1e-2)

@@ -509,11 +509,11 @@ class DreamBoothTrainer:
         plan = [("unet", self.pipe.unet, UNET_TARGETS[cfg.unet_targets])]
         plan += [(c, getattr(self.pipe, c), TE_TARGETS) for c in self._text_encoders()]
         for comp, model, targets in plan:
-            found = kronlib.target_linears(model, targets)
+            found = kronlib.target_layers(model, targets)
             if not found:
-                raise TrainingError(f"{comp} has no {'/'.join(targets)} Linear layers to attach a Kronecker adapter to")
+                raise TrainingError(f"{comp} has no {'/'.join(targets)} layers to attach a Kronecker adapter to")
             for name, mod in found:
-                kronlib.check_factors(f"{comp}.{name}", mod.out_features, mod.in_features, a1, a2)
+                kronlib.check_factors(f"{comp}.{name}", *kronlib.layer_dims(mod), a1, a2)
         for i, (comp, model, targets) in enumerate(plan):  # seed + i: independent A draws per component
             layers = kronlib.inject_kron(model, (a1, a2), targets, mode=cfg.kron_mode, seed=cfg.seed + i)
             self._injected = True
@@ -1139,7 +1139,7 @@ def add_cli(subparsers) -> None:
     t.add_argument("--unet-targets", default="attention", choices=list(UNET_TARGETS),
                    help="UNet layers the adapter sits on: every attention projection (default), cross-attention only, "
                         "its keys/values only (Custom Diffusion), or the attention projections plus the ResNet "
-                        "convolutions (attention+conv, LyCORIS' LoCon reach). Pair cross/cross-kv with --train-token-embedding: "
+                        "convolutions (attention+conv, LyCORIS' LoCon reach; LoKr conv layers for kron). Pair cross/cross-kv with --train-token-embedding: "
                         "alone they barely bind the trigger (README, Training, has what each measured)")
     t.add_argument("--alpha", type=float, default=None, help="LoRA alpha; scale = alpha/rank (default: alpha = rank)")
     t.add_argument("--factors", default=None, help=f"kron: A1xA2 or {'/'.join(kronlib.PRESETS)} (default krona-paper)")

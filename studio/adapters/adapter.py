@@ -136,8 +136,8 @@ class KronDelta:
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
-    """``weight`` applied as ``module``'s convolution (its stride, padding, dilation, groups); a PEFT
-    wrapper (a LoRA being trained on the same layer) keeps those on its ``base_layer``."""
+    """``weight`` applied as ``module``'s convolution (its stride, padding, dilation, groups); a training
+    wrapper on the same layer (PEFT's LoRA, our ``KronConv2d``) keeps those on its ``base_layer``."""
     conv = getattr(module, "base_layer", module)
     return F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
 

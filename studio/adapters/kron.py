@@ -128,12 +128,83 @@ class KronLinear(nn.Module):
         return f"A={tuple(self.kron_A.shape)}, B={tuple(self.kron_B.shape)}, {'vec' if self.vec else 'dense'}"
 
 
-def target_linears(model: nn.Module, targets: Iterable[str] = TARGETS) -> list[tuple[str, nn.Linear]]:
-    """(name, module) of every nn.Linear whose name ends with one of the targets (``to_out.0``…)."""
+class KronConv2d(nn.Module):
+    """``conv(x; W + scale · kron(A, B))`` around a frozen ``nn.Conv2d`` (LyCORIS LoKr's conv layout).
+
+    A is a1×a2 over the channels and B is (out/a1)×(in/a2)×kh×kw, so ΔW[i·o + p, j·c + q] = A[i, j] ·
+    B[p, q]: the kernel lives in B, as in LoKr. ΔW is folded into the weight (one convolution);
+    a conv's kernel is small next to its activations, so there is no cheaper route.
+    """
+
+    def __init__(self, base: nn.Conv2d, a1: int, a2: int, name: str = "", generator: torch.Generator | None = None):
+        super().__init__()
+        if base.groups != 1:
+            raise KronFactorError(f"layer {name or 'conv'} is a grouped convolution (groups={base.groups}); "
+                                  "Kronecker adapters need groups=1; leave it out of the targets")
+        d_out, d_in = base.out_channels, base.in_channels
+        check_factors(name or "conv", d_out, d_in, a1, a2)
+        self.base = base
+        kh, kw = base.kernel_size
+        self.kron_A = nn.Parameter(torch.empty(a1, a2, device=base.weight.device, dtype=torch.float32))
+        self.kron_B = nn.Parameter(torch.zeros(d_out // a1, d_in // a2, kh, kw, device=base.weight.device,
+                                               dtype=torch.float32))
+        with torch.no_grad():  # as KronLinear: A ~ N(0, 1/a1²), B = 0
+            self.kron_A.copy_(torch.randn(a1, a2, generator=generator) / a1)
+        self.scale = 1.0
+        self.enabled = True
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @property
+    def base_layer(self) -> nn.Conv2d:  # PEFT's name: where the rig finds stride, padding and groups
+        return self.base
+
+    @property
+    def in_channels(self) -> int:
+        return self.base.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.base.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
+        w = self.base.weight
+        delta = self.scale * torch.kron(self.kron_A[:, :, None, None], self.kron_B)
+        return self.base._conv_forward(x, w + delta.to(w.dtype), self.base.bias)
+
+    def to_delta(self) -> KronDelta:
+        return KronDelta(w1=self.kron_A.detach().float().clone(), w2=self.kron_B.detach().float().clone(), scale=self.scale)
+
+    def extra_repr(self) -> str:
+        return f"A={tuple(self.kron_A.shape)}, B={tuple(self.kron_B.shape)}"
+
+
+KRON_LAYERS = (KronLinear, KronConv2d)
+
+
+def layer_dims(mod: nn.Module) -> tuple[int, int]:
+    """(out, in) features or channels of a Linear or Conv2d: the dimensions the factors must divide."""
+    if isinstance(mod, nn.Conv2d):
+        return mod.out_channels, mod.in_channels
+    return mod.out_features, mod.in_features
+
+
+def target_layers(model: nn.Module, targets: Iterable[str] = TARGETS) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every nn.Linear, or ungrouped nn.Conv2d, whose name ends with one of the
+    targets (``to_out.0``, ``conv1``…)."""
     targets = tuple(targets)
     found = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+        wanted = isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1)
+        if wanted and any(name == t or name.endswith("." + t) for t in targets):
             found.append((name, mod))
     return found
 
@@ -145,28 +216,30 @@ def inject_kron(
     mode: str = "auto",
     seed: int = 0,
 ) -> dict[str, KronLinear]:
-    """Replace every target Linear of ``model`` by a ``KronLinear``; returns them by module name.
+    """Replace every target Linear (Conv2d) of ``model`` by a ``KronLinear`` (``KronConv2d``); returns
+    them by module name.
 
     All factors are checked before anything is replaced, so a bad choice leaves the model untouched.
     """
     a1, a2 = parse_factors(factors)
-    found = target_linears(model, targets)
+    found = target_layers(model, targets)
     if not found:
-        raise KronFactorError(f"no {'/'.join(targets)} Linear layers found to attach a Kronecker adapter to")
+        raise KronFactorError(f"no {'/'.join(targets)} Linear or Conv2d layers found to attach a Kronecker adapter to")
     for name, mod in found:
-        check_factors(name, mod.out_features, mod.in_features, a1, a2)
+        check_factors(name, *layer_dims(mod), a1, a2)
     generator = torch.Generator("cpu").manual_seed(int(seed))
     layers = {}
     for name, mod in found:
-        layer = KronLinear(mod, a1, a2, name=name, mode=mode, generator=generator)
+        layer = (KronConv2d(mod, a1, a2, name=name, generator=generator) if isinstance(mod, nn.Conv2d)
+                 else KronLinear(mod, a1, a2, name=name, mode=mode, generator=generator))
         _set_submodule(model, name, layer)
         layers[name] = layer
     return layers
 
 
 def remove_kron(model: nn.Module) -> int:
-    """Put the original Linear back wherever a ``KronLinear`` sits; returns how many were removed."""
-    names = [name for name, mod in model.named_modules() if isinstance(mod, KronLinear)]
+    """Put the original layer back wherever a Kronecker layer sits; returns how many were removed."""
+    names = [name for name, mod in model.named_modules() if isinstance(mod, KRON_LAYERS)]
     for name in names:
         _set_submodule(model, name, model.get_submodule(name).base)
     return len(names)
@@ -174,16 +247,16 @@ def remove_kron(model: nn.Module) -> int:
 
 def set_kron_enabled(model: nn.Module, enabled: bool) -> None:
     for mod in model.modules():
-        if isinstance(mod, KronLinear):
+        if isinstance(mod, KRON_LAYERS):
             mod.enabled = enabled
 
 
-def kron_layers(model: nn.Module) -> dict[str, KronLinear]:
-    return {name: mod for name, mod in model.named_modules() if isinstance(mod, KronLinear)}
+def kron_layers(model: nn.Module) -> dict[str, KronLinear | KronConv2d]:
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, KRON_LAYERS)}
 
 
 def to_adapter(model: nn.Module, name: str, component: str = "unet", **fields) -> Adapter:
-    """The trained ``KronLinear`` layers of ``model`` as an ``Adapter`` of ``KronDelta`` layers."""
+    """The trained Kronecker layers of ``model`` as an ``Adapter`` of ``KronDelta`` layers."""
     layers = {f"{component}.{n}": mod.to_delta() for n, mod in kron_layers(model).items()}
     if not layers:
         raise KronFactorError(f"{type(model).__name__} has no Kronecker layers to export; call inject_kron first")
