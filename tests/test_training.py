@@ -604,10 +604,12 @@ def test_demo_priors_hold_stand_in_triggers_beside_base_objects():
         assert sum(any(f"{w}{slot}" in p for w in STAND_IN_WORDS) for p in prompts) >= 8, slot
     beside = [p for p in prompts if any(f"{w} shape" in p for w in STAND_IN_WORDS) and set(p.replace(",", " ").split()) & set(SHAPES)]
     assert len(beside) >= 6
-    for demo in DEMOS:  # the object LoRAs hold them in their prior (measured: docs/benchmark.md, session 14)
+    for demo in DEMOS:  # the object adapters hold them in their prior (measured: docs/benchmark.md, session 14)
         assert not set(prompts) & set(class_prompts(demo))
         assert demo.recipe("lora").get("stand_ins", False) == (demo.kind == "object")
-        assert not demo.recipe("kron").get("stand_ins", False)
+        if demo.kron:  # the Kronecker twins on their LoRA's recipe (session 22), prior preservation on
+            assert demo.recipe("kron").get("stand_ins", False) == (demo.kind == "object")
+            assert demo.recipe("kron")["prior_preservation"] and demo.recipe("kron")["adapter"] == "kron"
 
 
 def test_stand_in_prior_draws_the_instance_captions_with_another_word_for_the_trigger(images, tmp_path):
