@@ -470,8 +470,9 @@ def test_every_shipped_workflow_loads_and_selection_seeds_stay_apart_from_the_be
     seeds = {name: {j.seed for j in expand_jobs(s)} for name, s in suites.items()}
     for picker in ("toy-guidance-select.yaml", "toy-weights-select.yaml"):
         assert seeds[picker] and not seeds[picker] & seeds["toy-compose.yaml"]
-    texts = {name: {t for _, t in s.prompts} for name, s in suites.items()}  # the weights were picked on other wordings too
-    assert texts["toy-weights-select.yaml"] and not texts["toy-weights-select.yaml"] & texts["toy-compose.yaml"]
+    texts = {name: {t for _, t in s.prompts} for name, s in suites.items()}  # and on other wordings
+    for picker in ("toy-guidance-select.yaml", "toy-weights-select.yaml"):
+        assert texts[picker] and not texts[picker] & texts["toy-compose.yaml"]
     # each weighted column of the benchmark was measured on the selection seeds beside its weight-1 twin
     tried = {(m.name, repr(m.params), m.guidance, repr(sorted(m.weights.items())))
              for m in suites["toy-weights-select.yaml"].methods}

@@ -75,24 +75,20 @@ def check_factors(name: str, d_out: int, d_in: int, a1: int, a2: int) -> None:
         )
 
 
-class KronLinear(nn.Module):
-    """``base(x) + scale · kron(A, B) x`` around a frozen ``nn.Linear``; only A and B train."""
+class _KronLayer(nn.Module):
+    """A frozen base layer plus trainable A (a1×a2, ~ N(0, 1/a1²)) and B (zeros, ``b_shape``), so
+    ΔW = scale · kron(A, B) is 0 at step 0. A is drawn on CPU so the seed means the same on any device."""
 
-    def __init__(self, base: nn.Linear, a1: int, a2: int, name: str = "", mode: str = "auto",
+    def __init__(self, base: nn.Module, a1: int, a2: int, b_shape: tuple[int, ...],
                  generator: torch.Generator | None = None):
         super().__init__()
-        d_out, d_in = base.out_features, base.in_features
-        check_factors(name or "linear", d_out, d_in, a1, a2)
-        if mode not in ("auto", "vec", "dense"):
-            raise ValueError(f"mode must be auto, vec or dense, got {mode!r}")
         self.base = base
         self.kron_A = nn.Parameter(torch.empty(a1, a2, device=base.weight.device, dtype=torch.float32))
-        self.kron_B = nn.Parameter(torch.zeros(d_out // a1, d_in // a2, device=base.weight.device, dtype=torch.float32))
-        with torch.no_grad():  # A ~ N(0, 1/a1²), drawn on CPU so the seed means the same on any device
+        self.kron_B = nn.Parameter(torch.zeros(*b_shape, device=base.weight.device, dtype=torch.float32))
+        with torch.no_grad():
             self.kron_A.copy_(torch.randn(a1, a2, generator=generator) / a1)
         self.scale = 1.0
         self.enabled = True
-        self.vec = mode == "vec" or (mode == "auto" and use_vec_trick(d_out, d_in, a1, a2, MERGED_MIN_SAVING))
 
     @property
     def weight(self) -> torch.Tensor:  # what hooks and dtype checks look at
@@ -101,6 +97,25 @@ class KronLinear(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
+
+    def to_delta(self) -> KronDelta:
+        return KronDelta(w1=self.kron_A.detach().float().clone(), w2=self.kron_B.detach().float().clone(), scale=self.scale)
+
+    def extra_repr(self) -> str:
+        return f"A={tuple(self.kron_A.shape)}, B={tuple(self.kron_B.shape)}"
+
+
+class KronLinear(_KronLayer):
+    """``base(x) + scale · kron(A, B) x`` around a frozen ``nn.Linear``; only A and B train."""
+
+    def __init__(self, base: nn.Linear, a1: int, a2: int, name: str = "", mode: str = "auto",
+                 generator: torch.Generator | None = None):
+        d_out, d_in = base.out_features, base.in_features
+        check_factors(name or "linear", d_out, d_in, a1, a2)
+        if mode not in ("auto", "vec", "dense"):
+            raise ValueError(f"mode must be auto, vec or dense, got {mode!r}")
+        super().__init__(base, a1, a2, (d_out // a1, d_in // a2), generator)
+        self.vec = mode == "vec" or (mode == "auto" and use_vec_trick(d_out, d_in, a1, a2, MERGED_MIN_SAVING))
 
     @property
     def in_features(self) -> int:
@@ -121,14 +136,11 @@ class KronLinear(nn.Module):
         w = self.base.weight
         return F.linear(x, w + (self.scale * torch.kron(self.kron_A, self.kron_B)).to(w.dtype), self.base.bias)
 
-    def to_delta(self) -> KronDelta:
-        return KronDelta(w1=self.kron_A.detach().float().clone(), w2=self.kron_B.detach().float().clone(), scale=self.scale)
-
     def extra_repr(self) -> str:
-        return f"A={tuple(self.kron_A.shape)}, B={tuple(self.kron_B.shape)}, {'vec' if self.vec else 'dense'}"
+        return f"{super().extra_repr()}, {'vec' if self.vec else 'dense'}"
 
 
-class KronConv2d(nn.Module):
+class KronConv2d(_KronLayer):
     """``conv(x; W + scale · kron(A, B))`` around a frozen ``nn.Conv2d`` (LyCORIS LoKr's conv layout).
 
     A is a1×a2 over the channels and B is (out/a1)×(in/a2)×kh×kw, so ΔW[i·o + p, j·c + q] = A[i, j] ·
@@ -137,29 +149,12 @@ class KronConv2d(nn.Module):
     """
 
     def __init__(self, base: nn.Conv2d, a1: int, a2: int, name: str = "", generator: torch.Generator | None = None):
-        super().__init__()
         if base.groups != 1:
             raise KronFactorError(f"layer {name or 'conv'} is a grouped convolution (groups={base.groups}); "
                                   "Kronecker adapters need groups=1; leave it out of the targets")
         d_out, d_in = base.out_channels, base.in_channels
         check_factors(name or "conv", d_out, d_in, a1, a2)
-        self.base = base
-        kh, kw = base.kernel_size
-        self.kron_A = nn.Parameter(torch.empty(a1, a2, device=base.weight.device, dtype=torch.float32))
-        self.kron_B = nn.Parameter(torch.zeros(d_out // a1, d_in // a2, kh, kw, device=base.weight.device,
-                                               dtype=torch.float32))
-        with torch.no_grad():  # as KronLinear: A ~ N(0, 1/a1²), B = 0
-            self.kron_A.copy_(torch.randn(a1, a2, generator=generator) / a1)
-        self.scale = 1.0
-        self.enabled = True
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
+        super().__init__(base, a1, a2, (d_out // a1, d_in // a2, *base.kernel_size), generator)
 
     @property
     def base_layer(self) -> nn.Conv2d:  # PEFT's name: where the rig finds stride, padding and groups
@@ -179,12 +174,6 @@ class KronConv2d(nn.Module):
         w = self.base.weight
         delta = self.scale * torch.kron(self.kron_A[:, :, None, None], self.kron_B)
         return self.base._conv_forward(x, w + delta.to(w.dtype), self.base.bias)
-
-    def to_delta(self) -> KronDelta:
-        return KronDelta(w1=self.kron_A.detach().float().clone(), w2=self.kron_B.detach().float().clone(), scale=self.scale)
-
-    def extra_repr(self) -> str:
-        return f"A={tuple(self.kron_A.shape)}, B={tuple(self.kron_B.shape)}"
 
 
 KRON_LAYERS = (KronLinear, KronConv2d)
