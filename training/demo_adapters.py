@@ -149,6 +149,8 @@ DEMOS = [
     Demo("gradient", "style", "cbp", lora_recipe=dict(steps=1800)),
     # world v3 (session 9, selection seed 777, 24 images, sentence / tags / and): 900 steps 0.38 / 0.38 / 0.25,
     # 1800 steps 0.88 / 0.88 / 0.62, so 1800; on v3.1 (session 11) 1800 steps read 0.88 in every form
+    # session 22 (world v4, instance recipe world-v3/2, seed 777, 24 images): 1800 steps 0.62 / 0.62 / 0.88, beside
+    # 0.75; 2700 steps 0.75 / 0.62 / 0.88, beside 0.79; not shipped (the shipped one: 0.75 / 0.75 / 1.00 on seed 1234)
     Demo("twotone", "style", "bhk", lora_recipe=dict(steps=1800)),
     # sky, CROSS at lr 1e-3 (selection seed 777, 24 images): 300 steps 1.00 in every form, a red circle
     # kept on it in 0.79, the sky kept beside the crescent in 0.92 (merge); the classic 200-step LoRA
