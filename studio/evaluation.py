@@ -617,8 +617,16 @@ def collect_rows(out: Path) -> dict[str, dict]:
 
 
 def merge_results(out: Path, jobs: list[Job]) -> list[dict]:
-    """Write results.jsonl in job order (rows of jobs outside this suite kept after), drop rank files."""
+    """Write results.jsonl in job order (rows of jobs outside this suite kept after), drop rank files.
+
+    A finished row takes its job's current ``method_label``: a method given ``weights`` for an adapter
+    that a set does not hold draws the same job (same id) under a new label, and a resumed run must
+    not show that column under two names."""
     rows = collect_rows(out)
+    labels = {j.job_id: j.method_label for j in jobs}
+    for job_id, row in rows.items():
+        if job_id in labels:
+            row["method_label"] = labels[job_id]
     order = {j.job_id: j.index for j in jobs}
     merged = sorted(rows.values(), key=lambda r: (r["job_id"] not in order, order.get(r["job_id"], 0)))
     atomic_write(out / "results.jsonl", "".join(map(_jsonl_line, merged)))

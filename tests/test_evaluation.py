@@ -151,6 +151,27 @@ def test_a_method_column_can_run_at_its_own_adapter_weights(tmp_path, assets):
             load_suite(make_suite(tmp_path, assets, name="bad.yaml", methods=[bad]))
 
 
+def test_a_resumed_run_labels_reused_rows_as_the_suite_now_names_them(tmp_path, assets):
+    """Weights for an adapter that a set does not hold leave its jobs (and ids) unchanged but rename the
+    column; a resumed run reuses those images and shows them under the new name only."""
+    path = make_suite(tmp_path, assets, scorer="none", metrics=[], samples=1, adapter_sets=[["obj"], ["obj", "sty"]],
+                      weights=[None], methods=["merge"])
+    run_suite(path, tmp_path / "run", log=lambda s: None)
+    first = read_rows(tmp_path / "run" / "results.jsonl")
+    path = make_suite(tmp_path, assets, scorer="none", metrics=[], samples=1, adapter_sets=[["obj"], ["obj", "sty"]],
+                      weights=[None], methods=[{"name": "merge", "weights": {"sty": 0.5}}])
+    lines = []
+    run_suite(path, tmp_path / "run", resume=True, log=lines.append)
+    assert any("1 already done, 1 to run" in line for line in lines)  # the obj-only job is reused
+    rows = read_rows(tmp_path / "run" / "results.jsonl")
+    reused = [r for r in rows if r["job_id"] in {f["job_id"] for f in first}]
+    assert len(reused) == 2 and {r["method_label"] for r in reused} == {"merge", "merge[sty=0.5]"}
+    current = {j.job_id for j in expand_jobs(load_suite(path))}
+    assert {r["method_label"] for r in rows if r["job_id"] in current} == {"merge[sty=0.5]"}
+    summary = (tmp_path / "run" / "summary.csv").read_text()
+    assert "merge[sty=0.5]" in summary
+
+
 def test_dry_run_counts_and_limit(tmp_path, assets):
     path = make_suite(tmp_path, assets, weights=[0.5, 1.0], samples=3,
                       prompts=["a {triggers}", {"id": "q", "text": "two shapes, {triggers}"}])
