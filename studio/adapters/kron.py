@@ -157,16 +157,8 @@ class KronConv2d(_KronLayer):
         super().__init__(base, a1, a2, (d_out // a1, d_in // a2, *base.kernel_size), generator)
 
     @property
-    def base_layer(self) -> nn.Conv2d:  # PEFT's name: where the rig finds stride, padding and groups
+    def base_layer(self) -> nn.Conv2d:  # PEFT's name: where the rig finds stride, padding, groups and channels
         return self.base
-
-    @property
-    def in_channels(self) -> int:
-        return self.base.in_channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.base.out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
