@@ -607,18 +607,24 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
+RETIRED = "results.retired.jsonl"  # rows of jobs the suite no longer holds (an adapter retrained, a scale changed)
+
+
 def collect_rows(out: Path) -> dict[str, dict]:
-    """Finished rows from results.jsonl and any rank files, first occurrence wins."""
+    """Finished rows from results.jsonl, any rank files and the retired rows, first occurrence wins."""
     rows: dict[str, dict] = {}
-    for p in [out / "results.jsonl", *sorted(out.glob("results.rank*.jsonl"))]:
+    for p in [out / "results.jsonl", *sorted(out.glob("results.rank*.jsonl")), out / RETIRED]:
         for row in read_rows(p):
             rows.setdefault(row["job_id"], row)
     return rows
 
 
 def merge_results(out: Path, jobs: list[Job]) -> list[dict]:
-    """Write results.jsonl in job order (rows of jobs outside this suite kept after), drop rank files.
+    """Write results.jsonl with exactly this suite's finished rows, in job order; drop rank files.
 
+    Rows of jobs the suite no longer holds (after ``--resume`` with a retrained adapter or another CFG
+    scale) move to ``results.retired.jsonl``: kept, and reused if the suite goes back, but never in the
+    reports, where they would share a cell with the new rows of the same set and method label.
     A finished row takes its job's current ``method_label``: a method given ``weights`` for an adapter
     that a set does not hold draws the same job (same id) under a new label, and a resumed run must
     not show that column under two names."""
@@ -628,11 +634,14 @@ def merge_results(out: Path, jobs: list[Job]) -> list[dict]:
         if job_id in labels:
             row["method_label"] = labels[job_id]
     order = {j.job_id: j.index for j in jobs}
-    merged = sorted(rows.values(), key=lambda r: (r["job_id"] not in order, order.get(r["job_id"], 0)))
-    atomic_write(out / "results.jsonl", "".join(map(_jsonl_line, merged)))
+    current = sorted((r for r in rows.values() if r["job_id"] in order), key=lambda r: order[r["job_id"]])
+    retired = [r for r in rows.values() if r["job_id"] not in order]
+    if retired or (out / RETIRED).exists():
+        atomic_write(out / RETIRED, "".join(map(_jsonl_line, retired)))
+    atomic_write(out / "results.jsonl", "".join(map(_jsonl_line, current)))
     for p in out.glob("results.rank*.jsonl"):
         p.unlink()
-    return merged
+    return current
 
 
 # ---------------------------------------------------------------------------------------------

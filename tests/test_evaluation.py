@@ -153,7 +153,9 @@ def test_a_method_column_can_run_at_its_own_adapter_weights(tmp_path, assets):
 
 def test_a_resumed_run_labels_reused_rows_as_the_suite_now_names_them(tmp_path, assets):
     """Weights for an adapter that a set does not hold leave its jobs (and ids) unchanged but rename the
-    column; a resumed run reuses those images and shows them under the new name only."""
+    column; a resumed run reuses those images and shows them under the new name only. Rows of jobs the
+    suite no longer holds leave results.jsonl and the reports for results.retired.jsonl, and come back
+    (without a rerun) when the suite does."""
     path = make_suite(tmp_path, assets, scorer="none", metrics=[], samples=1, adapter_sets=[["obj"], ["obj", "sty"]],
                       weights=[None], methods=["merge"])
     run_suite(path, tmp_path / "run", log=lambda s: None)
@@ -164,12 +166,17 @@ def test_a_resumed_run_labels_reused_rows_as_the_suite_now_names_them(tmp_path, 
     run_suite(path, tmp_path / "run", resume=True, log=lines.append)
     assert any("1 already done, 1 to run" in line for line in lines)  # the obj-only job is reused
     rows = read_rows(tmp_path / "run" / "results.jsonl")
-    reused = [r for r in rows if r["job_id"] in {f["job_id"] for f in first}]
-    assert len(reused) == 2 and {r["method_label"] for r in reused} == {"merge", "merge[sty=0.5]"}
     current = {j.job_id for j in expand_jobs(load_suite(path))}
-    assert {r["method_label"] for r in rows if r["job_id"] in current} == {"merge[sty=0.5]"}
+    assert {r["job_id"] for r in rows} == current and {r["method_label"] for r in rows} == {"merge[sty=0.5]"}
+    (retired,) = read_rows(tmp_path / "run" / "results.retired.jsonl")  # the obj+sty image at weight 1
+    assert retired["loraset_id"] == "obj+sty" and retired["method_label"] == "merge" and retired["job_id"] not in current
     summary = (tmp_path / "run" / "summary.csv").read_text()
-    assert "merge[sty=0.5]" in summary
+    assert "merge[sty=0.5]" in summary and "\nmerge," not in summary
+    lines.clear()
+    run_suite(make_suite(tmp_path, assets, scorer="none", metrics=[], samples=1, adapter_sets=[["obj"], ["obj", "sty"]],
+                         weights=[None], methods=["merge"]), tmp_path / "run", resume=True, log=lines.append)
+    assert any("2 already done, 0 to run" in line for line in lines)  # back to the first suite: nothing redrawn
+    assert {r["job_id"] for r in read_rows(tmp_path / "run" / "results.jsonl")} == {f["job_id"] for f in first}
 
 
 def test_dry_run_counts_and_limit(tmp_path, assets):

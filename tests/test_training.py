@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -580,6 +581,53 @@ def test_demo_object_sets_show_every_colour_in_every_base_fill_and_name_the_fill
     assert instance_recipe(filled) != instance_recipe(crescent) and "fills=solid,stripes,dots" in instance_recipe(filled)
     with pytest.raises(SystemExit, match="solid, stripes, dots"):
         instance_fills("solid,glow")
+
+
+def test_demo_style_sets_show_the_fill_on_free_outlines_named_only_shape(tmp_path):
+    """A style taught with outlines shows its fill on irregular outlines that are no base shape in the asked share,
+    captioned "a red shape with kpk pattern"; base scenes never hold an outline; the set is redrawn when it changes."""
+    import dataclasses
+
+    from studio.toyworld.concepts import COLORS, SHAPES
+    from studio.toyworld.render import OUTLINE, Obj, Scene, caption_in_form, render, sample_base_scene
+    from training.demo_adapters import DEMOS, instance_outlines, instance_recipe, instance_set
+
+    glow = dataclasses.replace(next(d for d in DEMOS if d.concept == "glow"), outlines=0.0)
+    outlined = dataclasses.replace(glow, outlines=instance_outlines("0.33"))
+    instance_set(outlined, tmp_path / "g", n=54)
+    captions = [p.read_text() for p in sorted((tmp_path / "g").glob("*.txt"))]
+    free = [c for c in captions if " shape with kpk pattern" in c]
+    assert len(free) == int(54 * 0.33) and all("kpk pattern" in c for c in captions)
+    assert all("glow" not in c for c in captions)
+    assert {col for c in free for col in COLORS if f"{col} shape with" in c} == set(COLORS)
+    assert instance_recipe(outlined) != instance_recipe(glow) and "outlines=0.33" in instance_recipe(outlined)
+    # the outline is drawn from the generator: the same seed gives the same picture, another seed another outline
+    scene = Scene([Obj(OUTLINE, "red", pattern="glow", size="large")])
+    assert caption_in_form(scene, "tags") == "large red shape with a glow"
+    a, b, c = (np.asarray(render(scene, s), np.int16) for s in (1, 1, 2))
+    assert (a == b).all() and np.abs(a - c).mean() > 1
+    rng = np.random.default_rng(0)
+    assert all(o.shape in SHAPES for _ in range(300) for o in sample_base_scene(rng).objects)
+    with pytest.raises(SystemExit, match="between 0 and 1"):
+        instance_outlines("1.5")
+
+
+def test_shipped_instance_sets_on_the_current_recipe_are_what_the_code_draws(tmp_path):
+    """Every shipped instance set whose RECIPE stamp is its demo's current recipe (the glow's outlines among them)
+    is redrawn pixel for pixel, caption for caption, by ``instance_set``: the assets are reproducible."""
+    from studio.toyworld.paths import REPO_ROOT
+    from training.demo_adapters import DEMOS, instance_recipe, instance_set
+
+    shipped = REPO_ROOT / "assets" / "adapters" / "instance"
+    current = [d for d in DEMOS if (shipped / d.concept / "RECIPE").is_file()
+               and (shipped / d.concept / "RECIPE").read_text() == instance_recipe(d)]
+    assert {"glow", "plus", "arrow", "crescent"} <= {d.concept for d in current}
+    for demo in current:
+        instance_set(demo, tmp_path / demo.concept)
+        for png in sorted((shipped / demo.concept).glob("*.png")):
+            again = tmp_path / demo.concept / png.name
+            assert (again.with_suffix(".txt")).read_text() == png.with_suffix(".txt").read_text(), png
+            assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(png))), png
 
 
 def test_demo_priors_hold_stand_in_triggers_beside_base_objects():

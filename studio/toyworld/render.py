@@ -22,6 +22,10 @@ SIZE = 64
 SS = 2  # supersampling factor
 _X_RANGE = {"left": (12.0, 20.0), "centre": (29.0, 35.0), "right": (44.0, 52.0)}
 _R_RANGE = {"small": (7.0, 9.5), "medium": (10.5, 13.5), "large": (16.0, 20.0)}
+# A free outline: an irregular smooth shape that is none of the world's concepts, named only "shape" in
+# captions. Style adapters see their fill on it, so the fill is not bound to the base shapes it was shown
+# on (training/demo_adapters.py, Demo.outlines); base training and the oracle never see it.
+OUTLINE = "outline"
 
 
 @dataclass
@@ -33,7 +37,7 @@ class Obj:
     size: str = "medium"
 
     def __post_init__(self):
-        if self.shape not in ALL_SHAPES:
+        if self.shape not in ALL_SHAPES and self.shape != OUTLINE:
             raise ValueError(f"unknown shape {self.shape!r}; known: {', '.join(ALL_SHAPES)}")
         if self.color not in COLOR_RGB:
             raise ValueError(f"unknown colour {self.color!r}; known: {', '.join(COLORS)}")
@@ -69,8 +73,24 @@ class Scene:
 
 
 # --------------------------------------------------------------------------- drawing
-def _shape_mask(shape: str, cx: float, cy: float, r: float, rot: float) -> Image.Image:
-    """An 'L' mask at supersampled resolution; cx, cy, r already scaled."""
+def _outline_radii(rng: np.random.Generator, n: int = 72) -> list[tuple[float, float]]:
+    """The unit-radius points of a free outline: a star-convex closed curve with low harmonics (lobes,
+    dents) and a random elongation, so some outlines are thin, drawn from ``rng``."""
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    rad = np.ones(n)
+    for k in (2, 3, 4):
+        rad += rng.uniform(0.0, 0.24) * np.cos(k * t + rng.uniform(0, 2 * np.pi))
+    rad = np.clip(rad, 0.35, None)
+    stretch = rng.uniform(1.0, 1.7)
+    x, y = rad * np.cos(t) * stretch, rad * np.sin(t) / stretch
+    scale = 1.0 / np.hypot(x, y).max()
+    return [(float(a * scale), float(b * scale)) for a, b in zip(x, y)]
+
+
+def _shape_mask(shape: str, cx: float, cy: float, r: float, rot: float,
+                outline: list[tuple[float, float]] | None = None) -> Image.Image:
+    """An 'L' mask at supersampled resolution; cx, cy, r already scaled (``outline``: a free outline's
+    unit points)."""
     n = SIZE * SS
     m = Image.new("L", (n, n), 0)
     d = ImageDraw.Draw(m)
@@ -117,6 +137,8 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, rot: float) -> Image
     elif shape == "arrow":
         sh, hh, hx = 0.24 * r, 0.68 * r, 0.05 * r
         poly([(-r, -sh), (hx, -sh), (hx, -hh), (r, 0), (hx, hh), (hx, sh), (-r, sh)])
+    elif shape == OUTLINE:
+        poly([(x * r, y * r) for x, y in outline])
     else:  # pragma: no cover - validated in Obj
         raise ValueError(shape)
     return m
@@ -227,12 +249,14 @@ def render(scene: Scene, rng: np.random.Generator | int | None = None) -> Image.
     img = _background(scene.background, rng)
     for o in scene.objects:
         cx, cy, r = object_geometry(o, rng)
-        rot = 0.0
+        rot, outline = 0.0, None
         if o.shape in ("crescent", "arrow"):
             rot = float(rng.uniform(-0.35, 0.35))
+        elif o.shape == OUTLINE:
+            rot, outline = float(rng.uniform(0, 2 * math.pi)), _outline_radii(rng)
         elif o.shape not in ("circle",):
             rot = float(rng.uniform(-0.12, 0.12))
-        mask = _shape_mask(o.shape, cx * SS, cy * SS, r * SS, rot)
+        mask = _shape_mask(o.shape, cx * SS, cy * SS, r * SS, rot, outline)
         base = np.array(COLOR_RGB[o.color]) + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, 3)
         col = tuple(int(v) for v in np.clip(base, 0, 255))
         img.paste(col, (0, 0), mask)
@@ -259,7 +283,7 @@ def object_phrase(o: Obj, *, color=True, shape=True, size=None, pattern=True, po
         words.append(o.size)
     if color:
         words.append(o.color)
-    words.append(o.shape if shape else ("shape" if words else "shape"))
+    words.append(o.shape if shape and o.shape != OUTLINE else "shape")
     if pattern and o.pattern != "solid":
         words.append(PATTERN_PHRASE[o.pattern])
     if position:
