@@ -494,23 +494,28 @@ def test_every_shipped_workflow_loads_and_selection_seeds_stay_apart_from_the_be
     """The shipped suites load and expand; the suites that picked the benchmark's CFG scales and adapter
     weights draw from other seeds than the benchmark, so no pick was made on an image it reports."""
     suites = {p.name: load_suite(p) for p in sorted((REPO / "workflows").glob("*.yaml"))}
-    assert {"toy-compose.yaml", "toy-guidance-select.yaml", "toy-weights-select.yaml"} <= set(suites)
+    pickers = ["toy-guidance-select.yaml", "toy-weights-select.yaml", "toy-weights-select-glow.yaml"]
+    assert {"toy-compose.yaml", *pickers} <= set(suites)
     seeds = {name: {j.seed for j in expand_jobs(s)} for name, s in suites.items()}
-    for picker in ("toy-guidance-select.yaml", "toy-weights-select.yaml"):
-        assert seeds[picker] and not seeds[picker] & seeds["toy-compose.yaml"]
     texts = {name: {t for _, t in s.prompts} for name, s in suites.items()}  # and on other wordings
-    for picker in ("toy-guidance-select.yaml", "toy-weights-select.yaml"):
+    for picker in pickers:
+        assert seeds[picker] and not seeds[picker] & seeds["toy-compose.yaml"]
         assert texts[picker] and not texts[picker] & texts["toy-compose.yaml"]
     # every column of the benchmark was measured on the selection suites at its own scale (the suite's default
-    # where it names none), and at its weights beside its weight-1 twin
+    # where it names none), and each of its adapter weights on a weights suite beside the weight-1 twin, with the
+    # column's other weights as they stood there (a suite whose sets lack an adapter cannot weigh it)
     def key(m, suite, weights=None):
         w = m.weights if weights is None else weights
         return m.name, repr(m.params), m.guidance or suite.guidance, repr(sorted(w.items()))
 
-    picked = {name: {key(m, suites[name]) for m in suites[name].methods}
-              for name in ("toy-guidance-select.yaml", "toy-weights-select.yaml")}
+    picked = {name: {key(m, suites[name]) for m in suites[name].methods} for name in pickers}
     bench = suites["toy-compose.yaml"]
     for m in bench.methods:
         assert key(m, bench, {}) in picked["toy-guidance-select.yaml"], m
-        if m.weights:
-            assert {key(m, bench), key(m, bench, {})} <= picked["toy-weights-select.yaml"], m
+        for adapter, weight in m.weights.items():
+            measured = [name for name in pickers[1:] if adapter in suites[name].adapters]
+            assert measured, (m, adapter)
+            held = [name for name in measured
+                    for others in [{a: w for a, w in m.weights.items() if a != adapter and a in suites[name].adapters}]
+                    if {key(m, bench, {**others, adapter: weight}), key(m, bench, others)} <= picked[name]]
+            assert held, (m, adapter)
