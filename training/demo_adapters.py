@@ -52,7 +52,7 @@ class Demo:
     # the base fills an object's instance images show it in: taught only solid, an object adapter draws
     # every "sks shape with stripes" (or with a style adapter's pattern) solid (docs/benchmark.md, session 15)
     fills: tuple[str, ...] = ("solid",)
-    # the share of a style's one-object instance images whose object is a free outline ("a red shape with kpk
+    # the share of a style's instance images whose styled object is a free outline ("a red shape with kpk
     # pattern"; render.OUTLINE), so the fill is taught on outlines that are no base shape
     outlines: float = 0.0
 
