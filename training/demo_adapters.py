@@ -153,7 +153,8 @@ DEMOS = [
     # Taught on world-v3/2 with a third of its instance images on free outlines ("a red shape with kpk pattern",
     # render.OUTLINE), the crescent keeps its outline and takes the glow. Selection suite (seed 777, the object +
     # style cells of workflows/toy-guidance-select.yaml at each method's CFG, 7 methods x 24 images, all present by
-    # oracle / oracle-b): shipped 5 / 2 of 168; outlines 1800 steps 30 / 34, 2700 steps 46 / 42, 3600 steps 37 / 49
+    # oracle / oracle-b): shipped 5 / 2 of 168; outlines 1800 steps 30 / 34, 2700 steps 46 / 42, 3600 steps 37 / 49,
+    # a share of 0.2 at 2700 steps 35 / 34
     # (outlines only in red and yellow, a bug, 1800 steps: 58 / 48); the control, world-v3/2 without outlines at 2700
     # steps, 13 / 8 (crescent seen in 2-6 of 24 per method against 13-19 with outlines, Switch aside). Alone (seed 777, 8 per
     # form): shipped 0.62 / 1.00 / 1.00, outlines 2700 steps 0.62 / 0.62 / 1.00, control 0.75 / 0.62 / 1.00. So
