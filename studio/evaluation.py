@@ -629,13 +629,11 @@ def merge_results(out: Path, jobs: list[Job]) -> list[dict]:
     that a set does not hold draws the same job (same id) under a new label, and a resumed run must
     not show that column under two names."""
     rows = collect_rows(out)
-    labels = {j.job_id: j.method_label for j in jobs}
-    for job_id, row in rows.items():
-        if job_id in labels:
-            row["method_label"] = labels[job_id]
-    order = {j.job_id: j.index for j in jobs}
-    current = sorted((r for r in rows.values() if r["job_id"] in order), key=lambda r: order[r["job_id"]])
-    retired = [r for r in rows.values() if r["job_id"] not in order]
+    by_id = {j.job_id: j for j in jobs}
+    current = sorted((r for r in rows.values() if r["job_id"] in by_id), key=lambda r: by_id[r["job_id"]].index)
+    for row in current:
+        row["method_label"] = by_id[row["job_id"]].method_label
+    retired = [r for r in rows.values() if r["job_id"] not in by_id]
     if retired or (out / RETIRED).exists():
         atomic_write(out / RETIRED, "".join(map(_jsonl_line, retired)))
     atomic_write(out / "results.jsonl", "".join(map(_jsonl_line, current)))
