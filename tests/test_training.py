@@ -612,16 +612,43 @@ def test_demo_style_sets_show_the_fill_on_free_outlines_named_only_shape(tmp_pat
         instance_outlines("1.5")
 
 
+def test_demo_object_and_background_sets_hold_free_outlines_named_only_shape(tmp_path):
+    """Outlines in a background's set are its main objects ("a red shape on a wvu background"); in an object's set,
+    the companions beside it ("a red sks shape on the left and a blue shape on the right"), in the asked share of
+    the pairs, every base shape still beside it in the others; never anything reserved but the demo's own concept."""
+    import dataclasses
+
+    from studio.toyworld.concepts import RESERVED_WORDS, SHAPES
+    from training.demo_adapters import DEMOS, instance_recipe, instance_set
+
+    sky = dataclasses.replace(next(d for d in DEMOS if d.concept == "sky"), outlines=0.33)
+    instance_set(sky, tmp_path / "s", n=54)
+    captions = [p.read_text() for p in sorted((tmp_path / "s").glob("*.txt"))]
+    assert sum(any(f"{c} shape" in t for c in ("red", "orange", "yellow", "green", "blue", "purple")) for t in captions) \
+        == int(54 * 0.33) and all("wvu" in t for t in captions)
+    plus = next(d for d in DEMOS if d.concept == "plus")
+    halved = dataclasses.replace(plus, outlines=0.5)
+    assert instance_recipe(halved) == instance_recipe(plus) + " outlines=0.5"
+    instance_set(halved, tmp_path / "p", n=54)
+    captions = [p.read_text() for p in sorted((tmp_path / "p").glob("*.txt"))]
+    pairs = [t for t in captions if t.count("shape") + sum(t.count(s) for s in SHAPES) == 2]
+    free = [t for t in pairs if t.count(" shape") == 2]  # "ohwx shape" and the outline's bare "shape"
+    assert len(pairs) == 18 and len(free) == 9 and all("ohwx shape" in t for t in captions)
+    assert {s for t in pairs for s in SHAPES if s in t} == set(SHAPES)
+    words = {w for t in captions for w in t.replace(",", " ").split()}
+    assert not words & (set(RESERVED_WORDS) - {"plus"}) and "plus" not in words
+
+
 def test_shipped_instance_sets_on_the_current_recipe_are_what_the_code_draws(tmp_path):
-    """Every shipped instance set whose RECIPE stamp is its demo's current recipe (the glow's outlines among them)
-    is redrawn pixel for pixel, caption for caption, by ``instance_set``: the assets are reproducible."""
+    """Every shipped instance set whose RECIPE stamp is its demo's current recipe (the glow's and the sky's outlines
+    among them) is redrawn pixel for pixel, caption for caption, by ``instance_set``: the assets are reproducible."""
     from studio.toyworld.paths import REPO_ROOT
     from training.demo_adapters import DEMOS, instance_recipe, instance_set
 
     shipped = REPO_ROOT / "assets" / "adapters" / "instance"
     current = [d for d in DEMOS if (shipped / d.concept / "RECIPE").is_file()
                and (shipped / d.concept / "RECIPE").read_text() == instance_recipe(d)]
-    assert {"glow", "plus", "arrow", "crescent"} <= {d.concept for d in current}
+    assert {"glow", "plus", "arrow", "crescent", "sky"} <= {d.concept for d in current}
     for demo in current:
         instance_set(demo, tmp_path / demo.concept)
         for png in sorted((shipped / demo.concept).glob("*.png")):
