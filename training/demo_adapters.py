@@ -290,6 +290,11 @@ def trigger_caption(scene, form: str, demo: Demo) -> str:
     return with_trigger(caption_in_form(scene, form), demo.concept, demo.trigger)
 
 
+def _in_share(j: int, share: float) -> bool:
+    """Whether the j-th item is among ``share`` of a run of items, spread evenly (0.33: every third)."""
+    return int((j + 1) * share) > int(j * share)
+
+
 def instance_set(demo: Demo, folder: Path, n: int = N_INSTANCE, seed: int = 0) -> None:
     """Render ``n`` instance images of the concept with kohya-style captions beside them.
 
@@ -315,12 +320,12 @@ def instance_set(demo: Demo, folder: Path, n: int = N_INSTANCE, seed: int = 0) -
             main = Obj(base_shape, color, pattern=demo.concept if demo.kind == "style" else "solid", size=size,
                        position=pos)
             j = i + k  # shifted per block of colours, so the outlines come in every colour
-            if int((j + 1) * demo.outlines) > int(j * demo.outlines):
+            if _in_share(j, demo.outlines):
                 main.shape = OUTLINE
         objs = [main]
         if pos != "centre" and (i + k // 2) % 2 == 1:  # a base object beside: every shape, colour, side and form
             other = "right" if pos == "left" else "left"
-            outlined = demo.kind == "object" and int((n_pairs + 1) * demo.outlines) > int(n_pairs * demo.outlines)
+            outlined = demo.kind == "object" and _in_share(n_pairs, demo.outlines)
             objs.append(Obj(OUTLINE if outlined else SHAPES[n_base % len(SHAPES)],
                             COLORS[(i + 1 + n_pairs % (len(COLORS) - 1)) % len(COLORS)],
                             size=min(size, "medium", key=SIZES.index), position=other))

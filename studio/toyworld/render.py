@@ -23,8 +23,8 @@ SS = 2  # supersampling factor
 _X_RANGE = {"left": (12.0, 20.0), "centre": (29.0, 35.0), "right": (44.0, 52.0)}
 _R_RANGE = {"small": (7.0, 9.5), "medium": (10.5, 13.5), "large": (16.0, 20.0)}
 # A free outline: an irregular smooth shape that is none of the world's concepts, named only "shape" in
-# captions. Style adapters see their fill on it, so the fill is not bound to the base shapes it was shown
-# on (training/demo_adapters.py, Demo.outlines); base training and the oracle never see it.
+# captions. Style and background adapters see it as their object, so they are not bound to the base shapes
+# they were shown with (training/demo_adapters.py, Demo.outlines); base training and the oracle never see it.
 OUTLINE = "outline"
 
 
