@@ -106,6 +106,22 @@ def test_insert_tag_adds_tag_and_trigger_once(h):
     assert h.insert_tag(out, "a") == out
     h.studio.adapters.get("b").weight = 0.7
     assert h.insert_tag("", "b") == "sksb <lora:b:0.7>"
+    assert h.insert_tag("a green sksb shape", "b") == "a green sksb shape <lora:b:0.7>"  # trigger written: tag only
+
+
+def test_insert_tag_continues_the_sentence_and_starts_from_the_example(h):
+    """A background's phrase continues the sentence; an empty prompt starts from the example prompt, a whole
+    prompt that draws the concept, not from a bare phrase with nothing to stand on."""
+    h.store.update("a", trigger_phrase="a red sksa shape")
+    h.store.update("b", trigger_phrase="on a sksb background", example_prompt="a red circle on a sksb background")
+    first = h.insert_tag("", "a")
+    assert first == "a red sksa shape <lora:a:1>"
+    assert h.insert_tag(first, "b") == "a red sksa shape <lora:a:1> on a sksb background <lora:b:1>"
+    from studio.prompts import parse_prompt
+
+    assert parse_prompt(h.insert_tag(first, "b"))[0].split() == "a red sksa shape on a sksb background".split()
+    assert h.insert_tag("", "b") == "a red circle on a sksb background <lora:b:1>"
+    assert h.insert_tag("a blue star", "a") == "a blue star, a red sksa shape <lora:a:1>"
 
 
 def test_generate_yields_previews_then_pngs_with_metadata(h):

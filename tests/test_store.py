@@ -61,6 +61,7 @@ def test_demo_adapters_get_phrase_and_sample_preview(sd1_pipe, tmp_path):
     store = AdapterStore(studio.adapters, tmp_path / "lib")
     store.load_demos(demo)
     assert store.meta("bg-lora").trigger_phrase == "on a wvu background"
+    assert store.meta("bg-lora").example_prompt == "a red circle on a wvu background"  # what an empty prompt gets
     assert store.preview_path("bg-lora").endswith("bg-lora.png")
     store.update("bg-lora", weight=0.8)
     assert "hidden" in store.trash("bg-lora")

@@ -36,6 +36,7 @@ class Sidecar:
 
     trigger: str | None = None
     trigger_phrase: str | None = None  # a phrase the adapter was taught, e.g. "on a wvu background"
+    example_prompt: str | None = None  # a whole prompt that draws it, e.g. "a red circle on a wvu background"
     concept: str | None = None
     kind: str | None = None  # object / style / background / character
     weight: float = 1.0
@@ -134,7 +135,7 @@ class AdapterStore:
                 kind=entry.get("kind") or adapter.concept_kind, weight=adapter.weight,
                 trigger_phrase=entry.get("trigger_phrase") or derive_phrase(entry.get("example_prompt"),
                                                                             entry.get("trigger") or adapter.trigger),
-                source="demo",
+                example_prompt=entry.get("example_prompt"), source="demo",
             )
             side.file = str(path)
             if side.preview is None and sample.is_file():
@@ -209,12 +210,12 @@ class AdapterStore:
             return side
 
     def update(self, name: str, **fields) -> Sidecar:
-        """Change metadata (trigger, trigger_phrase, concept, kind, weight) and write the sidecar now."""
+        """Change metadata (trigger, trigger_phrase, example_prompt, concept, kind, weight) and write the sidecar now."""
         with self._lock:
             adapter = self.library.get(name)
             side = self._meta.setdefault(name, self.meta(name))
             for key, value in fields.items():
-                if key not in ("trigger", "trigger_phrase", "concept", "kind", "weight"):
+                if key not in ("trigger", "trigger_phrase", "example_prompt", "concept", "kind", "weight"):
                     raise ValueError(f"unknown adapter field {key!r}")
                 setattr(side, key, value)
             adapter.trigger, adapter.concept, adapter.concept_kind = side.trigger, side.concept, side.kind

@@ -116,17 +116,27 @@ class ComposeTab:
         return verb, name
 
     def insert_tag(self, prompt: str, name: str) -> str:
-        """Append the adapter's usable trigger phrase (else its trigger word) and ``<lora:name:weight>``."""
+        """Add the adapter's usable trigger phrase (else its trigger word) and ``<lora:name:weight>``.
+
+        Into an empty prompt goes the adapter's example prompt when known, a whole prompt that draws the
+        concept ("a red circle on a wvu background"): a bare phrase ("on a wvu background") has nothing to
+        put the background behind. A phrase that starts with a preposition continues the prompt's sentence
+        ("a red sks shape on a wvu background"); any other is added as a comma-separated item."""
         adapter = self.studio.adapters.get(name)
         tag = format_tag(adapter.name, adapter.weight)
         prompt = (prompt or "").rstrip(" ,")
         if f"<lora:{adapter.name}:" in prompt:
             return prompt
-        phrase = self.phrase_of(name)
+        phrase = self.phrase_of(name) or adapter.trigger
+        if adapter.trigger and has_word(prompt, adapter.trigger):  # the user wrote the trigger already
+            phrase = None
         if phrase and phrase not in prompt:
-            prompt = f"{prompt}, {phrase}" if prompt else phrase
-        elif adapter.trigger and not has_word(prompt, adapter.trigger):
-            prompt = f"{prompt}, {adapter.trigger}" if prompt else adapter.trigger
+            if not prompt:
+                prompt = self.example_of(name) or phrase
+            elif phrase.split()[0].lower() in ("on", "with", "in"):
+                prompt = f"{prompt} {phrase}"
+            else:
+                prompt = f"{prompt}, {phrase}"
         return f"{prompt} {tag}".strip()
 
     def reuse_seed(self, last_seed) -> int:

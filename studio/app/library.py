@@ -58,6 +58,13 @@ class LibraryTab:
         except StudioError:
             return None
 
+    def example_of(self, name: str) -> str | None:
+        """A whole prompt that draws the adapter's concept (e.g. ``a red circle on a wvu background``), if known."""
+        try:
+            return self.store.meta(name).example_prompt
+        except StudioError:
+            return None
+
     def adapter_names(self) -> list[str]:
         return [a.name for a in self.studio.adapters.list()]
 
