@@ -107,6 +107,58 @@ def test_loss_falls_on_toy_data(images):
     assert after < 0.8 * before, (before, after)
 
 
+def _with_masks(images: Path) -> Path:
+    """The fixture's crescents again, each with its concept mask in ``masks/`` (what the attention loss reads)."""
+    from studio.toyworld.render import render_with_masks
+
+    (images / "masks").mkdir()
+    for i, (c, s, p) in enumerate([("red", "large", "centre"), ("blue", "medium", "left"), ("green", "small", "right")]):
+        image, masks = render_with_masks(Scene([Obj("crescent", c, size=s, position=p)]), i)
+        assert np.array_equal(np.asarray(image), np.asarray(Image.open(images / f"{i}.png")))  # render's own pixels
+        masks[0].save(images / "masks" / f"{i}.png")
+    return images
+
+
+def test_attention_loss_pulls_the_trigger_maps_onto_the_concept_masks(images):
+    """Break-A-Scene's cross-attention loss: the max-normalised maps of the trigger and the word after it
+    ("sks", "object") move towards each image's concept mask, and the loss is reported beside the others."""
+    _with_masks(images)
+    studio = _studio()
+    cfg = TrainConfig(images=str(images), **{**FAST, "steps": 30, "lr": 1e-2, "batch_size": 3},
+                      unet_targets="cross", attention_loss=1.0)
+    trainer = DreamBoothTrainer(studio, cfg)
+    trainer.setup()
+    assert trainer._concept_tokens("a sks object") == [2, 3]  # BOS, "a", then the trigger and its word
+    assert trainer._concept_tokens("a red circle") == []
+    with torch.no_grad():
+        before = [trainer.compute_loss(10_000 + i)[1]["attention"] for i in range(4)]
+    for _ in range(cfg.steps):
+        parts = trainer.train_step()
+    assert "attention" in parts and "instance" in parts
+    with torch.no_grad():
+        after = [trainer.compute_loss(10_000 + i)[1]["attention"] for i in range(4)]
+    trainer._strip()
+    assert sum(after) < 0.8 * sum(before), (before, after)
+    plain = DreamBoothTrainer(_studio(), TrainConfig(images=str(images), **FAST))
+    plain.setup()
+    assert "attention" not in plain.compute_loss(0)[1]  # off by default: no capture, no term
+    plain._strip()
+
+
+def test_attention_loss_needs_masks_of_the_images_size(images):
+    with pytest.raises(TrainingError, match="masks"):  # none at all: names the folder to fill
+        DreamBoothTrainer(_studio(), TrainConfig(images=str(images), **FAST, attention_loss=0.1)).setup()
+    (images / "masks").mkdir()
+    Image.new("L", (32, 32), 255).save(images / "masks" / "0.png")
+    with pytest.raises(TrainingError, match="32x32 but its image is 64x64"):
+        DreamBoothTrainer(_studio(), TrainConfig(images=str(images), **FAST, attention_loss=0.1)).setup()
+    for bad in (-1.0, float("nan"), True):
+        with pytest.raises(TrainingError, match="attention_loss"):
+            TrainConfig(images=str(images), attention_loss=bad)
+    with pytest.raises(TrainingError, match="gradient checkpointing"):
+        TrainConfig(images=str(images), attention_loss=0.1, gradient_checkpointing=True)
+
+
 @pytest.mark.parametrize("kind,emb,te", [("lora", False, False), ("kron", False, False), ("lora", True, False),
                                          ("kron", False, True)])
 def test_resume_equals_an_uninterrupted_run(images, tmp_path, kind, emb, te):
@@ -438,19 +490,21 @@ def tiny_model_dir(tmp_path) -> Path:
 def test_cli_train(images, tmp_path, tiny_model_dir):
     from studio.cli import main
 
+    _with_masks(images)
+
     out = tmp_path / "cli.safetensors"
     rc = main(["train", "--images", str(images), "--trigger", "sks", "--class-word", "shape", "--adapter", "kron",
                "--factors", "4x8", "--steps", "2", "--grad-accum", "1", "--model", str(tiny_model_dir),
                "--num-validation-images", "1", "--sample-steps", "2", "--svd-lora-rank", "8", "--train-token-embedding",
                "--caption-dropout", "0.2", "--train-text-encoder", "--text-encoder-lr", "2e-3", "--out", str(out),
-               "--instance-max-timestep", "500"])
+               "--instance-max-timestep", "500", "--attention-loss", "0.05"])
     assert rc == 0 and out.is_file()
     from safetensors import safe_open
 
     with safe_open(str(out), "pt") as f:
         params = json.loads(f.metadata()["training_params"])
     assert params["caption_dropout"] == 0.2 and params["caption_dropout_scope"] == "all"
-    assert params["instance_max_timestep"] == 500
+    assert params["instance_max_timestep"] == 500 and params["attention_loss"] == 0.05
     assert params["train_text_encoder"] is True and params["text_encoder_lr"] == 2e-3
     from studio.adapters.formats import read_adapter
 
@@ -637,6 +691,27 @@ def test_demo_object_and_background_sets_hold_free_outlines_named_only_shape(tmp
     assert {s for t in pairs for s in SHAPES if s in t} == set(SHAPES)
     words = {w for t in captions for w in t.replace(",", " ").split()}
     assert not words & (set(RESERVED_WORDS) - {"plus"}) and "plus" not in words
+
+
+def test_demo_instance_sets_hold_each_images_concept_mask(tmp_path):
+    """Beside every instance image, ``masks/<name>.png``: the concept's own pixels for an object (on the side its
+    caption names), every pixel outside the objects for a background."""
+    from training.demo_adapters import DEMOS, instance_set
+
+    crescent = next(d for d in DEMOS if d.concept == "crescent")
+    sky = next(d for d in DEMOS if d.concept == "sky")
+    instance_set(crescent, tmp_path / "c", n=18)
+    instance_set(sky, tmp_path / "s", n=6)
+    for png in sorted((tmp_path / "c").glob("*.png")):
+        m = np.asarray(Image.open(tmp_path / "c" / "masks" / png.name)) > 127
+        assert 0.01 < m.mean() < 0.5, png
+        caption, cols = png.with_suffix(".txt").read_text(), np.nonzero(m.any(0))[0]
+        if "sks shape on the left" in caption:
+            assert cols.mean() < 32, caption
+        elif "sks shape on the right" in caption:
+            assert cols.mean() > 32, caption
+    for png in sorted((tmp_path / "s").glob("*.png")):
+        assert (np.asarray(Image.open(tmp_path / "s" / "masks" / png.name)) > 127).mean() > 0.5
 
 
 def test_shipped_instance_sets_on_the_current_recipe_are_what_the_code_draws(tmp_path):

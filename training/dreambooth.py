@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -105,6 +106,11 @@ class TrainConfig:
     prior_loss_weight: float = 1.0
     stand_in_prior: int = 0  # prior prompts with a stand-in word where the trigger stands (implies prior preservation)
     snr_gamma: float | None = None  # Min-SNR γ (5 recommended); None: off
+    # Break-A-Scene's cross-attention loss: on instance images with a concept mask (masks/<name>.png), the
+    # max-normalised cross-attention maps of the trigger and the word after it pulled onto the mask, so the
+    # concept's words attend where it is drawn (what CLoRA's masks read); 0: off
+    attention_loss: float = 0.0
+    attention_factor: int = 0  # image pixels per map cell of that loss; 0: the level CLoRA's auto masks read
     # instance images only at noise levels below this timestep (prior images at every level): a fill or
     # style learnt where the outline is already drawn, base-like at high noise; None: every level
     instance_max_timestep: int | None = None
@@ -146,6 +152,12 @@ class TrainConfig:
         if self.instance_max_timestep is not None and not 1 <= self.instance_max_timestep <= 1000:
             raise TrainingError(f"instance_max_timestep {self.instance_max_timestep} is outside 1-1000; give a "
                                 "timestep of the 1000-step training schedule (e.g. 600), or leave it unset")
+        if isinstance(self.attention_loss, bool) or not isinstance(self.attention_loss, (int, float)) \
+                or not math.isfinite(self.attention_loss) or self.attention_loss < 0:
+            raise TrainingError(f"attention_loss must be a finite number ≥ 0 (e.g. 0.01), got {self.attention_loss!r}")
+        if self.attention_loss and self.gradient_checkpointing:
+            raise TrainingError("attention_loss reads attention maps that gradient checkpointing would recompute "
+                                "with other processors; turn one of them off")
         if self.caption_dropout_scope not in ("all", "prior"):
             raise TrainingError(f"caption_dropout_scope {self.caption_dropout_scope!r} is unknown; use all or prior")
         if self.train_token_embedding and not self.token_embedding_lr > 0:
@@ -201,6 +213,7 @@ class Example:
     crop_top_left: tuple[int, int]
     latent_mean: torch.Tensor | None = None  # the VAE posterior, encoded once
     latent_std: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # (res, res) in [0, 1]: where the image shows the concept (masks/<name>.png)
 
 
 def _resize_crop(img: Image.Image, res: int) -> tuple[Image.Image, tuple[int, int]]:
@@ -240,13 +253,31 @@ def load_examples(folder: str | os.PathLike, res: int, default_caption: str, ski
         caption = cap_file.read_text(encoding="utf-8").strip() if cap_file.is_file() else default_caption
         original = (img.size[1], img.size[0])
         img, crop = _resize_crop(img, res)
-        examples.append(Example(f, caption or default_caption, img, original, crop))
+        examples.append(Example(f, caption or default_caption, img, original, crop, mask=_concept_mask(f, original, res)))
     if not examples:
         raise TrainingError(f"none of the {len(files)} {what} images in {path} could be read; check the files")
     if sizes != {(res, res)}:
         log.info("resized %d %s image(s) of size(s) %s to %dx%d", len(examples), what,
                  ", ".join(f"{w}x{h}" for w, h in sorted(sizes)), res, res)
     return examples
+
+
+def _concept_mask(image_path: Path, original: tuple[int, int], res: int) -> torch.Tensor | None:
+    """The concept mask of an instance image, ``masks/<image name>.png`` beside it (white = the concept),
+    resized and cropped as the image is; None when there is none."""
+    path = image_path.parent / "masks" / (image_path.stem + ".png")
+    if not path.is_file():
+        return None
+    try:
+        with Image.open(path) as im:
+            m = im.convert("L")
+    except Exception as e:
+        raise TrainingError(f"concept mask {path} is unreadable ({type(e).__name__}); fix or remove it") from e
+    if (m.size[1], m.size[0]) != original:
+        raise TrainingError(f"concept mask {path} is {m.size[0]}x{m.size[1]} but its image is "
+                            f"{original[1]}x{original[0]}; draw the mask at the image's size")
+    m, _ = _resize_crop(m, res)
+    return torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)
 
 
 def trigger_pieces(tokenizer, trigger: str) -> dict[str, list[str]]:
@@ -389,6 +420,9 @@ class DreamBoothTrainer:
         self.classes: list[Example] = []
         if cfg.prior_preservation:
             self.classes = self._class_examples()
+        self.attention_spec = None
+        if cfg.attention_loss:
+            self.attention_spec = self._attention_spec()
 
         self._inject()
         self.unet = pipe.unet
@@ -413,6 +447,51 @@ class DreamBoothTrainer:
         self._encode_captions()
         if cfg.resume:
             self.load_checkpoint(self._resume_path())
+
+    def _attention_spec(self):
+        """The cross-attention layers the attention loss reads; refuses a run with no concept masks."""
+        from studio.attention import capture_spec
+
+        have = sum(e.mask is not None for e in self.instance)
+        if not have:
+            raise TrainingError(f"attention_loss needs concept masks: put a mask per instance image in "
+                                f"{Path(self.cfg.images) / 'masks'} (same name, white where the concept is), "
+                                "or set attention_loss to 0")
+        if have < len(self.instance):
+            log.info("attention loss on the %d of %d instance images that have a concept mask", have, len(self.instance))
+        try:
+            return capture_spec(self.pipe.unet, self.pipe.vae_scale_factor, self.res, self.res, self.cfg.attention_factor)
+        except StudioError as e:
+            raise TrainingError(f"attention_factor: {e}") from e
+
+    def _concept_tokens(self, caption: str) -> list[int]:
+        """Positions of the trigger's tokens and of the token after them (the concept word) in ``caption``."""
+        tok = self.pipe.tokenizer
+        ids = tok(caption, truncation=True, max_length=tok.model_max_length).input_ids
+        trig = tok(self.cfg.trigger, add_special_tokens=False).input_ids
+        for i in range(1, len(ids) - len(trig)):
+            if ids[i:i + len(trig)] == trig:
+                end = i + len(trig)
+                return list(range(i, end + (ids[end] != tok.eos_token_id)))
+        return []
+
+    def attention_loss(self, maps: torch.Tensor, picks: list[Example], captions: list[str]) -> torch.Tensor | None:
+        """Mean over instance picks with a mask of MSE(map / max(map), mask at map size), per concept token.
+
+        ``maps``: ``(images, h, w, tokens)`` of the batch. Break-A-Scene (Avrahami et al. 2023, eq. 3). The
+        mask at map size is 1 on every cell the concept touches (max pooling), not its area share: CLoRA keeps
+        cells above 0.4 of the map's maximum, and on coarse maps (4x4 on the toy model) an area target leaves
+        the cells an object half covers out of its mask, where another branch then draws (session 25)."""
+        h, w = maps.shape[1:3]
+        losses = []
+        for i, (e, c) in enumerate(zip(picks[:self.cfg.batch_size], captions)):
+            if e.mask is None or not c:
+                continue
+            target = F.adaptive_max_pool2d((e.mask[None, None] > 0.5).float().to(maps.device), (h, w))[0, 0]
+            for t in self._concept_tokens(c):
+                m = maps[i, :, :, t]
+                losses.append(F.mse_loss(m / m.max().clamp_min(1e-8), target))
+        return torch.stack(losses).mean() if losses else None
 
     def _trainable_modules_params(self):
         for comp in ("unet", "text_encoder", "text_encoder_2"):
@@ -687,14 +766,25 @@ class DreamBoothTrainer:
             added = {"text_embeds": torch.cat([p for _, p in enc]), "time_ids": time_ids}
         unet_dtype = self.unet.dtype
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else self.accelerator.autocast()
-        with autocast:
+        capture = contextlib.nullcontext()
+        if self.attention_spec is not None:
+            from studio.attention import AttentionCapture
+
+            capture = AttentionCapture(self.unet, self.attention_spec).record(images=len(picks), halves=1)
+        with autocast, capture as recorder:
             pred = self.model(xt.to(unet_dtype), t, encoder_hidden_states=embeds.to(unet_dtype),
                               added_cond_kwargs=None if added is None else {k: v.to(unet_dtype) for k, v in added.items()},
                               return_dict=False)[0]
         weights = None
         if cfg.snr_gamma:
             weights = snr_weights(self.noise_scheduler, t, cfg.snr_gamma, self.prediction_type)
-        return dreambooth_loss(pred, target, cfg.batch_size, cfg.prior_loss_weight, weights)
+        loss, parts = dreambooth_loss(pred, target, cfg.batch_size, cfg.prior_loss_weight, weights)
+        if recorder is not None:
+            attn = self.attention_loss(recorder.image_maps()[0], picks, captions)
+            if attn is not None:
+                parts["attention"] = float(attn.detach())
+                loss = loss + cfg.attention_loss * attn
+        return loss, parts
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step: ``grad_accum`` micro-steps, clip, AdamW. Returns the mean losses."""
@@ -1104,7 +1194,8 @@ def _cmd_train(args) -> int:
         resolution=args.resolution, prior_preservation=args.prior_preservation, class_prompts=args.class_prompt or [],
         class_dir=args.class_dir, num_class_images=args.num_class_images, prior_loss_weight=args.prior_loss_weight,
         stand_in_prior=args.stand_in_prior,
-        snr_gamma=args.snr_gamma, caption_dropout=args.caption_dropout, caption_dropout_scope=args.caption_dropout_scope,
+        snr_gamma=args.snr_gamma, attention_loss=args.attention_loss, attention_factor=args.attention_factor,
+        caption_dropout=args.caption_dropout, caption_dropout_scope=args.caption_dropout_scope,
         instance_max_timestep=args.instance_max_timestep, mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_every=args.checkpoint_every, resume=args.resume, validate_every=args.validate_every,
         validation_prompts=args.validation_prompt or [], num_validation_images=args.num_validation_images,
@@ -1166,6 +1257,11 @@ def add_cli(subparsers) -> None:
                         "stands, so the adapter answers only its own trigger (implies --prior-preservation; what it "
                         "measured on composed pairs: README, --stand-in-prior)")
     t.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR loss weighting gamma, e.g. 5 (default: off)")
+    t.add_argument("--attention-loss", type=float, default=0.0,
+                   help="weight of Break-A-Scene's cross-attention loss, e.g. 0.1: the trigger's attention is pulled onto "
+                        "each instance image's concept mask (IMAGES/masks/<name>.png, white where the concept is); 0: off")
+    t.add_argument("--attention-factor", type=int, default=0,
+                   help="image pixels per attention-map cell of that loss (0: the level CLoRA's masks read)")
     t.add_argument("--caption-dropout", type=float, default=0.0, help="share of examples trained with the empty caption")
     t.add_argument("--caption-dropout-scope", default="all", choices=["all", "prior"],
                    help="prior: drop only the class images' captions (keeps the unconditional branch)")

@@ -244,9 +244,16 @@ def object_geometry(o: Obj, rng: np.random.Generator) -> tuple[float, float, flo
 
 def render(scene: Scene, rng: np.random.Generator | int | None = None) -> Image.Image:
     """Draw ``scene`` as a 64x64 RGB image. ``rng`` (Generator or seed) fixes every jitter."""
+    return render_with_masks(scene, rng)[0]
+
+
+def render_with_masks(scene: Scene, rng: np.random.Generator | int | None = None) -> tuple[Image.Image, list[Image.Image]]:
+    """``render`` plus each object's 64x64 'L' mask (255 = the object), in ``scene.objects`` order; the
+    same rng draws, so the image is ``render``'s."""
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
     img = _background(scene.background, rng)
+    masks = []
     for o in scene.objects:
         cx, cy, r = object_geometry(o, rng)
         rot, outline = 0.0, None
@@ -257,6 +264,7 @@ def render(scene: Scene, rng: np.random.Generator | int | None = None) -> Image.
         elif o.shape not in ("circle",):
             rot = float(rng.uniform(-0.12, 0.12))
         mask = _shape_mask(o.shape, cx * SS, cy * SS, r * SS, rot, outline)
+        masks.append(mask.resize((SIZE, SIZE), Image.BOX))
         base = np.array(COLOR_RGB[o.color]) + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, 3)
         col = tuple(int(v) for v in np.clip(base, 0, 255))
         img.paste(col, (0, 0), mask)
@@ -265,7 +273,7 @@ def render(scene: Scene, rng: np.random.Generator | int | None = None) -> Image.
             light = tuple(int(v) for v in np.clip(np.array(col) * 0.4 + 245 * 0.6, 0, 255))
             both = Image.fromarray((np.asarray(pm, np.uint16) * np.asarray(mask, np.uint16) // 255).astype(np.uint8))
             img.paste(light, (0, 0), both)
-    return img.resize((SIZE, SIZE), Image.BOX)
+    return img.resize((SIZE, SIZE), Image.BOX), masks
 
 
 # --------------------------------------------------------------------------- captions
