@@ -121,7 +121,7 @@ def test_insert_tag_continues_the_sentence_and_starts_from_the_example(h):
 
     assert parse_prompt(h.insert_tag(first, "b"))[0].split() == "a red sksa shape on a sksb background".split()
     assert h.insert_tag("", "b") == "a red circle on a sksb background <lora:b:1>"
-    assert h.insert_tag("a blue star", "a") == "a blue star, a red sksa shape <lora:a:1>"
+    assert h.insert_tag("a blue star", "a") == "a blue star and a red sksa shape <lora:a:1>"  # another object
 
 
 def test_generate_yields_previews_then_pngs_with_metadata(h):

@@ -121,7 +121,9 @@ class ComposeTab:
         Into an empty prompt goes the adapter's example prompt when known, a whole prompt that draws the
         concept ("a red circle on a wvu background"): a bare phrase ("on a wvu background") has nothing to
         put the background behind. A phrase that starts with a preposition continues the prompt's sentence
-        ("a red sks shape on a wvu background"); any other is added as a comma-separated item."""
+        ("a red sks shape on a wvu background"), another object joins with "and" ("a red sks shape and a red ohwx
+        shape": on the toy model a comma list with articles drew the plus 2 times in 8, "and" 4, session 25);
+        any other phrase is added as a comma-separated item."""
         adapter = self.studio.adapters.get(name)
         tag = format_tag(adapter.name, adapter.weight)
         prompt = (prompt or "").rstrip(" ,")
@@ -135,6 +137,8 @@ class ComposeTab:
                 prompt = self.example_of(name) or phrase
             elif phrase.split()[0].lower() in ("on", "with", "in"):
                 prompt = f"{prompt} {phrase}"
+            elif phrase.split()[0].lower() in ("a", "an"):  # another object: the world's "and" form
+                prompt = f"{prompt} and {phrase}"
             else:
                 prompt = f"{prompt}, {phrase}"
         return f"{prompt} {tag}".strip()
