@@ -421,6 +421,7 @@ class DreamBoothTrainer:
         if cfg.prior_preservation:
             self.classes = self._class_examples()
         self.attention_spec = None
+        self._token_positions: dict[str, list[int]] = {}
         if cfg.attention_loss:
             self.attention_spec = self._attention_spec()
 
@@ -465,7 +466,13 @@ class DreamBoothTrainer:
             raise TrainingError(f"attention_factor: {e}") from e
 
     def _concept_tokens(self, caption: str) -> list[int]:
-        """Positions of the trigger's tokens and of the token after them (the concept word) in ``caption``."""
+        """Positions of the trigger's tokens and of the token after them (the concept word) in ``caption``;
+        tokenised once per caption (the captions repeat every few steps)."""
+        if caption not in self._token_positions:
+            self._token_positions[caption] = self._find_concept_tokens(caption)
+        return self._token_positions[caption]
+
+    def _find_concept_tokens(self, caption: str) -> list[int]:
         tok = self.pipe.tokenizer
         ids = tok(caption, truncation=True, max_length=tok.model_max_length).input_ids
         trig = tok(self.cfg.trigger, add_special_tokens=False).input_ids

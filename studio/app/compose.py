@@ -133,11 +133,12 @@ class ComposeTab:
         if adapter.trigger and has_word(prompt, adapter.trigger):  # the user wrote the trigger already
             phrase = None
         if phrase and phrase not in prompt:
+            first = phrase.split()[0].lower()
             if not prompt:
                 prompt = self.example_of(name) or phrase
-            elif phrase.split()[0].lower() in ("on", "with", "in"):
+            elif first in ("on", "with", "in"):
                 prompt = f"{prompt} {phrase}"
-            elif phrase.split()[0].lower() in ("a", "an"):  # another object: the world's "and" form
+            elif first in ("a", "an"):  # another object: the world's "and" form
                 prompt = f"{prompt} and {phrase}"
             else:
                 prompt = f"{prompt}, {phrase}"

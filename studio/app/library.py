@@ -51,19 +51,19 @@ class LibraryTab:
         return (f"## LoRA Composition Studio\nModel **{s.model_id}** ({s.arch}) · {len(s.adapters)} adapter(s) "
                 f"in the library (`{self.store.folder}`)")
 
-    def phrase_of(self, name: str) -> str | None:
-        """The phrase the adapter was taught (e.g. ``on a wvu background``), if known."""
+    def _sidecar_field(self, name: str, field: str) -> str | None:
         try:
-            return self.store.meta(name).trigger_phrase
+            return getattr(self.store.meta(name), field)
         except StudioError:
             return None
 
+    def phrase_of(self, name: str) -> str | None:
+        """The phrase the adapter was taught (e.g. ``on a wvu background``), if known."""
+        return self._sidecar_field(name, "trigger_phrase")
+
     def example_of(self, name: str) -> str | None:
         """A whole prompt that draws the adapter's concept (e.g. ``a red circle on a wvu background``), if known."""
-        try:
-            return self.store.meta(name).example_prompt
-        except StudioError:
-            return None
+        return self._sidecar_field(name, "example_prompt")
 
     def adapter_names(self) -> list[str]:
         return [a.name for a in self.studio.adapters.list()]
