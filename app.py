@@ -298,6 +298,11 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                             train_thumbs = gr.Gallery(label="Instance images", columns=10, height=180,
                                                       interactive=False, show_label=True)
                             train_folder = gr.Textbox(label="…or a folder on the server")
+                            train_masks = gr.File(label="Concept masks (optional, for the attention loss: one per "
+                                                        "image, same name, white where the concept is)",
+                                                  file_count="multiple", type="filepath", height=100,
+                                                  file_types=[".png", ".jpg", ".jpeg", ".webp", ".bmp"],
+                                                  elem_id="train_masks")
                         with gr.Column():
                             with gr.Row():
                                 train_trigger = gr.Textbox("sks", label="Trigger word")
@@ -330,6 +335,11 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                                     info="Prior images of your captions with another word for the trigger, so the "
                                          "adapter answers only its own trigger (turns prior preservation on; "
                                          "README, \"--stand-in-prior\")")
+                                train_attention = gr.Number(
+                                    0, minimum=0, label="Attention loss", elem_id="train_attention",
+                                    info="Pulls the trigger's attention onto each image's concept mask, so CLoRA "
+                                         "finds the concept where it is drawn; 0.1 taught the demo crescent and "
+                                         "plus. Needs masks (uploaded, or FOLDER/masks); 0: off")
                             with gr.Row():
                                 train_btn = gr.Button("Train", variant="primary", elem_id="train_btn")
                                 train_stop = gr.Button("Stop", variant="stop")
@@ -446,7 +456,8 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
             train_stand_in.input(h.stand_in_prior_box, train_stand_in, train_prior, api_visibility="private", **LIGHT)
             train_event = train_btn.click(
                 h.train, [train_files, train_folder, train_trigger, train_class, train_kind, train_type, train_rank,
-                          train_factors, train_steps, train_prior, train_name, train_layers, train_stand_in],
+                          train_factors, train_steps, train_prior, train_name, train_layers, train_stand_in,
+                          train_attention, train_masks],
                 [train_loss, train_samples, train_status], api_name="train", show_progress="hidden", **GPU)
             train_event.then(refresh, refresh_inputs, refresh_outputs, api_visibility="private", **LIGHT)
             train_stop.click(h.stop_train, None, stop_ack, api_visibility="private", **LIGHT)

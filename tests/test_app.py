@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import re
 import shutil
 from urllib.parse import quote
 import socket
@@ -411,6 +412,52 @@ def test_train_tab_stand_in_prior_turns_prior_preservation_on(h, tmp_path):
     assert ticked.stand_in_prior == STAND_IN_PROMPTS == 36 and ticked.prior_preservation
     assert h.stand_in_prior_box(True)["value"] is True  # the UI ticks "Prior preservation" with it
     assert "value" not in h.stand_in_prior_box(False)  # unticking it leaves prior preservation alone
+
+
+def test_train_tab_attention_loss_trains_on_uploaded_masks(h, tmp_path):
+    """The Train tab's attention loss: uploaded masks land in the run's images/masks/ as PNGs under their
+    image's name, and the run reports the attention term (the loss itself: tests/test_training.py)."""
+    import training.dreambooth as dreambooth
+
+    files = _instance_images(tmp_path / "imgs")
+    (tmp_path / "masks").mkdir()
+    masks = []
+    for i in range(2):
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (0, 0, 32, 64))
+        mask.save(tmp_path / "masks" / f"img{i}.jpg")  # any image format; stored as PNG
+        masks.append(str(tmp_path / "masks" / f"img{i}.jpg"))
+    args = (dreambooth, files, "", "sks", "shape", "object", "lora", 2, "", 2, False, "al", "attention", False)
+    cfg, _ = h._train_config(*args, "0.1", masks)
+    stored = Path(cfg.images) / "masks" / "img0.png"
+    assert cfg.attention_loss == 0.1 and stored.is_file() and Image.open(stored).getpixel((8, 8)) == 255
+    assert h._train_config(*args)[0].attention_loss == 0.0  # off by default
+    outs = list(h.train(files, "", "sks", "shape", "object", "lora", 2, "", 2, False, "al", "attention", False,
+                        0.1, masks))
+    assert "Trained" in outs[-1][2] and "al" in h.studio.adapters
+
+
+@pytest.mark.parametrize("weight,masks,folder,expected", [
+    (0.1, None, False, "needs a concept mask per instance image"),
+    (-1, None, False, "must be a number ≥ 0"),
+    ("abc", None, False, "must be a number ≥ 0"),
+    (0.1, ["other.png"], False, "'other.png' matches no instance image (images: img0, img1)"),
+    (0.1, ["img0.txt"], False, "is not an image"),
+    (0.1, ["img0.png"], True, "masks for a server folder are read from"),
+])
+def test_train_tab_attention_loss_refusals_name_the_fix(h, tmp_path, weight, masks, folder, expected):
+    import training.dreambooth as dreambooth
+
+    files = _instance_images(tmp_path / "imgs")
+    (tmp_path / "m").mkdir()
+    for m in masks or ():
+        (Image.new("L", (64, 64), 255).save(tmp_path / "m" / m) if m.endswith(".png")
+         else (tmp_path / "m" / m).write_text("x"))
+    paths = [str(tmp_path / "m" / m) for m in masks] if masks else None
+    with pytest.raises(gr.Error, match=re.escape(expected)):
+        h._train_config(dreambooth, None if folder else files, str(tmp_path / "imgs") if folder else "", "sks",
+                        "shape", "object", "lora", 2, "", 2, False, "x", "attention", False, weight, paths)
+    assert not (h.out_dir / "train").exists()  # nothing half-copied
 
 
 def test_train_stop_ends_the_run_and_adds_nothing(h, tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 import gradio as gr
+from PIL import Image
 
 from studio.adapters.library import safe_name
 from studio.adapters.store import read_index
@@ -71,7 +72,7 @@ class TrainTab:
         self, files: list[str] | None, folder: str, trigger: str, class_word: str, concept_kind: str = "object",
         adapter_type: str = "lora", rank=4, factors: str = "krona-paper", steps=700, prior_preservation: bool = False,
         name: str = "", unet_targets: str = "attention", stand_in_prior: bool = False,
-        request: gr.Request | None = None,
+        attention_loss=0.0, masks: list[str] | None = None, request: gr.Request | None = None,
     ) -> Iterator[tuple]:
         """DreamBooth-train a LoRA or Kronecker adapter; it is saved into the library folder.
 
@@ -84,7 +85,7 @@ class TrainTab:
         try:
             cfg, name = self._train_config(dreambooth, files, folder, trigger, class_word, concept_kind,
                                            adapter_type, rank, factors, steps, prior_preservation, name,
-                                           unet_targets, stand_in_prior)
+                                           unet_targets, stand_in_prior, attention_loss, masks)
             trainer = dreambooth.DreamBoothTrainer(self.studio, cfg)
         except (StudioError, gr.Error, ValueError) as e:
             yield gr.skip(), gr.skip(), message(error_text(e))
@@ -134,10 +135,12 @@ class TrainTab:
             self.runs.unregister(key, stop)
 
     def _train_config(self, dreambooth, files, folder, trigger, class_word, concept_kind, adapter_type, rank,
-                      factors, steps, prior_preservation, name, unet_targets="attention", stand_in_prior=False):
+                      factors, steps, prior_preservation, name, unet_targets="attention", stand_in_prior=False,
+                      attention_loss=0.0, masks=None):
         """The TrainConfig for a request, with uploaded files copied into a run folder. Cross-attention
         layers come with a learnt trigger embedding: alone they barely bind the trigger. A ticked
-        stand-in box asks for ``STAND_IN_PROMPTS`` stand-in prior prompts."""
+        stand-in box asks for ``STAND_IN_PROMPTS`` stand-in prior prompts. Uploaded concept masks go to
+        ``images/masks/`` as PNGs under their image's name (what the trainer's attention loss reads)."""
         trigger = (trigger or "").strip()
         if not trigger or not (class_word or "").strip():
             raise gr.Error("give a trigger word (e.g. sks) and a class word (e.g. shape)")
@@ -154,17 +157,34 @@ class TrainTab:
         if name in self.studio.adapters:
             raise gr.Error(f"an adapter named {name!r} is already in the library; choose another name")
         run_dir = self.out_dir / "train" / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+        for n in range(2, 1000):  # a second request in the same second gets its own folder
+            if not run_dir.exists():
+                break
+            run_dir = run_dir.with_name(f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{n}")
         images = run_dir / "images"
+        weight = _attention_weight(attention_loss)
         if files:
+            stems = {safe_name(Path(f).stem) for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES}
+            mask_sources = _matched_masks(masks, stems)
+            if weight and not mask_sources:
+                raise gr.Error("the attention loss needs a concept mask per instance image: upload masks named like "
+                               "the images (img0.png for img0.jpg, white where the concept is), or set it to 0")
             images.mkdir(parents=True, exist_ok=True)
             for f in files:
                 src = Path(f)
                 if src.suffix.lower() in IMAGE_SUFFIXES + (".txt",):
                     shutil.copyfile(src, images / f"{safe_name(src.stem)}{src.suffix.lower()}")
+            if mask_sources:
+                (images / "masks").mkdir()
+                for stem, src in mask_sources.items():
+                    Image.open(src).convert("L").save(images / "masks" / f"{stem}.png")
         elif folder and folder.strip():
             images = Path(folder.strip()).expanduser()
             if not images.is_dir():
                 raise gr.Error(f"instance image folder {str(images)!r} does not exist; upload images or give a folder")
+            if masks:
+                raise gr.Error(f"masks for a server folder are read from {str(images / 'masks')!r} (same names as the "
+                               "images); remove the uploaded masks or upload the images too")
         else:
             raise gr.Error("upload instance images or give a folder of them")
         cfg = dreambooth.TrainConfig(
@@ -174,6 +194,40 @@ class TrainTab:
             steps=as_int(steps, "steps"), prior_preservation=bool(prior_preservation),
             output_dir=str(run_dir / "run"), num_validation_images=2,
             unet_targets=layers, train_token_embedding=layers != "attention",
-            stand_in_prior=STAND_IN_PROMPTS if stand_in_prior else 0,
+            stand_in_prior=STAND_IN_PROMPTS if stand_in_prior else 0, attention_loss=weight,
         )
         return cfg, name
+
+
+def _attention_weight(value) -> float:
+    """The attention loss weight from the form: empty is 0 (off)."""
+    if value in (None, ""):
+        return 0.0
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"attention loss must be a number ≥ 0 (0.1 taught the demo objects), got {value!r}") from None
+    if not weight >= 0 or weight == float("inf"):
+        raise gr.Error(f"attention loss must be a number ≥ 0 (0.1 taught the demo objects), got {value!r}")
+    return weight
+
+
+def _matched_masks(masks: list[str] | None, stems: set[str]) -> dict[str, Path]:
+    """Uploaded concept masks by their image's name; a mask that names no uploaded image, or that is not
+    an image, is refused before anything is copied."""
+    found: dict[str, Path] = {}
+    for f in masks or ():
+        src = Path(f)
+        stem = safe_name(src.stem)
+        if src.suffix.lower() not in IMAGE_SUFFIXES:
+            raise gr.Error(f"concept mask {src.name!r} is not an image; upload PNG masks (white where the concept is)")
+        if stem not in stems:
+            raise gr.Error(f"concept mask {src.name!r} matches no instance image (images: {', '.join(sorted(stems))}); "
+                           "name each mask like its image")
+        try:
+            with Image.open(src) as im:
+                im.verify()
+        except Exception as e:
+            raise gr.Error(f"concept mask {src.name!r} is unreadable ({type(e).__name__}); upload it again") from None
+        found[stem] = src
+    return found
