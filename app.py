@@ -298,8 +298,7 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                             train_thumbs = gr.Gallery(label="Instance images", columns=10, height=180,
                                                       interactive=False, show_label=True)
                             train_folder = gr.Textbox(label="…or a folder on the server")
-                            train_masks = gr.File(label="Concept masks (optional, for the attention loss: one per "
-                                                        "image, same name, white where the concept is)",
+                            train_masks = gr.File(label="Concept masks (optional): one per image, same name",
                                                   file_count="multiple", type="filepath", height=100,
                                                   file_types=[".png", ".jpg", ".jpeg", ".webp", ".bmp"],
                                                   elem_id="train_masks")
