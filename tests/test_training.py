@@ -130,6 +130,9 @@ def test_attention_loss_pulls_the_trigger_maps_onto_the_concept_masks(images):
     trainer.setup()
     assert trainer._concept_tokens("a sks object") == [2, 3]  # BOS, "a", then the trigger and its word
     assert trainer._concept_tokens("a red circle") == []
+    trainer.cfg.attention_words = "trigger"
+    assert trainer._find_concept_tokens("a sks object") == [2]
+    trainer.cfg.attention_words = "trigger+word"
     with torch.no_grad():
         before = [trainer.compute_loss(10_000 + i)[1]["attention"] for i in range(4)]
     for _ in range(cfg.steps):
@@ -157,6 +160,8 @@ def test_attention_loss_needs_masks_of_the_images_size(images):
             TrainConfig(images=str(images), attention_loss=bad)
     with pytest.raises(TrainingError, match="gradient checkpointing"):
         TrainConfig(images=str(images), attention_loss=0.1, gradient_checkpointing=True)
+    with pytest.raises(TrainingError, match="attention_words 'word' is unknown; use trigger"):
+        TrainConfig(images=str(images), attention_loss=0.1, attention_words="word")
 
 
 @pytest.mark.parametrize("kind,emb,te", [("lora", False, False), ("kron", False, False), ("lora", True, False),
@@ -223,7 +228,9 @@ def test_instance_max_timestep_keeps_instance_images_at_low_noise_and_prior_imag
     plain.setup()
     low = DreamBoothTrainer(_studio(), TrainConfig(**common, instance_max_timestep=300))
     low.setup()
-    inst, prior = [], []
+    high = DreamBoothTrainer(_studio(), TrainConfig(**common, instance_min_timestep=700))  # the object's side
+    high.setup()
+    inst, prior, inst_high = [], [], []
     for micro in range(40):
         picks, caps, x0, noise, t = plain._micro_batch(micro)
         _, lcaps, lx0, lnoise, lt = low._micro_batch(micro)
@@ -231,12 +238,21 @@ def test_instance_max_timestep_keeps_instance_images_at_low_noise_and_prior_imag
         assert torch.equal(lt[4:], t[4:])  # prior images keep their timesteps
         inst += lt[:4].tolist()
         prior += lt[4:].tolist()
+        ht = high._micro_batch(micro)[4]
+        assert torch.equal(ht[4:], t[4:])
+        inst_high += ht[:4].tolist()
     assert max(inst) < 300 and min(inst) >= 0 and max(inst) > 200  # spread over [0, 300)
+    assert min(inst_high) >= 700 and max(inst_high) < 1000 and min(inst_high) < 800  # spread over [700, 1000)
     assert max(prior) > 600
-    plain._strip(), low._strip()
+    plain._strip(), low._strip(), high._strip()
     for bad in (0, 1001):
         with pytest.raises(TrainingError, match="instance_max_timestep"):
             TrainConfig(images=str(images), instance_max_timestep=bad)
+    for bad in (-1, 1000):
+        with pytest.raises(TrainingError, match="instance_min_timestep"):
+            TrainConfig(images=str(images), instance_min_timestep=bad)
+    with pytest.raises(TrainingError, match="must be below instance_max_timestep"):
+        TrainConfig(images=str(images), instance_min_timestep=500, instance_max_timestep=400)
 
 @pytest.mark.parametrize("kind", ["lora", "kron"])
 def test_tiny_sdxl_trains_with_both_types_and_writes_clean_files(images, tmp_path, kind):
@@ -497,7 +513,8 @@ def test_cli_train(images, tmp_path, tiny_model_dir):
                "--factors", "4x8", "--steps", "2", "--grad-accum", "1", "--model", str(tiny_model_dir),
                "--num-validation-images", "1", "--sample-steps", "2", "--svd-lora-rank", "8", "--train-token-embedding",
                "--caption-dropout", "0.2", "--train-text-encoder", "--text-encoder-lr", "2e-3", "--out", str(out),
-               "--instance-max-timestep", "500", "--attention-loss", "0.05"])
+               "--instance-max-timestep", "500", "--instance-min-timestep", "100", "--attention-loss", "0.05",
+               "--attention-words", "trigger"])
     assert rc == 0 and out.is_file()
     from safetensors import safe_open
 
@@ -505,6 +522,7 @@ def test_cli_train(images, tmp_path, tiny_model_dir):
         params = json.loads(f.metadata()["training_params"])
     assert params["caption_dropout"] == 0.2 and params["caption_dropout_scope"] == "all"
     assert params["instance_max_timestep"] == 500 and params["attention_loss"] == 0.05
+    assert params["instance_min_timestep"] == 100 and params["attention_words"] == "trigger"
     assert params["train_text_encoder"] is True and params["text_encoder_lr"] == 2e-3
     from studio.adapters.formats import read_adapter
 

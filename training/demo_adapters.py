@@ -117,6 +117,11 @@ LOCON_OBJECT = {**CROSS, **STAND_INS, "steps": 2000, "unet_targets": "attention+
 # 16 -> 8, Merge 7 -> 6, Composite 13 -> 16). The loss on the crescent alone: 55 / 30; with the mask's area share
 # per cell as the target instead of the cells it touches: 64 / 34 (masks of 2-3 cells, the rest drawn by the base
 # branch); weight 1.0 instead of 0.1: base shape accuracy with the crescent 0.71 (1.00)
+# Session 26, same suites (crescent + plus 336, then crescent + sky / glow / twotone 168 each, oracle / oracle-b): the
+# shipped pair 108 / 81, then 78 / 15, 30 / 21, 19 / 4. The loss on the trigger alone (attention_words="trigger", both
+# objects) 68 / 56 on crescent + plus; the crescent taught in solid, stripes and dots (and the plus) 39 / 36, then 45 / 14,
+# 25 / 24, 13 / 2; the crescent taught only at timesteps >= 400 (instance_min_timestep) 53 / 31, 23 / 18, 13 / 0, at
+# >= 600 36 / 12, 36 / 18, 26 / 3. None ships (docs/training-history.md "Session 26").
 LOCALIZED_OBJECT = {**LOCON_OBJECT, "attention_loss": 0.1}
 # Session 15: the crescent and plus LoRAs retrained with a third of their instance images in stripes and a
 # third in dots (--instance-fills solid,stripes,dots). Alone, the crescent still drew "a green sks shape with

@@ -111,9 +111,13 @@ class TrainConfig:
     # concept's words attend where it is drawn (what CLoRA's masks read); 0: off
     attention_loss: float = 0.0
     attention_factor: int = 0  # image pixels per map cell of that loss; 0: the level CLoRA's auto masks read
+    attention_words: str = "trigger+word"  # the tokens that loss pulls: the trigger and the word after it, or "trigger"
     # instance images only at noise levels below this timestep (prior images at every level): a fill or
     # style learnt where the outline is already drawn, base-like at high noise; None: every level
     instance_max_timestep: int | None = None
+    # instance images only at noise levels from this timestep up (prior images at every level): an object learnt
+    # where its outline is decided, base-like at low noise where a fill or style is drawn; None: every level
+    instance_min_timestep: int | None = None
     caption_dropout: float = 0.0  # share of examples trained with the empty caption (keeps the CFG branch)
     caption_dropout_scope: str = "all"  # all | prior: drop only class-image captions (base model's own samples)
     mixed_precision: str = "no"  # no | fp16 | bf16
@@ -152,9 +156,18 @@ class TrainConfig:
         if self.instance_max_timestep is not None and not 1 <= self.instance_max_timestep <= 1000:
             raise TrainingError(f"instance_max_timestep {self.instance_max_timestep} is outside 1-1000; give a "
                                 "timestep of the 1000-step training schedule (e.g. 600), or leave it unset")
+        if self.instance_min_timestep is not None and not 0 <= self.instance_min_timestep < 1000:
+            raise TrainingError(f"instance_min_timestep {self.instance_min_timestep} is outside 0-999; give a "
+                                "timestep of the 1000-step training schedule (e.g. 400), or leave it unset")
+        if None not in (self.instance_min_timestep, self.instance_max_timestep) \
+                and self.instance_min_timestep >= self.instance_max_timestep:
+            raise TrainingError(f"instance_min_timestep {self.instance_min_timestep} must be below instance_max_timestep "
+                                f"{self.instance_max_timestep}")
         if isinstance(self.attention_loss, bool) or not isinstance(self.attention_loss, (int, float)) \
                 or not math.isfinite(self.attention_loss) or self.attention_loss < 0:
             raise TrainingError(f"attention_loss must be a finite number ≥ 0 (e.g. 0.01), got {self.attention_loss!r}")
+        if self.attention_words not in ("trigger+word", "trigger"):
+            raise TrainingError(f"attention_words {self.attention_words!r} is unknown; use trigger+word or trigger")
         if self.attention_loss and self.gradient_checkpointing:
             raise TrainingError("attention_loss reads attention maps that gradient checkpointing would recompute "
                                 "with other processors; turn one of them off")
@@ -479,7 +492,8 @@ class DreamBoothTrainer:
         for i in range(1, len(ids) - len(trig)):
             if ids[i:i + len(trig)] == trig:
                 end = i + len(trig)
-                return list(range(i, end + (ids[end] != tok.eos_token_id)))
+                word = self.cfg.attention_words == "trigger+word" and ids[end] != tok.eos_token_id
+                return list(range(i, end + word))
         return []
 
     def attention_loss(self, maps: torch.Tensor, picks: list[Example], captions: list[str]) -> torch.Tensor | None:
@@ -749,8 +763,10 @@ class DreamBoothTrainer:
         x0 = (means + stds * torch.randn(means.shape, generator=g)) * self.pipe.vae.config.scaling_factor
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(picks),), generator=g)
-        if cfg.instance_max_timestep is not None:  # the first batch_size picks are instance images
-            t[:cfg.batch_size] = t[:cfg.batch_size] * cfg.instance_max_timestep // self.noise_scheduler.config.num_train_timesteps
+        if cfg.instance_max_timestep is not None or cfg.instance_min_timestep is not None:
+            n = self.noise_scheduler.config.num_train_timesteps  # the first batch_size picks are instance images
+            lo, hi = cfg.instance_min_timestep or 0, cfg.instance_max_timestep or n
+            t[:cfg.batch_size] = lo + t[:cfg.batch_size] * (hi - lo) // n
         captions = [e.caption for e in picks]
         if cfg.caption_dropout > 0:  # drawn last, so runs without dropout keep their random stream
             drop = (torch.rand(len(picks), generator=g) < cfg.caption_dropout).tolist()
@@ -1203,7 +1219,8 @@ def _cmd_train(args) -> int:
         stand_in_prior=args.stand_in_prior,
         snr_gamma=args.snr_gamma, attention_loss=args.attention_loss, attention_factor=args.attention_factor,
         caption_dropout=args.caption_dropout, caption_dropout_scope=args.caption_dropout_scope,
-        instance_max_timestep=args.instance_max_timestep, mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+        instance_max_timestep=args.instance_max_timestep, instance_min_timestep=args.instance_min_timestep,
+        attention_words=args.attention_words, mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_every=args.checkpoint_every, resume=args.resume, validate_every=args.validate_every,
         validation_prompts=args.validation_prompt or [], num_validation_images=args.num_validation_images,
         sample_steps=args.sample_steps, output_dir=args.output_dir, format=args.format, seed=args.seed,
@@ -1269,12 +1286,17 @@ def add_cli(subparsers) -> None:
                         "each instance image's concept mask (IMAGES/masks/<name>.png, white where the concept is); 0: off")
     t.add_argument("--attention-factor", type=int, default=0,
                    help="image pixels per attention-map cell of that loss (0: the level CLoRA's masks read)")
+    t.add_argument("--attention-words", default="trigger+word", choices=["trigger+word", "trigger"],
+                   help="the tokens that loss pulls: the trigger and the word after it (default), or the trigger alone")
     t.add_argument("--caption-dropout", type=float, default=0.0, help="share of examples trained with the empty caption")
     t.add_argument("--caption-dropout-scope", default="all", choices=["all", "prior"],
                    help="prior: drop only the class images' captions (keeps the unconditional branch)")
     t.add_argument("--instance-max-timestep", type=int, default=None, metavar="T",
                    help="noise the instance images only below timestep T of 1000 (prior images everywhere): a "
                         "style or fill learnt on outlines already drawn (README, --instance-max-timestep)")
+    t.add_argument("--instance-min-timestep", type=int, default=None, metavar="T",
+                   help="noise the instance images only from timestep T of 1000 up (prior images everywhere): an "
+                        "object learnt where its outline is decided (README, --instance-min-timestep)")
     t.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="accelerate mixed precision")
     t.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     t.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps (0 = never)")
