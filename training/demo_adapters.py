@@ -121,7 +121,9 @@ LOCON_OBJECT = {**CROSS, **STAND_INS, "steps": 2000, "unet_targets": "attention+
 # shipped pair 108 / 81, then 78 / 15, 30 / 21, 19 / 4. The loss on the trigger alone (attention_words="trigger", both
 # objects) 68 / 56 on crescent + plus; the crescent taught in solid, stripes and dots (and the plus) 39 / 36, then 45 / 14,
 # 25 / 24, 13 / 2; the crescent taught only at timesteps >= 400 (instance_min_timestep) 53 / 31, 23 / 18, 13 / 0, at
-# >= 600 36 / 12, 36 / 18, 26 / 3. None ships (docs/training-history.md "Session 26").
+# >= 600 36 / 12, 36 / 18, 26 / 3; the plus at weight 0.3 103 / 78 on crescent + plus; the twotone with the loss 2 / 0 on
+# crescent + twotone; the glow on attention + convs 15 / 6 on crescent + glow. None ships (docs/training-history.md
+# "Session 26").
 LOCALIZED_OBJECT = {**LOCON_OBJECT, "attention_loss": 0.1}
 # Session 15: the crescent and plus LoRAs retrained with a third of their instance images in stripes and a
 # third in dots (--instance-fills solid,stripes,dots). Alone, the crescent still drew "a green sks shape with
