@@ -1,7 +1,7 @@
 """End to end in a real browser (Playwright on the system Chromium): generate, Stop keeps the
 finished images, a duplicate upload is named, an uploaded adapter and its edits survive a restart,
 PNG info → Compose reproduces an image pixel for pixel, two adapters composed from their cards,
-training 20 steps and using the result, an X/Y grid sent from the history. Every run is tiny
+training 20 steps (refused without masks for the attention loss, then with them) and using the result, an X/Y grid sent from the history. Every run is tiny
 (64 px, 2–6 steps). Screenshots go to test-output/browser/."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 
 import importlib.util
+import json
 import re
 import shutil
 import socket
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors import safe_open
 
 pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -302,6 +304,18 @@ def _instance_images(folder: Path) -> list[str]:
     return paths
 
 
+def _concept_masks(folder: Path) -> list[str]:
+    """Each instance image's mask (white on its square), under the image's name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(3):
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (16 + 4 * i, 16, 44 + 4 * i, 48))
+        paths.append(str(folder / f"shape{i}.png"))
+        mask.save(paths[-1])
+    return paths
+
+
 def test_train_20_steps_and_use_the_result(sd1_pipe, tmp_path, browser):
     with _served(sd1_pipe, tmp_path, browser) as (page, handlers):
         _tab(page, "Train")
@@ -318,13 +332,20 @@ def test_train_20_steps_and_use_the_result(sd1_pipe, tmp_path, browser):
                 break
             page.wait_for_timeout(100)
         assert prior.is_checked()
-        page.locator("#train_stand_in input").uncheck()  # a plain 20-step run from here on
+        page.locator("#train_stand_in input").uncheck()  # a 20-step run with the attention loss from here on
         prior.uncheck()
+        _set(page, "train_attention", 0.1)
+        page.click("#train_btn")  # no masks yet: refused, naming the fix
+        _wait_text(page, "train_status", "needs a concept mask per instance image")
+        page.locator("#train_masks input[type=file]").set_input_files(_concept_masks(tmp_path / "masks"))
+        _wait_text(page, "train_masks", "shape2")  # the uploaded list
         page.click("#train_btn")
         _wait_text(page, "train_status", "Trained", timeout_ms=300_000)  # ~1 s a step, more on a busy machine
         assert "20 steps" in page.locator("#train_status").inner_text()
         _shot(page, "10-trained")
         assert (tmp_path / "library" / "mine.safetensors").is_file()
+        with safe_open(str(tmp_path / "library" / "mine.safetensors"), "pt") as f:
+            assert json.loads(f.metadata()["training_params"])["attention_loss"] == 0.1
         _wait_text(page, "header", "3 adapter(s)")
         _open_card(page, "mine")  # in the library, with the phrase it was taught
         assert page.locator("#edit_phrase textarea, #edit_phrase input").first.input_value() == "a sks shape"
