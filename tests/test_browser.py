@@ -1,8 +1,9 @@
 """End to end in a real browser (Playwright on the system Chromium): generate, Stop keeps the
 finished images, a duplicate upload is named, an uploaded adapter and its edits survive a restart,
 PNG info → Compose reproduces an image pixel for pixel, two adapters composed from their cards,
-training 20 steps (refused without masks for the attention loss, then with them) and using the result, an X/Y grid sent from the history. Every run is tiny
-(64 px, 2–6 steps). Screenshots go to test-output/browser/."""
+training 20 steps with the attention loss (refused until its masks are uploaded) and using the
+result, an X/Y grid sent from the history. Every run is tiny (64 px, 2–6 steps). Screenshots go
+to test-output/browser/."""
 
 from __future__ import annotations
 
