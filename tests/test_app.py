@@ -443,6 +443,8 @@ def test_train_tab_attention_loss_trains_on_uploaded_masks(h, tmp_path):
     ("abc", None, False, "must be a number ≥ 0"),
     (0.1, ["other.png"], False, "'other.png' matches no instance image (images: img0, img1)"),
     (0.1, ["img0.txt"], False, "is not an image"),
+    (0.1, ["img1.png", "img0.bmp"], False, "'img0.bmp' is unreadable"),
+    (float("nan"), None, False, "must be a number ≥ 0"),
     (0.1, ["img0.png"], True, "masks for a server folder are read from"),
 ])
 def test_train_tab_attention_loss_refusals_name_the_fix(h, tmp_path, weight, masks, folder, expected):
@@ -452,7 +454,7 @@ def test_train_tab_attention_loss_refusals_name_the_fix(h, tmp_path, weight, mas
     (tmp_path / "m").mkdir()
     for m in masks or ():
         (Image.new("L", (64, 64), 255).save(tmp_path / "m" / m) if m.endswith(".png")
-         else (tmp_path / "m" / m).write_text("x"))
+         else (tmp_path / "m" / m).write_text("x"))  # a .txt, or a .bmp that is not one
     paths = [str(tmp_path / "m" / m) for m in masks] if masks else None
     with pytest.raises(gr.Error, match=re.escape(expected)):
         h._train_config(dreambooth, None if folder else files, str(tmp_path / "imgs") if folder else "", "sks",

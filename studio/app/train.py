@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import statistics
 import time
@@ -176,8 +177,8 @@ class TrainTab:
                     shutil.copyfile(src, images / f"{safe_name(src.stem)}{src.suffix.lower()}")
             if mask_sources:
                 (images / "masks").mkdir()
-                for stem, src in mask_sources.items():
-                    Image.open(src).convert("L").save(images / "masks" / f"{stem}.png")
+                for stem, mask in mask_sources.items():
+                    mask.save(images / "masks" / f"{stem}.png")
         elif folder and folder.strip():
             images = Path(folder.strip()).expanduser()
             if not images.is_dir():
@@ -201,21 +202,19 @@ class TrainTab:
 
 def _attention_weight(value) -> float:
     """The attention loss weight from the form: empty is 0 (off)."""
-    if value in (None, ""):
-        return 0.0
     try:
-        weight = float(value)
+        weight = 0.0 if value in (None, "") else float(value)
     except (TypeError, ValueError):
-        raise gr.Error(f"attention loss must be a number ≥ 0 (0.1 taught the demo objects), got {value!r}") from None
-    if not weight >= 0 or weight == float("inf"):
+        weight = math.nan
+    if not 0 <= weight < math.inf:
         raise gr.Error(f"attention loss must be a number ≥ 0 (0.1 taught the demo objects), got {value!r}")
     return weight
 
 
-def _matched_masks(masks: list[str] | None, stems: set[str]) -> dict[str, Path]:
-    """Uploaded concept masks by their image's name; a mask that names no uploaded image, or that is not
-    an image, is refused before anything is copied."""
-    found: dict[str, Path] = {}
+def _matched_masks(masks: list[str] | None, stems: set[str]) -> dict[str, Image.Image]:
+    """Uploaded concept masks, read as greyscale, by their image's name. A mask that names no uploaded image,
+    is not an image or cannot be read is refused before anything is copied."""
+    found: dict[str, Image.Image] = {}
     for f in masks or ():
         src = Path(f)
         stem = safe_name(src.stem)
@@ -226,8 +225,7 @@ def _matched_masks(masks: list[str] | None, stems: set[str]) -> dict[str, Path]:
                            "name each mask like its image")
         try:
             with Image.open(src) as im:
-                im.verify()
+                found[stem] = im.convert("L")
         except Exception as e:
             raise gr.Error(f"concept mask {src.name!r} is unreadable ({type(e).__name__}); upload it again") from None
-        found[stem] = src
     return found
