@@ -157,11 +157,10 @@ class TrainTab:
         name = safe_name(name.strip() if name and name.strip() else trigger)
         if name in self.studio.adapters:
             raise gr.Error(f"an adapter named {name!r} is already in the library; choose another name")
-        run_dir = self.out_dir / "train" / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
-        for n in range(2, 1000):  # a second request in the same second gets its own folder
-            if not run_dir.exists():
-                break
-            run_dir = run_dir.with_name(f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{n}")
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+        run_dir, n = self.out_dir / "train" / stamp, 2
+        while run_dir.exists():  # a second request in the same second gets its own folder
+            run_dir, n = run_dir.with_name(f"{stamp}-{n}"), n + 1
         images = run_dir / "images"
         weight = _attention_weight(attention_loss)
         if files:
