@@ -68,6 +68,7 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
         last_seed = gr.State(None)
         png_fields = gr.State({})
         picked = gr.State(None)  # the gallery or history image this user selected last
+        fields_rev = gr.State(0)  # bumped after the method's parameters change: their fields redraw
         stop_ack = gr.Textbox(visible=False)  # what /stop answers; the run itself writes its status line
         # Cards drawn by gr.render send their clicks here in the browser ("verb|name|nonce"): one event
         # that a re-render never replaces, so a click racing a redraw still reaches the server.
@@ -99,6 +100,10 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                         with gr.Row():
                             method = gr.Dropdown(h.methods(), value="merge", label="Composition method", elem_id="method")
                             sampler = gr.Dropdown(SAMPLER_CHOICES, value="ddim", label="Sampler")
+                        with gr.Row(equal_height=True):
+                            method_hint = gr.Markdown(elem_id="method_hint")
+                            use_pick = gr.Button("Use the suggested method", size="sm", visible=False, scale=0,
+                                                 min_width=160, elem_id="use_pick")
                         method_info = gr.Markdown(h.method_help("merge"), elem_id="method_info")
                         with gr.Row():
                             seed = gr.Number(-1, precision=0, label="Seed (−1 = random)", min_width=120, elem_id="seed")
@@ -114,18 +119,20 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                             params = gr.Code(h.method_params("merge"), language="json",
                                              label="Advanced: all parameters as JSON")
 
-                            @gr.render(inputs=method, triggers=[method.change, demo.load])
-                            def _param_fields(name):
+                            # redrawn once params holds the method's JSON (fields_rev), so the fields show it
+                            @gr.render(inputs=[method, params], triggers=[fields_rev.change, demo.load])
+                            def _param_fields(name, params_json):
                                 defaults = json.loads(h.method_params(name))
+                                current = shown_params(params_json, defaults)
                                 with gr.Row():
                                     for key, default in defaults.items():
                                         if isinstance(default, bool):
-                                            field = gr.Checkbox(default, label=key, min_width=120)
+                                            field = gr.Checkbox(current[key], label=key, min_width=120)
                                         elif isinstance(default, (int, float)):
-                                            field = gr.Number(default, label=key, min_width=120)
+                                            field = gr.Number(current[key], label=key, min_width=120)
                                         else:
-                                            field = gr.Textbox("" if default is None else str(default), label=key,
-                                                               min_width=160)
+                                            field = gr.Textbox("" if current[key] is None else str(current[key]),
+                                                               label=key, min_width=160)
                                         field.change(lambda j, v, k=key, d=default: set_param(j, k, v, d),
                                                      [params, field], params, api_visibility="private", **LIGHT)
                         with gr.Accordion("Adapters: insert a trigger phrase and tag, or open one", open=True):
@@ -383,9 +390,19 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
         xy_event.then(lambda: h.history.items(), None, history, api_visibility="private", **LIGHT)
         xy_stop.click(h.stop_xy, None, stop_ack, api_visibility="private", **LIGHT)
         reuse.click(h.reuse_seed, last_seed, seed, api_visibility="private", **LIGHT)
-        method.input(h.method_params, method, params, api_visibility="private", **LIGHT)
+        def bump(rev):
+            return rev + 1
+
+        method.input(h.method_params, method, params, api_visibility="private", **LIGHT) \
+            .then(bump, fields_rev, fields_rev, api_visibility="private", **LIGHT)
         method.input(h.method_help, method, method_info, api_visibility="private", **LIGHT)
         method.input(h.method_guidance, method, guidance, api_visibility="private", **LIGHT)
+        hint_inputs = [prompt, method, params]
+        for trigger in (prompt.change, method.change, params.change, lib_rev.change, demo.load):
+            trigger(h.method_hint, hint_inputs, [method_hint, use_pick], api_visibility="private", **LIGHT)
+        use_pick.click(h.use_suggested_method, prompt, [method, params, guidance, method_info],
+                       api_visibility="private", **LIGHT) \
+            .then(bump, fields_rev, fields_rev, api_visibility="private", **LIGHT)
 
         def pick(evt: gr.SelectData):
             value = evt.value or {}
@@ -397,11 +414,13 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
         picked.change(lambda p: p, picked, picked_view, api_visibility="private", **LIGHT)
         png_outputs = [png_image, png_text, png_recipe, png_status, png_fields]
         to_compose.click(h.read_png, picked, png_outputs, api_visibility="private", **LIGHT) \
-            .then(h.send_to_compose, png_fields, compose_inputs, api_visibility="private", **LIGHT)
+            .then(h.send_to_compose, png_fields, compose_inputs, api_visibility="private", **LIGHT) \
+            .then(bump, fields_rev, fields_rev, api_visibility="private", **LIGHT)
         to_pnginfo.click(lambda p: (p, gr.Tabs(selected="pnginfo")), picked, [png_file, tabs],
                          api_visibility="private", **LIGHT)
         to_xy.click(h.read_png, picked, png_outputs, api_visibility="private", **LIGHT) \
             .then(h.send_to_compose, png_fields, compose_inputs, api_visibility="private", **LIGHT) \
+            .then(bump, fields_rev, fields_rev, api_visibility="private", **LIGHT) \
             .then(lambda f, t, v: (*seed_axis_from(f, t, v), gr.Tabs(selected="xy")), [png_fields, x_type, x_values],
                   [x_type, x_values, tabs], api_visibility="private", **LIGHT)
 
@@ -473,6 +492,24 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
             .then(lambda: gr.Tabs(selected="compose"), None, tabs, api_visibility="private", **LIGHT)
     return demo
 
+
+
+def shown_params(params_json: str | None, defaults: dict) -> dict:
+    """Each parameter field's value: the JSON's where it has one of the field's type, else the default."""
+    try:
+        given = json.loads(params_json or "{}")
+    except json.JSONDecodeError:
+        given = {}
+    given = given if isinstance(given, dict) else {}
+
+    def fits(value, default) -> bool:
+        if isinstance(default, bool):
+            return isinstance(value, bool)
+        if isinstance(default, (int, float)):
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return True
+
+    return {k: given[k] if k in given and fits(given[k], d) else d for k, d in defaults.items()}
 
 
 def set_param(params_json: str, key: str, value, default):

@@ -208,6 +208,19 @@ def _untagged_trigger_warnings(prompt: str, used: set[str]) -> list[str]:
             for trigger, names in untagged_triggers(text, used | {t.name for t in tags}, triggers).items()]
 
 
+def _suggest_method(studio, prompt: str, names: list[str]) -> None:
+    """With no --method: a note on stderr when the adapters' kinds have a measured better method than merge."""
+    pick = studio.suggest_method(prompt, names)
+    if pick is None or pick.same_as("merge", {}):
+        return
+    if pick.method is None:
+        print(f"note: {pick.pair_type}: {pick.expect}", file=sys.stderr)
+        return
+    flags = " ".join([f"--method {pick.method}", *(f"--method-param {k}={v}" for k, v in pick.params.items())])
+    print(f"note: running merge (the default); for {pick.pair_type} the toy world's measured pick is {flags} "
+          f"(benchmark: {pick.expect}; docs/benchmark.md)", file=sys.stderr)
+
+
 def cmd_generate(args) -> int:
     from .metadata import read_recipe, save_png
     from .studio import Studio
@@ -235,9 +248,11 @@ def cmd_generate(args) -> int:
         if args.model is None:  # the demo adapters are the toy model's
             for line in _untagged_trigger_warnings(args.prompt, {a if isinstance(a, str) else a[0] for a in adapters}):
                 print(f"warning: {line}", file=sys.stderr)
+        if args.method is None:
+            _suggest_method(studio, args.prompt, [a if isinstance(a, str) else a[0] for a in adapters])
         width, height = args.size or (None, None)
         result = studio.run(
-            args.prompt, adapters, method=args.method, method_params=method_params,
+            args.prompt, adapters, method=args.method or "merge", method_params=method_params,
             steps=args.steps, guidance=args.guidance, width=width, height=height, seed=args.seed,
             negative_prompt=args.negative_prompt, num_images=args.num_images, sampler=args.sampler,
         )
@@ -330,8 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default=None, help="what to steer away from (default: none, or the named preset's)")
     g.add_argument("--model", default=None, help="diffusers folder, .safetensors checkpoint or hub id (default: bundled toy model)")
     g.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]", help="adapter file (or a demo adapter's name, e.g. crescent-lora) and its weight (default: the preset's, else the adapter's preferred weight), repeatable")
-    g.add_argument("--method", default="merge", type=_choice(list(COMPOSERS), "method"), choices=list(COMPOSERS),
-                   help="composition method")
+    g.add_argument("--method", default=None, type=_choice(list(COMPOSERS), "method"), choices=list(COMPOSERS),
+                   help="composition method (default: merge; on the toy model, a note names the method measured best "
+                        "for the adapters' kinds)")
     g.add_argument("--method-param", action="append", metavar="KEY=VALUE", help="method parameter, repeatable, e.g. tau=3")
     g.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: 25, or the named preset's)")
     g.add_argument("--guidance", type=_finite_arg, default=None, help=f"CFG scale (default: 7.5; on the toy model per method: {toy_guidance_text()}; or the named preset's)")

@@ -27,6 +27,7 @@ from .base import (
 )
 from .errors import GenerationError, ModelLoadError
 from .guidance import default_cfg
+from .method_pick import MethodPick, suggest_method
 from .schema import Limits, check_method_params, check_request, check_weights, finite, whole
 from .metadata import AdapterUse, Recipe, attach, read_recipe
 from .prompts import format_tag, parse_prompt
@@ -125,6 +126,13 @@ class Studio:
     def default_guidance_for(self, method: str) -> float:
         """The CFG scale a run of ``method`` gets when none is given (``studio.guidance``)."""
         return default_cfg(self.arch, method)
+
+    def suggest_method(self, prompt: str, adapters: Sequence[str] = ()) -> MethodPick | None:
+        """The composition method suggested for the library adapters tagged in ``prompt`` or named in
+        ``adapters``, by their concept kinds (``studio.method_pick``: measured on the toy world only)."""
+        _, tags = parse_prompt(prompt)
+        names = dict.fromkeys(n for n in [*(t.name for t in tags), *adapters] if n in self.adapters)
+        return suggest_method(self.arch, [self.adapters.get(n).concept_kind for n in names])
 
     @property
     def default_size(self) -> int:

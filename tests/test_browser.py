@@ -2,7 +2,7 @@
 finished images, a duplicate upload is named, an uploaded adapter and its edits survive a restart,
 PNG info → Compose reproduces an image pixel for pixel, two adapters composed from their cards,
 training 20 steps with the attention loss (refused until its masks are uploaded) and using the
-result, an X/Y grid sent from the history. Every run is tiny (64 px, 2–6 steps). Screenshots go
+result, an X/Y grid sent from the history, the method suggested for two demo objects. Every run is tiny (64 px, 2–6 steps). Screenshots go
 to test-output/browser/."""
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ sync_api = pytest.importorskip("playwright.sync_api")
 from studio import Studio  # noqa: E402
 from studio.adapters.formats import write_adapter  # noqa: E402
 from studio.app import AppHandlers  # noqa: E402
+from studio.metadata import RECIPE_KEY, read_recipe  # noqa: E402
+from studio.resources import demo_adapters_dir  # noqa: E402
 
 from conftest import random_lora  # noqa: E402
 
@@ -47,15 +49,19 @@ def _app_module():
     return module
 
 
-def _serve(pipe, out: Path, library: Path):
-    """A fresh Studio and app over the same outputs and library folders: what a restart gives."""
+def _serve(pipe, out: Path, library: Path, demo_dir: Path | None = None):
+    """A fresh Studio and app over the same outputs and library folders: what a restart gives. With
+    ``demo_dir``, the bundled toy model (``pipe`` unused) and the demo adapters in that folder."""
     app = _app_module()
-    studio = Studio.from_pipeline(pipe, "tiny-sd1")
-    for i, name in enumerate(("a", "b")):
-        adapter = random_lora(studio, name, seed=i + 1, scale=0.5)
-        adapter.trigger = f"sks{name}"
-        studio.adapters.add(adapter)
-    handlers = AppHandlers(studio, out, library_dir=library, batch_size=1)  # images appear one by one
+    if demo_dir is None:
+        studio = Studio.from_pipeline(pipe, "tiny-sd1")
+        for i, name in enumerate(("a", "b")):
+            adapter = random_lora(studio, name, seed=i + 1, scale=0.5)
+            adapter.trigger = f"sks{name}"
+            studio.adapters.add(adapter)
+    else:
+        studio = Studio.load()
+    handlers = AppHandlers(studio, out, library_dir=library, demo_dir=demo_dir, batch_size=1)  # images one by one
     startup = handlers.open_library()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -77,9 +83,9 @@ def browser():
 
 
 @contextlib.contextmanager
-def _served(pipe, tmp_path: Path, browser):
+def _served(pipe, tmp_path: Path, browser, demo_dir: Path | None = None):
     """The app (output and library under tmp_path) with one browser page on it; both closed after."""
-    demo, handlers = _serve(pipe, tmp_path / "out", tmp_path / "library")
+    demo, handlers = _serve(pipe, tmp_path / "out", tmp_path / "library", demo_dir)
     try:
         page = _page(browser, demo.local_url)
         yield page, handlers
@@ -292,6 +298,33 @@ def test_compose_two_adapters_from_the_cards_and_set_a_preview(sd1_pipe, tmp_pat
         page.wait_for_selector('[id="card-a"] img')  # the card shows it without a reload
         assert page.locator('[id="card-b"] img').count() == 0
         _shot(page, "9-library-cards")
+
+
+def test_suggested_method_for_two_demo_objects_is_one_click_and_runs(tmp_path, browser):
+    """Toy model, demo adapters: two objects from their cards bring the suggestion of step-5 CLoRA;
+    its button sets the method, the step_size field to 5 and CFG 7.5, and the image's recipe carries them."""
+    with _served(None, tmp_path, browser, demo_adapters_dir()) as (page, _):
+        for name in ("crescent-lora", "plus-lora"):
+            page.click(f'[id="insert-{name}"]')
+            page.wait_for_function(f"document.querySelector('#prompt textarea').value.includes('<lora:{name}:1>')")
+        _wait_text(page, "method_hint", "Suggested for object + object: clora, step_size 5")
+        page.click("#use_pick")
+        _wait_text(page, "method_hint", "✓ clora, step_size 5")
+        assert page.locator("#method input").input_value() == "clora"
+        page.wait_for_function("document.querySelector('#cfg input[type=number]').value === '7.5'")
+        page.get_by_text("Method parameters").click()
+        page.wait_for_function("[...document.querySelectorAll('label')].some(l => l.innerText.trim() === "
+                               "'step_size' && l.parentElement.querySelector('input').value === '5')")
+        _set(page, "seed", 11)
+        _set(page, "steps", 4)
+        page.click("#generate")
+        _wait_text(page, "status", "Done")
+        _shot(page, "10-suggested-method")
+        images = [p for p in (tmp_path / "out").rglob("*.png") if RECIPE_KEY in Image.open(p).info]  # not the maps
+        assert len(images) == 1, images
+        recipe = read_recipe(images[0])
+        assert recipe.method == "clora" and recipe.method_params["step_size"] == 5.0, recipe
+        assert recipe.guidance == 7.5 and recipe.seed == 11, recipe
 
 
 def _instance_images(folder: Path) -> list[str]:

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from studio.cli import main
+from studio.metadata import read_recipe
 
 
 def test_generate_and_reproduce_exactly(tmp_path):
@@ -96,7 +97,7 @@ def test_every_option_has_help_with_defaults_and_choices(capsys):
     assert not missing
     assert main(["generate", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: -1)" in text and "(default: merge)" in text and "{merge,switch,composite,cmlora,clora,lego}" in text
+    assert "(default: -1)" in text and "(default: merge;" in text and "{merge,switch,composite,cmlora,clora,lego}" in text
     assert "DPM++ 2M Karras" in text and "Euler a" in text
 
 
@@ -156,3 +157,20 @@ def test_a_demo_adapter_by_its_bare_name(tmp_path, capsys):
     (use,) = read_recipe(out).adapters
     assert (use.name, use.weight) == ("crescent-lora", 0.8)
     assert use.path == str(demo_adapters_dir() / "crescent-lora.safetensors")
+
+
+def test_generate_without_method_names_the_measured_pick_for_two_demo_objects(tmp_path, capsys):
+    """Two demo objects with no --method run merge, with a note naming step-5 CLoRA; an explicit
+    --method is taken as chosen (no note), and one adapter gets none."""
+    base = ["generate", "--prompt", "a red sks shape and a blue ohwx shape", "--steps", "2", "--seed", "1",
+            "--lora", "crescent-lora", "--lora", "plus-lora"]
+    assert main(base + ["--out", str(tmp_path / "m.png")]) == 0
+    err = capsys.readouterr().err
+    assert "note: running merge (the default); for object + object the toy world's measured pick is " \
+           "--method clora --method-param step_size=5.0" in err, err
+    assert read_recipe(tmp_path / "m.png").method == "merge"
+    assert main(base + ["--method", "merge", "--out", str(tmp_path / "m2.png")]) == 0
+    assert "note:" not in capsys.readouterr().err
+    assert main(["generate", "--prompt", "a red sks shape", "--steps", "2", "--lora", "crescent-lora",
+                 "--out", str(tmp_path / "one.png")]) == 0
+    assert "note:" not in capsys.readouterr().err

@@ -816,3 +816,15 @@ def test_demo_adapters_refuse_a_model_folder_that_holds_no_toy_model(tmp_path):
     with pytest.raises(ToyModelMissingError, match="python -m training.toyworld"):
         main(["--model", str(tmp_path / "nothing"), "--eval", "0", "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_demo_adapters_refuse_an_unknown_only_name_listing_the_names(tmp_path, capsys):
+    """``--only glow`` (not ``glow-lora``) once trained nothing and exited 0; now it is refused up front."""
+    from training.demo_adapters import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--only", "glow", "--eval", "0", "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--only glow: no such demo adapter" in err and "glow-lora" in err and "crescent-kron" in err
+    assert not (tmp_path / "out").exists()

@@ -583,6 +583,13 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-only", action="store_true",
                     help="re-judge the shipped files (e.g. after a base-model change) without training")
     args = ap.parse_args(argv)
+    jobs = [(d, k) for d in DEMOS for k in (["lora", "kron"] if d.kron else ["lora"])]
+    known = [f"{d.concept}-{k}" for d, k in jobs]
+    unknown = [n for n in args.only or () if n not in known]
+    if unknown:  # a name that matched nothing used to train nothing and exit 0
+        ap.error(f"--only {', '.join(unknown)}: no such demo adapter; the names are {', '.join(known)}")
+    if args.only:
+        jobs = [(d, k) for d, k in jobs if f"{d.concept}-{k}" in args.only]
     overrides = parse_overrides(args.set)
     sizes = tuple(instance_sizes(args.instance_sizes)) if args.instance_sizes else None  # refused before the model loads
     fills = tuple(instance_fills(args.instance_fills)) if args.instance_fills else None
@@ -609,9 +616,6 @@ def main(argv=None) -> int:
     index_path = out / "index.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
     class_dir = class_images_dir(studio)  # hashes the UNet once; every demo shares its prior images
-    jobs = [(d, k) for d in DEMOS for k in (["lora", "kron"] if d.kron else ["lora"])]
-    if args.only:
-        jobs = [(d, k) for d, k in jobs if f"{d.concept}-{k}" in args.only]
     for demo, kind in jobs:
         name = f"{demo.concept}-{kind}"
         if sizes:

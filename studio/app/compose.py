@@ -8,6 +8,7 @@ an error becomes a message beside the outputs, which keep the last good run.
 from __future__ import annotations
 
 import html
+import json
 import queue
 import threading
 import time
@@ -105,6 +106,34 @@ class ComposeTab:
             text += ("\n\nThe Steps, CFG and Sampler fields here are always explicit, so a preset sets only the "
                      "method's parameters; set those fields to the preset's run settings listed above.")
         return text.strip()
+
+    def method_hint(self, prompt: str, method: str, params_json: str) -> tuple[str, Any]:
+        """The line under the method picker: the method measured best for the kinds of adapters tagged
+        in the prompt (``Studio.suggest_method``), and its "use" button while another method is picked."""
+        try:
+            pick = self.studio.suggest_method(prompt or "")
+        except StudioError:
+            pick = None  # a malformed tag; Generate names it
+        hidden = gr.Button(visible=False)
+        if pick is None:
+            return "", hidden
+        if pick.method is None:
+            return pick.markdown(), hidden
+        try:
+            params = json.loads(params_json or "{}")
+        except json.JSONDecodeError:
+            params = {}
+        if pick.same_as(method, params if isinstance(params, dict) else {}):
+            return f"✓ {pick.label}: the suggested method for {pick.pair_type}. Expect: {pick.expect}.", hidden
+        return pick.markdown(), gr.Button(f"Use {pick.label}", visible=True)
+
+    def use_suggested_method(self, prompt: str) -> tuple:
+        """Method, parameters (its defaults with the pick's), CFG and help for the suggested method."""
+        pick = self.studio.suggest_method(prompt or "")
+        if pick is None or pick.method is None:
+            raise gr.Error("no method is suggested for the adapters in this prompt")
+        params = json.dumps({**COMPOSERS[pick.method].defaults, **pick.params}, indent=1, sort_keys=True)
+        return pick.method, params, self.method_guidance(pick.method), self.method_help(pick.method)
 
     def parse_card_action(self, action: str | None) -> tuple[str, str]:
         """("insert" | "open", adapter name) from a card's "verb|name|nonce"; ("", "") when it names

@@ -1,0 +1,99 @@
+"""Which composition method to suggest for a set of adapters, by their concept kinds.
+
+Merge is the default everywhere (fast, no setup), but on the toy world it is the wrong method for
+two objects: the merged crescent turns the plus into a second crescent. The picks below were measured
+on selection seeds and wordings only (base_seed 777, a green crescent, "on sand"; session 25's selection
+suites, docs/benchmark.md "Session 25"), never on the benchmark's evaluation seeds, with the demo
+adapters, each method at its default CFG scale. The benchmark's rate (evaluation seeds) is what a user
+can expect. Nothing was measured on real models, so there is no suggestion there.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+# Every method's all-present count on the selection suites, in this order. The pick is the top one, unless the
+# benchmark's evaluation seeds contradicted it (object + style).
+SELECTION_ORDER = ("merge", "switch", "composite", "cmlora", "clora", "lego", "clora step 5")
+
+
+@dataclass(frozen=True)
+class MethodPick:
+    """A suggested method (``None``: none composes this kind of set here) and why."""
+
+    pair_type: str  # "object + object"
+    method: str | None
+    params: dict = field(default_factory=dict)
+    label: str = ""  # "clora, step_size 5"
+    selection: tuple[int, ...] = ()  # all-present counts per SELECTION_ORDER method (selection seeds)
+    images: int = 0  # images per method in those counts
+    expect: str = ""  # the benchmark's rate (evaluation seeds)
+
+    def same_as(self, method: str, params: dict | None) -> bool:
+        """Whether ``method`` with ``params`` is already this pick."""
+        params = params or {}
+        return method == self.method and all(params.get(k) == v for k, v in self.params.items())
+
+    def markdown(self) -> str:
+        if self.method is None:
+            return f"**{self.pair_type}:** {self.expect}"
+        return (f"**Suggested for {self.pair_type}: {self.label}.** On selection seeds "
+                f"{selection_text(self.selection, self.images)}. "
+                f"On the benchmark's evaluation seeds: {self.expect} (docs/benchmark.md).")
+
+
+def selection_text(counts: Sequence[int], of: int) -> str:
+    """"clora step 5 43, clora 35, … of 48 images held every concept"."""
+    ranked = sorted(zip(SELECTION_ORDER, counts), key=lambda mc: -mc[1])
+    return ", ".join(f"{m} {c}" for m, c in ranked) + f" of {of} images held every concept"
+
+
+TOY_PICKS = {
+    "object + object": MethodPick(
+        "object + object", "clora", {"step_size": 5.0}, "clora, step_size 5",
+        (6, 0, 16, 8, 35, 0, 43), 48,
+        "step-5 CLoRA 0.77 [0.63, 0.87], CLoRA 0.65; Merge, Composite and CMLoRA 0.00"),
+    "object + background": MethodPick(
+        "object + background", "cmlora", {}, "cmlora",
+        (14, 0, 19, 23, 8, 1, 13), 24,
+        "CMLoRA 0.79 [0.66, 0.88], Merge 0.65"),
+    # The glow's and the twotone's cells pooled (24 images each). Step-5 CLoRA led on selection (15 of 48) but
+    # held both in 1 of 96 evaluation images, so no method is suggested.
+    "object + style": MethodPick(
+        "object + style", None, selection=(4, 1, 9, 9, 10, 1, 15), images=48,
+        expect="no method holds both reliably here: on the benchmark the best was Merge, 0.15 [0.07, 0.27] with "
+               "the glow, and CMLoRA, 0.08 with the twotone, every method's interval overlapping. Generate "
+               "several seeds and keep the good ones"),
+}
+UNMEASURED = ("no pick measured for this mix of kinds; two objects and a background reached 0.21 at best "
+              "(step-5 CLoRA), an object, a background and a style 0.00 (docs/benchmark.md)")
+
+
+def pair_type(kinds: Sequence[str | None]) -> str | None:
+    """"object + object", "object + background", "object + style", "mixed", or None (under two
+    adapters, or one without a kind). Characters count as objects; two or more objects rule."""
+    if len(kinds) < 2 or any(k is None for k in kinds):
+        return None
+    n = Counter("object" if k == "character" else k for k in kinds)
+    if n["object"] >= 2:
+        return "object + object"
+    if n["object"] == 1 and len(kinds) == 2:
+        other = next(k for k in n if k != "object")
+        return f"object + {other}" if other in ("background", "style") else "mixed"
+    return "mixed"
+
+
+def suggest_method(arch: str, kinds: Sequence[str | None]) -> MethodPick | None:
+    """The toy world's pick for adapters of these kinds; None on real models, for a single adapter
+    or an adapter without a kind."""
+    kind = pair_type(kinds)
+    if arch != "toy" or kind is None:
+        return None
+    if kind == "object + object" and len(kinds) > 2:
+        pick = TOY_PICKS[kind]
+        return MethodPick(f"{len(kinds)} adapters with two objects (picked on object + object)", pick.method,
+                          pick.params, pick.label, pick.selection, pick.images,
+                          "measured only for two objects and a background: 0.21 [0.12, 0.34] at best (step-5 CLoRA)")
+    return TOY_PICKS.get(kind) or MethodPick("these adapters", None, expect=UNMEASURED)
