@@ -17,7 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import gradio as gr  # noqa: E402
 
 from studio.app import (  # noqa: E402
-    CONCEPT_KINDS, SAMPLER_CHOICES, XY_AXES, AppHandlers, card_label, prompt_weights, seed_axis_from, set_tag_weight,
+    CONCEPT_KINDS, SAMPLER_CHOICES, XY_AXES, AppHandlers, card_label, params_shown, prompt_weights, seed_axis_from,
+    set_tag_weight,
 )
 from studio.errors import StudioError  # noqa: E402
 from studio.resources import demo_adapters_dir  # noqa: E402
@@ -123,7 +124,7 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                             @gr.render(inputs=[method, params], triggers=[fields_rev.change, demo.load])
                             def _param_fields(name, params_json):
                                 defaults = json.loads(h.method_params(name))
-                                current = shown_params(params_json, defaults)
+                                current = field_values(params_json, defaults)
                                 with gr.Row():
                                     for key, default in defaults.items():
                                         if isinstance(default, bool):
@@ -390,6 +391,7 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
         xy_event.then(lambda: h.history.items(), None, history, api_visibility="private", **LIGHT)
         xy_stop.click(h.stop_xy, None, stop_ack, api_visibility="private", **LIGHT)
         reuse.click(h.reuse_seed, last_seed, seed, api_visibility="private", **LIGHT)
+
         def bump(rev):
             return rev + 1
 
@@ -494,13 +496,9 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
 
 
 
-def shown_params(params_json: str | None, defaults: dict) -> dict:
+def field_values(params_json: str | None, defaults: dict) -> dict:
     """Each parameter field's value: the JSON's where it has one of the field's type, else the default."""
-    try:
-        given = json.loads(params_json or "{}")
-    except json.JSONDecodeError:
-        given = {}
-    given = given if isinstance(given, dict) else {}
+    given = params_shown(params_json)
 
     def fits(value, default) -> bool:
         if isinstance(default, bool):
@@ -514,10 +512,7 @@ def shown_params(params_json: str | None, defaults: dict) -> dict:
 
 def set_param(params_json: str, key: str, value, default):
     """The JSON parameters with one field changed from its typed input (ints stay ints)."""
-    try:
-        params = json.loads(params_json or "{}")
-    except json.JSONDecodeError:
-        params = {}
+    params = params_shown(params_json)
     if isinstance(default, bool):
         value = bool(value)
     elif isinstance(default, int) and isinstance(value, float) and value == int(value):

@@ -39,7 +39,7 @@ class MethodPick:
     def markdown(self) -> str:
         if self.method is None:
             return f"**{self.pair_type}:** {self.expect}"
-        return (f"**Suggested for {self.pair_type}: {self.label}.** On selection seeds "
+        return (f"**Suggested for {self.pair_type}: {self.label}.** With the demo LoRAs, on selection seeds "
                 f"{selection_text(self.selection, self.images)}. "
                 f"On the benchmark's evaluation seeds: {self.expect} (docs/benchmark.md).")
 
@@ -54,7 +54,7 @@ TOY_PICKS = {
     "object + object": MethodPick(
         "object + object", "clora", {"step_size": 5.0}, "clora, step_size 5",
         (6, 0, 16, 8, 35, 0, 43), 48,
-        "step-5 CLoRA 0.77 [0.63, 0.87], CLoRA 0.65; Merge, Composite and CMLoRA 0.00"),
+        "step-5 CLoRA 0.77 [0.63, 0.87] (the plus at weight 1.25), CLoRA 0.65; Merge, Composite and CMLoRA 0.00"),
     "object + background": MethodPick(
         "object + background", "cmlora", {}, "cmlora",
         (14, 0, 19, 23, 8, 1, 13), 24,

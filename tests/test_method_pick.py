@@ -107,7 +107,7 @@ def test_parameter_fields_show_the_json_values_that_fit_their_type():
     spec.loader.exec_module(app)
     defaults = {"step_size": 20.0, "latent_update": True, "style": "", "prompts": None}
     given = json.dumps({"step_size": 5.0, "latent_update": "yes", "style": "glow", "extra": 1})
-    assert app.shown_params(given, defaults) == {"step_size": 5.0, "latent_update": True, "style": "glow",
+    assert app.field_values(given, defaults) == {"step_size": 5.0, "latent_update": True, "style": "glow",
                                                  "prompts": None}
-    assert app.shown_params("{not json", defaults) == defaults
-    assert app.shown_params("[1, 2]", defaults) == defaults
+    assert app.field_values("{not json", defaults) == defaults
+    assert app.field_values("[1, 2]", defaults) == defaults

@@ -37,6 +37,16 @@ def method_defaults(method: str) -> str:
     return json.dumps(dict(cls.defaults) if cls else {}, indent=1, sort_keys=True)
 
 
+def params_shown(text: str | None) -> dict:
+    """The JSON object in the parameters box, or {} when it holds none (for display; Generate's
+    ``parse_params`` names the error)."""
+    try:
+        params = json.loads(text or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return params if isinstance(params, dict) else {}
+
+
 def parse_params(text: str | None) -> dict:
     text = (text or "").strip()
     if not text:

@@ -26,7 +26,7 @@ from studio.metadata import save_png
 from studio.prompts import format_tag, has_word, parse_prompt, untagged_trigger_warning, untagged_triggers
 from studio.sampling import GenerationCancelled, latent_preview
 
-from .common import ACK_TIMEOUT_S, as_int, error_text, jsonable, message, method_defaults, parse_params
+from .common import ACK_TIMEOUT_S, as_int, error_text, jsonable, message, method_defaults, params_shown, parse_params
 from .runs import Progress
 
 # What each method does, what it costs (UNet calls per step, n adapters), and when to pick it.
@@ -119,11 +119,7 @@ class ComposeTab:
             return "", hidden
         if pick.method is None:
             return pick.markdown(), hidden
-        try:
-            params = json.loads(params_json or "{}")
-        except json.JSONDecodeError:
-            params = {}
-        if pick.same_as(method, params if isinstance(params, dict) else {}):
+        if pick.same_as(method, params_shown(params_json)):
             return f"✓ {pick.label}: the suggested method for {pick.pair_type}. Expect: {pick.expect}.", hidden
         return pick.markdown(), gr.Button(f"Use {pick.label}", visible=True)
 
