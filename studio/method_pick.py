@@ -65,10 +65,10 @@ TOY_PICKS = {
         "object + style", None, selection=(4, 1, 9, 9, 10, 1, 15), images=48,
         expect="no method holds both reliably here: on the benchmark the best was Merge, 0.15 [0.07, 0.27] with "
                "the glow, and CMLoRA, 0.08 with the twotone, every method's interval overlapping. Generate "
-               "several seeds and keep the good ones"),
+               "several seeds and keep the good ones."),
 }
 UNMEASURED = ("no pick measured for this mix of kinds; two objects and a background reached 0.21 at best "
-              "(step-5 CLoRA), an object, a background and a style 0.00 (docs/benchmark.md)")
+              "(step-5 CLoRA), an object, a background and a style 0.00 (docs/benchmark.md).")
 
 
 def pair_type(kinds: Sequence[str | None]) -> str | None:
