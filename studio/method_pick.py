@@ -4,7 +4,7 @@ Merge is the default everywhere (fast, no setup), but on the toy world it is the
 two objects: the merged crescent turns the plus into a second crescent. The picks below were measured
 on selection seeds and wordings only (base_seed 777, a green crescent, "on sand"; session 25's selection
 suites, docs/benchmark.md "Session 25"), never on the benchmark's evaluation seeds, with the demo
-adapters, each method at its default CFG scale. The benchmark's rate (evaluation seeds) is what a user
+adapters, each method at its default CFG scale and its benchmark adapter weights. The benchmark's rate (evaluation seeds) is what a user
 can expect. Nothing was measured on real models, so there is no suggestion there.
 """
 
