@@ -124,7 +124,8 @@ LOCON_OBJECT = {**CROSS, **STAND_INS, "steps": 2000, "unet_targets": "attention+
 # >= 600 36 / 12, 36 / 18, 26 / 3; the plus at weight 0.3 103 / 78 on crescent + plus; the twotone with the loss 2 / 0 on
 # crescent + twotone; the glow on attention + convs 15 / 6 on crescent + glow. None ships (docs/training-history.md
 # "Session 26"). Session 27 (crescent + glow, crescent + twotone): the styles taught below timestep 600 9 / 5, 3 / 0
-# (beside the >= 400 crescent 9 / 6, 2 / 0), at >= 400 20 / 15, 4 / 0, on more outlines 18 / 11, 3 / 1. None ships.
+# (beside the >= 400 crescent 9 / 6, 2 / 0), at >= 400 20 / 15, 4 / 0, on more outlines 18 / 11, 3 / 1; the crescent
+# with the ResNet convs of every level but 16x16 10 / 7, 10 / 1, of the 16x16 level only 15 / 14, 5 / 0. None ships.
 LOCALIZED_OBJECT = {**LOCON_OBJECT, "attention_loss": 0.1}
 # Session 15: the crescent and plus LoRAs retrained with a third of their instance images in stripes and a
 # third in dots (--instance-fills solid,stripes,dots). Alone, the crescent still drew "a green sks shape with
