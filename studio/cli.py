@@ -245,11 +245,12 @@ def cmd_generate(args) -> int:
         for path, weight in loras:
             name = studio.adapters.load(resolve_adapter_path(path), allow_pickle=args.allow_pickle).name
             adapters.append(name if weight is None else (name, weight))
+        names = [a if isinstance(a, str) else a[0] for a in adapters]
         if args.model is None:  # the demo adapters are the toy model's
-            for line in _untagged_trigger_warnings(args.prompt, {a if isinstance(a, str) else a[0] for a in adapters}):
+            for line in _untagged_trigger_warnings(args.prompt, set(names)):
                 print(f"warning: {line}", file=sys.stderr)
         if args.method is None:
-            _suggest_method(studio, args.prompt, [a if isinstance(a, str) else a[0] for a in adapters])
+            _suggest_method(studio, args.prompt, names)
         width, height = args.size or (None, None)
         result = studio.run(
             args.prompt, adapters, method=args.method or "merge", method_params=method_params,

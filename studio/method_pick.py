@@ -4,14 +4,14 @@ Merge is the default everywhere (fast, no setup), but on the toy world it is the
 two objects: the merged crescent turns the plus into a second crescent. The picks below were measured
 on selection seeds and wordings only (base_seed 777, a green crescent, "on sand"; session 25's selection
 suites, docs/benchmark.md "Session 25"), never on the benchmark's evaluation seeds, with the demo
-adapters, each method at its default CFG scale and its benchmark adapter weights. The benchmark's rate (evaluation seeds) is what a user
-can expect. Nothing was measured on real models, so there is no suggestion there.
+adapters, each method at its default CFG scale and its benchmark adapter weights. The benchmark's rate
+(evaluation seeds) is what a user can expect. Nothing was measured on real models, so there is no suggestion there.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 # Every method's all-present count on the selection suites, in this order. The pick is the top one, unless the
@@ -35,6 +35,10 @@ class MethodPick:
         """Whether ``method`` with ``params`` is already this pick."""
         params = params or {}
         return method == self.method and all(params.get(k) == v for k, v in self.params.items())
+
+    def in_use_markdown(self) -> str:
+        """The line once the pick is the method in use."""
+        return f"✓ {self.label}: the suggested method for {self.pair_type}. Expect: {self.expect}."
 
     def markdown(self) -> str:
         if self.method is None:
@@ -92,8 +96,6 @@ def suggest_method(arch: str, kinds: Sequence[str | None]) -> MethodPick | None:
     if arch != "toy" or kind is None:
         return None
     if kind == "object + object" and len(kinds) > 2:
-        pick = TOY_PICKS[kind]
-        return MethodPick(f"{len(kinds)} adapters with two objects (picked on object + object)", pick.method,
-                          pick.params, pick.label, pick.selection, pick.images,
-                          "measured only for two objects and a background: 0.21 [0.12, 0.34] at best (step-5 CLoRA)")
+        return replace(TOY_PICKS[kind], pair_type=f"{len(kinds)} adapters with two objects (picked on object + object)",
+                       expect="measured only for two objects and a background: 0.21 [0.12, 0.34] at best (step-5 CLoRA)")
     return TOY_PICKS.get(kind) or MethodPick("these adapters", None, expect=UNMEASURED)

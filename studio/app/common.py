@@ -31,10 +31,10 @@ def optional(module: str, attr: str | None = None) -> Any:
     return getattr(mod, attr, None) if attr else mod
 
 
-def method_defaults(method: str) -> str:
-    """The method's parameters with their defaults, as editable JSON."""
+def method_defaults(method: str, overrides: dict | None = None) -> str:
+    """The method's parameters with their defaults (``overrides`` on top), as editable JSON."""
     cls = COMPOSERS.get(method)
-    return json.dumps(dict(cls.defaults) if cls else {}, indent=1, sort_keys=True)
+    return json.dumps({**(cls.defaults if cls else {}), **(overrides or {})}, indent=1, sort_keys=True)
 
 
 def params_shown(text: str | None) -> dict:

@@ -8,7 +8,6 @@ an error becomes a message beside the outputs, which keep the last good run.
 from __future__ import annotations
 
 import html
-import json
 import queue
 import threading
 import time
@@ -120,7 +119,7 @@ class ComposeTab:
         if pick.method is None:
             return pick.markdown(), hidden
         if pick.same_as(method, params_shown(params_json)):
-            return f"✓ {pick.label}: the suggested method for {pick.pair_type}. Expect: {pick.expect}.", hidden
+            return pick.in_use_markdown(), hidden
         return pick.markdown(), gr.Button(f"Use {pick.label}", visible=True)
 
     def use_suggested_method(self, prompt: str) -> tuple:
@@ -128,8 +127,7 @@ class ComposeTab:
         pick = self.studio.suggest_method(prompt or "")
         if pick is None or pick.method is None:
             raise gr.Error("no method is suggested for the adapters in this prompt")
-        params = json.dumps({**COMPOSERS[pick.method].defaults, **pick.params}, indent=1, sort_keys=True)
-        return pick.method, params, self.method_guidance(pick.method), self.method_help(pick.method)
+        return pick.method, method_defaults(pick.method, pick.params), self.method_guidance(pick.method), self.method_help(pick.method)
 
     def parse_card_action(self, action: str | None) -> tuple[str, str]:
         """("insert" | "open", adapter name) from a card's "verb|name|nonce"; ("", "") when it names
