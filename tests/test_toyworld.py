@@ -598,6 +598,15 @@ def test_quick_training_run_builds_a_loadable_world(tmp_path):
     from studio.toyworld.oracle import load_oracle
 
     assert len(load_oracle(tmp_path / "oracle").predict(pipe("a red circle", num_inference_steps=2).images)) == 1
+    assert load_oracle(tmp_path / "oracle").config["width"] == 16 and load_oracle(tmp_path / "oracle-b").config["width"] == 24
+
+    # the oracles' widths are settings; a continuation keeps the width of the oracle it continues
+    assert main(["--out", str(tmp_path), "--quick", "--stages", "oracle", "--oracles", "oracle",
+                 "--set", "oracle_width=8"]) == 0
+    narrow = load_oracle(tmp_path / "oracle")
+    assert narrow.config["width"] == 8 and narrow.net.features[0][0].out_channels == 8
+    assert main(["--out", str(tmp_path), "--quick", "--stages", "oracle", "--oracles", "oracle", "--oracle-continue"]) == 0
+    assert load_oracle(tmp_path / "oracle").config["width"] == 8
 
     # a warm start from that build: same architecture, weights taken over, recorded in the report
     warm = tmp_path / "warm"
