@@ -93,12 +93,14 @@ CLIP_CONFIG = {
                  "layers": 3},
 }
 FULL = dict(vae_steps=6000, vae_batch=16, vae_images=16000, oracle_steps=3500, oracle_batch=64,
-            oracle_images=12000, oracle_width=16, oracle_b_width=24, oracle_drawn=1200, oracle_redrawn=0, unet_steps=5000, unet_batch=32, unet_images=24000,
+            oracle_images=12000, oracle_width=16, oracle_b_width=24, oracle_drawn=1200, oracle_redrawn=0,
+            unet_steps=5000, unet_batch=32, unet_images=24000,
             clip_steps=800, clip_batch=128, clip_images=12000, eval_images=600,
             decoder_steps=3000, decoder_batch=32, decoder_images=9000,
             vae_minutes=10.5, oracle_minutes=5, unet_minutes=20, clip_minutes=6, decoder_minutes=10)
 QUICK = dict(vae_steps=20, vae_batch=16, vae_images=400, oracle_steps=20, oracle_batch=32,
-             oracle_images=400, oracle_width=16, oracle_b_width=24, oracle_drawn=12, oracle_redrawn=12, unet_steps=20, unet_batch=16, unet_images=400, clip_steps=10,
+             oracle_images=400, oracle_width=16, oracle_b_width=24, oracle_drawn=12, oracle_redrawn=12,
+             unet_steps=20, unet_batch=16, unet_images=400, clip_steps=10,
              clip_batch=32, clip_images=300, eval_images=60,
              decoder_steps=10, decoder_batch=8, decoder_images=200, decoder_minutes=0,
              vae_minutes=0, oracle_minutes=0, unet_minutes=0, clip_minutes=0)
@@ -626,7 +628,8 @@ def train_oracle(cfg, out: Path, rng, device, report):
         from studio.toyworld.check import load_pipeline
 
         pipe = load_pipeline(out / "toy-sd")
-    for name, arch, lr, seed in (("oracle", OracleNet, 2e-3, 2), ("oracle-b", OracleNetB, 1.5e-3, 12)):
+    for name, arch, width_setting, lr, seed in (("oracle", OracleNet, "oracle_width", 2e-3, 2),
+                                                ("oracle-b", OracleNetB, "oracle_b_width", 1.5e-3, 12)):
         if name not in cfg.get("oracles", ("oracle", "oracle-b")):
             continue
         t0 = time.time()
@@ -642,7 +645,7 @@ def train_oracle(cfg, out: Path, rng, device, report):
             drawn = (neg + red, negt + redt)
         data, T = _oracle_data(cfg["oracle_images"], vae, np.random.default_rng(dseed) if prev else rng, device, drawn)
         log(f"{name} data: {len(data)} images in {time.time() - t0:.1f}s")
-        width = int(prev.config["width"]) if prev else cfg["oracle_width" if name == "oracle" else "oracle_b_width"]
+        width = int(prev.config["width"]) if prev else cfg[width_setting]  # a continuation keeps its width
         net = arch(width=width).to(device)
         if prev:
             net.load_state_dict(prev.net.state_dict())
