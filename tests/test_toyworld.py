@@ -416,6 +416,33 @@ def test_redrawn_scenes_keep_their_base_content_and_leave_dots_unjudged():
 
 
 @pytest.mark.skipif(not (HAVE_MODEL and HAVE_ORACLE), reason=NO_ASSETS)
+def test_adapter_redrawn_scenes_keep_their_reserved_concept_and_leave_small_fills_unjudged():
+    """The oracle's adapter-redrawn kind: renders of a reserved concept redrawn with that concept's demo
+    adapter keep it (their truth names it and the shipped oracle finds it in most), and a small object's
+    fill is not a training target."""
+    from studio.toyworld.check import load_pipeline
+    from studio.toyworld.corrupt import REDRAWN, Truth
+    from studio.toyworld.oracle import load_oracle, scene_targets
+    from studio.toyworld.render import Obj, Scene
+    from training.toyworld import _adapter_redrawn_scenes, _small_fills_unjudged
+
+    pipe = load_pipeline()
+    images, truths, renders = _adapter_redrawn_scenes(pipe, 32, seed=4)  # 16 arrows, then 16 crescents
+    assert len(images) == 32 and all(im.size == (64, 64) for im in images)
+    assert all(t.kind == REDRAWN for t in truths)
+    assert all("arrow" in t.concepts() for t in truths[:16]) and all("crescent" in t.concepts() for t in truths[16:])
+    oracle = load_oracle()
+    preds = oracle.predict(images)
+    for concept, part in (("arrow", slice(0, 16)), ("crescent", slice(16, 32))):
+        seen = [oracle.has_concept(p, concept) for p in preds[part]]
+        assert sum(seen) >= 12, (concept, seen)
+    scene = Scene([Obj("circle", "red", pattern="twotone", position="left", size="small"),
+                   Obj("star", "blue", pattern="twotone", position="right", size="large")], "plain")
+    t = scene_targets(_small_fills_unjudged(Truth.redrawn(scene), scene))
+    assert t["pattern"][0] == -1 and t["pattern"][2] >= 0
+
+
+@pytest.mark.skipif(not (HAVE_MODEL and HAVE_ORACLE), reason=NO_ASSETS)
 def test_audit_builds_a_known_truth_set_and_reports_its_last_line(tmp_path, capsys):
     from studio.toyworld.audit import main
     from studio.toyworld.corrupt import KINDS

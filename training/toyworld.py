@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from studio.toyworld.concepts import (
-    ALL_SHAPES, FORMS, NOVEL_BACKGROUNDS, NOVEL_PATTERNS, NOVEL_SHAPES,
+    ALL_SHAPES, FORMS, NOVEL_BACKGROUNDS, NOVEL_CONCEPTS, NOVEL_PATTERNS, NOVEL_SHAPES,
 )
 from studio.toyworld.render import (
     SIZE as RENDER_SIZE, caption, caption_in_form, is_heldout, render, sample_any_scene, sample_base_scene,
@@ -93,13 +93,13 @@ CLIP_CONFIG = {
                  "layers": 3},
 }
 FULL = dict(vae_steps=6000, vae_batch=16, vae_images=16000, oracle_steps=3500, oracle_batch=64,
-            oracle_images=12000, oracle_width=16, oracle_b_width=24, oracle_drawn=1200, oracle_redrawn=0,
+            oracle_images=12000, oracle_width=16, oracle_b_width=24, oracle_drawn=1200, oracle_redrawn=0, oracle_adapter_redrawn=0,
             unet_steps=5000, unet_batch=32, unet_images=24000,
             clip_steps=800, clip_batch=128, clip_images=12000, eval_images=600,
             decoder_steps=3000, decoder_batch=32, decoder_images=9000,
             vae_minutes=10.5, oracle_minutes=5, unet_minutes=20, clip_minutes=6, decoder_minutes=10)
 QUICK = dict(vae_steps=20, vae_batch=16, vae_images=400, oracle_steps=20, oracle_batch=32,
-             oracle_images=400, oracle_width=16, oracle_b_width=24, oracle_drawn=12, oracle_redrawn=12,
+             oracle_images=400, oracle_width=16, oracle_b_width=24, oracle_drawn=12, oracle_redrawn=12, oracle_adapter_redrawn=0,
              unet_steps=20, unet_batch=16, unet_images=400, clip_steps=10,
              clip_batch=32, clip_images=300, eval_images=60,
              decoder_steps=10, decoder_batch=8, decoder_images=200, decoder_minutes=0,
@@ -566,6 +566,57 @@ def _redrawn_scenes(pipe, n: int, seed: int, strength: tuple = REDRAW_STRENGTH):
     return images, [Truth.redrawn(sc) for sc in scenes], renders
 
 
+def _adapter_redrawn_scenes(pipe, n: int, seed: int, strength: tuple = REDRAW_STRENGTH,
+                            adapters_dir: Path | None = None):
+    """n renders of one reserved concept each, redrawn like ``_redrawn_scenes`` but with that concept's
+    demo LoRA active and its trigger in the caption, so the model's own soft outlines of the reserved
+    shapes, fills and backgrounds come with content known by construction (the base model alone melts a
+    shape it never learnt). Returns the redrawn images, their truths and the renders."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from studio.adapters.activation import AdapterRig
+    from studio.studio import Studio
+    from studio.toyworld.corrupt import Truth
+    from studio.toyworld.prompts import with_trigger
+
+    from studio.toyworld.paths import REPO_ROOT
+
+    folder = adapters_dir or REPO_ROOT / "assets" / "adapters"
+    index = json.loads((folder / "index.json").read_text())
+    demos = {e["concept"]: e for e in index.values() if e.get("type") == "lora" and e["concept"] in NOVEL_CONCEPTS}
+    studio = Studio.from_pipeline(pipe, "toy-sd")
+    loaded = {c: studio.adapters.load(str(folder / e["file"]), name=f"redraw-{c}") for c, e in sorted(demos.items())}
+    i2i = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+    i2i.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(seed)
+    concepts = sorted(loaded)
+    images, truths, renders = [], [], []
+    with AdapterRig(i2i, list(loaded.values())) as rig:
+        for i in tqdm(range(0, n, 16), desc="adapter-redrawn scenes", mininterval=5):
+            concept = concepts[(i // 16) % len(concepts)]
+            scenes = [sample_concept_scene(concept, rng, p_two=0.3) for _ in range(min(16, n - i))]
+            part = [render(sc, rng) for sc in scenes]
+            caps = [with_trigger(caption_in_form(sc, FORMS[int(rng.integers(3))]), concept, demos[concept]["trigger"])
+                    for sc in scenes]
+            name = loaded[concept].name
+            rig.set(unet={name: 1.0}, text={name: 1.0})
+            gens = [torch.Generator().manual_seed(seed * 7919 + i + j) for j in range(len(part))]
+            images += i2i(caps, image=part, strength=float(rng.uniform(*strength)), guidance_scale=3.0,
+                          num_inference_steps=25, generator=gens).images
+            truths += [_small_fills_unjudged(Truth.redrawn(sc), sc) for sc in scenes]
+            renders += part
+    return images, truths, renders
+
+
+def _small_fills_unjudged(truth, scene):
+    """A redrawn scene's truth with the fill of every small object unjudged: redrawn with a style's
+    adapter, a small twotone or gradient object often comes back solid."""
+    for o in scene.objects:
+        if o.size == "small" and truth.slots[o.position]:
+            truth.slots[o.position]["pattern"] = None
+    return truth
+
+
 def _oracle_data(n: int, vae, rng, device, drawn=None):
     """n images of every kind in ORACLE_MIX with their targets; half go through a VAE round trip
     (the decoder the model ships), since judged images are always decodes. ``drawn``: (images,
@@ -642,7 +693,9 @@ def train_oracle(cfg, out: Path, rng, device, report):
         if pipe is not None:
             neg, negt = _drawn_negatives(pipe, cfg["oracle_drawn"], dseed)
             red, redt, _ = _redrawn_scenes(pipe, cfg["oracle_redrawn"], dseed) if cfg["oracle_redrawn"] else ([], [], [])
-            drawn = (neg + red, negt + redt)
+            ared, aredt, _ = (_adapter_redrawn_scenes(pipe, cfg["oracle_adapter_redrawn"], dseed)
+                              if cfg["oracle_adapter_redrawn"] else ([], [], []))
+            drawn = (neg + red + ared, negt + redt + aredt)
         data, T = _oracle_data(cfg["oracle_images"], vae, np.random.default_rng(dseed) if prev else rng, device, drawn)
         log(f"{name} data: {len(data)} images in {time.time() - t0:.1f}s")
         width = int(prev.config["width"]) if prev else cfg[width_setting]  # a continuation keeps its width
