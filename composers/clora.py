@@ -34,6 +34,11 @@ active in every LoRA branch at their weights (the base branch stays adapter-free
 their text-encoder weights in those branches' encodings when ``use_text_encoder_lora``; the
 released code's ``style_lora``. They need no trigger or concept word.
 
+Background adapters (``background``: names of composed concept adapters, comma-separated, or ``auto``
+for every one whose kind is "background"; off by default) are a named **deviation**: their branch's mask is the cells no other adapter's mask covers
+(the base branch's share), not their own thresholded map. A background word attends evenly, so its
+map covers every cell and the paper's fusion averages the background branch into every object.
+
 Cost options:
 
 - ``backprop`` (default ``auto``: ``joint`` below 32×32 latents, else ``branchwise``): joint runs
@@ -81,6 +86,7 @@ from studio.adapters.rows import RowAdapters
 from studio.attention import (
     AttentionCapture,
     assign_background,
+    background_takes_free_cells,
     block_levels,
     capture_spec,
     morphology,
@@ -194,6 +200,10 @@ FAST_DEVIATION = ("no inner iterations at the iterative steps: ≈ 70 % fewer la
                   "schedule (25 instead of 85 at T = 50), for ≈ 5–6× plain generation instead of ≈ 12–15×.")
 
 
+BACKGROUND_DEVIATION = ("background adapters take the cells no other mask covers, not their own map's "
+                        "(the paper averages them into every object)")
+
+
 def _preset(name: str, description: str, deviation: str | None = None) -> Preset:
     t = PRESETS[name]
     return Preset(description, sampler="ddim", steps=t["steps"], guidance=t["guidance"], weight=1.0,
@@ -217,6 +227,8 @@ class CLoRAComposer(Composer):
     defaults = {
         "preset": "spec",  # "spec" (published schedule), "notebook" (official demo) or "fast" (deviation): scaled to T
         "style": "",  # adapters applied in every LoRA branch (comma-separated names), as the released style_lora
+        "background": "",  # deviation: these adapters' branches take the cells no other mask covers (names, or
+        # "auto": every adapter of kind background)
         "latent_update": True,
         "step_size": 20.0,  # eta in z <- z - eta * dL/dz
         "max_iter_to_alter": -1,  # update on steps < this; -1: the preset's, scaled to T (T/2)
@@ -249,6 +261,7 @@ class CLoRAComposer(Composer):
                 raise GenerationError(f"clora {key} must be one of {', '.join(allowed)}; got {p[key]!r}")
         morphology(torch.zeros(1, 3, 3, dtype=torch.bool), p["mask_morphology"])  # rejects unknown ops now
         self.styles, self.concepts = self._split_styles(ctx)
+        self.background_rows = self._background_rows()
         self.plan = self._plan(ctx)
         n = len(self.concepts) + 1
         groups = [sum(len(self.plan.tokens[b][g]) for b in range(n)) for g in range(n - 1)]
@@ -313,6 +326,24 @@ class CLoRAComposer(Composer):
         if not concepts:
             raise GenerationError("clora needs at least one concept adapter besides the style adapters")
         return styles, concepts
+
+    def _background_rows(self) -> list[int]:
+        """Rows (among the concept branches) of the ``background`` adapters.
+
+        A deviation from the paper, off by default: a background adapter's word attends evenly over the
+        image, so its thresholded map covers every cell and the paper's fusion averages its branch into
+        every object (on the toy world the sky's mask holds 16 of 16 cells beside the crescent's 4). Here
+        such a branch takes the cells that no other adapter's mask covers, the base branch's share."""
+        raw = self.params["background"]
+        rows = {a.name: i for i, a in enumerate(self.concepts)}
+        if isinstance(raw, str) and raw.strip().lower() == "auto":
+            return [i for i, a in enumerate(self.concepts) if a.adapter.concept_kind == "background"]
+        names = [s.strip() for s in (raw.split(",") if isinstance(raw, str) else (raw or [])) if s and s.strip()]
+        if missing := [s for s in names if s not in rows]:
+            known = ", ".join(sorted(rows)) or "none"
+            raise GenerationError(f"clora background adapter(s) {', '.join(missing)} are not among the composed "
+                                  f"concept adapters ({known}); add them to the generation, and not as a style")
+        return sorted(rows[s] for s in names)
 
     def _plan(self, ctx: ComposeContext) -> BranchPrompts:
         p = self.params
@@ -582,7 +613,10 @@ class CLoRAComposer(Composer):
         if step < int(self.params["apply_mask_after"]):
             return torch.ones(n, h, w, dtype=torch.bool, device=maps[0].device)
         lora = threshold_masks(torch.stack(maps[1:]), self.plan.mask_tokens[1:], float(self.params["mask_threshold"]))
-        return assign_background(morphology(lora, self.params["mask_morphology"]))
+        lora = morphology(lora, self.params["mask_morphology"])
+        if self.background_rows:
+            lora = background_takes_free_cells(lora, self.background_rows)
+        return assign_background(lora)
 
     def _record(self, maps: list[torch.Tensor], masks: torch.Tensor) -> None:
         heat = np.stack([
@@ -597,6 +631,9 @@ class CLoRAComposer(Composer):
         out = super().effective()
         out["te_mode"] = "per_branch" if self.params["use_text_encoder_lora"] else "none"
         out["style"] = [s.name for s in getattr(self, "styles", [])]
+        if rows := getattr(self, "background_rows", []):
+            out["background"] = [self.concepts[r].name for r in rows]
+            out["deviation"] = "; ".join(filter(None, [out.get("deviation"), BACKGROUND_DEVIATION]))
         if hasattr(self, "max_iter"):
             out["schedule"] = {"max_iter_to_alter": self.max_iter, "iterative_steps": sorted(self.iterative),
                                "inner_iterations": self.inner, "step_size": float(self.params["step_size"]),

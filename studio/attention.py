@@ -278,6 +278,16 @@ def morphology(masks: torch.Tensor, op: str) -> torch.Tensor:
     return ops[op](x)[:, 0] > 0.5
 
 
+def background_takes_free_cells(lora_masks: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """The masks with each of ``rows`` replaced by the cells no other row's mask covers (all cells when
+    every row is one of ``rows``). (n, h, w) -> (n, h, w)."""
+    others = [i for i in range(lora_masks.shape[0]) if i not in rows]
+    free = ~lora_masks[others].any(dim=0) if others else torch.ones_like(lora_masks[0])
+    out = lora_masks.clone()
+    out[rows] = free
+    return out
+
+
 def assign_background(lora_masks: torch.Tensor) -> torch.Tensor:
     """Prepend the base branch's mask: on exactly where no LoRA mask is on. (n, h, w) -> (n+1, h, w)."""
     base = ~lora_masks.any(dim=0, keepdim=True)

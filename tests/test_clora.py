@@ -19,6 +19,7 @@ from studio.adapters.activation import AdapterRig
 from studio.attention import (
     AttentionCapture,
     assign_background,
+    background_takes_free_cells,
     block_levels,
     capture_spec,
     morphology,
@@ -411,6 +412,13 @@ def test_masks_cover_every_pixel():
             assert torch.equal(masks[0], ~masks[1:].any(0))
     lora = threshold_masks(maps, [[1, 2], [4], [7]], 0.8)
     assert lora.any() and not lora.all()  # the threshold really selects
+    for rows in ([2], [0, 2], [0, 1, 2]):  # a background branch takes the cells the others leave free
+        masks = assign_background(background_takes_free_cells(lora, rows))
+        others = [i for i in range(3) if i not in rows]
+        free = ~lora[others].any(0) if others else torch.ones_like(lora[0])
+        assert all(torch.equal(masks[1 + r], free) for r in rows)
+        assert all(torch.equal(masks[1 + i], lora[i]) for i in others)
+        assert (masks.sum(0) >= 1).all() and not masks[0].any()  # nothing left for the base branch
 
 
 def test_run_masks_heatmaps_and_latent_blocks(sd1):
@@ -501,6 +509,26 @@ def test_style_adapter_in_every_lora_branch(sd1):
         sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"style": "zz"}, **FAST)
     with pytest.raises(GenerationError, match="at least one concept"):
         sd1.run(PROMPT, ["st"], method="clora", method_params={"style": "st"}, **FAST)
+
+
+def test_background_adapter_takes_the_cells_the_objects_leave(sd1):
+    two_adapters(sd1)
+    res = sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"background": "b", "latent_update": False}, **FAST)
+    masks = res.report["masks"]
+    assert np.array_equal(masks["b"], ~masks["a"]) and not masks["base"].any()
+    eff = res.recipes[0].effective
+    assert eff["background"] == ["b"] and "background adapters take the cells" in eff["deviation"]
+    plain = sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"latent_update": False}, **FAST)
+    assert "background" not in plain.recipes[0].effective and "deviation" not in plain.recipes[0].effective
+    sd1.adapters.get("b").concept_kind = "background"
+    auto = sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"background": "auto", "latent_update": False}, **FAST)
+    assert auto.recipes[0].effective["background"] == ["b"]
+    np.testing.assert_array_equal(np.asarray(auto.images[0]), np.asarray(res.images[0]))
+    sd1.adapters.get("b").concept_kind = None  # no background adapter: auto changes nothing
+    none = sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"background": "auto", "latent_update": False}, **FAST)
+    np.testing.assert_array_equal(np.asarray(none.images[0]), np.asarray(plain.images[0]))
+    with pytest.raises(GenerationError, match="background adapter.*zz.*not among"):
+        sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"background": "zz"}, **FAST)
 
 
 def test_call_counts_updates_and_determinism(sd1):

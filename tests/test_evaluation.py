@@ -494,7 +494,8 @@ def test_every_shipped_workflow_loads_and_selection_seeds_stay_apart_from_the_be
     """The shipped suites load and expand; the suites that picked the benchmark's CFG scales and adapter
     weights draw from other seeds than the benchmark, so no pick was made on an image it reports."""
     suites = {p.name: load_suite(p) for p in sorted((REPO / "workflows").glob("*.yaml"))}
-    pickers = ["toy-guidance-select.yaml", "toy-weights-select.yaml", "toy-weights-select-glow.yaml"]
+    pickers = ["toy-guidance-select.yaml", "toy-weights-select.yaml", "toy-weights-select-glow.yaml",
+               "toy-background-select.yaml"]
     assert {"toy-compose.yaml", *pickers} <= set(suites)
     seeds = {name: {j.seed for j in expand_jobs(s)} for name, s in suites.items()}
     texts = {name: {t for _, t in s.prompts} for name, s in suites.items()}  # and on other wordings
@@ -510,10 +511,23 @@ def test_every_shipped_workflow_loads_and_selection_seeds_stay_apart_from_the_be
 
     picked = {name: {key(m, suites[name]) for m in suites[name].methods} for name in pickers}
     bench = suites["toy-compose.yaml"]
+    background = suites["toy-background-select.yaml"]
     for m in bench.methods:
+        if "background" in m.params:
+            # the background deviation was picked on its own suite, beside its twin without it; it keeps that
+            # twin's scale and weights, which were picked as below
+            twin = next(t for t in bench.methods if t.name == m.name and t.params == {
+                k: v for k, v in m.params.items() if k != "background"})
+            assert (m.guidance, m.weights) == (twin.guidance, twin.weights)
+            own = {a: w for a, w in m.weights.items() if a in background.adapters}
+            for variant in (m, twin):
+                params = {**variant.params, **({"background": "sky"} if "background" in variant.params else {})}
+                assert (variant.name, repr(params), variant.guidance or bench.guidance, repr(sorted(own.items()))) \
+                    in picked["toy-background-select.yaml"], variant
+            continue
         assert key(m, bench, {}) in picked["toy-guidance-select.yaml"], m
         for adapter, weight in m.weights.items():
-            measured = [name for name in pickers[1:] if adapter in suites[name].adapters]
+            measured = [name for name in pickers[1:3] if adapter in suites[name].adapters]
             assert measured, (m, adapter)
             held = [name for name in measured
                     for others in [{a: w for a, w in m.weights.items() if a != adapter and a in suites[name].adapters}]

@@ -73,6 +73,10 @@ def test_studio_suggests_by_the_kinds_of_the_tagged_adapters(toy):
         .method == "cmlora"
     assert toy.suggest_method("a red sks shape with kpk pattern <lora:crescent-lora:1> <lora:glow-lora:1>") \
         .method is None
+    three = toy.suggest_method(CRESCENT_PLUS + " on a wvu background <lora:sky-lora:1>")
+    assert (three.method, three.params) == ("clora", {"step_size": 5.0, "background": "auto"})
+    assert set(three.params) <= set(COMPOSERS["clora"].defaults)
+    assert "5 of 48 images against 4" in three.markdown() and "0.69 [0.55, 0.80]" in three.markdown()
     assert toy.suggest_method("a red sks shape <lora:crescent-lora:1>") is None
     assert toy.suggest_method("a red circle <lora:crescent-lora:1> <lora:nothing:1>") is None  # unknown tag
 
