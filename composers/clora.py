@@ -200,6 +200,11 @@ FAST_DEVIATION = ("no inner iterations at the iterative steps: ≈ 70 % fewer la
                   "schedule (25 instead of 85 at T = 50), for ≈ 5–6× plain generation instead of ≈ 12–15×.")
 
 
+def _name_list(raw) -> list[str]:
+    """Adapter names from a parameter given as "a, b" or as a list."""
+    return [s.strip() for s in (raw.split(",") if isinstance(raw, str) else (raw or [])) if s and s.strip()]
+
+
 BACKGROUND_DEVIATION = ("background adapters take the cells no other mask covers, not their own map's "
                         "(the paper averages them into every object)")
 
@@ -315,8 +320,7 @@ class CLoRAComposer(Composer):
 
     def _split_styles(self, ctx: ComposeContext) -> tuple[list, list]:
         """(style adapters, concept adapters) from the ``style`` parameter; at least one concept."""
-        raw = self.params["style"]
-        names = [s.strip() for s in (raw.split(",") if isinstance(raw, str) else (raw or [])) if s and s.strip()]
+        names = _name_list(self.params["style"])
         known = {a.name for a in ctx.adapters}
         if missing := [s for s in names if s not in known]:
             raise GenerationError(f"clora style adapter(s) {', '.join(missing)} are not among the composed adapters "
@@ -338,7 +342,7 @@ class CLoRAComposer(Composer):
         rows = {a.name: i for i, a in enumerate(self.concepts)}
         if isinstance(raw, str) and raw.strip().lower() == "auto":
             return [i for i, a in enumerate(self.concepts) if a.adapter.concept_kind == "background"]
-        names = [s.strip() for s in (raw.split(",") if isinstance(raw, str) else (raw or [])) if s and s.strip()]
+        names = _name_list(raw)
         if missing := [s for s in names if s not in rows]:
             known = ", ".join(sorted(rows)) or "none"
             raise GenerationError(f"clora background adapter(s) {', '.join(missing)} are not among the composed "
