@@ -339,9 +339,9 @@ class CLoRAComposer(Composer):
         every object (on the toy world the sky's mask holds 16 of 16 cells beside the crescent's 4). Here
         such a branch takes the cells that no other adapter's mask covers, the base branch's share."""
         raw = self.params["background"]
-        rows = {a.name: i for i, a in enumerate(self.concepts)}
         if isinstance(raw, str) and raw.strip().lower() == "auto":
             return [i for i, a in enumerate(self.concepts) if a.adapter.concept_kind == "background"]
+        rows = {a.name: i for i, a in enumerate(self.concepts)}
         names = _name_list(raw)
         if missing := [s for s in names if s not in rows]:
             known = ", ".join(sorted(rows)) or "none"

@@ -424,7 +424,7 @@ def test_adapter_redrawn_scenes_keep_their_reserved_concept_and_leave_small_fill
     from studio.toyworld.corrupt import REDRAWN, Truth
     from studio.toyworld.oracle import load_oracle, scene_targets
     from studio.toyworld.render import Obj, Scene
-    from training.toyworld import _adapter_redrawn_scenes, _small_fills_unjudged
+    from training.toyworld import _adapter_redrawn_scenes
 
     pipe = load_pipeline()
     images, truths, renders = _adapter_redrawn_scenes(pipe, 32, seed=4)  # 16 arrows, then 16 crescents
@@ -438,7 +438,7 @@ def test_adapter_redrawn_scenes_keep_their_reserved_concept_and_leave_small_fill
         assert sum(seen) >= 12, (concept, seen)
     scene = Scene([Obj("circle", "red", pattern="twotone", position="left", size="small"),
                    Obj("star", "blue", pattern="twotone", position="right", size="large")], "plain")
-    t = scene_targets(_small_fills_unjudged(Truth.redrawn(scene), scene))
+    t = scene_targets(Truth.redrawn(scene, small_fills=False))
     assert t["pattern"][0] == -1 and t["pattern"][2] >= 0
 
 

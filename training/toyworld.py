@@ -541,28 +541,40 @@ def _drawn_negatives(pipe, n: int, seed: int):
 REDRAW_STRENGTH = (0.2, 0.4)
 
 
+def _img2img(pipe):
+    """An img2img pipeline over ``pipe``'s own modules (nothing copied), its progress bar off."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    i2i = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+    i2i.set_progress_bar_config(disable=True)
+    return i2i
+
+
+def _redraw(i2i, captions: list[str], renders: list, strength: float, seed: int) -> list:
+    """Renders redrawn from their captions (guidance 3, 25 steps), image j with its own generator (seed + j)."""
+    gens = [torch.Generator().manual_seed(seed + j) for j in range(len(renders))]
+    return i2i(captions, image=renders, strength=strength, guidance_scale=3.0, num_inference_steps=25,
+               generator=gens).images
+
+
 def _redrawn_scenes(pipe, n: int, seed: int, strength: tuple = REDRAW_STRENGTH):
     """n base-world renders redrawn by the base model (img2img from their own caption, strength drawn
     from ``strength``, guidance 3): the model's own textures and soft edges on content known by
     construction, which clean renders and round trips do not show the oracle. The fill of a dotted
     object is left unjudged (the model often smooths the dots away). Returns the redrawn images,
     their truths and the renders they were redrawn from."""
-    from diffusers import StableDiffusionImg2ImgPipeline
-
     from studio.toyworld.corrupt import Truth
 
-    i2i = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
-    i2i.set_progress_bar_config(disable=True)
+    i2i = _img2img(pipe)
     rng = np.random.default_rng(seed)
     scenes = [sample_base_scene(rng, p_two=0.5) for _ in range(n)]
     images, renders = [], []
     for i in tqdm(range(0, n, 32), desc="redrawn scenes", mininterval=5):
         part = scenes[i:i + 32]
         s = float(rng.uniform(*strength))
-        gens = [torch.Generator().manual_seed(seed * 7919 + i + j) for j in range(len(part))]
         renders += [render(sc, rng) for sc in part]
-        images += i2i([caption_in_form(sc, FORMS[int(rng.integers(3))]) for sc in part], image=renders[i:],
-                      strength=s, guidance_scale=3.0, num_inference_steps=25, generator=gens).images
+        captions = [caption_in_form(sc, FORMS[int(rng.integers(3))]) for sc in part]
+        images += _redraw(i2i, captions, renders[i:], s, seed * 7919 + i)
     return images, [Truth.redrawn(sc) for sc in scenes], renders
 
 
@@ -571,23 +583,20 @@ def _adapter_redrawn_scenes(pipe, n: int, seed: int, strength: tuple = REDRAW_ST
     """n renders of one reserved concept each, redrawn like ``_redrawn_scenes`` but with that concept's
     demo LoRA active and its trigger in the caption, so the model's own soft outlines of the reserved
     shapes, fills and backgrounds come with content known by construction (the base model alone melts a
-    shape it never learnt). Returns the redrawn images, their truths and the renders."""
-    from diffusers import StableDiffusionImg2ImgPipeline
-
+    shape it never learnt). Every small object's fill is left unjudged. Returns the redrawn images,
+    their truths and the renders."""
     from studio.adapters.activation import AdapterRig
+    from studio.resources import demo_adapters_dir
     from studio.studio import Studio
     from studio.toyworld.corrupt import Truth
     from studio.toyworld.prompts import with_trigger
 
-    from studio.toyworld.paths import REPO_ROOT
-
-    folder = adapters_dir or REPO_ROOT / "assets" / "adapters"
-    index = json.loads((folder / "index.json").read_text())
+    folder = adapters_dir or demo_adapters_dir()
+    index = json.loads((folder / "index.json").read_text())  # the world concept of each file
     demos = {e["concept"]: e for e in index.values() if e.get("type") == "lora" and e["concept"] in NOVEL_CONCEPTS}
     studio = Studio.from_pipeline(pipe, "toy-sd")
     loaded = {c: studio.adapters.load(str(folder / e["file"]), name=f"redraw-{c}") for c, e in sorted(demos.items())}
-    i2i = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
-    i2i.set_progress_bar_config(disable=True)
+    i2i = _img2img(pipe)
     rng = np.random.default_rng(seed)
     concepts = sorted(loaded)
     images, truths, renders = [], [], []
@@ -596,25 +605,13 @@ def _adapter_redrawn_scenes(pipe, n: int, seed: int, strength: tuple = REDRAW_ST
             concept = concepts[(i // 16) % len(concepts)]
             scenes = [sample_concept_scene(concept, rng, p_two=0.3) for _ in range(min(16, n - i))]
             part = [render(sc, rng) for sc in scenes]
-            caps = [with_trigger(caption_in_form(sc, FORMS[int(rng.integers(3))]), concept, demos[concept]["trigger"])
-                    for sc in scenes]
-            name = loaded[concept].name
-            rig.set(unet={name: 1.0}, text={name: 1.0})
-            gens = [torch.Generator().manual_seed(seed * 7919 + i + j) for j in range(len(part))]
-            images += i2i(caps, image=part, strength=float(rng.uniform(*strength)), guidance_scale=3.0,
-                          num_inference_steps=25, generator=gens).images
-            truths += [_small_fills_unjudged(Truth.redrawn(sc), sc) for sc in scenes]
+            captions = [with_trigger(caption_in_form(sc, FORMS[int(rng.integers(3))]), concept,
+                                     demos[concept]["trigger"]) for sc in scenes]
+            rig.set(unet={loaded[concept].name: 1.0}, text={loaded[concept].name: 1.0})
+            images += _redraw(i2i, captions, part, float(rng.uniform(*strength)), seed * 7919 + i)
+            truths += [Truth.redrawn(sc, small_fills=False) for sc in scenes]
             renders += part
     return images, truths, renders
-
-
-def _small_fills_unjudged(truth, scene):
-    """A redrawn scene's truth with the fill of every small object unjudged: redrawn with a style's
-    adapter, a small twotone or gradient object often comes back solid."""
-    for o in scene.objects:
-        if o.size == "small" and truth.slots[o.position]:
-            truth.slots[o.position]["pattern"] = None
-    return truth
 
 
 def _oracle_data(n: int, vae, rng, device, drawn=None):

@@ -45,11 +45,14 @@ class Truth:
         return cls(kind, scene.background, slots)
 
     @classmethod
-    def redrawn(cls, scene: Scene) -> "Truth":
-        """A redrawn scene's truth: the scene's, with dotted fills unjudged (pattern None)."""
+    def redrawn(cls, scene: Scene, small_fills: bool = True) -> "Truth":
+        """A redrawn scene's truth: the scene's, with dotted fills unjudged (pattern None), and with
+        ``small_fills=False`` every small object's fill too (redrawn with a style's adapter, a small
+        twotone or gradient object often comes back solid)."""
         truth = cls.of_scene(scene, REDRAWN)
-        for s in truth.slots.values():
-            if s and s["pattern"] == "dots":
+        small = {o.position for o in scene.objects if o.size == "small"}
+        for pos, s in truth.slots.items():
+            if s and (s["pattern"] == "dots" or (not small_fills and pos in small)):
                 s["pattern"] = None
         return truth
 
