@@ -495,7 +495,7 @@ def test_every_shipped_workflow_loads_and_selection_seeds_stay_apart_from_the_be
     weights draw from other seeds than the benchmark, so no pick was made on an image it reports."""
     suites = {p.name: load_suite(p) for p in sorted((REPO / "workflows").glob("*.yaml"))}
     pickers = ["toy-guidance-select.yaml", "toy-weights-select.yaml", "toy-weights-select-glow.yaml",
-               "toy-background-select.yaml"]
+               "toy-background-select.yaml", "toy-style-select.yaml"]
     assert {"toy-compose.yaml", *pickers} <= set(suites)
     seeds = {name: {j.seed for j in expand_jobs(s)} for name, s in suites.items()}
     texts = {name: {t for _, t in s.prompts} for name, s in suites.items()}  # and on other wordings
