@@ -60,11 +60,12 @@ TOY_PICKS = {
     "object + object": MethodPick(
         "object + object", "clora", {"step_size": 5.0}, "clora, step_size 5",
         (6, 0, 16, 8, 35, 0, 43), 48,
-        "step-5 CLoRA 0.77 [0.63, 0.87] (the plus at weight 1.25), CLoRA 0.65; Merge, Composite and CMLoRA 0.00"),
+        "step-5 CLoRA 0.77 [0.63, 0.87] (the plus at weight 1.25), CLoRA 0.65; Merge, Composite and CMLoRA 0.00; "
+        "in two other colourings (workflows/toy-compose-colours.yaml) step-5 CLoRA 1.00 [0.93, 1.00]"),
     "object + background": MethodPick(
         "object + background", "cmlora", {}, "cmlora",
         (14, 0, 19, 23, 8, 1, 13), 24,
-        "CMLoRA 0.79 [0.66, 0.88], Merge 0.65"),
+        "CMLoRA 0.79 [0.66, 0.88], Merge 0.65; with a yellow or an orange crescent CMLoRA 0.88 [0.75, 0.94]"),
     # The glow's and the twotone's cells pooled (24 images each). Step-5 CLoRA led on selection (15 of 48) but
     # held both in 1 of 96 evaluation images, so no method is suggested.
     "object + style": MethodPick(
@@ -82,7 +83,7 @@ TWO_OBJECTS_AND_BACKGROUND = MethodPick(
     "two objects and a background", "clora", {"step_size": 5.0, "background": "auto"},
     "clora, step_size 5, background auto", (), 48,
     "step-5 CLoRA with the background's branch on the free cells 0.69 [0.55, 0.80] on crescent + plus + sky "
-    "(`oracle-b` 0.35; without it 0.21), every other method 0.15 or less",
+    "(`oracle-b` 0.35; without it 0.21), every other method 0.15 or less; 0.65 [0.50, 0.77] in two other colourings",
     selection_note="it held all three in 5 of 48 images against 4 for step-5 CLoRA without it (`oracle-b`: 7 "
                    "against 1); the other methods were not run there")
 
