@@ -494,8 +494,8 @@ def test_every_shipped_workflow_loads_and_selection_seeds_stay_apart_from_the_be
     """The shipped suites load and expand; the suites that picked the benchmark's CFG scales and adapter
     weights draw from other seeds than the benchmark, so no pick was made on an image it reports."""
     suites = {p.name: load_suite(p) for p in sorted((REPO / "workflows").glob("*.yaml"))}
-    pickers = ["toy-guidance-select.yaml", "toy-weights-select.yaml", "toy-weights-select-glow.yaml",
-               "toy-background-select.yaml", "toy-style-select.yaml"]
+    weight_pickers = ["toy-weights-select.yaml", "toy-weights-select-glow.yaml"]
+    pickers = ["toy-guidance-select.yaml", *weight_pickers, "toy-background-select.yaml", "toy-style-select.yaml"]
     assert {"toy-compose.yaml", *pickers} <= set(suites)
     seeds = {name: {j.seed for j in expand_jobs(s)} for name, s in suites.items()}
     texts = {name: {t for _, t in s.prompts} for name, s in suites.items()}  # and on other wordings
@@ -525,7 +525,7 @@ def test_every_shipped_workflow_loads_and_selection_seeds_stay_apart_from_the_be
             continue
         assert key(m, bench, {}) in picked["toy-guidance-select.yaml"], m
         for adapter, weight in m.weights.items():
-            measured = [name for name in pickers[1:3] if adapter in suites[name].adapters]
+            measured = [name for name in weight_pickers if adapter in suites[name].adapters]
             assert measured, (m, adapter)
             held = [name for name in measured
                     for others in [{a: w for a, w in m.weights.items() if a != adapter and a in suites[name].adapters}]
