@@ -346,7 +346,9 @@ def build_app(studio: Studio, handlers: AppHandlers | None = None, startup: list
                                     0, minimum=0, label="Attention loss", elem_id="train_attention",
                                     info="Pulls the trigger's attention onto each image's concept mask, so CLoRA "
                                          "finds the concept where it is drawn; 0.1 taught the demo crescent and "
-                                         "plus. Needs masks (uploaded, or FOLDER/masks); 0: off")
+                                         "plus, but it keeps the prompt's fill words off the object (leave 0 "
+                                         "for an object that must take a style's fill). Needs masks (uploaded, "
+                                         "or FOLDER/masks); 0: off")
                             with gr.Row():
                                 train_btn = gr.Button("Train", variant="primary", elem_id="train_btn")
                                 train_stop = gr.Button("Stop", variant="stop")

@@ -280,6 +280,21 @@ def test_check_prompt_sets_are_inside_the_world():
             assert len(need) == (3 if kind == "n3" else 2) and not set(need) & set(NOVEL_CONCEPTS)
 
 
+def test_fill_prompts_ask_for_the_object_in_every_base_fill_but_solid_and_every_colour():
+    """fill_rate asks for an object adapter's concept in stripes and in dots, in every colour, and the
+    world's parser reads each prompt back with that fill on the trigger's object."""
+    from studio.toyworld.check import fill_prompts
+    from studio.toyworld.concepts import COLORS
+    from studio.toyworld.prompts import parse_prompt
+
+    asked = fill_prompts("sks", 2 * len(COLORS))
+    assert {f for _, f in asked} == {"stripes", "dots"}
+    assert {(f, c) for (_, f), c in zip(asked, COLORS * 2)} == {(f, c) for f in ("stripes", "dots") for c in COLORS}
+    for prompt, fill in asked:
+        (obj,) = parse_prompt(prompt, {"sks": "crescent"}).objects
+        assert (obj.shape, obj.pattern) == ("crescent", fill)
+
+
 def test_beside_prompts_put_the_concept_beside_every_base_shape_on_either_side():
     """concept_rate_beside asks for the concept next to a base object of another colour, on the left and
     on the right, in every phrasing form, and the world's parser reads every prompt back."""
@@ -858,7 +873,7 @@ def test_check_reports_every_adapter_measure_on_its_last_line(capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     fields = dict(kv.split("=") for kv in line.split())
     for key in ("concept_rate_sentence", "concept_rate_tags", "concept_rate_and", "concept_rate_beside",
-                "base_concept_rate", "survival", "survival_beside"):
+                "fill_rate", "base_concept_rate", "survival", "survival_beside"):
         assert 0.0 <= float(fields[key]) <= 1.0, key
     assert -1.0 <= float(fields["leak"]) <= 1.0  # an accuracy drop; below 0 where the adapter's images score higher
     assert 0.0 <= float(fields["leak_pixels"]) <= 255.0

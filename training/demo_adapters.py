@@ -126,6 +126,11 @@ LOCON_OBJECT = {**CROSS, **STAND_INS, "steps": 2000, "unet_targets": "attention+
 # "Session 26"). Session 27 (crescent + glow, crescent + twotone): the styles taught below timestep 600 9 / 5, 3 / 0
 # (beside the >= 400 crescent 9 / 6, 2 / 0), at >= 400 20 / 15, 4 / 0, on more outlines 18 / 11, 3 / 1; the crescent
 # with the ResNet convs of every level but 16x16 10 / 7, 10 / 1, of the 16x16 level only 15 / 14, 5 / 0. None ships.
+# Session 31: the loss also shuts the fill words out. Asked for "a {red, green, blue} sks shape with stripes" (seed 777,
+# 36 images) the shipped crescent draws stripes 0 times; taught in solid, stripes and dots 2 with the loss, 21 without
+# it, and merged with the gradient 0 / 5 / 18 of 36. The glow and the twotone (fills drawn for the outline) do not
+# follow: four-colour style suite, Merge / Composite / CMLoRA / step-5 CLoRA, glow 7 / 2 / 5 / 1 against the shipped
+# 7 / 3 / 6 / 11, so the loss stays for CLoRA's masks (docs/training-history.md "Session 31").
 LOCALIZED_OBJECT = {**LOCON_OBJECT, "attention_loss": 0.1}
 # Session 15: the crescent and plus LoRAs retrained with a third of their instance images in stripes and a
 # third in dots (--instance-fills solid,stripes,dots). Alone, the crescent still drew "a green sks shape with

@@ -9,7 +9,8 @@ two-object prompts on named sides whose combination was held out of training. Th
 form_acc_tags=… form_acc_and=… ceiling_object_object=… ceiling_object_background=…
 ceiling_object_style=… ceiling_n3=…``. With ``--adapter`` it adds ``concept_rate_sentence=…
 concept_rate_tags=… concept_rate_and=… concept_rate=… base_concept_rate=… concept_rate_beside=… leak=…
-leak_pixels=…`` (``concept_rate_beside``: the concept beside a base object, as a composed prompt asks for it)
+leak_pixels=…`` (``concept_rate_beside``: the concept beside a base object, as a composed prompt asks for it;
+for an object adapter ``fill_rate``: the concept drawn in the base fill the prompt asks for, which a style needs)
 and, with ``--with F2 [F3 …]``, ``survival=…`` and ``survival_beside=…`` (one-object prompts, and the
 concept beside a base object; over several adapters: the worst of each). When the
 second oracle (assets/models/oracle-b) is there, ``oracle_agreement=…`` ends the line: the share of
@@ -30,7 +31,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from .concepts import (
-    ALL_BACKGROUNDS, ALL_PATTERNS, ALL_SHAPES, COLORS, FORMS, NOVEL_CONCEPTS, SHAPES, concept_kind,
+    ALL_BACKGROUNDS, ALL_PATTERNS, ALL_SHAPES, COLORS, FORMS, NOVEL_CONCEPTS, PATTERNS, SHAPES, concept_kind,
 )
 from .prompts import OutsideWorldError, parse_prompt, score
 from .render import HELDOUT_PAIRS, _article
@@ -247,6 +248,18 @@ def beside_prompts(concept: str, trigger: str, form: str = "sentence") -> list[s
     return out
 
 
+def fill_prompts(trigger: str, n: int) -> list[tuple[str, str]]:
+    """(prompt, fill) pairs that ask for an object adapter's concept in a base fill, in every colour
+    ("a red sks shape with stripes"). An object adapter that draws these solid will also paint over a
+    style adapter's fill: composed with a style, the object keeps its own fill (session 31)."""
+    fills = [f for f in PATTERNS if f != "solid"]
+    out = []
+    for i in range(n):
+        color, fill = COLORS[i % len(COLORS)], fills[(i // len(COLORS)) % len(fills)]
+        out.append((f"{_article(color)} {color} {trigger} shape with {fill}", fill))
+    return out
+
+
 def beside_prompts_in_turn(concept: str, trigger: str, n: int) -> list[str]:
     """``n`` beside-prompts, the three phrasing forms in turn."""
     per_form = [beside_prompts(concept, trigger, form) for form in FORMS]
@@ -419,6 +432,13 @@ def main(argv=None) -> int:
             rate = rate_of(beside, base + 450000, f"adapter-{name}-beside")
             print(f"adapter {name} beside a base object (the three forms in turn): concept rate {rate:.3f}")
             keep("concept_rate_beside", rate)
+            if concept_kind(concept) == "shape":
+                asked = fill_prompts(trigger, args.samples)
+                _, preds = run([p for p, _ in asked], base + 470000, f"adapter-{name}-fill", trig, gen_with([name]))
+                rate = mean([oracle.has_concept(p, concept) and oracle.has_concept(p, fill)
+                             for p, (_, fill) in zip(preds, asked)])
+                print(f"adapter {name} in a base fill (stripes or dots): concept and fill {rate:.3f}")
+                keep("fill_rate", rate)
             ad_imgs = gen_with([name])(plain_prompts, leak_seed)
             drop = ref_acc - acc(ad_imgs)
             pix = mean([float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean())
