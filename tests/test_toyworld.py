@@ -287,7 +287,7 @@ def test_fill_prompts_ask_for_the_object_in_every_base_fill_but_solid_and_every_
     from studio.toyworld.concepts import COLORS
     from studio.toyworld.prompts import parse_prompt
 
-    asked = fill_prompts("sks", 2 * len(COLORS))
+    asked = fill_prompts("crescent", "sks", 2 * len(COLORS))
     assert {f for _, f in asked} == {"stripes", "dots"}
     assert {(f, c) for (_, f), c in zip(asked, COLORS * 2)} == {(f, c) for f in ("stripes", "dots") for c in COLORS}
     for prompt, fill in asked:

@@ -248,15 +248,19 @@ def beside_prompts(concept: str, trigger: str, form: str = "sentence") -> list[s
     return out
 
 
-def fill_prompts(trigger: str, n: int) -> list[tuple[str, str]]:
+def fill_prompts(concept: str, trigger: str, n: int) -> list[tuple[str, str]]:
     """(prompt, fill) pairs that ask for an object adapter's concept in a base fill, in every colour
     ("a red sks shape with stripes"). An object adapter that draws these solid will also paint over a
     style adapter's fill: composed with a style, the object keeps its own fill (session 31)."""
+    from .prompts import with_trigger
+    from .render import Obj, Scene, caption_in_form
+
     fills = [f for f in PATTERNS if f != "solid"]
     out = []
     for i in range(n):
         color, fill = COLORS[i % len(COLORS)], fills[(i // len(COLORS)) % len(fills)]
-        out.append((f"{_article(color)} {color} {trigger} shape with {fill}", fill))
+        caption = caption_in_form(Scene([Obj(concept, color, pattern=fill)], "plain"), "sentence")
+        out.append((with_trigger(caption, concept, trigger), fill))
     return out
 
 
@@ -433,7 +437,7 @@ def main(argv=None) -> int:
             print(f"adapter {name} beside a base object (the three forms in turn): concept rate {rate:.3f}")
             keep("concept_rate_beside", rate)
             if concept_kind(concept) == "shape":
-                asked = fill_prompts(trigger, args.samples)
+                asked = fill_prompts(concept, trigger, args.samples)
                 _, preds = run([p for p, _ in asked], base + 470000, f"adapter-{name}-fill", trig, gen_with([name]))
                 rate = mean([oracle.has_concept(p, concept) and oracle.has_concept(p, fill)
                              for p, (_, fill) in zip(preds, asked)])
