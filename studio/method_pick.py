@@ -71,7 +71,8 @@ TOY_PICKS = {
     "object + style": MethodPick(
         "object + style", None, selection=(4, 1, 9, 9, 10, 1, 15), images=48,
         expect="no method holds both reliably here: on the benchmark the best was Merge, 0.15 [0.07, 0.27] with "
-               "the glow, and CMLoRA, 0.08 with the twotone, every method's interval overlapping. Generate "
+               "the glow (by eye 4 of 48), and CMLoRA, 0.08 with the twotone, every method's interval overlapping. "
+               "A heavier style breaks the object's outline. Generate "
                "several seeds and keep the good ones."),
 }
 UNMEASURED = ("no pick measured for this mix of kinds; an object, a background and a style reached 0.00 with every "
