@@ -37,7 +37,8 @@ def test_sheets_mix_runs_in_a_seeded_order_and_show_only_an_index(tmp_path):
     _run(tmp_path / "c", 3, set_id="object+object")
     rows = select_rows([a, b, tmp_path / "c"], "object+style")
     assert len(rows) == 9  # the other set is left out
-    assert len(select_rows([a, b], "object+style", method="merge")) == 5
+    assert len(select_rows([a, b], "object+style", methods=["merge"])) == 5
+    assert len(select_rows([a, b], "object+style", methods=["merge", "comp"])) == 9
     key = write_sheets(rows, tmp_path / "s1", seed=7)
     again = write_sheets(rows, tmp_path / "s2", seed=7)
     other = write_sheets(rows, tmp_path / "s3", seed=8)

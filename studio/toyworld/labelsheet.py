@@ -1,6 +1,6 @@
 """Blind contact sheets for labelling generated images by eye, and their labels into the judge check.
 
-    python -m studio.toyworld.labelsheet sheets RUN [RUN …] --set object+style [--method merge] --out DIR
+    python -m studio.toyworld.labelsheet sheets RUN [RUN …] --set object+style [--method merge …] --out DIR
     (write Y / N / ? for each concept in DIR/labels.txt, looking only at DIR/sheet-*.png)
     python -m studio.toyworld.labelsheet add DIR --group g --about "what these images are"
 
@@ -33,8 +33,8 @@ class LabelSheetError(ValueError):
     """A labelling request or a labels file that cannot be used as it stands."""
 
 
-def select_rows(runs: list[Path], set_id: str, method: str | None = None) -> list[dict]:
-    """Every row of the runs' results.jsonl for ``set_id`` (and methods whose label contains ``method``),
+def select_rows(runs: list[Path], set_id: str, methods: list[str] | None = None) -> list[dict]:
+    """Every row of the runs' results.jsonl for ``set_id`` (and methods whose label contains one of ``methods``),
     each with ``run`` (its folder) added."""
     rows = []
     for run in runs:
@@ -43,10 +43,10 @@ def select_rows(runs: list[Path], set_id: str, method: str | None = None) -> lis
             raise LabelSheetError(f"{run} has no results.jsonl; give a finished `studio eval` run folder")
         for line in path.read_text().splitlines():
             row = json.loads(line)
-            if row["loraset_id"] == set_id and (method is None or method in row["method_label"]):
+            if row["loraset_id"] == set_id and (not methods or any(m in row["method_label"] for m in methods)):
                 rows.append({**row, "run": str(Path(run).resolve())})
     if not rows:
-        raise LabelSheetError(f"no images of set {set_id!r}" + (f" by a method matching {method!r}" if method else "")
+        raise LabelSheetError(f"no images of set {set_id!r}" + (f" by a method matching {methods}" if methods else "")
                               + f" in {', '.join(map(str, runs))}")
     return rows
 
@@ -146,7 +146,8 @@ def main(argv=None) -> int:
     sh = sub.add_parser("sheets", help="blind, shuffled contact sheets and a labels template")
     sh.add_argument("runs", nargs="+", help="`studio eval` run folders")
     sh.add_argument("--set", required=True, help="adapter set id, e.g. object+style")
-    sh.add_argument("--method", default=None, help="only methods whose label contains this, e.g. merge")
+    sh.add_argument("--method", action="append", default=None,
+                    help="only methods whose label contains this, e.g. merge (repeat for several)")
     sh.add_argument("--limit", type=int, default=None, help="at most this many images (after the shuffle)")
     sh.add_argument("--seed", type=int, default=0, help="shuffle seed")
     sh.add_argument("--out", required=True, help="new folder for the sheets, key.json and labels.txt")
