@@ -60,12 +60,14 @@ TOY_PICKS = {
     "object + object": MethodPick(
         "object + object", "clora", {"step_size": 5.0}, "clora, step_size 5",
         (6, 0, 16, 8, 35, 0, 43), 48,
-        "step-5 CLoRA 0.77 [0.63, 0.87] (the plus at weight 1.25), CLoRA 0.65; Merge, Composite and CMLoRA 0.00; "
+        "step-5 CLoRA 0.77 [0.63, 0.87] (the plus at weight 1.25; by eye 0.58, the rest five-point stars for the "
+        "plus), CLoRA 0.65; Merge, Composite and CMLoRA 0.00; "
         "in two other colourings (workflows/toy-compose-colours.yaml) step-5 CLoRA 1.00 [0.93, 1.00]"),
     "object + background": MethodPick(
         "object + background", "cmlora", {}, "cmlora",
         (14, 0, 19, 23, 8, 1, 13), 24,
-        "CMLoRA 0.79 [0.66, 0.88], Merge 0.65; with a yellow or an orange crescent CMLoRA 0.88 [0.75, 0.94]"),
+        "CMLoRA 0.79 [0.66, 0.88] (by eye 0.69), Merge 0.65; step-5 CLoRA with background auto by eye 0.92 but with a "
+        "pale box around the object; with a yellow or an orange crescent CMLoRA 0.88 [0.75, 0.94]"),
     # The glow's and the twotone's cells pooled (24 images each). Step-5 CLoRA led on selection (15 of 48) but
     # held both in 1 of 96 evaluation images, so no method is suggested.
     "object + style": MethodPick(
