@@ -22,6 +22,22 @@ def _run(folder, n, method="merge", set_id="object+style", shade=0):
     return folder
 
 
+def test_labels_are_asked_for_the_concepts_the_adapters_teach(tmp_path):
+    """A suite may name an adapter "ship" for the crescent it teaches: the sheet asks about the crescent, the word the
+    oracles judge, and a name that is no toy-world concept is refused when the labels are added."""
+    run = _run(tmp_path / "a", 2)
+    (run / "config.resolved.yaml").write_text("adapters:\n  glow: {name: glow, concept: glow}\n"
+                                              "  crescent: {name: crescent, concept: plus}\n")
+    assert select_rows([run], "object+style")[0]["concepts"] == ["glow", "plus"]
+    (run / "config.resolved.yaml").write_text("adapters:\n  glow: {name: glow, concept: sunburst}\n")
+    key = write_sheets(select_rows([run], "object+style"), tmp_path / "s", seed=0)
+    assert key[0]["concepts"] == ["crescent", "sunburst"]  # an adapter the suite names without a concept stands for itself
+    (tmp_path / "s" / "labels.txt").write_text("0 crescent=Y sunburst=N\n1 crescent=Y sunburst=N\n")
+    labels = _judge_check(tmp_path)
+    with pytest.raises(LabelSheetError, match="'sunburst', which is not a toy-world concept"):
+        add_group(tmp_path / "s", "g", "test", labels)
+
+
 def _judge_check(tmp_path):
     labels = tmp_path / "jc" / "labels.json"
     (labels.parent / "images").mkdir(parents=True)

@@ -33,26 +33,41 @@ class LabelSheetError(ValueError):
     """A labelling request or a labels file that cannot be used as it stands."""
 
 
+def run_concepts(run: Path) -> dict[str, str]:
+    """Adapter name -> the concept it teaches, from the run's resolved suite (a name stands for itself without one)."""
+    import yaml
+
+    path = Path(run) / "config.resolved.yaml"
+    if not path.is_file():
+        return {}
+    adapters = (yaml.safe_load(path.read_text()) or {}).get("adapters") or {}
+    items = adapters.values() if isinstance(adapters, dict) else adapters
+    return {a["name"]: a.get("concept") or a["name"] for a in items if isinstance(a, dict) and "name" in a}
+
+
 def select_rows(runs: list[Path], set_id: str, methods: list[str] | None = None) -> list[dict]:
     """Every row of the runs' results.jsonl for ``set_id`` (and methods whose label contains one of ``methods``),
-    each with ``run`` (its folder) added."""
+    each with ``run`` (its folder) and ``concepts`` (the concepts its adapters teach) added."""
     rows = []
     for run in runs:
         path = Path(run) / "results.jsonl"
         if not path.is_file():
             raise LabelSheetError(f"{run} has no results.jsonl; give a finished `studio eval` run folder")
+        concepts = run_concepts(run)
         for line in path.read_text().splitlines():
             row = json.loads(line)
             if row["loraset_id"] == set_id and (not methods or any(m in row["method_label"] for m in methods)):
-                rows.append({**row, "run": str(Path(run).resolve())})
+                names = set_adapters(row)
+                rows.append({**row, "run": str(Path(run).resolve()),
+                             "concepts": sorted(concepts.get(n, n) for n in names)})
     if not rows:
         raise LabelSheetError(f"no images of set {set_id!r}" + (f" by a method matching {methods}" if methods else "")
                               + f" in {', '.join(map(str, runs))}")
     return rows
 
 
-def set_concepts(row: dict) -> list[str]:
-    """The concepts a person labels on an image of this row: those its oracle verdict names."""
+def set_adapters(row: dict) -> list[str]:
+    """The adapters whose concepts a person labels on an image of this row: those its oracle verdict names."""
     present = (row.get("metrics", {}).get("oracle") or {}).get("present")
     if not present:
         raise LabelSheetError(f"row {row.get('job_id')} has no oracle verdict naming its concepts; run the suite "
@@ -72,7 +87,7 @@ def write_sheets(rows: list[dict], out: Path, seed: int, limit: int | None = Non
     rows = rows[:limit] if limit else rows
     key = [{"index": i, "image": str(Path(r["run"]) / r["image"]), "run": r["run"], "job_id": r["job_id"],
             "set": r["loraset_id"], "method": r["method_label"], "prompt_id": r["prompt_id"],
-            "concepts": set_concepts(r)} for i, r in enumerate(rows)]
+            "concepts": r["concepts"]} for i, r in enumerate(rows)]
     out.mkdir(parents=True, exist_ok=True)
     for s in range(0, len(key), PER_SHEET):
         part = key[s:s + PER_SHEET]
@@ -118,7 +133,16 @@ def read_labels(folder: Path) -> list[dict]:
 def add_group(folder: Path, group: str, about: str, labels_path: Path = LABELS) -> int:
     """Copy the labelled images beside the judge check's and append them as ``group``; returns the count."""
     labels_path = Path(labels_path)
+    from .concepts import concept_kind
+
     entries = read_labels(folder)
+    for k in entries:
+        for concept in k["labels"]:
+            try:
+                concept_kind(concept)
+            except KeyError:
+                raise LabelSheetError(f"image {k['index']} is labelled for {concept!r}, which is not a toy-world concept "
+                                      "the oracles judge; label runs whose suites name each adapter's concept") from None
     data = json.loads(labels_path.read_text())
     if group in data.get("groups", {}) or any(it.get("group") == group for it in data["images"]):
         raise LabelSheetError(f"{labels_path} already has a group {group!r}; pick an unused letter")
