@@ -95,6 +95,7 @@ def test_labels_join_the_judge_check_as_a_new_group(tmp_path):
     ("0 crescent=Y glow=N\n1 crescent=Y glow=N\n", "no complete line for image 2"),
     ("0 crescent=Y\n1 crescent=Y glow=N\n2 crescent=Y glow=N\n", "no complete line for image 0"),
     ("0 crescent=yes glow=N\n1 crescent=Y glow=N\n2 crescent=Y glow=N\n", "concept=Y, concept=N or concept=\\?"),
+    ("zero crescent=Y glow=N\n", "line 1 starts with 'zero'; each line is an image index"),
 ])
 def test_incomplete_or_unknown_labels_are_refused_and_change_nothing(tmp_path, text, match):
     write_sheets(select_rows([_run(tmp_path / "a", 3)], "object+style"), tmp_path / "s", seed=1)

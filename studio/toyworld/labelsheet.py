@@ -116,6 +116,9 @@ def read_labels(folder: Path) -> list[dict]:
         if not line.strip() or line.startswith("#"):
             continue
         idx, *pairs = line.split()
+        if not idx.isdigit():
+            raise LabelSheetError(f"labels.txt line {n} starts with {idx!r}; each line is an image index, then "
+                                  "concept=mark pairs (e.g. 3 crescent=Y glow=N)")
         got = dict(p.partition("=")[::2] for p in pairs)
         bad = {c: m for c, m in got.items() if m not in MARKS}
         if bad:
