@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from ..atomic import write_atomic
+from .concepts import concept_kind
 from .judgecheck import LABELS, MARKS
 
 TILE = 176  # px per image on a sheet: a 64 px toy image at 2.75x, enough to see a fill
@@ -136,8 +137,6 @@ def read_labels(folder: Path) -> list[dict]:
 def add_group(folder: Path, group: str, about: str, labels_path: Path = LABELS) -> int:
     """Copy the labelled images beside the judge check's and append them as ``group``; returns the count."""
     labels_path = Path(labels_path)
-    from .concepts import concept_kind
-
     entries = read_labels(folder)
     for k in entries:
         for concept in k["labels"]:
@@ -153,14 +152,13 @@ def add_group(folder: Path, group: str, about: str, labels_path: Path = LABELS) 
         raise LabelSheetError("--about must say what the images are and how they were labelled")
     images = labels_path.parent / "images"
     width = len(str(len(entries) - 1))
-    for k in entries:
-        name = f"{group}-{k['index']:0{width}d}.png"
-        if (images / name).exists():
-            raise LabelSheetError(f"{images / name} exists; pick an unused group letter")
+    names = [f"{group}-{k['index']:0{width}d}.png" for k in entries]
+    if taken := [n for n in names if (images / n).exists()]:
+        raise LabelSheetError(f"{images / taken[0]} exists; pick an unused group letter")
+    for k, name in zip(entries, names):  # copied only once every name is known to be free
+        shutil.copyfile(k["image"], images / name)
         data["images"].append({"file": name, "set": k["set"], "method": k["method"], "prompt_id": k["prompt_id"],
                                "labels": k["labels"], "group": group})
-    for k in entries:  # copied only once every name is known to be free
-        shutil.copyfile(k["image"], images / f"{group}-{k['index']:0{width}d}.png")
     data.setdefault("groups", {})[group] = about
     write_atomic(labels_path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     return len(entries)
