@@ -37,7 +37,10 @@ released code's ``style_lora``. They need no trigger or concept word.
 Background adapters (``background``: names of composed concept adapters, comma-separated, or ``auto``
 for every one whose kind is "background"; off by default) are a named **deviation**: their branch's mask is the cells no other adapter's mask covers
 (the base branch's share), not their own thresholded map. A background word attends evenly, so its
-map covers every cell and the paper's fusion averages the background branch into every object.
+map covers every cell and the paper's fusion averages the background branch into every object. Every
+object's branch also keeps the background's trigger and runs the background adapter at
+``background_in_objects`` × its UNet weight (``auto``: 1 beside one object, off beside more), so the cells
+of an object's mask around the object draw the background, not a pale box.
 
 Cost options:
 
@@ -74,7 +77,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
@@ -94,7 +97,7 @@ from studio.attention import (
 )
 from studio.errors import GenerationError
 from studio.prompts import BranchPrompts, branch_prompts
-from studio.sampling import ComposeContext, Conditioning
+from studio.sampling import AdapterWeight, ComposeContext, Conditioning
 
 from .base import Composer, Preset, switch_param
 from .composite import branch_rows
@@ -207,6 +210,8 @@ def _name_list(raw) -> list[str]:
 
 BACKGROUND_DEVIATION = ("background adapters take the cells no other mask covers, not their own map's "
                         "(the paper averages them into every object)")
+BACKGROUND_IN_OBJECTS_DEVIATION = ("and every object's branch keeps the background's trigger and runs its adapter at "
+                                   "background_in_objects × its UNet weight, so an object's mask cells draw the background")
 
 
 def _preset(name: str, description: str, deviation: str | None = None) -> Preset:
@@ -234,6 +239,9 @@ class CLoRAComposer(Composer):
         "style": "",  # adapters applied in every LoRA branch (comma-separated names), as the released style_lora
         "background": "",  # deviation: these adapters' branches take the cells no other mask covers (names, or
         # "auto": every adapter of kind background)
+        "background_in_objects": "auto",  # with background: the fraction of its UNet weight each background
+        # adapter has in every object's branch, which also keeps its trigger; auto: 1 beside one object, off
+        # beside more; off: neither (session 29's fusion)
         "latent_update": True,
         "step_size": 20.0,  # eta in z <- z - eta * dL/dz
         "max_iter_to_alter": -1,  # update on steps < this; -1: the preset's, scaled to T (T/2)
@@ -267,6 +275,7 @@ class CLoRAComposer(Composer):
         morphology(torch.zeros(1, 3, 3, dtype=torch.bool), p["mask_morphology"])  # rejects unknown ops now
         self.styles, self.concepts = self._split_styles(ctx)
         self.background_rows = self._background_rows()
+        self.background_in_objects = self._background_in_objects()
         self.plan = self._plan(ctx)
         n = len(self.concepts) + 1
         groups = [sum(len(self.plan.tokens[b][g]) for b in range(n)) for g in range(n - 1)]
@@ -280,10 +289,11 @@ class CLoRAComposer(Composer):
             return {a.name: a.te for a in adapters if p["use_text_encoder_lora"]
                     and any(c.startswith("text_encoder") for c in a.adapter.components())}
 
-        style_unet = {s.name: s.unet for s in self.styles}
+        extras = [self._branch_extras(i) for i in range(len(self.concepts))]
         self.branches = [_Branch("base", {}, ctx.encode(self.plan.prompts[0], {}))]
-        for a, prompt in zip(self.concepts, self.plan.prompts[1:]):
-            self.branches.append(_Branch(a.name, {a.name: a.unet, **style_unet}, ctx.encode(prompt, te([a] + self.styles))))
+        for a, more, prompt in zip(self.concepts, extras, self.plan.prompts[1:]):
+            self.branches.append(_Branch(a.name, {a.name: a.unet, **{x.name: x.unet for x in more}},
+                                         ctx.encode(prompt, te([a] + more))))
         keys = self.branches[0].cond.embeds.shape[1]
         for b, groups_b in enumerate(self.plan.tokens):
             for toks in groups_b + [self.plan.mask_tokens[b]]:
@@ -294,8 +304,8 @@ class CLoRAComposer(Composer):
         self.capture = AttentionCapture(unet, self.spec, p["attention_source"])
         scale = ctx.pipe.vae_scale_factor
         large = (ctx.height // scale) * (ctx.width // scale) >= CHECKPOINT_MIN_LATENT
-        style_rows = [(s.adapter, s.unet) for s in self.styles]
-        self.row_groups = [[]] + [[(a.adapter, a.unet)] + style_rows for a in self.concepts]
+        self.row_groups = [[]] + [[(a.adapter, a.unet)] + [(x.adapter, x.unet) for x in more]
+                                  for a, more in zip(self.concepts, extras)]
         self.batch_branches = switch_param(self.name, p, "batch_branches", not large)
         self._row_adapters: dict[int, RowAdapters] = {}  # per rows per branch (2 × images)
         self.ckpt_blocks = self._checkpoint_blocks(unet, large)
@@ -330,6 +340,41 @@ class CLoRAComposer(Composer):
         if not concepts:
             raise GenerationError("clora needs at least one concept adapter besides the style adapters")
         return styles, concepts
+
+    def _branch_extras(self, row: int) -> list[AdapterWeight]:
+        """Adapters active in concept branch ``row`` besides its own: the styles, and in an object's
+        branch the background adapters at ``background_in_objects`` × their UNet weight."""
+        extras = list(self.styles)
+        if self.background_in_objects is not None and row not in self.background_rows:
+            extras += [replace(self.concepts[r], unet=self.concepts[r].unet * self.background_in_objects)
+                       for r in self.background_rows]
+        return extras
+
+    def _background_in_objects(self) -> float | None:
+        """``background_in_objects`` as a UNet weight fraction, or None ("off", or no background adapter).
+
+        Part of the background deviation. An object's mask covers whole map cells (4 × 4 on the toy
+        world), more than the object; drawn by a branch without the background, those cells showed a
+        pale box around every object (session 32). With the background's words and adapter in the
+        object's branch they draw the background. ``auto`` (docs/benchmark.md "Session 33"): beside
+        one object the full weight, which left the fewest boxes on selection seeds (1 of 24 against
+        7 at 0.5 and 10 at 0.25; the words alone leave them all). Beside two objects it is off: the
+        sky adapter in the plus's branch melts the plus, and the words alone, ahead on selection
+        seeds, lost the plus on the evaluation seeds."""
+        raw = self.params["background_in_objects"]
+        word = raw.strip().lower() if isinstance(raw, str) else None
+        if not self.background_rows or word in ("off", "none"):
+            return None
+        if word == "auto":
+            return 1.0 if len(self.concepts) - len(self.background_rows) == 1 else None
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            value = -1.0
+        if not 0.0 <= value <= 2.0:
+            raise GenerationError(f"clora background_in_objects must be auto, off or a weight fraction from 0 to 2; "
+                                  f"got {raw!r}")
+        return value
 
     def _background_rows(self) -> list[int]:
         """Rows (among the concept branches) of the ``background`` adapters.
@@ -378,7 +423,8 @@ class CLoRAComposer(Composer):
                         f"(adapters.load(path, trigger='sks', concept='dog') or adapter.{field} = ...)"
                     )
         concepts = [(a.name, a.adapter.trigger.strip(), a.adapter.concept.strip()) for a in self.concepts]
-        return branch_prompts(ctx.prompt, concepts, ctx.pipe.tokenizer)
+        shared = frozenset(self.background_rows) if self.background_in_objects is not None else frozenset()
+        return branch_prompts(ctx.prompt, concepts, ctx.pipe.tokenizer, shared=shared)
 
     def _schedule(self, steps: int) -> tuple[int, set[int], int]:
         """(max_iter_to_alter, iterative steps, inner iterations K) for this step count.
@@ -638,6 +684,9 @@ class CLoRAComposer(Composer):
         if rows := getattr(self, "background_rows", []):
             out["background"] = [self.concepts[r].name for r in rows]
             out["deviation"] = "; ".join(filter(None, [out.get("deviation"), BACKGROUND_DEVIATION]))
+            if (share := getattr(self, "background_in_objects", None)) is not None:
+                out["background_in_objects"] = share
+                out["deviation"] += "; " + BACKGROUND_IN_OBJECTS_DEVIATION
         if hasattr(self, "max_iter"):
             out["schedule"] = {"max_iter_to_alter": self.max_iter, "iterative_steps": sorted(self.iterative),
                                "inner_iterations": self.inner, "step_size": float(self.params["step_size"]),

@@ -133,7 +133,35 @@ def _find(norms: list[str], pattern: list[str], taken: set[int], start: int = 0)
     return -1
 
 
-def branch_prompts(prompt: str, concepts: list[tuple[str, str, str]], tokenizer) -> BranchPrompts:
+def _with_triggers(base: list[str], spans: list[list[int]], triggers: list[list[str]], bare: list[bool],
+                   active: set[int]) -> tuple[list[str], list[tuple[int, int]]]:
+    """The base words with the triggers of ``active`` concepts put before their concept words (a bare
+    trigger takes its concept word's place), and every concept's span in the new words; an active
+    concept's span includes its trigger."""
+    at = {spans[k][0]: k for k in active}
+    cut = {j for k in active if bare[k] for j in range(*spans[k])}
+    words: list[str] = []
+    new: dict[int, int] = {}  # base index -> index in words
+    trigger_at: dict[int, int] = {}
+    for j, w in enumerate(base):
+        if j in at:
+            trigger_at[at[j]] = len(words)
+            words.extend(triggers[at[j]])
+        if j not in cut:
+            new[j] = len(words)
+            words.append(w)
+    out = []
+    for k, (s0, s1) in enumerate(spans):
+        if k in active:
+            start = trigger_at[k]
+            out.append((start, start + len(triggers[k]) + (0 if bare[k] else s1 - s0)))
+        else:
+            out.append((new[s0], new[s1 - 1] + 1))
+    return words, out
+
+
+def branch_prompts(prompt: str, concepts: list[tuple[str, str, str]], tokenizer,
+                   shared: frozenset[int] = frozenset()) -> BranchPrompts:
     """Base and per-adapter prompts from a user prompt and (name, trigger, concept) per adapter.
 
     Each adapter claims one occurrence of its concept word(s): the one right after its trigger if
@@ -146,6 +174,9 @@ def branch_prompts(prompt: str, concepts: list[tuple[str, str, str]], tokenizer)
     wvu", the "and" phrasing of a background), stands for its concept: the base prompt and the
     other branches read the concept word in its place ("... on background"), its own branch the
     trigger, and the trigger's tokens are the concept's tokens there.
+
+    ``shared`` (adapter indices) keep their trigger in every adapter branch, not only their own:
+    CLoRA's background deviation draws each object on the background, not on a plain one.
     """
     words = prompt.split()
     norms = [_norm(w) for w in words]
@@ -196,19 +227,9 @@ def branch_prompts(prompt: str, concepts: list[tuple[str, str, str]], tokenizer)
     limit = getattr(tokenizer, "model_max_length", 77)
     prompts, tokens, masks = [], [], []
     for b in range(len(concepts) + 1):
-        if b == 0:
-            bw, sp = base, [tuple(s) for s in spans]
-            own = None
-        else:
-            trig = concepts[b - 1][1].split()
-            at, end = spans[b - 1]
-            cut = end - at if claims[b - 1][2] == 0 else 0  # a bare trigger takes its concept word's place
-            bw = base[:at] + trig + base[at + cut:]
-            moved = len(trig) - cut
-            edge = at + cut  # words from here on move; a span ending right here stays
-            sp = [(s0 + moved if s0 >= edge else s0, s1 + moved if s1 > edge else s1) for s0, s1 in spans]
-            sp[b - 1] = (at, at + len(trig) + (end - at - cut))  # the trigger belongs to its own concept's tokens
-            own = b - 1
+        active = set() if b == 0 else {b - 1} | set(shared)
+        bw, sp = _with_triggers(base, spans, [c[1].split() for c in concepts], [c[2] == 0 for c in claims], active)
+        own = None if b == 0 else b - 1
         groups = [word_token_positions(tokenizer, bw, s0, s1) for s0, s1 in sp]
         for (name, _, concept), g in zip(concepts, groups):
             if g and g[-1] >= limit - 1:

@@ -113,6 +113,38 @@ def test_bare_trigger_stands_for_its_concept(tok):
     assert [pieces[i] for i in plan.tokens[2][1]] == ["wvu</w>", "background</w>"]
 
 
+@pytest.mark.parametrize("prompt", [
+    "a red sks shape on a wvu background",  # sentence
+    "red sks shape, wvu background",  # tags
+    "a red sks shape on wvu",  # "and" form: a bare trigger
+    "a red sks shape on the left and a blue zwx shape on the right on a wvu background",
+    "red sks shape, blue zwx shape, wvu background",
+    "a red sks shape and a blue zwx shape on wvu",
+])
+def test_shared_trigger_stays_in_every_adapter_branch(tok, prompt):
+    """CLoRA's background deviation keeps the background's trigger in every object's branch (so an
+    object's mask cells draw the background); each branch's token groups still name each concept's
+    own words, the branch's own trigger and every shared trigger included, and the base has none."""
+    concepts = [("c", "sks", "shape"), ("s", "wvu", "background")]
+    if "zwx" in prompt:
+        concepts.insert(1, ("p", "zwx", "shape"))
+    bg = len(concepts) - 1
+    plain = branch_prompts(prompt, concepts, tok)
+    plan = branch_prompts(prompt, concepts, tok, shared=frozenset({bg}))
+    assert plan.prompts[0] == plain.prompts[0] and plan.prompts[bg + 1] == plain.prompts[bg + 1]
+    bare = "background" not in prompt
+    for b, (text, groups) in enumerate(zip(plan.prompts, plan.tokens)):
+        pieces = tok.convert_ids_to_tokens(tok(text).input_ids)
+        words = ["".join(pieces[i] for i in g).replace("</w>", " ").split() for g in groups]
+        active = set() if b == 0 else {b - 1, bg}
+        for k, (_, trigger, concept) in enumerate(concepts):
+            own = (["wvu"] if bare else ["wvu", "background"]) if k == bg else ["zwx" if k == 1 and bg == 2 else "sks", "shape"]
+            expect = own if k in active else [concept]
+            assert [w.strip(",") for w in words[k] if w != ","] == expect, (b, k, text)
+        assert ("wvu" in text) == (b != 0)
+        assert plan.mask_tokens[b] == ([] if b == 0 else groups[b - 1])
+
+
 def test_prompt_errors(tok):
     with pytest.raises(GenerationError, match="does not mention 'dog'"):
         branch_prompts("a cat on a sofa", [("c", "sks", "cat"), ("d", "zwx", "dog")], tok)
@@ -529,6 +561,50 @@ def test_background_adapter_takes_the_cells_the_objects_leave(sd1):
     np.testing.assert_array_equal(np.asarray(none.images[0]), np.asarray(plain.images[0]))
     with pytest.raises(GenerationError, match="background adapter.*zz.*not among"):
         sd1.run(PROMPT, ["a", "b"], method="clora", method_params={"background": "zz"}, **FAST)
+
+
+def test_background_in_objects_draws_the_background_in_every_object_branch(sd1):
+    """The background deviation's second half: an object's branch keeps the background's trigger and
+    runs its adapter at ``background_in_objects`` × its UNet weight (auto: 1 beside one object, off
+    beside more); "off" is session 29's fusion."""
+    two_adapters(sd1)
+    prompt = "a sks cat on a zwx dog"
+    branches = {}
+    with prepared(sd1, CLoRAComposer(background="b"), prompt) as (comp, _, _):
+        assert comp.effective()["background_in_objects"] == 1.0  # auto, one object
+    c = sd1.adapters.add(random_lora(sd1, "c", seed=3))
+    c.trigger, c.concept = "ohwx", "bird"
+    with prepared(sd1, CLoRAComposer(background="b"), "a sks cat and a ohwx bird on a zwx dog") as (comp, _, _):
+        assert "background_in_objects" not in comp.effective()  # auto, two objects: off
+        assert {b.label: b.unet for b in comp.branches}["c"] == {"c": 1.0}
+        prompts = {b.label: text for b, text in zip(comp.branches, comp.plan.prompts)}
+        assert "zwx" not in prompts["a"] + prompts["c"] + prompts["base"] and "zwx" in prompts["b"]
+    with prepared(sd1, CLoRAComposer(background="b", background_in_objects=0), "a sks cat and a ohwx bird on a zwx dog") as (comp, _, _):
+        assert {b.label: b.unet for b in comp.branches}["c"] == {"c": 1.0, "b": 0.0}  # the trigger alone
+        prompts = {b.label: text for b, text in zip(comp.branches, comp.plan.prompts)}
+        assert "zwx" in prompts["a"] and "zwx" in prompts["c"] and "zwx" not in prompts["base"]
+    sd1.adapters.remove("c")
+    for share in (0.5, 0.0, "off"):
+        with prepared(sd1, CLoRAComposer(background="b", background_in_objects=share), prompt) as (comp, ctx, _):
+            branches[share] = {b.label: b for b in comp.branches}
+            eff = comp.effective()
+        if share == "off":
+            assert "background_in_objects" not in eff and "keeps the background's trigger" not in eff["deviation"]
+        else:
+            assert eff["background_in_objects"] == share and "keeps the background's trigger" in eff["deviation"]
+    assert branches[0.5]["a"].unet == {"a": 1.0, "b": 0.5} and branches[0.0]["a"].unet == {"a": 1.0, "b": 0.0}
+    assert branches["off"]["a"].unet == {"a": 1.0}
+    assert branches[0.5]["b"].unet == branches["off"]["b"].unet == {"b": 1.0} and branches[0.5]["base"].unet == {}
+    # the object's branch reads the background's trigger (and its text-encoder weights): another encoding
+    assert not torch.equal(branches[0.5]["a"].cond.embeds, branches["off"]["a"].cond.embeds)
+    torch.testing.assert_close(branches[0.5]["a"].cond.embeds, branches[0.0]["a"].cond.embeds)
+    torch.testing.assert_close(branches[0.5]["base"].cond.embeds, branches["off"]["base"].cond.embeds)
+    for bad in (-0.5, "half", 3):
+        with pytest.raises(GenerationError, match="background_in_objects must be auto, off or a weight fraction"):
+            with prepared(sd1, CLoRAComposer(background="b", background_in_objects=bad), prompt):
+                pass
+    with prepared(sd1, CLoRAComposer(background_in_objects=1.0), prompt) as (comp, _, _):  # no background: no effect
+        assert {b.label: b.unet for b in comp.branches}["a"] == {"a": 1.0}
 
 
 def test_call_counts_updates_and_determinism(sd1):
