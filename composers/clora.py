@@ -39,7 +39,7 @@ for every one whose kind is "background"; off by default) are a named **deviatio
 (the base branch's share), not their own thresholded map. A background word attends evenly, so its
 map covers every cell and the paper's fusion averages the background branch into every object. Every
 object's branch also keeps the background's trigger and runs the background adapter at
-``background_in_objects`` × its UNet weight (``auto``: 1 beside one object, off beside more), so the cells
+``background_in_objects`` × its UNet weight (``auto``: 0.5 beside one object, off beside more), so the cells
 of an object's mask around the object draw the background, not a pale box.
 
 Cost options:
@@ -240,7 +240,7 @@ class CLoRAComposer(Composer):
         "background": "",  # deviation: these adapters' branches take the cells no other mask covers (names, or
         # "auto": every adapter of kind background)
         "background_in_objects": "auto",  # with background: the fraction of its UNet weight each background
-        # adapter has in every object's branch, which also keeps its trigger; auto: 1 beside one object, off
+        # adapter has in every object's branch, which also keeps its trigger; auto: 0.5 beside one object, off
         # beside more; off: neither (session 29's fusion)
         "latent_update": True,
         "step_size": 20.0,  # eta in z <- z - eta * dL/dz
@@ -357,16 +357,17 @@ class CLoRAComposer(Composer):
         world), more than the object; drawn by a branch without the background, those cells showed a
         pale box around every object (session 32). With the background's words and adapter in the
         object's branch they draw the background. ``auto`` (docs/benchmark.md "Session 33"): beside
-        one object the full weight, which left the fewest boxes on selection seeds (1 of 24 against
-        7 at 0.5 and 10 at 0.25; the words alone leave them all). Beside two objects it is off: the
-        sky adapter in the plus's branch melts the plus, and the words alone, ahead on selection
-        seeds, lost the plus on the evaluation seeds."""
+        one object half the weight. On selection seeds more weight left fewer boxes around the
+        crescent (10, 7, 4, 1 of 24 at 0.25, 0.5, 0.75, 1; the words alone leave them all), but at
+        full weight the sky adapter melts a plus on the sky (1 of 24 held, 22 at 0.5). Beside two
+        objects it is off: the plus suffered, and the words alone, ahead on selection seeds, lost
+        the plus on the evaluation seeds."""
         raw = self.params["background_in_objects"]
         word = raw.strip().lower() if isinstance(raw, str) else None
         if not self.background_rows or word in ("off", "none"):
             return None
         if word == "auto":
-            return 1.0 if len(self.concepts) - len(self.background_rows) == 1 else None
+            return 0.5 if len(self.concepts) - len(self.background_rows) == 1 else None
         try:
             value = float(raw)
         except (TypeError, ValueError):

@@ -565,13 +565,13 @@ def test_background_adapter_takes_the_cells_the_objects_leave(sd1):
 
 def test_background_in_objects_draws_the_background_in_every_object_branch(sd1):
     """The background deviation's second half: an object's branch keeps the background's trigger and
-    runs its adapter at ``background_in_objects`` × its UNet weight (auto: 1 beside one object, off
+    runs its adapter at ``background_in_objects`` × its UNet weight (auto: 0.5 beside one object, off
     beside more); "off" is session 29's fusion."""
     two_adapters(sd1)
     prompt = "a sks cat on a zwx dog"
     branches = {}
     with prepared(sd1, CLoRAComposer(background="b"), prompt) as (comp, _, _):
-        assert comp.effective()["background_in_objects"] == 1.0  # auto, one object
+        assert comp.effective()["background_in_objects"] == 0.5  # auto, one object
     c = sd1.adapters.add(random_lora(sd1, "c", seed=3))
     c.trigger, c.concept = "ohwx", "bird"
     with prepared(sd1, CLoRAComposer(background="b"), "a sks cat and a ohwx bird on a zwx dog") as (comp, _, _):
