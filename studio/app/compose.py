@@ -31,7 +31,8 @@ from .runs import Progress
 # What each method does, what it costs (UNet calls per step, n adapters), and when to pick it.
 METHOD_GUIDE = {
     "merge": ("All adapters active at once (their deltas summed).", "1 UNet call per step (×2 with CFG batched).",
-              "The fast default; fine when the concepts do not fight (an object plus a background)."),
+              "The fast default; fine when the concepts do not fight. On the toy world it turns the second of two "
+              "objects into the first."),
     "switch": ("One adapter active per step, switching every `tau` steps.", "1 call per step.",
                "Cheap and keeps each concept cleaner than merge; pick it when merge blends concepts."),
     "composite": ("One branch per adapter, the noise predictions averaged, CFG once.", "n calls per step.",
@@ -43,8 +44,9 @@ METHOD_GUIDE = {
                "Like composite it averages the adapters, so it wants a higher CFG than merge."),
     "clora": ("Base branch + one per adapter; attention maps steer the latents apart and masks fuse the branches.",
               "n + 1 calls per step plus backward passes on the update steps: the slowest.",
-              "Two objects that must both appear, separately (e.g. a crescent and a plus). Its masks fuse the "
-              "branches, so it too wants a higher CFG than merge."),
+              "Two objects that must both appear, separately (e.g. a crescent and a plus), and, with "
+              "`background=auto`, an object on a background adapter. Its masks fuse the branches, so it too wants "
+              "a higher CFG than merge."),
     "lego": ("A weight-space merge of the adapters (LoRA-LEGO) done once, then one adapter like merge.",
              "1 call per step plus a one-off merge.", "Many adapters at merge speed with less interference."),
 }
