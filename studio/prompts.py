@@ -175,8 +175,9 @@ def branch_prompts(prompt: str, concepts: list[tuple[str, str, str]], tokenizer,
     other branches read the concept word in its place ("... on background"), its own branch the
     trigger, and the trigger's tokens are the concept's tokens there.
 
-    ``shared`` (adapter indices) keep their trigger in every adapter branch, not only their own:
-    CLoRA's background deviation draws each object on the background, not on a plain one.
+    ``shared`` (adapter indices) keep their trigger in every branch of an adapter outside ``shared``,
+    not only their own: CLoRA's background deviation draws each object on the background, not on a
+    plain one. The branch of a shared adapter holds only its own trigger.
     """
     words = prompt.split()
     norms = [_norm(w) for w in words]
@@ -227,7 +228,7 @@ def branch_prompts(prompt: str, concepts: list[tuple[str, str, str]], tokenizer,
     limit = getattr(tokenizer, "model_max_length", 77)
     prompts, tokens, masks = [], [], []
     for b in range(len(concepts) + 1):
-        active = set() if b == 0 else {b - 1} | set(shared)
+        active = set() if b == 0 else {b - 1} if b - 1 in shared else {b - 1} | set(shared)
         bw, sp = _with_triggers(base, spans, [c[1].split() for c in concepts], [c[2] == 0 for c in claims], active)
         own = None if b == 0 else b - 1
         groups = [word_token_positions(tokenizer, bw, s0, s1) for s0, s1 in sp]

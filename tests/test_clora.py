@@ -145,6 +145,15 @@ def test_shared_trigger_stays_in_every_adapter_branch(tok, prompt):
         assert plan.mask_tokens[b] == ([] if b == 0 else groups[b - 1])
 
 
+def test_shared_triggers_stay_out_of_each_others_branches(tok):
+    """Two background adapters: each object's branch reads both triggers, each background's branch only its own
+    (its adapter alone runs there)."""
+    concepts = [("c", "sks", "shape"), ("s", "wvu", "background"), ("t", "nrf", "pattern")]
+    plan = branch_prompts("a red sks shape on a wvu background with nrf pattern", concepts, tok, shared=frozenset({1, 2}))
+    assert plan.prompts == ["a red shape on a background with pattern", "a red sks shape on a wvu background with nrf pattern",
+                            "a red shape on a wvu background with pattern", "a red shape on a background with nrf pattern"]
+
+
 def test_prompt_errors(tok):
     with pytest.raises(GenerationError, match="does not mention 'dog'"):
         branch_prompts("a cat on a sofa", [("c", "sks", "cat"), ("d", "zwx", "dog")], tok)
