@@ -75,7 +75,9 @@ TOY_PICKS = {
         "object + background", "clora", {"step_size": 5.0, "background": "auto"}, "clora, step_size 5, background auto",
         (14, 0, 19, 23, 8, 1, 13, 23), 24,
         "step-5 CLoRA with background auto 0.92 [0.80, 0.97] (`oracle-b` 0.81; by eye 42 of 48 show a clear crescent "
-        "on a sky, 0.88 [0.75, 0.94], a few with a faint pale box), CMLoRA 0.79 [0.66, 0.88] (by eye 0.69), Merge 0.65",
+        "on a sky, 0.88 [0.75, 0.94], a few with a faint pale box), CMLoRA 0.79 [0.66, 0.88] (by eye 0.69), Merge 0.65; "
+        "with a yellow or an orange crescent only 0.56 (by eye 0.52: the crescent grows a piece in its hollow) against "
+        "CMLoRA's 0.88 (a clean crescent on a pale blue)",
         tie_break="on those images `oracle-b` saw both in 20 against CMLoRA's 4, and by eye 22 showed a clear crescent "
                   "on a clear sky against none of CMLoRA's (a flat pale blue)"),
     # The glow's and the twotone's cells pooled (24 images each). Step-5 CLoRA led on selection (15 of 48) but
