@@ -1,6 +1,7 @@
 """Property-based tests (Hypothesis) over the parsers that read outside input: the recipe parser,
 the suite loader, the prompt/tag parser and the safetensors header reader. Each either accepts its
-input or raises a StudioError with a one-line message; nothing else escapes."""
+input or raises a StudioError with a one-line message; nothing else escapes. Also the invariants of
+CLoRA's branch prompts, which rewrite any user prompt."""
 
 from __future__ import annotations
 
@@ -146,3 +147,35 @@ def test_safetensors_structured_headers(tmp_path_factory, header):
         read_adapter(path)
     except Exception as e:  # noqa: BLE001
         _one_line(e)
+
+
+@FAST
+@given(st.data())
+def test_triggers_go_in_before_their_concepts_and_every_span_follows(data):
+    """CLoRA's branch prompts (``studio.prompts._with_triggers``): for any words, concept spans and set of
+    active concepts, each active concept's span is its trigger then its words (a bare trigger alone), every
+    other span still holds its words, and removing the triggers gives the base words back."""
+    from studio.prompts import _with_triggers
+
+    n = data.draw(st.integers(1, 4))
+    lengths = data.draw(st.lists(st.integers(1, 3), min_size=n, max_size=n))
+    gaps = data.draw(st.lists(st.integers(0, 2), min_size=n + 1, max_size=n + 1))
+    base, spans = [], []
+    for k in range(n):
+        base += [f"w{len(base) + i}" for i in range(gaps[k])]
+        spans.append([len(base), len(base) + lengths[k]])
+        base += [f"c{k}_{i}" for i in range(lengths[k])]
+    base += [f"w{len(base) + i}" for i in range(gaps[n])]
+    triggers = [[f"t{k}_{i}" for i in range(data.draw(st.integers(1, 2)))] for k in range(n)]
+    bare = data.draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    active = set(data.draw(st.lists(st.integers(0, n - 1), max_size=n)))
+    words, out = _with_triggers(base, spans, triggers, bare, active)
+    for k, (s0, s1) in enumerate(out):
+        concept = base[spans[k][0]:spans[k][1]]
+        if k in active:
+            assert words[s0:s1] == triggers[k] + ([] if bare[k] else concept)
+        else:
+            assert words[s0:s1] == concept
+    restored = [w for w in words if not w.startswith("t")]
+    dropped = {j for k in active if bare[k] for j in range(*spans[k])}
+    assert restored == [w for j, w in enumerate(base) if j not in dropped]
