@@ -21,7 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..atomic import write_atomic
+from ..atomic import atomic_path, write_atomic
 from .concepts import concept_kind
 from .judgecheck import LABELS, MARKS
 
@@ -100,7 +100,8 @@ def write_sheets(rows: list[dict], out: Path, seed: int, limit: int | None = Non
             with Image.open(k["image"]) as im:
                 sheet.paste(im.convert("RGB").resize((TILE, TILE), Image.BICUBIC), (x, y))
             draw.text((x + 2, y + TILE + 1), str(k["index"]), fill="black")
-        sheet.save(out / f"sheet-{s // PER_SHEET}.png")
+        with atomic_path(out / f"sheet-{s // PER_SHEET}.png") as tmp:
+            sheet.save(tmp, format="PNG")
     write_atomic(out / "key.json", json.dumps(key, indent=1))
     lines = ["# index concept=mark …: Y a person sees it, N does not, ? arguable; look only at the sheets"]
     lines += [f"{k['index']} " + " ".join(f"{c}=?" for c in k["concepts"]) for k in key]
@@ -155,12 +156,20 @@ def add_group(folder: Path, group: str, about: str, labels_path: Path = LABELS) 
     names = [f"{group}-{k['index']:0{width}d}.png" for k in entries]
     if taken := [n for n in names if (images / n).exists()]:
         raise LabelSheetError(f"{images / taken[0]} exists; pick an unused group letter")
-    for k, name in zip(entries, names):  # copied only once every name is known to be free
-        shutil.copyfile(k["image"], images / name)
-        data["images"].append({"file": name, "set": k["set"], "method": k["method"], "prompt_id": k["prompt_id"],
-                               "labels": k["labels"], "group": group})
-    data.setdefault("groups", {})[group] = about
-    write_atomic(labels_path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    copied: list[Path] = []
+    try:  # copied only once every name is known to be free; undone if anything fails, so a retry is not refused
+        for k, name in zip(entries, names):
+            with atomic_path(images / name) as tmp:
+                shutil.copyfile(k["image"], tmp)
+            copied.append(images / name)
+            data["images"].append({"file": name, "set": k["set"], "method": k["method"], "prompt_id": k["prompt_id"],
+                                   "labels": k["labels"], "group": group})
+        data.setdefault("groups", {})[group] = about
+        write_atomic(labels_path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    except BaseException:
+        for path in copied:
+            path.unlink(missing_ok=True)
+        raise
     return len(entries)
 
 
